@@ -1,0 +1,174 @@
+//! Messages that run the channels themselves: enrolment, handshake, heartbeat, replies.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorCode;
+
+/// Message type names of the control messages.
+pub mod types {
+    /// L1Sec, agent → control plane: an enrolment request ([`super::Register`]).
+    pub const REGISTER: &str = "REGISTER";
+    /// L1Sec, control plane → agent: the signed certificate ([`super::Registered`]).
+    pub const REGISTERED: &str = "REGISTERED";
+    /// L2Sec, agent → control plane, first message of a session ([`super::Hello`]).
+    pub const HELLO: &str = "HELLO";
+    /// L2Sec, control plane → agent, answer to HELLO ([`super::Welcome`]).
+    pub const WELCOME: &str = "WELCOME";
+    /// L2Sec, agent → control plane, liveness probe ([`super::Heartbeat`]).
+    pub const HEARTBEAT: &str = "HEARTBEAT";
+    /// L2Sec, control plane → agent, answer to HEARTBEAT with the same tag
+    /// ([`super::HeartbeatReply`]).
+    pub const HEARTBEAT_REPLY: &str = "HEARTBEAT_REPLY";
+    /// L2Sec, control plane → agent: the final reply with this tag was received ([`super::Ack`]).
+    pub const ACK: &str = "ACK";
+    /// Either direction: a failure, with an [`crate::ErrorPayload`].
+    pub const ERROR: &str = "ERROR";
+    /// L2Sec, agent → control plane: a log or progress line of a running instruction
+    /// ([`super::LogLine`]), carrying the instruction's tag.
+    pub const LOG: &str = "LOG";
+    /// A successful reply with nothing to say; payload `{}`.
+    pub const NO_CONTENT: &str = "NO_CONTENT";
+}
+
+/// Maximum length of an enrolment token accepted by either side.
+pub const MAX_TOKEN_LEN: usize = 256;
+
+/// Maximum size of a PEM document (CSR, certificate, CA bundle) in enrolment messages.
+pub const MAX_PEM_LEN: usize = 64 * 1024;
+
+/// Maximum length of short identity strings (hostname, machine id, OS, versions).
+pub const MAX_IDENT_LEN: usize = 255;
+
+/// Maximum number of instruction types an agent may list in HELLO.
+pub const MAX_HELLO_TYPES: usize = 256;
+
+/// `REGISTER`: an enrolment request sent over L1Sec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Register {
+    /// The one-time enrolment token. Secret: never logged.
+    pub token: String,
+    /// The node's `/etc/machine-id`.
+    pub machine_id: String,
+    /// The node's hostname.
+    pub hostname: String,
+    /// `<ID>-<VERSION_ID>` from `/etc/os-release`, or `unknown`.
+    pub os: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// A PKCS#10 certificate signing request (PEM) for a key generated on the node.
+    pub csr_pem: String,
+}
+
+/// `REGISTERED`: the answer to a successful enrolment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Registered {
+    /// The node identity assigned by the control plane; also in the certificate's SAN as
+    /// `runos://node/<nodeId>`.
+    pub node_id: String,
+    /// The node's certificate (PEM).
+    pub certificate_pem: String,
+    /// The CA bundle (PEM, one or more certificates) that L2Sec server certificates chain to.
+    pub ca_pem: String,
+}
+
+/// `HELLO`: the agent's first message on an L2Sec session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    /// The agent's protocol version ([`crate::PROTOCOL_VERSION`]).
+    pub protocol_version: u32,
+    /// The agent's version (semver, e.g. `0.1.0`).
+    pub agent_version: String,
+    /// The node id from the agent's certificate.
+    pub node_id: String,
+    /// The node's hostname.
+    pub hostname: String,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), so the control plane can tell
+    /// a reboot from a reconnect.
+    pub boot_id: String,
+    /// The instruction types this agent can execute.
+    pub instruction_types: Vec<String>,
+}
+
+/// `WELCOME`: the control plane's answer to HELLO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Welcome {
+    /// The control plane's protocol version.
+    pub protocol_version: u32,
+    /// The control plane's clock, milliseconds since the Unix epoch.
+    pub server_time_ms: u64,
+    /// How often the agent sends HEARTBEAT, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// The largest frame the control plane accepts; the agent never sends a larger one.
+    pub max_frame_bytes: u32,
+    /// The agent version the control plane wants this node to run, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_agent_version: Option<String>,
+    /// An identifier of this session, for correlating logs on both sides.
+    pub session_id: String,
+}
+
+/// `HEARTBEAT`: an agent-initiated liveness probe, answered by `HEARTBEAT_REPLY` with its tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Heartbeat {
+    /// The agent's clock when sent, milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// Instructions currently running on the agent.
+    pub in_flight: u32,
+}
+
+/// `HEARTBEAT_REPLY`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatReply {
+    /// The control plane's clock, milliseconds since the Unix epoch.
+    pub server_time_ms: u64,
+}
+
+/// `ACK`: payload `{}`; the tag names the acknowledged reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {}
+
+/// Level of a [`LogLine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Informational progress.
+    Info,
+    /// Something went wrong but the instruction continues.
+    Warn,
+    /// A failure.
+    Error,
+}
+
+/// `LOG`: a log or progress line of a running instruction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogLine {
+    /// The level.
+    pub level: LogLevel,
+    /// The line (at most [`MAX_LOG_LINE`] bytes; longer lines are cut and marked).
+    pub message: String,
+}
+
+/// Longest `LOG` message in bytes.
+pub const MAX_LOG_LINE: usize = 4096;
+
+/// Result of judging a peer's protocol version.
+pub fn check_version(peer: u32) -> Result<(), crate::ErrorPayload> {
+    if peer == crate::PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(crate::ErrorPayload::new(
+            ErrorCode::VersionMismatch,
+            format!(
+                "protocol version {peer} is not supported; this side speaks version {}",
+                crate::PROTOCOL_VERSION
+            ),
+        ))
+    }
+}
