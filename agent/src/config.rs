@@ -1,0 +1,685 @@
+//! The agent's configuration file (TOML).
+//!
+//! Loading is two steps: [`RawConfig::parse`] is pure (text → strictly typed struct; unknown keys
+//! are errors) and [`RawConfig::validate`] resolves and checks it, with errors that name the key.
+//! Reading a configuration never creates or modifies any file; a missing file means "all
+//! defaults". The only writer is [`update_server`], used by `runos register`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+/// Where the configuration lives unless `--config` or `RUNOS_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/runos/config.toml";
+
+/// The environment variable that overrides the configuration path.
+pub const CONFIG_ENV: &str = "RUNOS_CONFIG";
+
+/// Largest configuration file accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_CONFIG_BYTES`].
+    #[error("config {path} is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The text is not valid TOML or does not match the schema (unknown key, wrong type).
+    #[error("config {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the line and key).
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("config {path}: {key} {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key, e.g. `agent.queue_capacity`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The file could not be rewritten (register only).
+    #[error(transparent)]
+    Write(#[from] fsutil::FsError),
+}
+
+impl ConfigError {
+    /// The dotted key the error is about, when it is about one key.
+    pub fn key(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// The configuration exactly as written (after defaults), before validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// `[server]`
+    pub server: RawServer,
+    /// `[paths]`
+    pub paths: RawPaths,
+    /// `[log]`
+    pub log: RawLog,
+    /// `[agent]`
+    pub agent: RawAgent,
+}
+
+/// `[server]` as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// The control plane's host name or IP address. No default.
+    pub host: Option<String>,
+    /// L1Sec (enrolment) port.
+    pub l1_port: u16,
+    /// L2Sec (instruction channel) port.
+    pub l2_port: u16,
+    /// Optional pin: sha256 of the L1Sec CA certificate's DER encoding.
+    pub l1_ca_sha256: Option<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            host: None,
+            l1_port: runos_protocol::DEFAULT_L1_PORT,
+            l2_port: runos_protocol::DEFAULT_L2_PORT,
+            l1_ca_sha256: None,
+        }
+    }
+}
+
+/// `[paths]` as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPaths {
+    /// The node's private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// The node's certificate (PEM).
+    pub certificate: PathBuf,
+    /// The L2Sec CA bundle written by `register`.
+    pub ca: PathBuf,
+    /// The L1Sec CA used by `register` when `--ca-file` is not given.
+    pub l1_ca: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Runtime directory (holds `agent.lock`).
+    pub run_dir: PathBuf,
+}
+
+impl Default for RawPaths {
+    fn default() -> Self {
+        RawPaths {
+            key: "/etc/runos/node.key".into(),
+            certificate: "/etc/runos/node.crt".into(),
+            ca: "/etc/runos/ca.pem".into(),
+            l1_ca: "/etc/runos/l1sec-ca.pem".into(),
+            state_dir: "/var/lib/runos".into(),
+            run_dir: "/run/runos".into(),
+        }
+    }
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Debugging detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The level's name as used in filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// Verbosity; the `RUNOS_LOG` environment variable overrides it.
+    pub level: LogLevel,
+    /// Format.
+    pub format: LogFormat,
+}
+
+/// `[agent]` as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAgent {
+    /// Largest frame accepted from, and sent to, the control plane.
+    pub max_frame_bytes: u32,
+    /// Instructions waiting for an executor slot; beyond this, `busy`.
+    pub queue_capacity: usize,
+    /// Executors running at the same time.
+    pub max_concurrency: usize,
+    /// How long running instructions may take to finish on SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// First reconnect backoff step.
+    pub reconnect_initial_ms: u64,
+    /// Largest reconnect backoff step.
+    pub reconnect_max_ms: u64,
+    /// A session that stayed up this long resets the backoff.
+    pub stable_after_secs: u64,
+}
+
+impl Default for RawAgent {
+    fn default() -> Self {
+        RawAgent {
+            max_frame_bytes: runos_protocol::DEFAULT_MAX_FRAME_BYTES,
+            queue_capacity: 256,
+            max_concurrency: 16,
+            shutdown_grace_secs: 10,
+            reconnect_initial_ms: 1000,
+            reconnect_max_ms: 60_000,
+            stable_after_secs: 60,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Control-plane endpoint.
+    pub server: ServerConfig,
+    /// Files and directories.
+    pub paths: Paths,
+    /// Logging.
+    pub log: LogConfig,
+    /// Daemon limits and timings.
+    pub agent: AgentSettings,
+}
+
+/// Validated `[server]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerConfig {
+    /// The control plane's host; `None` until `register` sets it.
+    pub host: Option<String>,
+    /// L1Sec port.
+    pub l1_port: u16,
+    /// L2Sec port.
+    pub l2_port: u16,
+    /// Normalised L1Sec CA pin (64 lowercase hex digits).
+    pub l1_ca_sha256: Option<String>,
+}
+
+/// Validated `[paths]` (all absolute).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Paths {
+    /// Private key.
+    pub key: PathBuf,
+    /// Certificate.
+    pub certificate: PathBuf,
+    /// L2Sec CA bundle.
+    pub ca: PathBuf,
+    /// L1Sec CA.
+    pub l1_ca: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Runtime directory.
+    pub run_dir: PathBuf,
+}
+
+impl Paths {
+    /// The instance lock file.
+    pub fn lock_file(&self) -> PathBuf {
+        self.run_dir.join("agent.lock")
+    }
+}
+
+/// Validated `[log]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LogConfig {
+    /// Verbosity.
+    pub level: LogLevel,
+    /// Format.
+    pub format: LogFormat,
+}
+
+/// Validated `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSettings {
+    /// Largest frame in either direction.
+    pub max_frame_bytes: u32,
+    /// Dispatcher queue capacity.
+    pub queue_capacity: usize,
+    /// Executors at a time.
+    pub max_concurrency: usize,
+    /// Shutdown grace.
+    #[serde(serialize_with = "ser_secs")]
+    pub shutdown_grace: Duration,
+    /// First backoff step.
+    #[serde(serialize_with = "ser_millis")]
+    pub reconnect_initial: Duration,
+    /// Backoff cap.
+    #[serde(serialize_with = "ser_millis")]
+    pub reconnect_max: Duration,
+    /// Stable-session threshold.
+    #[serde(serialize_with = "ser_secs")]
+    pub stable_after: Duration,
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn ser_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Longest host name accepted (DNS limit).
+const MAX_HOST_LEN: usize = 253;
+
+impl RawConfig {
+    /// Parse TOML text. Pure: no I/O. `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Check every value and resolve the configuration.
+    pub fn validate(&self, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+
+        let host = match &self.server.host {
+            None => None,
+            Some(h) => {
+                validate_host(h).map_err(|m| invalid("server.host", m))?;
+                Some(h.clone())
+            }
+        };
+        if self.server.l1_port == 0 {
+            return Err(invalid("server.l1_port", "must be between 1 and 65535".into()));
+        }
+        if self.server.l2_port == 0 {
+            return Err(invalid("server.l2_port", "must be between 1 and 65535".into()));
+        }
+        let pin = match &self.server.l1_ca_sha256 {
+            None => None,
+            Some(p) => Some(runos_transport::pem::normalize_pin(p).ok_or_else(|| {
+                invalid(
+                    "server.l1_ca_sha256",
+                    "must be the sha256 of the CA certificate's DER encoding: 64 hex digits, \
+                     optionally prefixed by `sha256:`"
+                        .into(),
+                )
+            })?),
+        };
+
+        let abs = |key: &'static str, p: &PathBuf| -> Result<PathBuf, ConfigError> {
+            if p.is_absolute() {
+                Ok(p.clone())
+            } else {
+                Err(invalid(
+                    key,
+                    format!("must be an absolute path, got {:?}", p.display().to_string()),
+                ))
+            }
+        };
+        let paths = Paths {
+            key: abs("paths.key", &self.paths.key)?,
+            certificate: abs("paths.certificate", &self.paths.certificate)?,
+            ca: abs("paths.ca", &self.paths.ca)?,
+            l1_ca: abs("paths.l1_ca", &self.paths.l1_ca)?,
+            state_dir: abs("paths.state_dir", &self.paths.state_dir)?,
+            run_dir: abs("paths.run_dir", &self.paths.run_dir)?,
+        };
+
+        let a = &self.agent;
+        let range = |key: &'static str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                Err(invalid(
+                    key,
+                    format!("must be between {lo} and {hi}, got {v}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "agent.max_frame_bytes",
+            u64::from(a.max_frame_bytes),
+            u64::from(runos_protocol::MIN_MAX_FRAME_BYTES),
+            256 * 1024 * 1024,
+        )?;
+        range("agent.queue_capacity", a.queue_capacity as u64, 1, 65_536)?;
+        range("agent.max_concurrency", a.max_concurrency as u64, 1, 1024)?;
+        range("agent.shutdown_grace_secs", a.shutdown_grace_secs, 0, 3600)?;
+        range("agent.reconnect_initial_ms", a.reconnect_initial_ms, 10, 600_000)?;
+        range(
+            "agent.reconnect_max_ms",
+            a.reconnect_max_ms,
+            a.reconnect_initial_ms,
+            3_600_000,
+        )?;
+        range("agent.stable_after_secs", a.stable_after_secs, 1, 86_400)?;
+
+        Ok(Config {
+            server: ServerConfig {
+                host,
+                l1_port: self.server.l1_port,
+                l2_port: self.server.l2_port,
+                l1_ca_sha256: pin,
+            },
+            paths,
+            log: LogConfig {
+                level: self.log.level,
+                format: self.log.format,
+            },
+            agent: AgentSettings {
+                max_frame_bytes: a.max_frame_bytes,
+                queue_capacity: a.queue_capacity,
+                max_concurrency: a.max_concurrency,
+                shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+                reconnect_initial: Duration::from_millis(a.reconnect_initial_ms),
+                reconnect_max: Duration::from_millis(a.reconnect_max_ms),
+                stable_after: Duration::from_secs(a.stable_after_secs),
+            },
+        })
+    }
+}
+
+/// Check a control-plane host name or IP literal.
+pub fn validate_host(h: &str) -> Result<(), String> {
+    if h.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if h.len() > MAX_HOST_LEN {
+        return Err(format!("must be at most {MAX_HOST_LEN} characters"));
+    }
+    if h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!(
+            "{h:?} is not a host name or IP address (give the port separately)"
+        ));
+    }
+    if runos_transport::tls::server_name(h).is_err() {
+        return Err(format!("{h:?} is not a valid DNS name or IP address"));
+    }
+    Ok(())
+}
+
+/// Read and validate the configuration at `path`. A missing file is "all defaults"; reading
+/// never creates anything. Returns whether the file existed.
+pub fn load(path: &Path) -> Result<(Config, bool), ConfigError> {
+    match read_text(path)? {
+        None => Ok((RawConfig::default().validate(path)?, false)),
+        Some(text) => Ok((RawConfig::parse(&text, path)?.validate(path)?, true)),
+    }
+}
+
+fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
+    match fsutil::read_capped(path, MAX_CONFIG_BYTES) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: "the file is not UTF-8 text".into(),
+            }),
+        Err(fsutil::ReadError::NotFound) => Ok(None),
+        Err(fsutil::ReadError::TooLarge) => Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+        }),
+        Err(fsutil::ReadError::Io(source)) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Rewrite `[server] host/l1_port/l2_port` in the configuration at `path`, preserving every
+/// other line and comment. Creates the file (mode 0600) when absent; keeps the mode of an
+/// existing file; the write is atomic. The result is validated before it is written.
+pub fn update_server(path: &Path, host: &str, l1_port: u16, l2_port: u16) -> Result<(), ConfigError> {
+    let existing = read_text(path)?;
+    let text = edit_server(existing.as_deref().unwrap_or(""), host, l1_port, l2_port).map_err(
+        |message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        },
+    )?;
+    // Never write a file the agent would then refuse to start with.
+    RawConfig::parse(&text, path)?.validate(path)?;
+    if let Some(dir) = path.parent() {
+        fsutil::ensure_dir(dir, 0o700)?;
+    }
+    fsutil::write_atomic(path, text.as_bytes(), fsutil::Mode::KeepOr(0o600))?;
+    Ok(())
+}
+
+/// Pure part of [`update_server`]: edit TOML text.
+pub fn edit_server(text: &str, host: &str, l1_port: u16, l2_port: u16) -> Result<String, String> {
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+        e.to_string().trim_end().to_string()
+    })?;
+    let server = doc
+        .entry("server")
+        .or_insert_with(toml_edit::table)
+        .as_table_mut()
+        .ok_or_else(|| "`server` is not a table".to_string())?;
+    server["host"] = toml_edit::value(host);
+    server["l1_port"] = toml_edit::value(i64::from(l1_port));
+    server["l2_port"] = toml_edit::value(i64::from(l2_port));
+    Ok(doc.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("/etc/runos/config.toml")
+    }
+
+    fn parse_validate(s: &str) -> Result<Config, ConfigError> {
+        RawConfig::parse(s, p())?.validate(p())
+    }
+
+    #[test]
+    fn empty_is_all_defaults() {
+        let c = parse_validate("").unwrap();
+        assert_eq!(c.server.host, None);
+        assert_eq!(c.server.l1_port, 9191);
+        assert_eq!(c.server.l2_port, 9192);
+        assert_eq!(c.paths.key, PathBuf::from("/etc/runos/node.key"));
+        assert_eq!(c.paths.lock_file(), PathBuf::from("/run/runos/agent.lock"));
+        assert_eq!(c.log.level, LogLevel::Info);
+        assert_eq!(c.agent.queue_capacity, 256);
+        assert_eq!(c.agent.max_concurrency, 16);
+        assert_eq!(c.agent.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.agent.reconnect_max, Duration::from_secs(60));
+        assert_eq!(c.agent.max_frame_bytes, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse_validate(
+            r#"
+[server]
+host = "cp.example.com"
+l1_port = 19191
+l2_port = 19192
+l1_ca_sha256 = "sha256:ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
+
+[paths]
+key = "/k"
+certificate = "/c"
+ca = "/ca"
+l1_ca = "/l1"
+state_dir = "/s"
+run_dir = "/r"
+
+[log]
+level = "debug"
+format = "json"
+
+[agent]
+max_frame_bytes = 1048576
+queue_capacity = 8
+max_concurrency = 2
+shutdown_grace_secs = 3
+reconnect_initial_ms = 100
+reconnect_max_ms = 1000
+stable_after_secs = 5
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.server.host.as_deref(), Some("cp.example.com"));
+        assert_eq!(c.server.l1_ca_sha256, Some("ab".repeat(32)));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.agent.reconnect_initial, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = parse_validate("[server]\nhots = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("hots"), "{e}");
+        let e = parse_validate("[nope]\n").unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_errors() {
+        let e = parse_validate("[agent]\nqueue_capacity = \"many\"\n").unwrap_err();
+        assert!(e.to_string().contains("queue_capacity"), "{e}");
+        let e = parse_validate("[server]\nl1_port = 70000\n").unwrap_err();
+        assert!(e.to_string().contains("l1_port"), "{e}");
+        let e = parse_validate("[log]\nlevel = \"loud\"\n").unwrap_err();
+        assert!(e.to_string().contains("level"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        for (toml, key) in [
+            ("[server]\nl1_port = 0\n", "server.l1_port"),
+            ("[server]\nl2_port = 0\n", "server.l2_port"),
+            ("[server]\nhost = \"\"\n", "server.host"),
+            ("[server]\nhost = \"cp.example.com:9192\"\n", "server.host"),
+            ("[server]\nl1_ca_sha256 = \"abc\"\n", "server.l1_ca_sha256"),
+            ("[paths]\nkey = \"relative/key\"\n", "paths.key"),
+            ("[paths]\nrun_dir = \"run\"\n", "paths.run_dir"),
+            ("[agent]\nqueue_capacity = 0\n", "agent.queue_capacity"),
+            ("[agent]\nmax_concurrency = 0\n", "agent.max_concurrency"),
+            ("[agent]\nmax_frame_bytes = 10\n", "agent.max_frame_bytes"),
+            (
+                "[agent]\nreconnect_initial_ms = 5000\nreconnect_max_ms = 1000\n",
+                "agent.reconnect_max_ms",
+            ),
+            ("[agent]\nstable_after_secs = 0\n", "agent.stable_after_secs"),
+            ("[agent]\nshutdown_grace_secs = 99999\n", "agent.shutdown_grace_secs"),
+        ] {
+            let e = parse_validate(toml).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{toml}: {e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn ip_hosts_are_accepted() {
+        assert!(parse_validate("[server]\nhost = \"127.0.0.1\"\n").is_ok());
+        assert!(parse_validate("[server]\nhost = \"::1\"\n").is_ok());
+    }
+
+    #[test]
+    fn edit_server_preserves_comments_and_other_keys() {
+        let before = "# my agent\n[log]\nlevel = \"debug\" # chatty\n\n[server]\n# the CP\nhost = \"old\"\nl1_ca_sha256 = \"x\"\n";
+        let after = edit_server(before, "new.example.com", 1, 2).unwrap();
+        assert!(after.contains("# my agent"));
+        assert!(after.contains("level = \"debug\" # chatty"));
+        assert!(after.contains("# the CP"));
+        assert!(after.contains("host = \"new.example.com\""));
+        assert!(after.contains("l1_ca_sha256 = \"x\""));
+        assert!(after.contains("l1_port = 1"));
+        assert!(after.contains("l2_port = 2"));
+
+        let fresh = edit_server("", "h", 9191, 9192).unwrap();
+        let c = parse_validate(&fresh).unwrap();
+        assert_eq!(c.server.host.as_deref(), Some("h"));
+    }
+
+    #[test]
+    fn load_missing_file_is_defaults_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope/config.toml");
+        let (c, existed) = load(&path).unwrap();
+        assert!(!existed);
+        assert_eq!(c.server.host, None);
+        assert!(!path.exists());
+        assert!(!dir.path().join("nope").exists());
+    }
+
+    #[test]
+    fn update_server_creates_0600_and_keeps_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etc/config.toml");
+        update_server(&path, "cp", 1, 2).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        update_server(&path, "cp2", 3, 4).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        let (c, _) = load(&path).unwrap();
+        assert_eq!(c.server.host.as_deref(), Some("cp2"));
+        assert_eq!(c.server.l2_port, 4);
+    }
+}

@@ -1,0 +1,74 @@
+//! Stable process exit codes of the `runos` binary.
+//!
+//! These are part of the CLI contract (`docs/cli.md`): scripts and systemd units
+//! (`RestartPreventExitStatus=`) may depend on them. Codes are never renumbered.
+
+/// A `runos` exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Exit {
+    /// Success.
+    Ok = 0,
+    /// A failure not covered by a more specific code.
+    Failure = 1,
+    /// The command line is invalid.
+    Usage = 2,
+    /// The node is not registered, or the configuration is invalid.
+    NotRegistered = 3,
+    /// The control plane could not be reached (DNS, TCP, timeout).
+    Unreachable = 4,
+    /// The control plane refused the enrolment (token unknown, expired or used).
+    Refused = 5,
+    /// TLS failed: certificate verification, ALPN, or an L1Sec CA pin mismatch.
+    Tls = 6,
+    /// Another `runos agent` holds the instance lock.
+    Locked = 7,
+}
+
+impl Exit {
+    /// The numeric code.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        std::process::ExitCode::from(e.code())
+    }
+}
+
+/// The exit-code table as shown in `--help` and `docs/cli.md`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  failure (not covered below)
+  2  usage error (invalid command line)
+  3  not registered, or the configuration is invalid
+  4  the control plane could not be reached (DNS, TCP, timeout)
+  5  the control plane refused the enrolment token
+  6  TLS failure: certificate verification, ALPN, or L1Sec CA pin mismatch
+  7  another runos agent is running (instance lock held)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable() {
+        let all = [
+            (Exit::Ok, 0),
+            (Exit::Failure, 1),
+            (Exit::Usage, 2),
+            (Exit::NotRegistered, 3),
+            (Exit::Unreachable, 4),
+            (Exit::Refused, 5),
+            (Exit::Tls, 6),
+            (Exit::Locked, 7),
+        ];
+        for (e, n) in all {
+            assert_eq!(e.code(), n);
+            assert!(EXIT_CODES_HELP.contains(&format!("  {n}  ")), "{n}");
+        }
+    }
+}
