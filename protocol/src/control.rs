@@ -30,6 +30,26 @@ pub mod types {
     pub const NO_CONTENT: &str = "NO_CONTENT";
 }
 
+/// Every control message type. An envelope of one of these types is never an instruction: an
+/// agent must not dispatch it to an executor.
+pub const ALL_CONTROL_TYPES: &[&str] = &[
+    types::REGISTER,
+    types::REGISTERED,
+    types::HELLO,
+    types::WELCOME,
+    types::HEARTBEAT,
+    types::HEARTBEAT_REPLY,
+    types::ACK,
+    types::ERROR,
+    types::LOG,
+    types::NO_CONTENT,
+];
+
+/// Whether `kind` names a control message (as opposed to an instruction or a reply).
+pub fn is_control_type(kind: &str) -> bool {
+    ALL_CONTROL_TYPES.contains(&kind)
+}
+
 /// Maximum length of an enrolment token accepted by either side.
 pub const MAX_TOKEN_LEN: usize = 256;
 
