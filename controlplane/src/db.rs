@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use runos_protocol::{Envelope, MessageType, Tag};
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use crate::Error;
 
@@ -170,10 +170,7 @@ impl Db {
         })
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, Error> {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, Error> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let conn = guard.as_mut().ok_or(Error::ShuttingDown)?;
         Ok(f(conn)?)
@@ -210,6 +207,28 @@ impl Db {
             )
         })?;
         Ok(())
+    }
+
+    /// Whether the token could be used now (without consuming it).
+    pub fn token_status(
+        &self,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<Result<(), TokenProblem>, Error> {
+        let row: Option<(Option<i64>, i64)> = self.with(|c| {
+            c.query_row(
+                "SELECT used_at, expires_at FROM tokens WHERE hash = ?1",
+                params![token_hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })?;
+        Ok(match row {
+            None => Err(TokenProblem::Unknown),
+            Some((Some(_), _)) => Err(TokenProblem::Used),
+            Some((None, exp)) if exp <= now => Err(TokenProblem::Expired),
+            Some(_) => Ok(()),
+        })
     }
 
     /// Consume the token and record the node and its certificate, in one transaction. The token
@@ -259,7 +278,12 @@ impl Db {
             tx.execute(
                 "INSERT INTO certificates (serial_hex, node_id, not_before, not_after) \
                  VALUES (?1, ?2, ?3, ?4)",
-                params![cert.serial_hex, node.id, cert.not_before_ms, cert.not_after_ms],
+                params![
+                    cert.serial_hex,
+                    node.id,
+                    cert.not_before_ms,
+                    cert.not_after_ms
+                ],
             )?;
             tx.commit()?;
             Ok(Ok(()))
@@ -280,6 +304,23 @@ impl Db {
                 return Ok(vec![id]);
             }
             let mut st = c.prepare("SELECT id FROM nodes WHERE hostname = ?1 ORDER BY id")?;
+            let ids = st
+                .query_map(params![key], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            if !ids.is_empty() {
+                return Ok(ids);
+            }
+            // A unique prefix of an id (at least 4 characters, only id characters).
+            if key.len() < 4
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Ok(Vec::new());
+            }
+            let mut st = c.prepare(
+                "SELECT id FROM nodes WHERE substr(id, 1, length(?1)) = ?1 ORDER BY id LIMIT 2",
+            )?;
             let ids = st
                 .query_map(params![key], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
@@ -403,7 +444,12 @@ impl Db {
     // ---- instructions ----
 
     /// Store a new instruction. `Ok(false)` when the tag is already used.
-    pub fn insert_instruction(&self, node_id: &str, env: &Envelope, now: i64) -> Result<bool, Error> {
+    pub fn insert_instruction(
+        &self,
+        node_id: &str,
+        env: &Envelope,
+        now: i64,
+    ) -> Result<bool, Error> {
         let timeout = env.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
         let n = self.with(|c| {
             c.execute(
@@ -423,6 +469,7 @@ impl Db {
     }
 
     /// The node's instructions without a final reply, oldest first.
+    #[cfg(test)]
     pub fn pending(&self, node_id: &str) -> Result<Vec<Envelope>, Error> {
         let rows: Vec<(String, String, String, Option<i64>)> = self.with(|c| {
             let mut st = c.prepare(
@@ -452,6 +499,45 @@ impl Db {
         Ok(out)
     }
 
+    /// The node's instructions without a final reply whose row id is above `after`, oldest
+    /// first, at most `limit` of them, with their row ids.
+    pub fn pending_after(
+        &self,
+        node_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Envelope)>, Error> {
+        let rows: Vec<(i64, String, String, String, Option<i64>)> = self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT rowid, tag, type, json_b64, timeout_ms FROM instructions \
+                 WHERE node_id = ?1 AND replied_at IS NULL AND rowid > ?2 \
+                 ORDER BY rowid LIMIT ?3",
+            )?;
+            let rows = st
+                .query_map(params![node_id, after, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (rowid, tag, kind, json_b64, timeout) in rows {
+            match (Tag::parse(&tag), MessageType::new(kind)) {
+                (Ok(tag), Ok(kind)) => out.push((
+                    rowid,
+                    Envelope {
+                        kind,
+                        tag,
+                        json_b64,
+                        timeout_ms: timeout.and_then(|t| u64::try_from(t).ok()),
+                    },
+                )),
+                _ => tracing::error!(tag, "stored instruction is malformed; skipped"),
+            }
+        }
+        Ok(out)
+    }
+
     pub fn mark_sent(&self, tag: &Tag, now: i64) -> Result<(), Error> {
         self.with(|c| {
             c.execute(
@@ -475,7 +561,13 @@ impl Db {
     }
 
     /// Store the final reply unless one is stored already. `true` when this was the first.
-    pub fn store_reply(&self, tag: &Tag, kind: &str, json_b64: &str, now: i64) -> Result<bool, Error> {
+    pub fn store_reply(
+        &self,
+        tag: &Tag,
+        kind: &str,
+        json_b64: &str,
+        now: i64,
+    ) -> Result<bool, Error> {
         let n = self.with(|c| {
             c.execute(
                 "UPDATE instructions SET reply_type = ?2, reply_json_b64 = ?3, replied_at = ?4 \
@@ -496,7 +588,9 @@ impl Db {
                 |r| {
                     let kind: Option<String> = r.get(0)?;
                     let json_b64: Option<String> = r.get(1)?;
-                    Ok(kind.zip(json_b64).map(|(kind, json_b64)| StoredReply { kind, json_b64 }))
+                    Ok(kind
+                        .zip(json_b64)
+                        .map(|(kind, json_b64)| StoredReply { kind, json_b64 }))
                 },
             )
             .optional()
@@ -529,7 +623,10 @@ mod tests {
             not_before_ms: 0,
             not_after_ms: 1,
         };
-        assert_eq!(db.enrol("good", 2000, &node("n1"), &cert("01")).unwrap(), Ok(()));
+        assert_eq!(
+            db.enrol("good", 2000, &node("n1"), &cert("01")).unwrap(),
+            Ok(())
+        );
         assert_eq!(
             db.enrol("good", 2001, &node("n2"), &cert("02")).unwrap(),
             Err(TokenProblem::Used)

@@ -1,0 +1,290 @@
+//! The operator socket: a Unix domain socket (mode 0600) speaking newline-delimited JSON, one
+//! request line and one response line at a time.
+//!
+//! Requests: `{"op":"token_create","ttlSecs":3600}`, `{"op":"nodes"}`,
+//! `{"op":"send","node":..,"type":..,"payload":{..}|"rawB64":..,"timeoutMs":..,"waitMs":..}`,
+//! `{"op":"revoke","node":..}`, `{"op":"ping"}`.
+//! Responses: `{"ok":true,"result":..}` or `{"ok":false,"error":{"code","message","tag"?}}`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+use crate::api::{Api, SendRequest};
+use crate::server::{Shared, shutdown_signalled};
+use crate::{Error, util};
+
+/// Largest request line, beyond the largest frame (JSON and base64 overhead).
+const REQUEST_OVERHEAD: usize = 64 * 1024;
+/// How long a client has to send a request line.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait a client may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+const MAX_CONNECTIONS: usize = 64;
+
+/// A request on the operator socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", rename_all_fields = "camelCase")]
+pub enum Request {
+    /// Liveness check.
+    Ping,
+    /// Create an enrolment token.
+    TokenCreate {
+        /// Lifetime in seconds.
+        ttl_secs: u64,
+    },
+    /// List nodes.
+    Nodes,
+    /// Send an instruction; with `wait_ms`, wait that long for its final reply.
+    Send {
+        /// Node id, unique id prefix or hostname.
+        node: String,
+        /// The instruction type.
+        #[serde(rename = "type")]
+        kind: String,
+        /// The payload as JSON (default `{}`).
+        #[serde(default)]
+        payload: Option<serde_json::Value>,
+        /// Instead of `payload`: text put verbatim in `jsonB64`.
+        #[serde(default)]
+        raw_b64: Option<String>,
+        /// The envelope's `timeoutMs`.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// How long to wait for the final reply, in milliseconds.
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// Revoke a node.
+    Revoke {
+        /// Node id, unique id prefix or hostname.
+        node: String,
+    },
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    /// Stable code (see [`Error::code`]).
+    pub code: String,
+    /// Message.
+    pub message: String,
+    /// The instruction tag, for `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// A response on the operator socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorAnswer>,
+}
+
+impl Response {
+    fn ok(v: impl Serialize) -> Response {
+        match serde_json::to_value(v) {
+            Ok(v) => Response {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Response::err(&Error::Internal(e.to_string()), None),
+        }
+    }
+
+    fn err(e: &Error, tag: Option<String>) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(ErrorAnswer {
+                code: e.code().to_string(),
+                message: e.to_string(),
+                tag,
+            }),
+        }
+    }
+}
+
+/// Bind the operator socket at `path` with mode 0600. A stale socket file is replaced; a
+/// socket a running control plane answers on is an error.
+pub(crate) async fn bind(path: &Path) -> Result<UnixListener, Error> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::AdminSocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+    }
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        util::ensure_private_dir(dir)?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| Error::Bind {
+        addr: path.display().to_string(),
+        source: e,
+    })?;
+    util::chmod(path, 0o600)?;
+    Ok(l)
+}
+
+pub(crate) async fn run(listener: UnixListener, shared: Arc<Shared>) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut shutdown = shared.shutdown.clone();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown_signalled(&mut shutdown) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "operator socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!("operator socket: too many connections; dropped");
+                    continue;
+                };
+                let shared = shared.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    connection(stream, shared).await;
+                });
+            }
+        }
+    }
+    conns.shutdown().await;
+}
+
+/// Read one line of at most `max` bytes. `Ok(None)` at a clean end of stream.
+async fn read_line<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    max: usize,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut buf = Vec::new();
+    loop {
+        let avail = r.fill_buf().await.map_err(|e| e.to_string())?;
+        if avail.is_empty() {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err("connection closed in the middle of a request".into())
+            };
+        }
+        if let Some(pos) = avail.iter().position(|b| *b == b'\n') {
+            buf.extend_from_slice(&avail[..pos]);
+            r.consume(pos + 1);
+            if buf.len() > max {
+                return Err("request too large".into());
+            }
+            return Ok(Some(buf));
+        }
+        let n = avail.len();
+        buf.extend_from_slice(avail);
+        r.consume(n);
+        if buf.len() > max {
+            return Err("request too large".into());
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, shared: Arc<Shared>) {
+    let api = Api::new(shared.clone());
+    let max = shared.opts.max_frame_bytes as usize * 2 + REQUEST_OVERHEAD;
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    loop {
+        let line = match tokio::time::timeout(READ_TIMEOUT, read_line(&mut r, max)).await {
+            Err(_) | Ok(Ok(None)) => return,
+            Ok(Err(m)) => {
+                let resp = Response::err(&Error::BadRequest(m), None);
+                let _ = write_response(&mut w, &resp).await;
+                return;
+            }
+            Ok(Ok(Some(line))) => line,
+        };
+        let resp = match serde_json::from_slice::<Request>(&line) {
+            Ok(req) => handle(&api, req).await,
+            Err(e) => Response::err(&Error::BadRequest(format!("request: {e}")), None),
+        };
+        if write_response(&mut w, &resp).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_response(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    resp: &Response,
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(resp).unwrap_or_else(|_| {
+        br#"{"ok":false,"error":{"code":"internal","message":"unserializable response"}}"#.to_vec()
+    });
+    bytes.push(b'\n');
+    tokio::time::timeout(READ_TIMEOUT, w.write_all(&bytes))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+async fn handle(api: &Api, req: Request) -> Response {
+    match req {
+        Request::Ping => Response::ok(serde_json::json!({})),
+        Request::TokenCreate { ttl_secs } => {
+            match api.create_token(Duration::from_secs(ttl_secs)) {
+                Ok(t) => Response::ok(t),
+                Err(e) => Response::err(&e, None),
+            }
+        }
+        Request::Nodes => match api.nodes() {
+            Ok(n) => Response::ok(n),
+            Err(e) => Response::err(&e, None),
+        },
+        Request::Send {
+            node,
+            kind,
+            payload,
+            raw_b64,
+            timeout_ms,
+            wait_ms,
+        } => {
+            let request = SendRequest {
+                node,
+                kind,
+                payload,
+                raw_b64,
+                timeout_ms,
+            };
+            let tag = match api.send(&request) {
+                Ok(t) => t,
+                Err(e) => return Response::err(&e, None),
+            };
+            match wait_ms {
+                None => Response::ok(serde_json::json!({ "tag": tag.to_string() })),
+                Some(ms) => {
+                    let wait = Duration::from_millis(ms).min(MAX_WAIT);
+                    match api.wait_reply(&tag, wait).await {
+                        Ok(r) => Response::ok(r),
+                        Err(e) => Response::err(&e, Some(tag.to_string())),
+                    }
+                }
+            }
+        }
+        Request::Revoke { node } => match api.revoke(&node) {
+            Ok(id) => Response::ok(serde_json::json!({ "nodeId": id })),
+            Err(e) => Response::err(&e, None),
+        },
+    }
+}

@@ -1,0 +1,314 @@
+//! The operator operations, shared by the operator socket and in-process callers (tests, the
+//! demo): tokens, node listing, sending instructions, waiting for replies, revocation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use runos_protocol::{Envelope, MessageType, Tag};
+use serde::{Deserialize, Serialize};
+
+use crate::server::{Shared, shutdown_signalled};
+use crate::{Error, util};
+
+/// Longest token lifetime.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
+
+/// A freshly created enrolment token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenInfo {
+    /// The token (secret; shown once, stored only as its SHA-256).
+    pub token: String,
+    /// When it expires (RFC 3339).
+    pub expires_at: String,
+    /// The CA pin to give the agent (`--ca-sha256`).
+    pub ca_sha256: String,
+}
+
+/// A node as `nodes` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// The node id.
+    pub id: String,
+    /// Hostname (from the last HELLO, else from enrolment).
+    pub hostname: String,
+    /// Machine id given at enrolment.
+    pub machine_id: String,
+    /// OS given at enrolment.
+    pub os: String,
+    /// Agent version (last HELLO).
+    pub agent_version: String,
+    /// Whether a session is live.
+    pub online: bool,
+    /// Last frame received (RFC 3339).
+    pub last_seen: Option<String>,
+    /// When it enrolled (RFC 3339).
+    pub registered_at: String,
+    /// Expiry of its newest unrevoked certificate (RFC 3339).
+    pub cert_expires_at: Option<String>,
+    /// Whether it is revoked.
+    pub revoked: bool,
+    /// Instructions without a final reply.
+    pub pending: u32,
+    /// The instruction types it announced.
+    pub instruction_types: Vec<String>,
+}
+
+/// An instruction to send.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SendRequest {
+    /// Node id, unique id prefix or hostname.
+    pub node: String,
+    /// The instruction type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The payload as JSON (default `{}`).
+    #[serde(default)]
+    pub payload: Option<serde_json::Value>,
+    /// Instead of `payload`: the text put verbatim in `jsonB64` (for protocol tests).
+    #[serde(default)]
+    pub raw_b64: Option<String>,
+    /// The envelope's `timeoutMs`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A stored final reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyInfo {
+    /// The instruction's tag.
+    pub tag: String,
+    /// The reply type (`ERROR` for failures).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The decoded payload; a payload that is not JSON is given as `{"jsonB64": ...}`.
+    pub payload: serde_json::Value,
+}
+
+impl ReplyInfo {
+    /// Whether the reply is an `ERROR`.
+    pub fn is_error(&self) -> bool {
+        self.kind == runos_protocol::control::types::ERROR
+    }
+
+    /// The error code of an `ERROR` reply.
+    pub fn error_code(&self) -> Option<&str> {
+        if self.is_error() {
+            self.payload.get("code").and_then(|c| c.as_str())
+        } else {
+            None
+        }
+    }
+}
+
+/// The operator API of a running control plane.
+#[derive(Debug, Clone)]
+pub struct Api {
+    shared: Arc<Shared>,
+}
+
+fn hash_token(token: &str) -> String {
+    util::sha256_hex(token.as_bytes())
+}
+
+pub(crate) fn token_hash(token: &str) -> String {
+    hash_token(token)
+}
+
+impl Api {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Api { shared }
+    }
+
+    /// Create a one-time enrolment token valid for `ttl`.
+    pub fn create_token(&self, ttl: Duration) -> Result<TokenInfo, Error> {
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(Error::BadRequest(
+                "the token TTL must be between 1s and 30d".into(),
+            ));
+        }
+        let bytes: [u8; 32] = rand::random();
+        let token = format!("rnt_{}", hex::encode(bytes));
+        let now = util::now_ms();
+        let expires = now.saturating_add(util::ms(ttl));
+        self.shared
+            .db
+            .insert_token(&hash_token(&token), now, expires)?;
+        tracing::info!(expires_at = %util::rfc3339_ms(expires), "enrolment token created");
+        Ok(TokenInfo {
+            token,
+            expires_at: util::rfc3339_ms(expires),
+            ca_sha256: self.shared.ca.ca_sha256(),
+        })
+    }
+
+    /// Store a token that expired a minute ago (for tests of expiry).
+    #[doc(hidden)]
+    pub fn insert_expired_token_for_tests(&self) -> Result<String, Error> {
+        let bytes: [u8; 32] = rand::random();
+        let token = format!("rnt_{}", hex::encode(bytes));
+        let now = util::now_ms();
+        self.shared
+            .db
+            .insert_token(&hash_token(&token), now - 120_000, now - 60_000)?;
+        Ok(token)
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {
+        let rows = self.shared.db.nodes()?;
+        Ok(rows
+            .into_iter()
+            .map(|n| NodeInfo {
+                online: self.shared.sessions.is_online(&n.id),
+                id: n.id,
+                hostname: n.hostname,
+                machine_id: n.machine_id,
+                os: n.os,
+                agent_version: n.agent_version,
+                last_seen: n.last_seen_at.map(util::rfc3339_ms),
+                registered_at: util::rfc3339_ms(n.registered_at),
+                cert_expires_at: n.cert_not_after.map(util::rfc3339_ms),
+                revoked: n.revoked_at.is_some(),
+                pending: n.pending,
+                instruction_types: n.instruction_types,
+            })
+            .collect())
+    }
+
+    /// Whether a node has a live session.
+    pub fn is_online(&self, node_id: &str) -> bool {
+        self.shared.sessions.is_online(node_id)
+    }
+
+    /// Resolve a node id, unique id prefix or hostname to a node id.
+    pub fn resolve_node(&self, key: &str) -> Result<String, Error> {
+        if key.is_empty() || key.len() > runos_protocol::control::MAX_IDENT_LEN {
+            return Err(Error::NodeNotFound(key.chars().take(64).collect()));
+        }
+        let mut ids = self.shared.db.find_nodes(key)?;
+        match ids.len() {
+            0 => Err(Error::NodeNotFound(key.to_string())),
+            1 => Ok(ids.remove(0)),
+            _ => Err(Error::AmbiguousNode(key.to_string())),
+        }
+    }
+
+    /// Store an instruction (fresh tag) and deliver it if the node is online; otherwise it is
+    /// delivered when the node connects. Returns the tag.
+    pub fn send(&self, req: &SendRequest) -> Result<Tag, Error> {
+        let kind = MessageType::new(req.kind.clone())
+            .map_err(|e| Error::BadRequest(format!("type {:?}: {e}", req.kind)))?;
+        if runos_protocol::control::is_control_type(kind.as_str()) {
+            return Err(Error::BadRequest(format!(
+                "{kind} is a control message type, not an instruction"
+            )));
+        }
+        let node = self.resolve_node(&req.node)?;
+        let row = self
+            .shared
+            .db
+            .node(&node)?
+            .ok_or_else(|| Error::NodeNotFound(node.clone()))?;
+        if row.revoked_at.is_some() {
+            return Err(Error::Revoked(node));
+        }
+        let tag = Tag::random();
+        let env = match (&req.payload, &req.raw_b64) {
+            (Some(_), Some(_)) => {
+                return Err(Error::BadRequest(
+                    "give either a JSON payload or raw base64, not both".into(),
+                ));
+            }
+            (_, Some(raw)) => Envelope {
+                kind,
+                tag,
+                json_b64: raw.clone(),
+                timeout_ms: None,
+            },
+            (Some(v), None) => Envelope::new(kind, tag, v),
+            (None, None) => Envelope::new(kind, tag, &serde_json::json!({})),
+        }
+        .with_timeout_ms(req.timeout_ms);
+        if let Err(e) = runos_protocol::encode_frame(&env, self.shared.opts.max_frame_bytes) {
+            return Err(Error::BadRequest(e.to_string()));
+        }
+        if !self
+            .shared
+            .db
+            .insert_instruction(&node, &env, util::now_ms())?
+        {
+            return Err(Error::Internal("tag collision".into()));
+        }
+        tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction stored");
+        self.shared.sessions.wake(&node);
+        Ok(tag)
+    }
+
+    /// The stored final reply of `tag`, if any. Unknown tag → `bad_request`.
+    pub fn reply(&self, tag: &Tag) -> Result<Option<ReplyInfo>, Error> {
+        match self.shared.db.reply(tag)? {
+            None => Err(Error::BadRequest(format!("no instruction with tag {tag}"))),
+            Some(None) => Ok(None),
+            Some(Some(r)) => {
+                let payload = base64::engine::general_purpose::STANDARD
+                    .decode(r.json_b64.as_bytes())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_else(|| serde_json::json!({ "jsonB64": r.json_b64 }));
+                Ok(Some(ReplyInfo {
+                    tag: tag.to_string(),
+                    kind: r.kind,
+                    payload,
+                }))
+            }
+        }
+    }
+
+    /// Wait for the final reply of `tag`, at most `timeout`. [`Error::Timeout`] when it did
+    /// not arrive in time (the instruction stays pending).
+    pub async fn wait_reply(&self, tag: &Tag, timeout: Duration) -> Result<ReplyInfo, Error> {
+        let mut rx = self.shared.replies.subscribe();
+        let mut shutdown = self.shared.shutdown.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            if let Some(r) = self.reply(tag)? {
+                return Ok(r);
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::ShuttingDown);
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Err(Error::Timeout),
+                () = shutdown_signalled(&mut shutdown) => return Err(Error::ShuttingDown),
+            }
+        }
+    }
+
+    /// Send and wait for the final reply.
+    pub async fn send_and_wait(
+        &self,
+        req: &SendRequest,
+        timeout: Duration,
+    ) -> Result<ReplyInfo, Error> {
+        let tag = self.send(req)?;
+        self.wait_reply(&tag, timeout).await
+    }
+
+    /// Revoke a node: mark it and its certificates revoked and close its live session.
+    pub fn revoke(&self, key: &str) -> Result<String, Error> {
+        let node = self.resolve_node(key)?;
+        self.shared.db.revoke(&node, util::now_ms())?;
+        self.shared
+            .sessions
+            .close(&node, crate::l2::CloseReason::Revoked);
+        tracing::warn!(node = %node, "node revoked");
+        Ok(node)
+    }
+}

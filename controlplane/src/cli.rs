@@ -1,0 +1,307 @@
+//! The operator client: talks to the operator socket, prints results, and maps failures to the
+//! stable exit codes of `runos-controlplane`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::UnixStream;
+
+use crate::Error;
+use crate::admin::{Request, Response};
+use crate::api::{NodeInfo, ReplyInfo, TokenInfo};
+use crate::server::{ADMIN_SOCKET_FILE, Endpoints};
+
+/// Default data directory of `serve` and the operator commands.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/runos-controlplane";
+
+/// Stable exit codes of `runos-controlplane`.
+pub mod exit {
+    /// Success (for `send --wait`: a non-ERROR final reply).
+    pub const OK: u8 = 0;
+    /// Failure (for `send --wait`: the final reply is an ERROR).
+    pub const FAILURE: u8 = 1;
+    /// Invalid command line.
+    pub const USAGE: u8 = 2;
+    /// No such node (or the name is ambiguous).
+    pub const UNKNOWN_NODE: u8 = 3;
+    /// `send --wait`: no final reply within `--timeout` (the instruction stays pending).
+    pub const TIMEOUT: u8 = 4;
+    /// The operator socket cannot be reached (is `serve` running?).
+    pub const UNREACHABLE: u8 = 5;
+    /// `serve`/`demo`: the data directory, database, CA or a listener failed.
+    pub const STATE: u8 = 6;
+}
+
+/// The exit-code table shown in `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (send --wait: a non-ERROR final reply)
+  1  failure (send --wait: the final reply is an ERROR; demo: a reply was not as expected)
+  2  usage error (invalid command line)
+  3  unknown node (or an ambiguous hostname/prefix)
+  4  send --wait: no final reply within --timeout (the instruction stays pending)
+  5  the operator socket cannot be reached (is `serve` running?)
+  6  serve/demo: data directory, database, CA or listener failure";
+
+/// The exit code for an error.
+pub fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::NodeNotFound(_) | Error::AmbiguousNode(_) => exit::UNKNOWN_NODE,
+        Error::Timeout => exit::TIMEOUT,
+        Error::AdminUnreachable { .. } => exit::UNREACHABLE,
+        Error::Remote { code, .. } => match code.as_str() {
+            "node_not_found" | "ambiguous_node" => exit::UNKNOWN_NODE,
+            "timeout" => exit::TIMEOUT,
+            _ => exit::FAILURE,
+        },
+        Error::Io { .. }
+        | Error::Bind { .. }
+        | Error::AdminSocketInUse(_)
+        | Error::Db(_)
+        | Error::Schema(_)
+        | Error::Ca(_)
+        | Error::Tls(_) => exit::STATE,
+        _ => exit::FAILURE,
+    }
+}
+
+/// Find the operator socket: `--admin-socket`, else the one named in `DIR/endpoints.json`,
+/// else `DIR/admin.sock`.
+pub fn locate_socket(data_dir: Option<&Path>, admin_socket: Option<&Path>) -> PathBuf {
+    if let Some(p) = admin_socket {
+        return p.to_path_buf();
+    }
+    let dir = data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR));
+    match Endpoints::read(dir) {
+        Ok(e) => PathBuf::from(e.admin_socket),
+        Err(_) => dir.join(ADMIN_SOCKET_FILE),
+    }
+}
+
+/// A client of the operator socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    path: PathBuf,
+}
+
+/// Largest response line accepted.
+const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
+
+impl Client {
+    /// A client for the socket at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Client { path: path.into() }
+    }
+
+    /// Send one request and read its response, within `deadline`.
+    pub async fn request(
+        &self,
+        req: &Request,
+        deadline: Duration,
+    ) -> Result<serde_json::Value, Error> {
+        let fut = async {
+            let stream =
+                UnixStream::connect(&self.path)
+                    .await
+                    .map_err(|e| Error::AdminUnreachable {
+                        path: self.path.clone(),
+                        source: e,
+                    })?;
+            let (r, mut w) = stream.into_split();
+            let mut line = serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?;
+            line.push(b'\n');
+            w.write_all(&line)
+                .await
+                .map_err(|e| Error::AdminProtocol(e.to_string()))?;
+            let mut r = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_RESPONSE));
+            let mut buf = Vec::new();
+            r.read_until(b'\n', &mut buf)
+                .await
+                .map_err(|e| Error::AdminProtocol(e.to_string()))?;
+            if buf.is_empty() {
+                return Err(Error::AdminProtocol(
+                    "the control plane closed the connection".into(),
+                ));
+            }
+            let resp: Response = serde_json::from_slice(&buf)
+                .map_err(|e| Error::AdminProtocol(format!("malformed response: {e}")))?;
+            match (resp.ok, resp.result, resp.error) {
+                (true, Some(v), _) => Ok(v),
+                (false, _, Some(e)) => Err(Error::Remote {
+                    code: e.code,
+                    message: e.message,
+                    tag: e.tag,
+                }),
+                _ => Err(Error::AdminProtocol("malformed response".into())),
+            }
+        };
+        tokio::time::timeout(deadline, fut)
+            .await
+            .map_err(|_| Error::AdminProtocol("no answer from the control plane in time".into()))?
+    }
+}
+
+const SHORT: Duration = Duration::from_secs(30);
+
+fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, Error> {
+    serde_json::from_value(v).map_err(|e| Error::AdminProtocol(format!("unexpected result: {e}")))
+}
+
+/// `token create`.
+pub async fn token_create(client: &Client, ttl: Duration, json: bool) -> Result<u8, Error> {
+    let v = client
+        .request(
+            &Request::TokenCreate {
+                ttl_secs: ttl.as_secs().max(1),
+            },
+            SHORT,
+        )
+        .await?;
+    let t: TokenInfo = parse(v)?;
+    if json {
+        println!("{}", serde_json::to_string(&t).unwrap_or_default());
+    } else {
+        println!("{}", t.token);
+        eprintln!(
+            "expires at {}; CA pin (--ca-sha256): {}",
+            t.expires_at, t.ca_sha256
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `nodes`.
+pub async fn nodes(client: &Client, json: bool) -> Result<u8, Error> {
+    let v = client.request(&Request::Nodes, SHORT).await?;
+    let nodes: Vec<NodeInfo> = parse(v)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&nodes).unwrap_or_default()
+        );
+        return Ok(exit::OK);
+    }
+    println!(
+        "{:<36}  {:<20}  {:<7}  {:<20}  {:<20}  {:>7}  VERSION",
+        "ID", "HOSTNAME", "STATE", "LAST SEEN", "CERT EXPIRES", "PENDING"
+    );
+    for n in nodes {
+        let state = if n.revoked {
+            "revoked"
+        } else if n.online {
+            "online"
+        } else {
+            "offline"
+        };
+        println!(
+            "{:<36}  {:<20}  {:<7}  {:<20}  {:<20}  {:>7}  {}",
+            n.id,
+            n.hostname,
+            state,
+            n.last_seen.as_deref().unwrap_or("-"),
+            n.cert_expires_at.as_deref().unwrap_or("-"),
+            n.pending,
+            n.agent_version
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// Arguments of `send`.
+#[derive(Debug, Clone)]
+pub struct SendArgs {
+    /// Node id, unique id prefix or hostname.
+    pub node: String,
+    /// Instruction type.
+    pub kind: String,
+    /// JSON payload text.
+    pub json: Option<String>,
+    /// Raw `jsonB64` text.
+    pub raw_b64: Option<String>,
+    /// The envelope's `timeoutMs`.
+    pub instruction_timeout_ms: Option<u64>,
+    /// Wait for the final reply.
+    pub wait: bool,
+    /// How long to wait.
+    pub timeout: Duration,
+    /// Compact JSON output.
+    pub json_out: bool,
+}
+
+/// `send`.
+pub async fn send(client: &Client, a: SendArgs) -> Result<u8, Error> {
+    let payload = match &a.json {
+        Some(text) => Some(
+            serde_json::from_str::<serde_json::Value>(text)
+                .map_err(|e| Error::BadRequest(format!("the payload is not JSON: {e}")))?,
+        ),
+        None => None,
+    };
+    let wait_ms = a
+        .wait
+        .then(|| u64::try_from(a.timeout.as_millis()).unwrap_or(u64::MAX));
+    let req = Request::Send {
+        node: a.node,
+        kind: a.kind,
+        payload,
+        raw_b64: a.raw_b64,
+        timeout_ms: a.instruction_timeout_ms,
+        wait_ms,
+    };
+    let deadline = if a.wait {
+        a.timeout.saturating_add(SHORT)
+    } else {
+        SHORT
+    };
+    let v = client.request(&req, deadline).await?;
+    let print = |v: &serde_json::Value| {
+        if a.json_out {
+            println!("{}", serde_json::to_string(v).unwrap_or_default());
+        } else {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        }
+    };
+    print(&v);
+    if !a.wait {
+        return Ok(exit::OK);
+    }
+    let reply: ReplyInfo = parse(v)?;
+    Ok(if reply.is_error() {
+        exit::FAILURE
+    } else {
+        exit::OK
+    })
+}
+
+/// `revoke`.
+pub async fn revoke(client: &Client, node: String) -> Result<u8, Error> {
+    let v = client.request(&Request::Revoke { node }, SHORT).await?;
+    let id = v.get("nodeId").and_then(|x| x.as_str()).unwrap_or("?");
+    println!("revoked {id}");
+    Ok(exit::OK)
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Install the global tracing subscriber (stderr). `level` is an `RUST_LOG`-style filter.
+pub fn init_logging(level: &str, format: LogFormat) -> Result<(), Error> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| Error::BadRequest(format!("--log-level {level:?}: {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let r = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    r.map_err(|e| Error::Internal(format!("logging: {e}")))
+}

@@ -1,0 +1,227 @@
+//! L1Sec: the enrolment server (TLS 1.3, server authentication only). One REGISTER exchange
+//! per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runos_protocol::control::{self, Register, Registered, types};
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
+use runos_transport::{FrameError, FrameReader, FrameWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::db::{NewCert, NewNode, TokenProblem};
+use crate::server::{HANDSHAKE_TIMEOUT, Shared, shutdown_signalled};
+use crate::{Error, util};
+
+/// Largest frame on L1Sec, both directions.
+pub const L1_MAX_FRAME: u32 = 256 * 1024;
+/// Concurrent enrolment connections; more are dropped at once.
+const MAX_CONNECTIONS: usize = 128;
+/// Upper bound of one whole enrolment connection.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
+pub(crate) async fn run(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut shutdown = shared.shutdown.clone();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown_signalled(&mut shutdown) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "L1Sec accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "L1Sec: too many connections; dropped");
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let shared = shared.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, acceptor, &shared))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(%peer, "L1Sec connection took too long; closed");
+                    }
+                });
+            }
+        }
+    }
+    conns.shutdown().await;
+}
+
+fn error_env(tag: Tag, code: ErrorCode, message: impl Into<String>) -> Envelope {
+    Envelope::with_type(types::ERROR, tag, &ErrorPayload::new(code, message))
+}
+
+async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: &Shared) {
+    let peer = stream.peer_addr().ok();
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "L1Sec TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(?peer, "L1Sec TLS handshake timed out");
+            return;
+        }
+    };
+    if !runos_transport::tls::alpn_matches(
+        tls.get_ref().1.alpn_protocol(),
+        runos_protocol::ALPN_L1SEC,
+    ) {
+        tracing::debug!(?peer, "L1Sec: wrong or missing ALPN; closed");
+        return;
+    }
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r, L1_MAX_FRAME);
+    let mut writer = FrameWriter::new(w, L1_MAX_FRAME);
+    let reply = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.read()).await {
+        Err(_) => {
+            tracing::debug!(?peer, "L1Sec: no REGISTER within the handshake timeout");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(FrameError::Decode(e))) => {
+            tracing::info!(?peer, error = %e, "L1Sec: invalid frame");
+            error_env(Tag::random(), ErrorCode::Protocol, e.to_string())
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "L1Sec read failed");
+            return;
+        }
+        Ok(Ok(Some(env))) => match register(shared, &env) {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::error!(?peer, error = %e, "L1Sec: enrolment failed");
+                error_env(env.tag, ErrorCode::Internal, "internal error")
+            }
+        },
+    };
+    let done = async {
+        writer.write(&reply).await?;
+        writer.shutdown().await
+    };
+    if let Err(e) = tokio::time::timeout(HANDSHAKE_TIMEOUT, done)
+        .await
+        .unwrap_or(Err(FrameError::Truncated))
+    {
+        tracing::debug!(?peer, error = %e, "L1Sec: could not send the answer");
+    }
+}
+
+fn bounded_ident(name: &str, v: &str, allow_empty: bool) -> Result<(), String> {
+    if v.len() > control::MAX_IDENT_LEN {
+        return Err(format!(
+            "{name} is longer than {} bytes",
+            control::MAX_IDENT_LEN
+        ));
+    }
+    if !allow_empty && v.is_empty() {
+        return Err(format!("{name} is empty"));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!("{name} contains control characters"));
+    }
+    Ok(())
+}
+
+/// Handle one REGISTER envelope; the answer is REGISTERED or ERROR with the same tag.
+fn register(shared: &Shared, env: &Envelope) -> Result<Envelope, Error> {
+    let tag = env.tag;
+    let bad = |m: String| Ok(error_env(tag, ErrorCode::BadRequest, m));
+    if !env.is(types::REGISTER) {
+        return bad(format!("expected REGISTER, got {}", env.kind));
+    }
+    let req: Register = match env.payload() {
+        Ok(r) => r,
+        Err(e) => return bad(format!("REGISTER payload: {e}")),
+    };
+    if req.token.is_empty() || req.token.len() > control::MAX_TOKEN_LEN {
+        return Ok(error_env(tag, ErrorCode::TokenUnknown, "unknown token"));
+    }
+    for (name, v, empty_ok) in [
+        ("machineId", req.machine_id.as_str(), false),
+        ("hostname", req.hostname.as_str(), false),
+        ("os", req.os.as_str(), true),
+        ("agentVersion", req.agent_version.as_str(), true),
+    ] {
+        if let Err(m) = bounded_ident(name, v, empty_ok) {
+            return bad(m);
+        }
+    }
+    let hash = crate::api::token_hash(&req.token);
+    let now = util::now_ms();
+    if let Err(p) = shared.db.token_status(&hash, now)? {
+        return Ok(token_error(tag, p, &req.hostname));
+    }
+    let node_id = uuid::Uuid::new_v4().hyphenated().to_string();
+    let issued = match shared
+        .ca
+        .sign_csr(&req.csr_pem, &node_id, shared.opts.cert_validity)?
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(hostname = %req.hostname, error = %e, "enrolment refused: bad CSR");
+            return bad(e.to_string());
+        }
+    };
+    let node = NewNode {
+        id: &node_id,
+        machine_id: &req.machine_id,
+        hostname: &req.hostname,
+        os: &req.os,
+        agent_version: &req.agent_version,
+    };
+    let cert = NewCert {
+        serial_hex: &issued.serial_hex,
+        not_before_ms: issued.not_before_ms,
+        not_after_ms: issued.not_after_ms,
+    };
+    if let Err(p) = shared.db.enrol(&hash, now, &node, &cert)? {
+        return Ok(token_error(tag, p, &req.hostname));
+    }
+    tracing::info!(
+        node = %node_id,
+        hostname = %req.hostname,
+        serial = %issued.serial_hex,
+        expires = %util::rfc3339_ms(issued.not_after_ms),
+        "node registered"
+    );
+    Ok(Envelope::with_type(
+        types::REGISTERED,
+        tag,
+        &Registered {
+            node_id,
+            certificate_pem: issued.pem,
+            ca_pem: shared.ca.ca_pem().to_string(),
+        },
+    ))
+}
+
+fn token_error(tag: Tag, p: TokenProblem, hostname: &str) -> Envelope {
+    let (code, msg) = match p {
+        TokenProblem::Unknown => (ErrorCode::TokenUnknown, "unknown token"),
+        TokenProblem::Expired => (ErrorCode::TokenExpired, "the token has expired"),
+        TokenProblem::Used => (ErrorCode::TokenUsed, "the token was already used"),
+    };
+    // The token itself is never logged.
+    tracing::info!(hostname = %hostname, code = %code, "enrolment refused");
+    error_env(tag, code, msg)
+}

@@ -1,0 +1,630 @@
+//! L2Sec: the instruction stream (mutual TLS 1.3) and the per-node session registry.
+//!
+//! One live session per node: a new session replaces (closes) the old one; revocation closes
+//! the live session at once. After WELCOME every instruction of the node without a stored final
+//! reply is sent (again, same tag), oldest first; later instructions follow as they are stored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use runos_protocol::control::{self, HeartbeatReply, Hello, LogLevel, LogLine, Welcome, types};
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
+use runos_transport::{FrameError, FrameReader, FrameWriter};
+use tokio::io::{AsyncWrite, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::server::{HANDSHAKE_TIMEOUT, Shared, shutdown_signalled};
+use crate::util;
+
+/// Concurrent L2Sec connections; more are dropped at once.
+const MAX_CONNECTIONS: usize = 4096;
+/// Longest time one frame may take to write before the session is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Instructions read from the database per batch.
+const PENDING_BATCH: u32 = 64;
+
+/// Why a session was closed from our side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// A newer session of the same node took over.
+    Replaced,
+    /// The node was revoked.
+    Revoked,
+    /// The control plane is stopping.
+    Shutdown,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    close: watch::Sender<Option<CloseReason>>,
+    wake: Arc<Notify>,
+}
+
+/// The live sessions, by node id.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    inner: Mutex<HashMap<String, Entry>>,
+    next: AtomicU64,
+}
+
+struct Registration {
+    id: u64,
+    close: watch::Receiver<Option<CloseReason>>,
+    wake: Arc<Notify>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, node: &str) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        let wake = Arc::new(Notify::new());
+        let old = self.lock().insert(
+            node.to_string(),
+            Entry {
+                id,
+                close: tx,
+                wake: wake.clone(),
+            },
+        );
+        if let Some(old) = old {
+            let _ = old.close.send(Some(CloseReason::Replaced));
+        }
+        Registration {
+            id,
+            close: rx,
+            wake,
+        }
+    }
+
+    fn deregister(&self, node: &str, id: u64) {
+        let mut map = self.lock();
+        if map.get(node).is_some_and(|e| e.id == id) {
+            map.remove(node);
+        }
+    }
+
+    /// Close the node's live session, if any.
+    pub(crate) fn close(&self, node: &str, reason: CloseReason) {
+        if let Some(e) = self.lock().remove(node) {
+            let _ = e.close.send(Some(reason));
+        }
+    }
+
+    /// Close every session.
+    pub(crate) fn close_all(&self, reason: CloseReason) {
+        for (_, e) in self.lock().drain() {
+            let _ = e.close.send(Some(reason));
+        }
+    }
+
+    /// Tell the node's session that new instructions are stored.
+    pub(crate) fn wake(&self, node: &str) {
+        if let Some(e) = self.lock().get(node) {
+            e.wake.notify_one();
+        }
+    }
+
+    /// Whether the node has a live session.
+    pub(crate) fn is_online(&self, node: &str) -> bool {
+        self.lock().contains_key(node)
+    }
+}
+
+pub(crate) async fn run(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut shutdown = shared.shutdown.clone();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown_signalled(&mut shutdown) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "L2Sec accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "L2Sec: too many connections; dropped");
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let shared = shared.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    handle(stream, acceptor, shared).await;
+                });
+            }
+        }
+    }
+    // Sessions see the shutdown signal themselves; give them a moment to close cleanly.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    conns.shutdown().await;
+}
+
+fn error_env(tag: Tag, code: ErrorCode, message: impl Into<String>) -> Envelope {
+    Envelope::with_type(types::ERROR, tag, &ErrorPayload::new(code, message))
+}
+
+type Writer = FrameWriter<WriteHalf<TlsStream<TcpStream>>>;
+
+async fn write_bounded<W: AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+    env: &Envelope,
+) -> Result<(), FrameError> {
+    tokio::time::timeout(WRITE_TIMEOUT, w.write(env))
+        .await
+        .unwrap_or(Err(FrameError::Truncated))
+}
+
+/// Best effort: send one frame and close, within a short deadline.
+async fn send_and_close(w: &mut Writer, env: Option<&Envelope>) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if let Some(env) = env {
+            let _ = w.write(env).await;
+        }
+        let _ = w.shutdown().await;
+    })
+    .await;
+}
+
+/// The verified facts of an accepted HELLO.
+struct Accepted {
+    node: String,
+    hello: Hello,
+}
+
+fn check_ident(name: &str, v: &str) -> Result<(), ErrorPayload> {
+    if v.len() > control::MAX_IDENT_LEN || v.chars().any(char::is_control) {
+        return Err(ErrorPayload::new(
+            ErrorCode::Protocol,
+            format!("{name} is too long or has control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_hello(
+    shared: &Shared,
+    cert_node: Option<&str>,
+    serial: &str,
+    env: &Envelope,
+) -> Result<Accepted, ErrorPayload> {
+    let internal = |e: crate::Error| {
+        tracing::error!(error = %e, "L2Sec handshake: database failure");
+        ErrorPayload::new(ErrorCode::Internal, "internal error")
+    };
+    let revoked = |m: &str| ErrorPayload::new(ErrorCode::Revoked, m);
+    if !env.is(types::HELLO) {
+        return Err(ErrorPayload::new(
+            ErrorCode::Protocol,
+            format!("the first frame must be HELLO, not {}", env.kind),
+        ));
+    }
+    let hello: Hello = env
+        .payload()
+        .map_err(|e| ErrorPayload::new(ErrorCode::Protocol, format!("HELLO payload: {e}")))?;
+    control::check_version(hello.protocol_version)?;
+    let Some(node) = cert_node else {
+        return Err(revoked("the certificate carries no node identity"));
+    };
+    match shared.db.cert(serial).map_err(internal)? {
+        None => return Err(revoked("unknown certificate")),
+        Some(c) if c.node_id != node => return Err(revoked("unknown certificate")),
+        Some(c) if c.revoked_at.is_some() => return Err(revoked("the certificate is revoked")),
+        Some(_) => {}
+    }
+    match shared.db.node(node).map_err(internal)? {
+        None => return Err(revoked("unknown node")),
+        Some(n) if n.revoked_at.is_some() => return Err(revoked("the node is revoked")),
+        Some(_) => {}
+    }
+    if hello.node_id != node {
+        return Err(ErrorPayload::new(
+            ErrorCode::Protocol,
+            "HELLO nodeId differs from the certificate's identity",
+        ));
+    }
+    check_ident("hostname", &hello.hostname)?;
+    check_ident("agentVersion", &hello.agent_version)?;
+    check_ident("bootId", &hello.boot_id)?;
+    if hello.instruction_types.len() > control::MAX_HELLO_TYPES
+        || hello
+            .instruction_types
+            .iter()
+            .any(|t| MessageType::new(t.clone()).is_err())
+    {
+        return Err(ErrorPayload::new(
+            ErrorCode::Protocol,
+            "instructionTypes has too many or invalid entries",
+        ));
+    }
+    Ok(Accepted {
+        node: node.to_string(),
+        hello,
+    })
+}
+
+async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    let peer = stream.peer_addr().ok();
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(?peer, error = %e, "L2Sec TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(?peer, "L2Sec TLS handshake timed out");
+            return;
+        }
+    };
+    let conn = tls.get_ref().1;
+    if !runos_transport::tls::alpn_matches(conn.alpn_protocol(), runos_protocol::ALPN_L2SEC) {
+        tracing::info!(?peer, "L2Sec: wrong or missing ALPN; closed");
+        return;
+    }
+    let info = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| runos_transport::identity::cert_info(c));
+    let (r, w) = tokio::io::split(tls);
+    let max = shared.opts.max_frame_bytes;
+    let mut reader = FrameReader::new(r, max);
+    let mut writer = FrameWriter::new(w, max);
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.read()).await {
+        Err(_) => {
+            tracing::info!(?peer, "L2Sec: no HELLO within the handshake timeout");
+            send_and_close(&mut writer, None).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(FrameError::Decode(e))) => {
+            tracing::info!(?peer, error = %e, "L2Sec: invalid first frame");
+            let env = error_env(Tag::random(), ErrorCode::Protocol, e.to_string());
+            send_and_close(&mut writer, Some(&env)).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(?peer, error = %e, "L2Sec: read failed before HELLO");
+            return;
+        }
+        Ok(Ok(Some(env))) => env,
+    };
+    let (cert_node, serial) = match info {
+        Some(Ok(i)) => (i.node_id, i.serial_hex),
+        _ => (None, String::new()),
+    };
+    let accepted = match check_hello(&shared, cert_node.as_deref(), &serial, &first) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(
+                ?peer,
+                node = cert_node.as_deref().unwrap_or("-"),
+                code = %e.code,
+                reason = %e.message,
+                "L2Sec: session refused"
+            );
+            let env = Envelope::with_type(types::ERROR, first.tag, &e);
+            send_and_close(&mut writer, Some(&env)).await;
+            return;
+        }
+    };
+    let node = accepted.node;
+    let hello = accepted.hello;
+    let now = util::now_ms();
+    if let Err(e) = shared.db.update_hello(
+        &node,
+        &hello.hostname,
+        &hello.agent_version,
+        &hello.boot_id,
+        &hello.instruction_types,
+        now,
+    ) {
+        tracing::error!(node = %node, error = %e, "L2Sec: cannot record HELLO");
+        let env = error_env(first.tag, ErrorCode::Internal, "internal error");
+        send_and_close(&mut writer, Some(&env)).await;
+        return;
+    }
+    let reg = shared.sessions.register(&node);
+    let session_id = uuid::Uuid::new_v4().hyphenated().to_string();
+    let interval = shared.opts.heartbeat_interval;
+    let welcome = Envelope::with_type(
+        types::WELCOME,
+        first.tag,
+        &Welcome {
+            protocol_version: runos_protocol::PROTOCOL_VERSION,
+            server_time_ms: u64::try_from(now).unwrap_or(0),
+            heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            max_frame_bytes: max,
+            advertised_agent_version: None,
+            session_id: session_id.clone(),
+        },
+    );
+    if let Err(e) = write_bounded(&mut writer, &welcome).await {
+        tracing::info!(node = %node, error = %e, "L2Sec: cannot send WELCOME");
+        shared.sessions.deregister(&node, reg.id);
+        return;
+    }
+    tracing::info!(
+        node = %node,
+        session = %session_id,
+        hostname = %hello.hostname,
+        agent_version = %hello.agent_version,
+        ?peer,
+        "session started"
+    );
+    let session = Session {
+        shared: shared.clone(),
+        node: node.clone(),
+        session_id,
+        writer,
+        close: reg.close,
+        wake: reg.wake,
+        shutdown: shared.shutdown.clone(),
+        cursor: 0,
+        last_touch: now,
+    };
+    session.run(reader).await;
+    shared.sessions.deregister(&node, reg.id);
+}
+
+/// Wait until the session is closed from our side.
+async fn closed(rx: &mut watch::Receiver<Option<CloseReason>>) -> CloseReason {
+    match rx.wait_for(|r| r.is_some()).await {
+        Ok(r) => (*r).unwrap_or(CloseReason::Shutdown),
+        Err(_) => CloseReason::Shutdown,
+    }
+}
+
+/// Why a session loop ended.
+#[derive(Debug)]
+enum End {
+    Closed(CloseReason),
+    PeerClosed,
+    Idle,
+    Io(String),
+    Protocol(String),
+    Internal(String),
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    node: String,
+    session_id: String,
+    writer: Writer,
+    close: watch::Receiver<Option<CloseReason>>,
+    wake: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+    /// Row id of the last instruction sent in this session.
+    cursor: i64,
+    last_touch: i64,
+}
+
+impl Session {
+    async fn run(mut self, mut reader: FrameReader<tokio::io::ReadHalf<TlsStream<TcpStream>>>) {
+        // FrameReader::read is not cancellation safe: it lives in its own task.
+        let (in_tx, mut in_rx) = mpsc::channel::<Result<Envelope, FrameError>>(32);
+        let reader_task = tokio::spawn(async move {
+            loop {
+                match reader.read().await {
+                    Ok(Some(env)) => {
+                        if in_tx.send(Ok(env)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = in_tx.send(Err(e)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        let idle_limit = self.shared.opts.heartbeat_interval.saturating_mul(3);
+        let mut last_rx = Instant::now();
+        let mut flush = true;
+        let end = loop {
+            if flush {
+                flush = false;
+                if let Err(end) = self.flush_pending().await {
+                    break end;
+                }
+            }
+            let mut close = self.close.clone();
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                biased;
+                reason = closed(&mut close) => break End::Closed(reason),
+                () = shutdown_signalled(&mut shutdown) => break End::Closed(CloseReason::Shutdown),
+                msg = in_rx.recv() => match msg {
+                    None => break End::PeerClosed,
+                    Some(Err(FrameError::Decode(e))) => break End::Protocol(e.to_string()),
+                    Some(Err(e)) => break End::Io(e.to_string()),
+                    Some(Ok(env)) => {
+                        last_rx = Instant::now();
+                        if let Err(end) = self.inbound(env).await {
+                            break end;
+                        }
+                    }
+                },
+                () = self.wake.notified() => flush = true,
+                () = tokio::time::sleep_until(last_rx + idle_limit) => break End::Idle,
+            }
+        };
+        reader_task.abort();
+        let farewell = match &end {
+            End::Closed(CloseReason::Revoked) => Some(error_env(
+                Tag::random(),
+                ErrorCode::Revoked,
+                "the node has been revoked",
+            )),
+            End::Protocol(m) => Some(error_env(Tag::random(), ErrorCode::Protocol, m.clone())),
+            _ => None,
+        };
+        send_and_close(&mut self.writer, farewell.as_ref()).await;
+        let _ = self.shared.db.touch(&self.node, util::now_ms());
+        match &end {
+            End::Internal(m) => {
+                tracing::error!(node = %self.node, session = %self.session_id, error = %m, "session ended")
+            }
+            End::Io(m) => {
+                tracing::info!(node = %self.node, session = %self.session_id, error = %m, "session ended")
+            }
+            other => {
+                tracing::info!(node = %self.node, session = %self.session_id, reason = ?other, "session ended")
+            }
+        }
+    }
+
+    /// Send every stored instruction above the cursor, oldest first.
+    async fn flush_pending(&mut self) -> Result<(), End> {
+        loop {
+            let batch = self
+                .shared
+                .db
+                .pending_after(&self.node, self.cursor, PENDING_BATCH)
+                .map_err(|e| End::Internal(e.to_string()))?;
+            let n = batch.len();
+            for (rowid, env) in batch {
+                self.send(&env).await?;
+                self.cursor = rowid;
+                let _ = self.shared.db.mark_sent(&env.tag, util::now_ms());
+                tracing::info!(node = %self.node, tag = %env.tag, kind = %env.kind, "instruction sent");
+            }
+            if n < PENDING_BATCH as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Write one frame, giving up at once when the session is closed from our side.
+    async fn send(&mut self, env: &Envelope) -> Result<(), End> {
+        let mut close = self.close.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            r = write_bounded(&mut self.writer, env) => r.map_err(|e| End::Io(e.to_string())),
+            reason = closed(&mut close) => Err(End::Closed(reason)),
+            () = shutdown_signalled(&mut shutdown) => Err(End::Closed(CloseReason::Shutdown)),
+        }
+    }
+
+    fn touch(&mut self) {
+        let now = util::now_ms();
+        if now.saturating_sub(self.last_touch) >= 1000 {
+            self.last_touch = now;
+            if let Err(e) = self.shared.db.touch(&self.node, now) {
+                tracing::warn!(node = %self.node, error = %e, "cannot record last-seen");
+            }
+        }
+    }
+
+    async fn inbound(&mut self, env: Envelope) -> Result<(), End> {
+        self.touch();
+        let kind = env.kind.as_str();
+        match kind {
+            types::HEARTBEAT => {
+                let reply = Envelope::with_type(
+                    types::HEARTBEAT_REPLY,
+                    env.tag,
+                    &HeartbeatReply {
+                        server_time_ms: u64::try_from(util::now_ms()).unwrap_or(0),
+                    },
+                );
+                self.send(&reply).await
+            }
+            types::LOG => {
+                match env.payload::<LogLine>() {
+                    Ok(line) => {
+                        let mut msg = line.message;
+                        if msg.len() > control::MAX_LOG_LINE {
+                            let mut cut = control::MAX_LOG_LINE;
+                            while !msg.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            msg.truncate(cut);
+                        }
+                        match line.level {
+                            LogLevel::Info => {
+                                tracing::info!(node = %self.node, tag = %env.tag, message = %msg, "agent log")
+                            }
+                            LogLevel::Warn => {
+                                tracing::warn!(node = %self.node, tag = %env.tag, message = %msg, "agent log")
+                            }
+                            LogLevel::Error => {
+                                tracing::error!(node = %self.node, tag = %env.tag, message = %msg, "agent log")
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %self.node, tag = %env.tag, error = %e, "malformed LOG dropped")
+                    }
+                }
+                Ok(())
+            }
+            types::ERROR | types::NO_CONTENT => self.final_reply(env).await,
+            k if control::is_control_type(k) => {
+                tracing::warn!(node = %self.node, tag = %env.tag, kind = %k, "unexpected control message dropped");
+                Ok(())
+            }
+            _ => self.final_reply(env).await,
+        }
+    }
+
+    async fn final_reply(&mut self, env: Envelope) -> Result<(), End> {
+        let tag = env.tag;
+        match self.shared.db.instruction_node(&tag) {
+            Ok(None) => {
+                tracing::warn!(node = %self.node, tag = %tag, kind = %env.kind, "reply for an unknown tag (acknowledged, not stored)");
+            }
+            Ok(Some(owner)) if owner != self.node => {
+                tracing::warn!(node = %self.node, tag = %tag, "reply for another node's instruction (acknowledged, not stored)");
+            }
+            Ok(Some(_)) => {
+                match self.shared.db.store_reply(
+                    &tag,
+                    env.kind.as_str(),
+                    &env.json_b64,
+                    util::now_ms(),
+                ) {
+                    Ok(true) => {
+                        tracing::info!(node = %self.node, tag = %tag, kind = %env.kind, "final reply stored");
+                        self.shared.replies.send_modify(|v| *v = v.wrapping_add(1));
+                    }
+                    Ok(false) => {
+                        tracing::debug!(node = %self.node, tag = %tag, "duplicate final reply");
+                    }
+                    Err(e) => {
+                        // Not ACKed: the agent keeps it and resends after the next WELCOME.
+                        return Err(End::Internal(format!("storing the reply of {tag}: {e}")));
+                    }
+                }
+            }
+            Err(e) => return Err(End::Internal(format!("looking up {tag}: {e}"))),
+        }
+        let ack = Envelope::with_type(types::ACK, tag, &control::Ack::default());
+        self.send(&ack).await
+    }
+}

@@ -1,0 +1,301 @@
+//! Wires everything together: data directory, database, CA, the L1Sec and L2Sec listeners and
+//! the operator socket. [`serve`] returns a [`ServerHandle`] with the bound addresses, an
+//! in-process [`Api`] and a shutdown method, so tests and the demo can run it in-process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::Api;
+use crate::ca::Ca;
+use crate::db::Db;
+use crate::l2::Sessions;
+use crate::{Error, admin, l1, l2, util};
+
+/// File name of the state database in the data directory.
+pub const DB_FILE: &str = "state.db";
+/// File name of the endpoints file in the data directory.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+/// Default name of the operator socket in the data directory.
+pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
+/// Default heartbeat interval.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// Smallest heartbeat interval.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a peer has for the TLS handshake and its first frame.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The data directory (created 0700).
+    pub data_dir: PathBuf,
+    /// L1Sec listen address.
+    pub l1_addr: String,
+    /// L2Sec listen address.
+    pub l2_addr: String,
+    /// The operator socket; default `DATA_DIR/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// Extra server certificate SANs (DNS names or IP addresses).
+    pub hostnames: Vec<String>,
+    /// The heartbeat interval advertised in WELCOME (at least 1 s).
+    pub heartbeat_interval: Duration,
+    /// Largest L2Sec frame accepted (at least 64 KiB).
+    pub max_frame_bytes: u32,
+    /// Validity of node certificates.
+    pub cert_validity: Duration,
+}
+
+impl ServeOptions {
+    /// Defaults: ports 9191/9192 on all addresses, 15 s heartbeat, 16 MiB frames, 30-day node
+    /// certificates.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServeOptions {
+            data_dir: data_dir.into(),
+            l1_addr: format!("0.0.0.0:{}", runos_protocol::DEFAULT_L1_PORT),
+            l2_addr: format!("0.0.0.0:{}", runos_protocol::DEFAULT_L2_PORT),
+            admin_socket: None,
+            hostnames: Vec::new(),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            max_frame_bytes: runos_protocol::DEFAULT_MAX_FRAME_BYTES,
+            cert_validity: crate::ca::DEFAULT_NODE_CERT_VALIDITY,
+        }
+    }
+
+    /// Loopback ephemeral ports, for tests and the demo.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        ServeOptions {
+            l1_addr: "127.0.0.1:0".into(),
+            l2_addr: "127.0.0.1:0".into(),
+            ..ServeOptions::new(data_dir)
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.heartbeat_interval < MIN_HEARTBEAT_INTERVAL {
+            return Err(Error::BadRequest(
+                "--heartbeat-interval must be at least 1s".into(),
+            ));
+        }
+        if self.max_frame_bytes < runos_protocol::MIN_MAX_FRAME_BYTES {
+            return Err(Error::BadRequest(format!(
+                "--max-frame-bytes must be at least {}",
+                runos_protocol::MIN_MAX_FRAME_BYTES
+            )));
+        }
+        if self.cert_validity < Duration::from_secs(60) {
+            return Err(Error::BadRequest(
+                "--cert-validity must be at least 1m".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `DATA_DIR/endpoints.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// The bound L1Sec address.
+    pub l1_addr: String,
+    /// The bound L2Sec address.
+    pub l2_addr: String,
+    /// The operator socket path.
+    pub admin_socket: String,
+}
+
+impl Endpoints {
+    /// Read `DIR/endpoints.json`.
+    pub fn read(data_dir: &Path) -> Result<Endpoints, Error> {
+        let p = data_dir.join(ENDPOINTS_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::BadRequest(format!("{}: {e}", p.display())))
+    }
+}
+
+/// State shared by every task of a running control plane.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub db: Db,
+    pub ca: Ca,
+    pub opts: ServeOptions,
+    pub sessions: Sessions,
+    /// Bumped whenever a final reply is stored; waiters re-check the database.
+    pub replies: watch::Sender<u64>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Wait until `rx` says "shut down" (or its sender is gone).
+pub(crate) async fn shutdown_signalled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ServerHandle {
+    l1_addr: SocketAddr,
+    l2_addr: SocketAddr,
+    admin_socket: PathBuf,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The bound L1Sec address.
+    pub fn l1_addr(&self) -> SocketAddr {
+        self.l1_addr
+    }
+    /// The bound L2Sec address.
+    pub fn l2_addr(&self) -> SocketAddr {
+        self.l2_addr
+    }
+    /// The operator socket.
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.shared.opts.data_dir
+    }
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        self.shared.ca.ca_pem()
+    }
+    /// The CA pin: lowercase hex sha256 of the CA certificate's DER.
+    pub fn ca_sha256(&self) -> String {
+        self.shared.ca.ca_sha256()
+    }
+    /// The in-process operator API.
+    pub fn api(&self) -> Api {
+        Api::new(self.shared.clone())
+    }
+
+    /// Stop accepting, close every session and the operator socket, wait for the tasks (at
+    /// most a few seconds) and close the database.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown_tx.send(true);
+        self.shared.sessions.close_all(l2::CloseReason::Shutdown);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for t in self.tasks.drain(..) {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
+        }
+        let _ = std::fs::remove_file(&self.admin_socket);
+        self.shared.db.close();
+        tracing::info!("control plane stopped");
+    }
+}
+
+async fn bind_tcp(addr: &str) -> Result<(TcpListener, SocketAddr), Error> {
+    let l = TcpListener::bind(addr).await.map_err(|e| Error::Bind {
+        addr: addr.to_string(),
+        source: e,
+    })?;
+    let local = l.local_addr().map_err(|e| Error::Bind {
+        addr: addr.to_string(),
+        source: e,
+    })?;
+    Ok((l, local))
+}
+
+/// Start a control plane: create or open the data directory, database and CA, bind the
+/// listeners and the operator socket, write `endpoints.json`, and run in background tasks.
+pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
+    opts.validate()?;
+    util::ensure_private_dir(&opts.data_dir)?;
+    let db = Db::open(&opts.data_dir.join(DB_FILE))?;
+    // The write lock makes concurrent first starts on one data directory create one CA.
+    let ca = db.with_write_lock(|| Ca::load_or_create(&opts.data_dir, &opts.hostnames))?;
+    let (chain, key) = ca.server_identity()?;
+    let l1_tls = runos_transport::tls::server_config(
+        chain.clone(),
+        key.clone_key(),
+        runos_protocol::ALPN_L1SEC,
+        None,
+    )?;
+    let l2_tls = runos_transport::tls::server_config(
+        chain,
+        key,
+        runos_protocol::ALPN_L2SEC,
+        Some(std::slice::from_ref(ca.ca_der())),
+    )?;
+
+    let (l1_listener, l1_addr) = bind_tcp(&opts.l1_addr).await?;
+    let (l2_listener, l2_addr) = bind_tcp(&opts.l2_addr).await?;
+    let admin_path = opts
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join(ADMIN_SOCKET_FILE));
+    let admin_listener = admin::bind(&admin_path).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (replies, _) = watch::channel(0u64);
+    let shared = Arc::new(Shared {
+        db,
+        ca,
+        opts: opts.clone(),
+        sessions: Sessions::default(),
+        replies,
+        shutdown: shutdown_rx,
+    });
+
+    let tasks = vec![
+        tokio::spawn(l1::run(l1_listener, l1_tls, shared.clone())),
+        tokio::spawn(l2::run(l2_listener, l2_tls, shared.clone())),
+        tokio::spawn(admin::run(admin_listener, shared.clone())),
+    ];
+
+    let endpoints = Endpoints {
+        l1_addr: l1_addr.to_string(),
+        l2_addr: l2_addr.to_string(),
+        admin_socket: admin_path.display().to_string(),
+    };
+    let text = serde_json::to_vec_pretty(&endpoints)
+        .map_err(|e| Error::Internal(format!("endpoints.json: {e}")))?;
+    let handle = ServerHandle {
+        l1_addr,
+        l2_addr,
+        admin_socket: admin_path,
+        shared,
+        shutdown_tx,
+        tasks,
+    };
+    if let Err(e) = util::atomic_write(&opts.data_dir.join(ENDPOINTS_FILE), &text, 0o644) {
+        handle.shutdown().await;
+        return Err(e);
+    }
+    tracing::info!(
+        l1 = %l1_addr,
+        l2 = %l2_addr,
+        admin = %endpoints.admin_socket,
+        ca_sha256 = %handle.ca_sha256(),
+        "control plane listening"
+    );
+    Ok(handle)
+}
+
+/// `serve`: run until SIGTERM or SIGINT, then shut down gracefully.
+pub async fn run_until_signal(opts: ServeOptions) -> Result<(), Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let sig =
+        |k| signal(k).map_err(|e| Error::Internal(format!("installing signal handlers: {e}")));
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    let handle = serve(opts).await?;
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down");
+    handle.shutdown().await;
+    Ok(())
+}

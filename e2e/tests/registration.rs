@@ -1,0 +1,126 @@
+//! Enrolment over L1Sec, end to end: the real `runos register` against the real
+//! `runos-controlplane serve`, over TLS on loopback.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
+
+use runos_e2e::{Agent, ControlPlane, describe, wait_until};
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn a_good_token_enrols_and_the_key_stays_private() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let mut agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    let node = agent.register(&cp);
+
+    assert_eq!(mode(&agent.dir.join("etc/node.key")), 0o600);
+    let cert = std::fs::read(agent.dir.join("etc/node.crt")).unwrap();
+    let certs = runos_transport::pem::certificates(&cert).unwrap();
+    let info = runos_transport::identity::cert_info(&certs[0]).unwrap();
+    assert_eq!(info.node_id.as_deref(), Some(node.as_str()));
+    assert!(agent.dir.join("etc/ca.pem").exists());
+    // The control plane knows the node, and never saw the private key: the key on disk is not
+    // in its database or data directory.
+    assert!(cp.node(&node).is_some(), "nodes: {:?}", cp.nodes());
+    let key = std::fs::read_to_string(agent.dir.join("etc/node.key")).unwrap();
+    let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    for entry in std::fs::read_dir(&cp.dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(&key_body[..40]), "private key found on the control plane");
+    }
+}
+
+#[test]
+fn a_used_token_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let (token, pin) = cp.token("10m");
+    let mut first = Agent::new(&tmp.path().join("a"), &cp, "");
+    let out = first.register_with(&cp, &token, &pin);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let mut second = Agent::new(&tmp.path().join("b"), &cp, "");
+    let out = second.register_with(&cp, &token, &pin);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token"), "error should name the token: {err}");
+    assert!(!err.contains(&token), "the token must not be echoed: {err}");
+    assert!(!second.dir.join("etc/node.crt").exists());
+}
+
+#[test]
+fn an_unknown_token_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let (_, pin) = cp.token("10m");
+    let mut agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    let bogus = "runos-not-a-real-token-0123456789abcdef";
+    let out = agent.register_with(&cp, bogus, &pin);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(bogus));
+}
+
+#[test]
+fn an_expired_token_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let out = cp.cli(&["token", "create", "--ttl", "1s", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = v["token"].as_str().unwrap().to_string();
+    let pin = v["caSha256"].as_str().unwrap().to_string();
+    let created = std::time::Instant::now();
+    // Wait (on the clock, with a deadline) until the token's lifetime has passed.
+    wait_until(Duration::from_secs(5), "the token to expire", || {
+        created.elapsed() > Duration::from_millis(1500)
+    });
+    let mut agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    let out = agent.register_with(&cp, &token, &pin);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn a_ca_pin_mismatch_is_refused_before_the_token_is_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let (token, _) = cp.token("10m");
+    let mut agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    let wrong = "ab".repeat(32);
+    let out = agent.register_with(&cp, &token, &wrong);
+    assert_eq!(out.status.code(), Some(6), "{}", describe(&out));
+    assert!(!agent.dir.join("etc/node.key").exists() || !agent.dir.join("etc/node.crt").exists());
+    // The token was never presented, so it still works with the right pin.
+    let (_, pin) = cp.token("10m");
+    let out = agent.register_with(&cp, &token, &pin);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn an_unreachable_server_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let (token, pin) = cp.token("10m");
+    let mut agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    cp.kill();
+    let out = agent.register_with(&cp, &token, &pin);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&cp.endpoints.l1.port().to_string()),
+        "error should name the address: {err}"
+    );
+}
