@@ -328,6 +328,12 @@ impl Agent {
     /// Write a config for an agent rooted at `dir` that talks to `cp`; `extra_agent` is added to
     /// the `[agent]` table (TOML lines).
     pub fn new(dir: &Path, cp: &ControlPlane, extra_agent: &str) -> Agent {
+        Agent::for_ports(dir, cp.endpoints.l1.port(), cp.endpoints.l2.port(), extra_agent)
+    }
+
+    /// Write a config for an agent rooted at `dir` that talks to a control plane on loopback at
+    /// ports `l1`/`l2`.
+    pub fn for_ports(dir: &Path, l1: u16, l2: u16, extra_agent: &str) -> Agent {
         let etc = dir.join("etc");
         fs::create_dir_all(&etc).unwrap_or_else(|e| panic!("mkdir: {e}"));
         let config = etc.join("config.toml");
@@ -337,8 +343,8 @@ impl Agent {
              [paths]\nkey = \"{}\"\ncertificate = \"{}\"\nca = \"{}\"\nl1_ca = \"{}\"\n\
              state_dir = \"{}\"\nrun_dir = \"{}\"\n\n[log]\nlevel = \"debug\"\n\n\
              [agent]\nreconnect_initial_ms = 100\nreconnect_max_ms = 1000\n{extra_agent}\n",
-            cp.endpoints.l1.port(),
-            cp.endpoints.l2.port(),
+            l1,
+            l2,
             p("etc/node.key"),
             p("etc/node.crt"),
             p("etc/ca.pem"),
@@ -377,7 +383,12 @@ impl Agent {
     /// Register with `token` (through stdin) against `cp`, pinning its CA. Returns the output;
     /// on success records the node id.
     pub fn register_with(&mut self, cp: &ControlPlane, token: &str, pin: &str) -> Output {
-        let ca = cp.ca_file().display().to_string();
+        self.register_ca(&cp.ca_file(), token, pin)
+    }
+
+    /// Register with `token` (through stdin), trusting the CA in `ca_file` pinned to `pin`.
+    pub fn register_ca(&mut self, ca_file: &Path, token: &str, pin: &str) -> Output {
+        let ca = ca_file.display().to_string();
         let out = self.cli(
             &[
                 "register", "--server", "127.0.0.1", "--token", "-", "--ca-file", &ca,

@@ -185,7 +185,7 @@ fn the_agent_survives_a_control_plane_restart() {
 /// agent must notice through missing heartbeat replies, tear the session down and reconnect.
 #[test]
 fn a_frozen_control_plane_is_detected_by_heartbeat() {
-    let s = Stack::up("");
+    let mut s = Stack::up("");
     signal(s.cp.pid(), rustix::process::Signal::STOP);
     // The heartbeat interval is 1 s: the agent gives up on the session after 2 s.
     let log_has_dead_peer = || {
