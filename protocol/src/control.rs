@@ -62,8 +62,8 @@ pub const MAX_IDENT_LEN: usize = 255;
 /// Maximum number of instruction types an agent may list in HELLO.
 pub const MAX_HELLO_TYPES: usize = 256;
 
-/// `REGISTER`: an enrolment request sent over L1Sec.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `REGISTER`: an enrolment request sent over L1Sec. `Debug` does not show the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Register {
     /// The one-time enrolment token. Secret: never logged.
@@ -78,6 +78,19 @@ pub struct Register {
     pub agent_version: String,
     /// A PKCS#10 certificate signing request (PEM) for a key generated on the node.
     pub csr_pem: String,
+}
+
+impl std::fmt::Debug for Register {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Register")
+            .field("token", &"<redacted>")
+            .field("machine_id", &self.machine_id)
+            .field("hostname", &self.hostname)
+            .field("os", &self.os)
+            .field("agent_version", &self.agent_version)
+            .field("csr_pem", &self.csr_pem)
+            .finish()
+    }
 }
 
 /// `REGISTERED`: the answer to a successful enrolment.
@@ -152,6 +165,11 @@ pub struct HeartbeatReply {
 /// `ACK`: payload `{}`; the tag names the acknowledged reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {}
+
+/// `NO_CONTENT`: the success reply of instructions that have nothing to report; payload `{}`
+/// (base64 `e30=`). Any JSON object is accepted when decoding.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoContent {}
 
 /// Level of a [`LogLine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -157,17 +157,135 @@ pub struct Envelope {
 }
 
 /// Why a payload could not be decoded into the type its envelope names.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Display` and `Debug` never show a value from the payload: serde's messages quote the
+/// offending value (`invalid type: string "hunter2", expected u64`), so both print
+/// [`PayloadError::safe_message`] instead. The underlying error stays available by matching
+/// the variant; it is deliberately not exposed as [`std::error::Error::source`], so error
+/// chains printed by callers cannot leak it either.
 pub enum PayloadError {
     /// `jsonB64` is not standard padded base64.
-    #[error("jsonB64 is not valid base64: {0}")]
-    Base64(#[from] base64::DecodeError),
+    Base64(base64::DecodeError),
     /// The decoded bytes are not valid UTF-8.
-    #[error("jsonB64 does not decode to UTF-8 text")]
     Utf8,
     /// The decoded text is not a JSON document of the expected shape.
-    #[error("payload does not match the schema: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
+}
+
+impl From<base64::DecodeError> for PayloadError {
+    fn from(e: base64::DecodeError) -> Self {
+        PayloadError::Base64(e)
+    }
+}
+
+impl From<serde_json::Error> for PayloadError {
+    fn from(e: serde_json::Error) -> Self {
+        PayloadError::Json(e)
+    }
+}
+
+impl PayloadError {
+    /// A description fit for an `ERROR` message and for logs: it names the problem, the
+    /// position, the expected type and (for missing, unknown or duplicate fields) the field,
+    /// but never repeats a value from the payload.
+    pub fn safe_message(&self) -> String {
+        match self {
+            PayloadError::Base64(_) => "jsonB64 is not valid standard padded base64".to_string(),
+            PayloadError::Utf8 => "jsonB64 does not decode to UTF-8 text".to_string(),
+            PayloadError::Json(e) => safe_json_message(e),
+        }
+    }
+}
+
+impl fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.safe_message())
+    }
+}
+
+impl fmt::Debug for PayloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let variant = match self {
+            PayloadError::Base64(_) => "Base64",
+            PayloadError::Utf8 => "Utf8",
+            PayloadError::Json(_) => "Json",
+        };
+        f.debug_tuple(variant).field(&self.safe_message()).finish()
+    }
+}
+
+impl std::error::Error for PayloadError {}
+
+/// Longest field name repeated in a payload error message.
+const MAX_FIELD_NAME_IN_MESSAGE: usize = 64;
+
+/// A serde_json error message with every value removed.
+///
+/// serde quotes values with `` ` `` or `"`; field names in `missing field`, `unknown field`
+/// and `duplicate field` are keys, not values, and are kept when they are short identifiers.
+/// Anything else that still contains a quote is replaced by a generic description.
+fn safe_json_message(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let position = if e.line() == 0 {
+        String::new()
+    } else {
+        format!(" at line {} column {}", e.line(), e.column())
+    };
+    let what = match e.classify() {
+        Category::Io => "payload could not be read".to_string(),
+        Category::Eof => "payload is not valid JSON (unexpected end)".to_string(),
+        Category::Syntax => "payload is not valid JSON".to_string(),
+        Category::Data => {
+            let full = e.to_string();
+            let msg = full.strip_suffix(position.as_str()).unwrap_or(&full);
+            safe_data_message(msg)
+        }
+    };
+    format!("{what}{position}")
+}
+
+fn safe_data_message(msg: &str) -> String {
+    const GENERIC: &str = "payload does not match the schema";
+    for prefix in ["missing field `", "unknown field `", "duplicate field `"] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            let name = rest.split('`').next().unwrap_or_default();
+            let label = prefix.trim_end_matches(" `");
+            let printable = !name.is_empty()
+                && name.len() <= MAX_FIELD_NAME_IN_MESSAGE
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            return if printable {
+                format!("{GENERIC}: {label} `{name}`")
+            } else {
+                format!("{GENERIC}: {label}")
+            };
+        }
+    }
+    // `invalid type: <value>, expected <our description>` and the like: keep only what we
+    // expected, which comes from our own type definitions.
+    for (prefix, label) in [
+        ("invalid type: ", "wrong type"),
+        ("invalid value: ", "invalid value"),
+        ("unknown variant ", "unknown variant"),
+        ("invalid length ", "wrong length"),
+    ] {
+        if msg.starts_with(prefix) {
+            return match msg.rsplit_once(", expected ") {
+                Some((_, expected)) if !expected.contains('"') => {
+                    format!("{GENERIC}: {label}, expected {expected}")
+                }
+                _ => format!("{GENERIC}: {label}"),
+            };
+        }
+    }
+    // Custom messages from this crate's own deserializers (tags, type names) carry no value;
+    // anything quoted might.
+    if msg.contains('"') || msg.contains('`') || msg.len() > 200 {
+        GENERIC.to_string()
+    } else {
+        format!("{GENERIC}: {msg}")
+    }
 }
 
 impl Envelope {
@@ -231,6 +349,7 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     #[test]
     fn tag_round_trips_and_rejects_other_forms() {
@@ -281,5 +400,56 @@ mod tests {
             e.payload::<serde_json::Value>(),
             Err(PayloadError::Json(_))
         ));
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Strict {
+        n: u64,
+        #[serde(default)]
+        s: String,
+        #[serde(default)]
+        level: Option<crate::control::LogLevel>,
+    }
+
+    fn json_error(text: &str) -> PayloadError {
+        let tag = Tag::random();
+        let e = Envelope::from_json_text(MessageType::new("X").unwrap(), tag, text);
+        e.payload::<Strict>().unwrap_err()
+    }
+
+    #[test]
+    fn payload_error_messages_never_repeat_values() {
+        for (text, expect) in [
+            (r#"{"n":"hunter2"}"#, "wrong type, expected u64"),
+            (r#"{"n":1,"s":7}"#, "wrong type, expected a string"),
+            (r#"{"n":1,"hunter2":1}"#, "unknown field `hunter2`"),
+            (r#"{"n":1,"hunter2 x":1}"#, "unknown field at line"),
+            (r#"{"s":"hunter2"}"#, "missing field `n`"),
+            (
+                r#"{"n":1,"level":"hunter2"}"#,
+                "unknown variant, expected one of",
+            ),
+            (r#"{"n":1,"n":2}"#, "duplicate field `n`"),
+            (r#"{"n":-1}"#, "invalid value, expected u64"),
+            (r#"{"n":1,"s":"hunter2"#, "payload is not valid JSON"),
+            (r#"hunter2"#, "payload is not valid JSON"),
+        ] {
+            let e = json_error(text);
+            let msg = e.safe_message();
+            assert!(msg.contains(expect), "{text}: {msg}");
+            if !expect.contains("hunter2") {
+                let shown = format!("{e} {e:?}");
+                let unknown_field_is_a_key = text.contains(r#""hunter2":"#);
+                if !unknown_field_is_a_key {
+                    assert!(!shown.contains("hunter2"), "{text}: {shown}");
+                }
+            }
+        }
+        let mut e = Envelope::with_type("X", Tag::random(), &serde_json::json!({}));
+        e.json_b64 = "aHVudGVyMg=!".into();
+        let msg = e.payload::<Strict>().unwrap_err().to_string();
+        assert_eq!(msg, "jsonB64 is not valid standard padded base64");
     }
 }
