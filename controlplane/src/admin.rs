@@ -142,29 +142,32 @@ pub(crate) async fn run(listener: UnixListener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        tokio::select! {
+        while conns.try_join_next().is_some() {}
+        // Backpressure, not failure: past the connection limit, further clients wait in the
+        // kernel's accept queue until a connection ends.
+        let permit = tokio::select! {
             () = shutdown_signalled(&mut shutdown) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "operator socket accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!("operator socket: too many connections; dropped");
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = shutdown_signalled(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "operator socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
-                };
-                let shared = shared.clone();
-                conns.spawn(async move {
-                    let _permit = permit;
-                    connection(stream, shared).await;
-                });
-            }
-        }
+                }
+            },
+        };
+        let shared = shared.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            connection(stream, shared).await;
+        });
     }
     conns.shutdown().await;
 }

@@ -280,7 +280,14 @@ impl ControlPlane {
 
     /// `send NODE TYPE JSON --wait --json` with extra flags; returns the parsed reply.
     pub fn send_with(&self, node: &str, kind: &str, json: &str, extra: &[&str]) -> Reply {
-        let mut args = vec!["send", node, kind, json, "--wait", "--json", "--timeout", "30s"];
+        let mut args = vec!["send", node, kind];
+        if !extra.contains(&"--raw-b64") {
+            args.push(json);
+        }
+        args.extend_from_slice(&["--wait", "--json"]);
+        if !extra.contains(&"--timeout") {
+            args.extend_from_slice(&["--timeout", "30s"]);
+        }
         args.extend_from_slice(extra);
         let out = self.cli(&args);
         parse_reply(&out)
@@ -295,8 +302,16 @@ impl ControlPlane {
 /// Parse the output of `send --wait --json`.
 pub fn parse_reply(out: &Output) -> Reply {
     let exit = out.status.code().unwrap_or(-1);
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("send output is not JSON ({e}): {}", describe(out)));
+    let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+        // Refused before anything was sent (unknown or revoked node): no reply to parse.
+        assert_ne!(exit, 0, "send succeeded without printing a reply: {}", describe(out));
+        return Reply {
+            exit,
+            tag: String::new(),
+            kind: String::new(),
+            payload: Value::String(String::from_utf8_lossy(&out.stderr).into_owned()),
+        };
+    };
     let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     Reply {
         exit,
