@@ -348,10 +348,16 @@ impl RawConfig {
             }
         };
         if self.server.l1_port == 0 {
-            return Err(invalid("server.l1_port", "must be between 1 and 65535".into()));
+            return Err(invalid(
+                "server.l1_port",
+                "must be between 1 and 65535".into(),
+            ));
         }
         if self.server.l2_port == 0 {
-            return Err(invalid("server.l2_port", "must be between 1 and 65535".into()));
+            return Err(invalid(
+                "server.l2_port",
+                "must be between 1 and 65535".into(),
+            ));
         }
         let pin = match &self.server.l1_ca_sha256 {
             None => None,
@@ -371,7 +377,10 @@ impl RawConfig {
             } else {
                 Err(invalid(
                     key,
-                    format!("must be an absolute path, got {:?}", p.display().to_string()),
+                    format!(
+                        "must be an absolute path, got {:?}",
+                        p.display().to_string()
+                    ),
                 ))
             }
         };
@@ -404,7 +413,12 @@ impl RawConfig {
         range("agent.queue_capacity", a.queue_capacity as u64, 1, 65_536)?;
         range("agent.max_concurrency", a.max_concurrency as u64, 1, 1024)?;
         range("agent.shutdown_grace_secs", a.shutdown_grace_secs, 0, 3600)?;
-        range("agent.reconnect_initial_ms", a.reconnect_initial_ms, 10, 600_000)?;
+        range(
+            "agent.reconnect_initial_ms",
+            a.reconnect_initial_ms,
+            10,
+            600_000,
+        )?;
         range(
             "agent.reconnect_max_ms",
             a.reconnect_max_ms,
@@ -488,7 +502,12 @@ fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
 /// Rewrite `[server] host/l1_port/l2_port` in the configuration at `path`, preserving every
 /// other line and comment. Creates the file (mode 0600) when absent; keeps the mode of an
 /// existing file; the write is atomic. The result is validated before it is written.
-pub fn update_server(path: &Path, host: &str, l1_port: u16, l2_port: u16) -> Result<(), ConfigError> {
+pub fn update_server(
+    path: &Path,
+    host: &str,
+    l1_port: u16,
+    l2_port: u16,
+) -> Result<(), ConfigError> {
     let existing = read_text(path)?;
     let text = edit_server(existing.as_deref().unwrap_or(""), host, l1_port, l2_port).map_err(
         |message| ConfigError::Parse {
@@ -507,9 +526,9 @@ pub fn update_server(path: &Path, host: &str, l1_port: u16, l2_port: u16) -> Res
 
 /// Pure part of [`update_server`]: edit TOML text.
 pub fn edit_server(text: &str, host: &str, l1_port: u16, l2_port: u16) -> Result<String, String> {
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
-        e.to_string().trim_end().to_string()
-    })?;
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| e.to_string().trim_end().to_string())?;
     let server = doc
         .entry("server")
         .or_insert_with(toml_edit::table)
@@ -623,8 +642,14 @@ stable_after_secs = 5
                 "[agent]\nreconnect_initial_ms = 5000\nreconnect_max_ms = 1000\n",
                 "agent.reconnect_max_ms",
             ),
-            ("[agent]\nstable_after_secs = 0\n", "agent.stable_after_secs"),
-            ("[agent]\nshutdown_grace_secs = 99999\n", "agent.shutdown_grace_secs"),
+            (
+                "[agent]\nstable_after_secs = 0\n",
+                "agent.stable_after_secs",
+            ),
+            (
+                "[agent]\nshutdown_grace_secs = 99999\n",
+                "agent.shutdown_grace_secs",
+            ),
         ] {
             let e = parse_validate(toml).unwrap_err();
             assert_eq!(e.key(), Some(key), "{toml}: {e}");

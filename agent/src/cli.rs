@@ -1,0 +1,196 @@
+//! The command line (`clap` derive) and the mapping of outcomes to stable exit codes.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{self, LogLevel};
+use crate::exit::{EXIT_CODES_HELP, Exit};
+use crate::{daemon, logging, register};
+
+/// The runos node agent.
+#[derive(Debug, Parser)]
+#[command(name = "runos", version = crate::AGENT_VERSION, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = config::CONFIG_ENV, value_name = "PATH", default_value = config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log level (error, warn, info, debug, trace); `RUNOS_LOG` overrides it.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_level)]
+    pub log_level: Option<LogLevel>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn parse_level(s: &str) -> Result<LogLevel, String> {
+    match s {
+        "error" => Ok(LogLevel::Error),
+        "warn" => Ok(LogLevel::Warn),
+        "info" => Ok(LogLevel::Info),
+        "debug" => Ok(LogLevel::Debug),
+        "trace" => Ok(LogLevel::Trace),
+        _ => Err("must be one of error, warn, info, debug, trace".into()),
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enrol this node with a control plane (generates the key here; only a CSR is sent).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Register(RegisterArgs),
+    /// Run the agent daemon in the foreground (logs to stderr; exits 0 on SIGTERM/SIGINT;
+    /// SIGHUP reloads the configuration).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Agent,
+    /// Print the agent and protocol versions.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Version {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `runos register` arguments.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("token_source").required(true).args(["token_file", "token"]))]
+pub struct RegisterArgs {
+    /// Control-plane host name or IP address.
+    #[arg(long, value_name = "HOST")]
+    pub server: String,
+    /// File holding the enrolment token (keeps it out of `ps`; use mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// `-` to read the token from standard input (the token itself is never an argument).
+    #[arg(long, value_name = "-", value_parser = clap::builder::PossibleValuesParser::new(["-"]))]
+    pub token: Option<String>,
+    /// The L1Sec CA certificate (default: `paths.l1_ca`; copied there when given elsewhere).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Expected sha256 of the CA certificate's DER (default: `server.l1_ca_sha256`).
+    #[arg(long, value_name = "HEX")]
+    pub ca_sha256: Option<String>,
+    /// L1Sec port (written back to the configuration).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub l1_port: Option<u16>,
+    /// L2Sec port (written back to the configuration).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub l2_port: Option<u16>,
+    /// Print JSON (`{"nodeId": ...}`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn report_error(json_out: bool, exit: Exit, message: &str) -> Exit {
+    eprintln!("runos: error: {message}");
+    if json_out {
+        println!("{}", json!({"error": message, "exitCode": exit.code()}));
+    }
+    exit
+}
+
+/// Run a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> Exit {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return report_error(
+                false,
+                Exit::Failure,
+                &format!("cannot start the runtime: {e}"),
+            );
+        }
+    };
+    match cli.command {
+        Command::Version { json } => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"agentVersion": crate::AGENT_VERSION, "protocolVersion": runos_protocol::PROTOCOL_VERSION})
+                );
+            } else {
+                println!(
+                    "runos {} (protocol {})",
+                    crate::AGENT_VERSION,
+                    runos_protocol::PROTOCOL_VERSION
+                );
+            }
+            Exit::Ok
+        }
+        Command::Register(a) => {
+            let level = cli.log_level.unwrap_or(LogLevel::Warn);
+            logging::init(level.as_str(), config::LogFormat::Text);
+            let opts = register::Options {
+                config_path: cli.config,
+                server: a.server,
+                token: match a.token_file {
+                    Some(f) => register::TokenSource::File(f),
+                    None => register::TokenSource::Stdin,
+                },
+                ca_file: a.ca_file,
+                ca_sha256: a.ca_sha256,
+                l1_port: a.l1_port,
+                l2_port: a.l2_port,
+            };
+            match rt.block_on(register::register(&opts)) {
+                Ok(out) => {
+                    if a.json {
+                        println!("{}", json!({"nodeId": out.node_id}));
+                    } else {
+                        println!("registered: node id {}", out.node_id);
+                        println!("start the agent with `runos agent` (or `systemctl start runos`)");
+                    }
+                    Exit::Ok
+                }
+                Err(e) => report_error(a.json, e.exit, &e.message),
+            }
+        }
+        Command::Agent => {
+            let cfg = match config::load(&cli.config) {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    return report_error(
+                        false,
+                        Exit::NotRegistered,
+                        &format!("{e}; fix the configuration file"),
+                    );
+                }
+            };
+            let level = cli.log_level.unwrap_or(cfg.log.level);
+            let log = logging::init(level.as_str(), cfg.log.format);
+            match rt.block_on(daemon::run(cli.config, cfg, cli.log_level, log)) {
+                Ok(()) => Exit::Ok,
+                Err(e) => report_error(false, e.exit, &e.message),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn token_on_argv_is_refused() {
+        let r = Cli::try_parse_from(["runos", "register", "--server", "h", "--token", "secret"]);
+        assert!(r.is_err());
+        let r = Cli::try_parse_from(["runos", "register", "--server", "h"]);
+        assert!(r.is_err());
+        let r = Cli::try_parse_from(["runos", "register", "--server", "h", "--token", "-"]);
+        assert!(r.is_ok());
+        let r = Cli::try_parse_from(["runos", "agent", "--config", "/x.toml"]).unwrap();
+        assert_eq!(r.config, PathBuf::from("/x.toml"));
+    }
+}

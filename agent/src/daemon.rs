@@ -1,0 +1,242 @@
+//! `runos agent`: the long-running daemon.
+//!
+//! Startup: configuration, registration check, instance lock, dispatcher, `READY=1`. Then the
+//! reconnect loop: one [`session`] at a time, exponential backoff with full jitter between
+//! attempts (reset after a stable session, the cap after `revoked`), forever. SIGTERM/SIGINT
+//! drain running instructions within the grace and exit; SIGHUP reloads the configuration and
+//! never exits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::catalog::Catalog;
+use crate::config::{self, Config};
+use crate::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use crate::exit::Exit;
+use crate::logging::LogHandle;
+use crate::session::{self, Control, SessionEnd, SessionParams};
+use crate::{identity, lock, notify};
+
+/// A daemon that could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DaemonError {
+    /// The exit code.
+    pub exit: Exit,
+    /// What failed and what to do.
+    pub message: String,
+}
+
+fn fail(exit: Exit, message: impl Into<String>) -> DaemonError {
+    DaemonError {
+        exit,
+        message: message.into(),
+    }
+}
+
+/// Whether a configuration change needs a new connection.
+fn needs_reconnect(old: &Config, new: &Config) -> bool {
+    old.server != new.server || old.paths != new.paths
+}
+
+/// The log level in force: `--log-level` beats the configuration.
+fn level_of(cfg: &Config, cli_level: Option<config::LogLevel>) -> &'static str {
+    cli_level.unwrap_or(cfg.log.level).as_str()
+}
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub async fn run(
+    config_path: PathBuf,
+    cfg: Config,
+    cli_level: Option<config::LogLevel>,
+    log: LogHandle,
+) -> Result<(), DaemonError> {
+    // Refuse to start unregistered rather than loop forever.
+    identity::load(&cfg).map_err(|e| fail(Exit::NotRegistered, e.to_string()))?;
+    let _lock = lock::acquire(&cfg.paths.lock_file()).map_err(|e| match e {
+        lock::LockError::Held(_) => fail(Exit::Locked, e.to_string()),
+        lock::LockError::Io { .. } => fail(Exit::Failure, e.to_string()),
+    })?;
+    let signal_err = |e: std::io::Error| {
+        fail(
+            Exit::Failure,
+            format!("cannot install signal handlers: {e}"),
+        )
+    };
+    let mut sigterm = signal(SignalKind::terminate()).map_err(signal_err)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(signal_err)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(signal_err)?;
+
+    let agent_started = Instant::now();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (reconnect_tx, reconnect_rx) = watch::channel(0u64);
+    let (cfg_tx, cfg_rx) = watch::channel(cfg.clone());
+
+    // Signals: handled in one task for the life of the daemon.
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); let _ = shutdown_tx.send(true); }
+                _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); let _ = shutdown_tx.send(true); }
+                _ = sighup.recv() => {
+                    match config::load(&config_path) {
+                        Ok((new, _)) => {
+                            log.set_level(level_of(&new, cli_level));
+                            let old = cfg_tx.borrow().clone();
+                            let reconnect = needs_reconnect(&old, &new);
+                            cfg_tx.send_replace(new);
+                            tracing::info!(reconnect, "SIGHUP: configuration reloaded");
+                            if reconnect {
+                                reconnect_tx.send_modify(|g| *g += 1);
+                            }
+                        }
+                        Err(e) => tracing::error!("SIGHUP: the new configuration is invalid and was ignored: {e}"),
+                    }
+                }
+            }
+        }
+    });
+
+    let catalog = Arc::new(Catalog::standard());
+    let (mut link, dispatcher) = dispatch::spawn(
+        catalog.clone(),
+        DispatchConfig::from_settings(&cfg.agent),
+        agent_started,
+        shutdown_rx.clone(),
+    );
+    let mut ctl = Control {
+        shutdown: shutdown_rx.clone(),
+        reconnect: reconnect_rx,
+        grace: cfg.agent.shutdown_grace,
+    };
+    tracing::info!(version = crate::AGENT_VERSION, types = ?catalog.types(), "agent started");
+    notify::ready();
+
+    let mut backoff = Backoff::new(cfg.agent.reconnect_initial, cfg.agent.reconnect_max);
+    loop {
+        if *ctl.shutdown.borrow() {
+            drain_disconnected(&mut link, ctl.grace).await;
+            break;
+        }
+        let cfg = cfg_rx.borrow().clone();
+        ctl.grace = cfg.agent.shutdown_grace;
+        let mut wait_max = false;
+        let mut stable = false;
+        match identity::load(&cfg) {
+            Err(e) => tracing::error!("cannot connect: {e}"),
+            Ok(id) => {
+                notify::status(&format!(
+                    "connecting to {}",
+                    crate::net::addr(&id.host, id.port)
+                ));
+                let params = SessionParams {
+                    identity: id,
+                    max_frame_bytes: cfg.agent.max_frame_bytes,
+                    instruction_types: catalog.types(),
+                };
+                let rep = session::run(&params, &mut link, &mut ctl).await;
+                stable = rep
+                    .welcomed_at
+                    .is_some_and(|t| t.elapsed() >= cfg.agent.stable_after);
+                match rep.end {
+                    SessionEnd::Shutdown => {
+                        drain_disconnected(&mut link, ctl.grace).await;
+                        break;
+                    }
+                    SessionEnd::Reconnect => {
+                        backoff.reset();
+                        continue;
+                    }
+                    SessionEnd::Revoked(m) => {
+                        tracing::error!(
+                            "this node is revoked by the control plane ({m}); retrying only every {} s; re-register the node to restore it",
+                            backoff.max().as_secs()
+                        );
+                        wait_max = true;
+                    }
+                    SessionEnd::Failed(m) => tracing::warn!("session ended: {m}"),
+                    SessionEnd::ConnectFailed(m) => tracing::warn!("cannot connect: {m}"),
+                }
+            }
+        }
+        if stable {
+            backoff.reset();
+        }
+        let b = Backoff::new(cfg.agent.reconnect_initial, cfg.agent.reconnect_max);
+        if b.max() != backoff.max() {
+            backoff = b;
+        }
+        let delay = if wait_max {
+            backoff.max()
+        } else {
+            backoff.next_delay(&mut rand::rng())
+        };
+        notify::status(&format!(
+            "disconnected; next attempt in {} ms",
+            delay.as_millis()
+        ));
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after backoff"
+        );
+        wait_disconnected(&mut link, &mut ctl, delay).await;
+    }
+    notify::stopping();
+    drop(link);
+    let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Wait `delay` while disconnected: replies produced meanwhile stay in the outbox (resent after
+/// the next WELCOME), LOG lines are dropped. Returns early on shutdown or a forced reconnect.
+async fn wait_disconnected(link: &mut DispatchLink, ctl: &mut Control, delay: Duration) {
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return,
+            _ = session::until_shutdown(&mut ctl.shutdown) => return,
+            _ = ctl.reconnect.changed() => return,
+            r = link.replies.recv() => if r.is_none() { return },
+        }
+    }
+}
+
+/// Shutdown while disconnected: let running instructions finish within the grace (their replies
+/// cannot be sent now; the control plane redelivers unanswered instructions), then abort.
+async fn drain_disconnected(link: &mut DispatchLink, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut flight = link.in_flight.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("shutdown grace over; aborting running instructions");
+                let _ = link.inbound.send(Inbound::AbortAll).await;
+                return;
+            }
+            _ = async { let _ = flight.wait_for(|n| *n == 0).await.is_ok(); } => return,
+            r = link.replies.recv() => if r.is_none() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_only_for_server_or_paths() {
+        let (a, _) = config::load(std::path::Path::new("/nonexistent/runos.toml")).unwrap();
+        let mut b = a.clone();
+        b.log.level = config::LogLevel::Debug;
+        assert!(!needs_reconnect(&a, &b));
+        b.server.l2_port = 1;
+        assert!(needs_reconnect(&a, &b));
+    }
+}

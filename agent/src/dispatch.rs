@@ -1,0 +1,378 @@
+//! The dispatcher: a bounded queue, bounded concurrency, a deadline per instruction, panic
+//! isolation, dedup by tag and the outbox of final replies.
+//!
+//! The session talks to it only through a [`DispatchLink`]: [`Inbound`] messages in (instructions,
+//! ACKs, "resend what you hold") and reply envelopes out (final replies and `LOG` lines). The
+//! dispatcher knows instructions only through the [`Catalog`].
+//!
+//! Each instruction gets a fresh reply built from its own tag; nothing is shared between
+//! instructions. Every line logged while it runs carries its tag (a `tracing` span).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use runos_protocol::control::{self, is_control_type};
+use runos_protocol::instructions::is_instruction_type;
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinSet};
+use tracing::Instrument as _;
+
+use crate::catalog::{Catalog, Entry, ExecCtx};
+use crate::outbox::Outbox;
+
+/// Limits of the dispatcher.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Instructions waiting for a slot; beyond this, `busy`.
+    pub queue_capacity: usize,
+    /// Executors at a time.
+    pub max_concurrency: usize,
+    /// Most replies held for ACK.
+    pub outbox_items: usize,
+    /// About how many bytes of replies may be held for ACK.
+    pub outbox_bytes: usize,
+    /// Capacity of the reply channel to the session.
+    pub reply_channel: usize,
+}
+
+impl DispatchConfig {
+    /// Limits from the agent settings.
+    pub fn from_settings(a: &crate::config::AgentSettings) -> Self {
+        DispatchConfig {
+            queue_capacity: a.queue_capacity,
+            max_concurrency: a.max_concurrency,
+            outbox_items: 4 * (a.queue_capacity + a.max_concurrency) + 64,
+            outbox_bytes: 256 * 1024 * 1024,
+            reply_channel: 1024,
+        }
+    }
+}
+
+/// A message from the session to the dispatcher.
+#[derive(Debug)]
+pub enum Inbound {
+    /// An instruction envelope (a type that is not a control message).
+    Instruction(Envelope),
+    /// The control plane stored the final reply with this tag.
+    Ack(Tag),
+    /// A session was welcomed: send back every held reply, to be resent.
+    Held(oneshot::Sender<Vec<Envelope>>),
+    /// Shutdown grace is over: abort every running executor (their process groups die).
+    AbortAll,
+}
+
+/// The session's end of the dispatcher.
+#[derive(Debug)]
+pub struct DispatchLink {
+    /// Messages to the dispatcher.
+    pub inbound: mpsc::Sender<Inbound>,
+    /// Replies and `LOG` lines from the dispatcher, to send on the live session (they are
+    /// dropped while disconnected: final replies stay in the outbox and are resent).
+    pub replies: mpsc::Receiver<Envelope>,
+    /// Instructions accepted and not yet answered (queued or running).
+    pub in_flight: watch::Receiver<usize>,
+}
+
+/// Start the dispatcher task. It stops when every [`Inbound`] sender is dropped.
+pub fn spawn(
+    catalog: Arc<Catalog>,
+    cfg: DispatchConfig,
+    agent_started: Instant,
+    shutdown: watch::Receiver<bool>,
+) -> (DispatchLink, tokio::task::JoinHandle<()>) {
+    let (in_tx, in_rx) = mpsc::channel(256);
+    let (reply_tx, reply_rx) = mpsc::channel(cfg.reply_channel.max(1));
+    let (flight_tx, flight_rx) = watch::channel(0usize);
+    let d = Dispatcher {
+        outbox: Outbox::new(cfg.outbox_items, cfg.outbox_bytes),
+        catalog,
+        cfg,
+        agent_started,
+        queue: VecDeque::new(),
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+        reply_tx,
+        flight_tx,
+        shutting_down: false,
+    };
+    let join = tokio::spawn(d.run(in_rx, shutdown));
+    (
+        DispatchLink {
+            inbound: in_tx,
+            replies: reply_rx,
+            in_flight: flight_rx,
+        },
+        join,
+    )
+}
+
+/// The error envelope for `tag`.
+pub fn error_reply(tag: Tag, code: ErrorCode, message: impl Into<String>) -> Envelope {
+    Envelope::with_type(
+        control::types::ERROR,
+        tag,
+        &ErrorPayload::new(code, message),
+    )
+}
+
+struct Dispatcher {
+    catalog: Arc<Catalog>,
+    cfg: DispatchConfig,
+    agent_started: Instant,
+    queue: VecDeque<(Envelope, Entry)>,
+    running: HashMap<Tag, AbortHandle>,
+    tasks: JoinSet<(Tag, Envelope)>,
+    outbox: Outbox,
+    reply_tx: mpsc::Sender<Envelope>,
+    flight_tx: watch::Sender<usize>,
+    shutting_down: bool,
+}
+
+/// Aborts a task when dropped, so that dropping an instruction's task drops its executor (and
+/// the executor's process-group guard).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>, mut shutdown: watch::Receiver<bool>) {
+        if *shutdown.borrow() {
+            self.begin_shutdown().await;
+        }
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(m) => self.handle(m).await,
+                    None => break,
+                },
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    self.finished(done).await;
+                }
+                changed = shutdown.changed(), if !self.shutting_down => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        self.begin_shutdown().await;
+                    }
+                }
+            }
+        }
+        self.tasks.abort_all();
+    }
+
+    fn publish(&self) {
+        let n = self.queue.len() + self.running.len();
+        self.flight_tx.send_if_modified(|v| {
+            let changed = *v != n;
+            *v = n;
+            changed
+        });
+    }
+
+    async fn send(&self, env: Envelope) {
+        // The session always drains this channel (it drops replies while disconnected), so
+        // this wait is short.
+        let _ = self.reply_tx.send(env).await;
+    }
+
+    /// Answer and hold a final reply.
+    async fn answer(&mut self, env: Envelope) {
+        self.outbox.hold(env.clone());
+        self.send(env).await;
+    }
+
+    async fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        let queued: Vec<_> = self.queue.drain(..).collect();
+        for (env, _) in queued {
+            tracing::info!(tag = %env.tag, "not started: the agent is shutting down");
+            // Not held: the control plane redelivers it to the next agent run.
+            self.send(error_reply(
+                env.tag,
+                ErrorCode::ShuttingDown,
+                "the agent is shutting down and did not start this instruction",
+            ))
+            .await;
+        }
+        self.publish();
+    }
+
+    async fn handle(&mut self, msg: Inbound) {
+        match msg {
+            Inbound::Instruction(env) => self.submit(env).await,
+            Inbound::Ack(tag) => {
+                if self.outbox.ack(&tag) {
+                    tracing::debug!(%tag, "reply acknowledged");
+                } else {
+                    tracing::debug!(%tag, "ACK matches no held reply (late or duplicate); dropped");
+                }
+            }
+            Inbound::Held(tx) => {
+                let _ = tx.send(self.outbox.pending());
+            }
+            Inbound::AbortAll => {
+                for (tag, h) in self.running.drain() {
+                    tracing::warn!(%tag, "shutdown grace over: instruction aborted");
+                    h.abort();
+                }
+                self.publish();
+            }
+        }
+    }
+
+    async fn submit(&mut self, env: Envelope) {
+        let tag = env.tag;
+        let kind = env.kind.as_str().to_string();
+        if is_control_type(&kind) {
+            tracing::warn!(%tag, r#type = %kind, "control message is not an instruction; dropped");
+            return;
+        }
+        if self.running.contains_key(&tag) || self.queue.iter().any(|(e, _)| e.tag == tag) {
+            tracing::info!(%tag, r#type = %kind, "already running; not started again");
+            return;
+        }
+        if let Some(held) = self.outbox.get(&tag) {
+            tracing::info!(%tag, r#type = %kind, "already answered; resending the same reply");
+            let held = held.clone();
+            self.send(held).await;
+            return;
+        }
+        if self.shutting_down {
+            self.send(error_reply(
+                tag,
+                ErrorCode::ShuttingDown,
+                "the agent is shutting down and did not start this instruction",
+            ))
+            .await;
+            return;
+        }
+        if !is_instruction_type(&kind) {
+            tracing::warn!(%tag, r#type = %kind, "unknown instruction type");
+            self.answer(error_reply(
+                tag,
+                ErrorCode::UnknownType,
+                format!(
+                    "{kind} is not an instruction type of protocol version {}",
+                    runos_protocol::PROTOCOL_VERSION
+                ),
+            ))
+            .await;
+            return;
+        }
+        let Some(entry) = self.catalog.get(&kind).cloned() else {
+            tracing::warn!(%tag, r#type = %kind, "no executor for this instruction type");
+            self.answer(error_reply(
+                tag,
+                ErrorCode::Unsupported,
+                format!(
+                    "this agent (version {}) has no executor for {kind}",
+                    crate::AGENT_VERSION
+                ),
+            ))
+            .await;
+            return;
+        };
+        let pending = self.queue.len() + self.running.len();
+        let slot_free = self.running.len() < self.cfg.max_concurrency;
+        if !self.outbox.has_room(pending + 1)
+            || (!slot_free && self.queue.len() >= self.cfg.queue_capacity)
+        {
+            tracing::warn!(%tag, r#type = %kind, "queue full: answered busy");
+            // Not held: the control plane may resend the same tag later.
+            self.send(error_reply(
+                tag,
+                ErrorCode::Busy,
+                format!(
+                    "the agent is busy ({} running, {} queued); nothing was run, retry later",
+                    self.running.len(),
+                    self.queue.len()
+                ),
+            ))
+            .await;
+            return;
+        }
+        if slot_free {
+            self.start(env, entry);
+        } else {
+            tracing::debug!(%tag, r#type = %kind, "queued");
+            self.queue.push_back((env, entry));
+        }
+        self.publish();
+    }
+
+    fn start(&mut self, env: Envelope, entry: Entry) {
+        let tag = env.tag;
+        let span = tracing::info_span!("instruction", %tag, r#type = %env.kind);
+        let deadline = entry.deadline(env.timeout_ms);
+        let ctx = ExecCtx::new(tag, self.agent_started, Some(self.reply_tx.clone()));
+        let fut = async move {
+            tracing::info!(deadline_ms = deadline.as_millis() as u64, "started");
+            let started = Instant::now();
+            let exec = entry
+                .run(ctx, env)
+                .instrument(tracing::Span::current());
+            let mut inner = AbortOnDrop(tokio::spawn(exec));
+            let reply = match tokio::time::timeout(deadline, &mut inner.0).await {
+                Ok(Ok(Ok(reply))) => reply,
+                Ok(Ok(Err(err))) => {
+                    Envelope::with_type(control::types::ERROR, tag, &err)
+                }
+                Ok(Err(join)) if join.is_panic() => {
+                    tracing::error!("executor panicked; the agent continues");
+                    error_reply(
+                        tag,
+                        ErrorCode::Internal,
+                        "the executor failed unexpectedly (panic); the agent continues",
+                    )
+                }
+                Ok(Err(_)) => error_reply(tag, ErrorCode::Interrupted, "the executor was cancelled"),
+                Err(_) => {
+                    inner.0.abort();
+                    tracing::warn!("deadline passed; executor stopped");
+                    error_reply(
+                        tag,
+                        ErrorCode::Timeout,
+                        format!(
+                            "the instruction did not finish within {} ms; its processes were killed",
+                            deadline.as_millis()
+                        ),
+                    )
+                }
+            };
+            tracing::info!(
+                reply = %reply.kind,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "finished"
+            );
+            (tag, reply)
+        }
+        .instrument(span);
+        let handle = self.tasks.spawn(fut);
+        self.running.insert(tag, handle);
+    }
+
+    async fn finished(&mut self, done: Result<(Tag, Envelope), tokio::task::JoinError>) {
+        match done {
+            Ok((tag, reply)) => {
+                self.running.remove(&tag);
+                self.answer(reply).await;
+            }
+            Err(e) => {
+                // Only an abort (shutdown) ends an outer task without a reply; remove it.
+                let id = e.id();
+                self.running.retain(|_, h| h.id() != id);
+            }
+        }
+        while self.running.len() < self.cfg.max_concurrency {
+            match self.queue.pop_front() {
+                Some((env, entry)) => self.start(env, entry),
+                None => break,
+            }
+        }
+        self.publish();
+    }
+}

@@ -1,0 +1,108 @@
+//! The node's L2Sec identity: key, certificate and CA written by `runos register`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls_pki_types::CertificateDer;
+
+use crate::config::Config;
+use crate::fsutil;
+
+/// Largest PEM file read.
+pub const MAX_PEM_FILE: u64 = 1024 * 1024;
+
+/// Why the node cannot start a session.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Not registered: a file is missing, or no server is configured.
+    #[error(
+        "this node is not registered ({0}); run `runos register --server HOST --token-file FILE` first"
+    )]
+    NotRegistered(String),
+    /// A file exists but is unusable.
+    #[error("{path}: {message}; run `runos register` again to replace it")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What the session needs to connect.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// The node id from the certificate's URI SAN.
+    pub node_id: String,
+    /// The control plane's host.
+    pub host: String,
+    /// L2Sec port.
+    pub port: u16,
+    /// mTLS client configuration.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    match fsutil::read_capped(path, MAX_PEM_FILE) {
+        Ok(b) if b.iter().all(|c| c.is_ascii_whitespace()) => Err(IdentityError::NotRegistered(
+            format!("{} is empty", path.display()),
+        )),
+        Ok(b) => Ok(b),
+        Err(fsutil::ReadError::NotFound) => Err(IdentityError::NotRegistered(format!(
+            "{} does not exist",
+            path.display()
+        ))),
+        Err(fsutil::ReadError::TooLarge) => Err(IdentityError::Invalid {
+            path: path.display().to_string(),
+            message: format!("larger than {MAX_PEM_FILE} bytes"),
+        }),
+        Err(fsutil::ReadError::Io(e)) => Err(IdentityError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Load the key, certificate and CA from the configured paths and build the L2Sec client
+/// configuration. Errors never contain key material.
+pub fn load(cfg: &Config) -> Result<NodeIdentity, IdentityError> {
+    let host = cfg.server.host.clone().ok_or_else(|| {
+        IdentityError::NotRegistered("no [server] host in the configuration".into())
+    })?;
+    let p = &cfg.paths;
+    let invalid = |path: &Path, message: String| IdentityError::Invalid {
+        path: path.display().to_string(),
+        message,
+    };
+    let key_pem = read_pem(&p.key)?;
+    let cert_pem = read_pem(&p.certificate)?;
+    let ca_pem = read_pem(&p.ca)?;
+    let key =
+        runos_transport::pem::private_key(&key_pem).map_err(|e| invalid(&p.key, e.to_string()))?;
+    let chain = runos_transport::pem::certificates(&cert_pem)
+        .map_err(|e| invalid(&p.certificate, e.to_string()))?;
+    let cas: Vec<CertificateDer<'static>> =
+        runos_transport::pem::certificates(&ca_pem).map_err(|e| invalid(&p.ca, e.to_string()))?;
+    let info = runos_transport::identity::cert_info(&chain[0])
+        .map_err(|e| invalid(&p.certificate, e.to_string()))?;
+    let node_id = info.node_id.ok_or_else(|| {
+        invalid(
+            &p.certificate,
+            "the certificate carries no runos://node/<id> URI".into(),
+        )
+    })?;
+    let tls =
+        runos_transport::tls::client_config(&cas, runos_protocol::ALPN_L2SEC, Some((chain, key)))
+            .map_err(|e| {
+            invalid(
+                &p.certificate,
+                format!("the key and certificate cannot be used: {e}"),
+            )
+        })?;
+    Ok(NodeIdentity {
+        node_id,
+        host,
+        port: cfg.server.l2_port,
+        tls,
+    })
+}

@@ -1,0 +1,262 @@
+//! Running a program as its own process group, with capped output and a kill guard.
+//!
+//! The child is started with `process_group(0)`, so it and everything it spawns share a process
+//! group whose id is the child's pid. A [`GroupGuard`] kills that whole group with SIGKILL when
+//! it is dropped: on timeout, on cancellation, and when the future running the command is
+//! dropped (for example at the dispatcher's deadline). The group never outlives the command.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process_group};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+/// The `PATH` given to every command (unless its environment overrides it).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long the output pipes may stay open after the leader exited and the group was killed.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Program and arguments (never a shell string).
+    pub argv: Vec<String>,
+    /// Extra environment on top of the minimal one. Values are secret.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Standard input bytes (secret), or none (stdin is then `/dev/null`).
+    pub stdin: Option<Vec<u8>>,
+    /// Kill the group after this long.
+    pub timeout: Duration,
+    /// Bytes kept per output stream (the tail).
+    pub output_cap: usize,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    pub signal: Option<i32>,
+    /// Whether the timeout passed and the group was killed.
+    pub timed_out: bool,
+    /// Tail of stdout.
+    pub stdout: Vec<u8>,
+    /// Tail of stderr.
+    pub stderr: Vec<u8>,
+    /// Whether stdout was longer than the cap.
+    pub stdout_truncated: bool,
+    /// Whether stderr was longer than the cap.
+    pub stderr_truncated: bool,
+    /// Wall-clock duration.
+    pub duration: Duration,
+}
+
+/// The command could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The argv is empty.
+    #[error("argv is empty")]
+    EmptyArgv,
+    /// The OS refused to start it (not found, permission, bad cwd).
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        /// `argv[0]`.
+        program: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Waiting for the process failed.
+    #[error("waiting for the process failed: {0}")]
+    Wait(std::io::Error),
+}
+
+/// Kills a process group with SIGKILL when dropped (unless disarmed).
+#[derive(Debug)]
+pub struct GroupGuard {
+    pgid: Option<Pid>,
+}
+
+impl GroupGuard {
+    /// Guard the group `pgid` (a child started with `process_group(0)` has pgid == pid).
+    pub fn new(pid: Option<u32>) -> Self {
+        GroupGuard {
+            pgid: pid
+                .and_then(|p| i32::try_from(p).ok())
+                .and_then(Pid::from_raw),
+        }
+    }
+
+    /// Kill the group now (idempotent; errors such as "no such group" are ignored).
+    pub fn kill(&self) {
+        if let Some(pgid) = self.pgid {
+            let _ = kill_process_group(pgid, Signal::KILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A byte sink that keeps only the last `cap` bytes.
+#[derive(Debug)]
+pub struct TailBuffer {
+    buf: VecDeque<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl TailBuffer {
+    /// An empty buffer keeping at most `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        TailBuffer {
+            buf: VecDeque::with_capacity(cap.min(64 * 1024)),
+            cap,
+            truncated: false,
+        }
+    }
+
+    /// Append bytes, dropping the oldest beyond the cap.
+    pub fn push(&mut self, data: &[u8]) {
+        let data = if data.len() > self.cap {
+            self.truncated = true;
+            &data[data.len() - self.cap..]
+        } else {
+            data
+        };
+        let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
+        if overflow > 0 {
+            self.truncated = true;
+            self.buf.drain(..overflow);
+        }
+        self.buf.extend(data);
+    }
+
+    /// The kept bytes and whether anything was dropped.
+    pub fn finish(self) -> (Vec<u8>, bool) {
+        (self.buf.into(), self.truncated)
+    }
+}
+
+async fn read_tail(mut r: impl AsyncRead + Unpin, cap: usize) -> TailBuffer {
+    let mut tail = TailBuffer::new(cap);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => tail.push(&chunk[..n]),
+        }
+    }
+    tail
+}
+
+/// Run `spec` to completion (or timeout) and report how it ended. Dropping the returned future
+/// kills the whole process group.
+pub async fn run(spec: Spec) -> Result<Outcome, SpawnError> {
+    let program = spec.argv.first().ok_or(SpawnError::EmptyArgv)?.clone();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let mut cmd = Command::new(&program);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("LANG", "C.UTF-8")
+        .env("HOME", home)
+        .envs(&spec.env)
+        .current_dir(&spec.cwd)
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let guard = GroupGuard::new(child.id());
+
+    let stdin_task = match (child.stdin.take(), spec.stdin) {
+        (Some(mut w), Some(data)) => Some(tokio::spawn(async move {
+            // A child that does not read its stdin closes the pipe: ignore that error.
+            let _ = w.write_all(&data).await;
+            let _ = w.shutdown().await;
+        })),
+        _ => None,
+    };
+    let cap = spec.output_cap;
+    let out = child.stdout.take().map(|r| tokio::spawn(read_tail(r, cap)));
+    let err = child.stderr.take().map(|r| tokio::spawn(read_tail(r, cap)));
+
+    let (status, timed_out) = match tokio::time::timeout(spec.timeout, child.wait()).await {
+        Ok(Ok(status)) => (Some(status), false),
+        Ok(Err(e)) => return Err(SpawnError::Wait(e)),
+        Err(_) => {
+            // Kill the group while the leader is still unreaped, so its pgid cannot be reused.
+            guard.kill();
+            (child.wait().await.ok(), true)
+        }
+    };
+    // The leader is gone; nothing of the instruction may outlive it (background children
+    // holding our pipes would otherwise keep the reply waiting forever).
+    guard.kill();
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
+    let collect = |h: Option<tokio::task::JoinHandle<TailBuffer>>| async move {
+        match h {
+            Some(mut h) => match tokio::time::timeout(DRAIN_GRACE, &mut h).await {
+                Ok(Ok(tail)) => tail.finish(),
+                _ => {
+                    h.abort();
+                    (Vec::new(), false)
+                }
+            },
+            None => (Vec::new(), false),
+        }
+    };
+    let ((stdout, stdout_truncated), (stderr, stderr_truncated)) =
+        tokio::join!(collect(out), collect(err));
+    Ok(Outcome {
+        exit_code: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
+        timed_out,
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+        duration: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_buffer_keeps_the_tail() {
+        let mut t = TailBuffer::new(5);
+        t.push(b"abc");
+        t.push(b"defg");
+        assert_eq!(t.finish(), (b"cdefg".to_vec(), true));
+        let mut t = TailBuffer::new(5);
+        t.push(b"0123456789");
+        assert_eq!(t.finish(), (b"56789".to_vec(), true));
+        let mut t = TailBuffer::new(5);
+        t.push(b"12345");
+        assert_eq!(t.finish(), (b"12345".to_vec(), false));
+    }
+}

@@ -1,0 +1,449 @@
+//! `runos register`: enrol this node over L1Sec.
+//!
+//! The key (ECDSA P-256) is generated here and never leaves the node: only a CSR is sent. The
+//! token comes from a file or stdin, never from argv. When a CA pin is configured, the L1Sec CA
+//! is checked against it before anything is sent.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use runos_protocol::control::{self, Register, Registered, types};
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
+use runos_transport::{FrameReader, FrameWriter};
+use serde::Serialize;
+
+use crate::config::{self, Config};
+use crate::exit::Exit;
+use crate::fsutil::{self, Mode};
+use crate::{net, sysinfo};
+
+/// Largest frame on L1Sec.
+pub const L1_MAX_FRAME: u32 = 256 * 1024;
+/// Bound on waiting for the answer to REGISTER.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest token file read.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// Where the token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// A file (trimmed).
+    File(PathBuf),
+    /// Standard input (trimmed).
+    Stdin,
+}
+
+/// What `register` needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configuration file to read and update.
+    pub config_path: PathBuf,
+    /// Control-plane host name or IP.
+    pub server: String,
+    /// The token's source.
+    pub token: TokenSource,
+    /// The L1Sec CA file (default `paths.l1_ca`).
+    pub ca_file: Option<PathBuf>,
+    /// Expected sha256 of the CA (default `server.l1_ca_sha256`).
+    pub ca_sha256: Option<String>,
+    /// L1Sec port override.
+    pub l1_port: Option<u16>,
+    /// L2Sec port override.
+    pub l2_port: Option<u16>,
+}
+
+/// The result of a successful enrolment.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// The node id assigned by the control plane.
+    pub node_id: String,
+}
+
+/// A failed enrolment: what failed and what to do, with its exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RegisterError {
+    /// The exit code.
+    pub exit: Exit,
+    /// The message for the operator.
+    pub message: String,
+}
+
+fn fail(exit: Exit, message: impl Into<String>) -> RegisterError {
+    RegisterError {
+        exit,
+        message: message.into(),
+    }
+}
+
+/// Read and check the token. The token's value never appears in errors.
+pub fn read_token(src: &TokenSource) -> Result<String, RegisterError> {
+    let bytes = match src {
+        TokenSource::File(p) => {
+            if let Ok(md) = std::fs::metadata(p) {
+                use std::os::unix::fs::PermissionsExt;
+                if md.permissions().mode() & 0o004 != 0 {
+                    tracing::warn!(
+                        "token file {} is readable by every user; use mode 0600 and delete it after registering",
+                        p.display()
+                    );
+                }
+            }
+            fsutil::read_capped(p, MAX_TOKEN_FILE).map_err(|e| {
+                fail(
+                    Exit::Failure,
+                    format!("cannot read the token file {}: {e}", p.display()),
+                )
+            })?
+        }
+        TokenSource::Stdin => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .take(MAX_TOKEN_FILE + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| {
+                    fail(
+                        Exit::Failure,
+                        format!("cannot read the token from stdin: {e}"),
+                    )
+                })?;
+            if buf.len() as u64 > MAX_TOKEN_FILE {
+                return Err(fail(Exit::Failure, "the token on stdin is too long"));
+            }
+            buf
+        }
+    };
+    let token = String::from_utf8(bytes)
+        .map_err(|_| fail(Exit::Failure, "the token is not UTF-8 text"))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(fail(
+            Exit::Failure,
+            "the token is empty; create one with `runos-controlplane token create`",
+        ));
+    }
+    if token.len() > control::MAX_TOKEN_LEN || token.chars().any(char::is_whitespace) {
+        return Err(fail(
+            Exit::Refused,
+            format!(
+                "the token is malformed (longer than {} characters or contains spaces); create a new token with `runos-controlplane token create`",
+                control::MAX_TOKEN_LEN
+            ),
+        ));
+    }
+    Ok(token)
+}
+
+/// Generate a P-256 key and a CSR for it. Returns (key PEM, CSR PEM, public key DER).
+pub fn key_and_csr(hostname: &str) -> Result<(String, String, Vec<u8>), RegisterError> {
+    let internal =
+        |e: rcgen::Error| fail(Exit::Failure, format!("cannot create the key or CSR: {e}"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, hostname);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key).map_err(internal)?;
+    let csr_pem = csr.pem().map_err(internal)?;
+    Ok((
+        key.serialize_pem(),
+        csr_pem,
+        rcgen::PublicKeyData::der_bytes(&key).to_vec(),
+    ))
+}
+
+fn refusal(e: &ErrorPayload) -> RegisterError {
+    match e.code {
+        ErrorCode::TokenUnknown | ErrorCode::TokenExpired | ErrorCode::TokenUsed => fail(
+            Exit::Refused,
+            format!(
+                "the control plane refused the token ({}): {}; create a new token with `runos-controlplane token create` and run register again",
+                e.code, e.message
+            ),
+        ),
+        ErrorCode::Revoked => fail(
+            Exit::Refused,
+            format!(
+                "the control plane refused the enrolment (revoked): {}",
+                e.message
+            ),
+        ),
+        _ => fail(
+            Exit::Failure,
+            format!(
+                "the control plane refused the enrolment ({}): {}",
+                e.code, e.message
+            ),
+        ),
+    }
+}
+
+/// Check the REGISTERED answer against our key; returns the node id.
+fn check_registered(r: &Registered, public_key_der: &[u8]) -> Result<String, RegisterError> {
+    let bad = |m: String| {
+        fail(
+            Exit::Failure,
+            format!("the control plane's answer is unusable: {m}"),
+        )
+    };
+    if !runos_transport::identity::is_valid_node_id(&r.node_id) {
+        return Err(bad("the node id is malformed".into()));
+    }
+    let chain = runos_transport::pem::certificates(r.certificate_pem.as_bytes())
+        .map_err(|e| bad(format!("certificate: {e}")))?;
+    runos_transport::pem::certificates(r.ca_pem.as_bytes()).map_err(|e| bad(format!("CA: {e}")))?;
+    let info = runos_transport::identity::cert_info(&chain[0]).map_err(|e| bad(e.to_string()))?;
+    if info.node_id.as_deref() != Some(r.node_id.as_str()) {
+        return Err(bad("the certificate does not name the node id".into()));
+    }
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
+        .map_err(|e| bad(e.to_string()))?;
+    if cert.public_key().subject_public_key.data.as_ref() != public_key_der {
+        return Err(bad(
+            "the certificate is not for the key generated on this node".into(),
+        ));
+    }
+    Ok(r.node_id.clone())
+}
+
+/// Enrol the node.
+pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
+    let (cfg, _) = config::load(&opts.config_path).map_err(|e| {
+        fail(
+            Exit::NotRegistered,
+            format!("{e}; fix the configuration file"),
+        )
+    })?;
+    config::validate_host(&opts.server).map_err(|m| fail(Exit::Usage, format!("--server {m}")))?;
+    let l1_port = opts.l1_port.unwrap_or(cfg.server.l1_port);
+    let l2_port = opts.l2_port.unwrap_or(cfg.server.l2_port);
+    let token = read_token(&opts.token)?;
+
+    // The L1Sec CA, checked against the pin before anything is sent.
+    let ca_path = opts
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| cfg.paths.l1_ca.clone());
+    let ca_pem = fsutil::read_capped(&ca_path, crate::identity::MAX_PEM_FILE).map_err(|e| {
+        fail(
+            Exit::Tls,
+            format!(
+                "cannot read the L1Sec CA file {}: {e}; pass --ca-file with the control plane's ca.pem",
+                ca_path.display()
+            ),
+        )
+    })?;
+    let cas = runos_transport::pem::certificates(&ca_pem).map_err(|e| {
+        fail(
+            Exit::Tls,
+            format!("the L1Sec CA file {}: {e}", ca_path.display()),
+        )
+    })?;
+    let pin = match &opts.ca_sha256 {
+        Some(p) => Some(runos_transport::pem::normalize_pin(p).ok_or_else(|| {
+            fail(
+                Exit::Usage,
+                "--ca-sha256 must be 64 hex digits (optionally prefixed by `sha256:`)",
+            )
+        })?),
+        None => cfg.server.l1_ca_sha256.clone(),
+    };
+    let actual = runos_transport::pem::der_sha256(&cas[0]);
+    if let Some(pin) = &pin
+        && *pin != actual
+    {
+        return Err(fail(
+            Exit::Tls,
+            format!(
+                "the L1Sec CA {} does not match the pin: expected sha256 {pin}, the file has {actual}; get the right CA file (or pin) from the control plane's operator",
+                ca_path.display()
+            ),
+        ));
+    }
+
+    let hostname = sysinfo::hostname();
+    let (key_pem, csr_pem, public_key) = key_and_csr(&hostname)?;
+    let tls = runos_transport::tls::client_config(&cas, runos_protocol::ALPN_L1SEC, None)
+        .map_err(|e| fail(Exit::Tls, format!("the L1Sec CA cannot be used: {e}")))?;
+    let stream = net::connect_tls(&opts.server, l1_port, tls, runos_protocol::ALPN_L1SEC)
+        .await
+        .map_err(|e| match e {
+            net::ConnectError::Unreachable { .. } => fail(
+                Exit::Unreachable,
+                format!("{e}; check the host name, the L1Sec port (--l1-port) and the firewall"),
+            ),
+            net::ConnectError::Tls { .. } => fail(
+                Exit::Tls,
+                format!("{e}; check that --ca-file is the control plane's CA and that the host name is in its certificate"),
+            ),
+        })?;
+    let (r, w) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(r, L1_MAX_FRAME);
+    let mut writer = FrameWriter::new(w, L1_MAX_FRAME);
+    let tag = Tag::random();
+    let req = Register {
+        token,
+        machine_id: sysinfo::machine_id(),
+        hostname,
+        os: sysinfo::os(),
+        agent_version: crate::AGENT_VERSION.to_string(),
+        csr_pem,
+    };
+    let addr = net::addr(&opts.server, l1_port);
+    writer
+        .write(&Envelope::with_type(types::REGISTER, tag, &req))
+        .await
+        .map_err(|e| {
+            fail(
+                Exit::Unreachable,
+                format!("sending REGISTER to {addr} failed: {e}"),
+            )
+        })?;
+    drop(req);
+    let answer = match tokio::time::timeout(ANSWER_TIMEOUT, reader.read()).await {
+        Ok(Ok(Some(env))) => env,
+        Ok(Ok(None)) => {
+            return Err(fail(
+                Exit::Unreachable,
+                format!("{addr} closed the connection without answering"),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(fail(
+                Exit::Unreachable,
+                format!("reading the answer from {addr}: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Err(fail(
+                Exit::Unreachable,
+                format!(
+                    "no answer from {addr} within {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+    };
+    let _ = writer.shutdown().await;
+    if answer.tag != tag {
+        return Err(fail(
+            Exit::Failure,
+            "the control plane answered with another tag",
+        ));
+    }
+    if answer.is(types::ERROR) {
+        let e: ErrorPayload = answer
+            .payload()
+            .map_err(|_| fail(Exit::Failure, "the control plane sent an unreadable ERROR"))?;
+        return Err(refusal(&e));
+    }
+    if !answer.is(types::REGISTERED) {
+        return Err(fail(
+            Exit::Failure,
+            format!("unexpected answer {}", answer.kind),
+        ));
+    }
+    let reg: Registered = answer
+        .payload()
+        .map_err(|_| fail(Exit::Failure, "the REGISTERED payload is malformed"))?;
+    let node_id = check_registered(&reg, &public_key)?;
+    store(
+        &cfg,
+        &opts.config_path,
+        &opts.server,
+        l1_port,
+        l2_port,
+        &key_pem,
+        &reg,
+        &ca_path,
+        &ca_pem,
+    )?;
+    Ok(Outcome { node_id })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn store(
+    cfg: &Config,
+    config_path: &Path,
+    host: &str,
+    l1_port: u16,
+    l2_port: u16,
+    key_pem: &str,
+    reg: &Registered,
+    ca_path: &Path,
+    ca_pem: &[u8],
+) -> Result<(), RegisterError> {
+    let write_err = |e: fsutil::FsError| {
+        fail(
+            Exit::Failure,
+            format!("{e}; run register as root or point [paths] at a writable directory"),
+        )
+    };
+    let p = &cfg.paths;
+    for f in [&p.key, &p.certificate, &p.ca, &p.l1_ca] {
+        if let Some(dir) = f.parent() {
+            fsutil::ensure_dir(dir, 0o755).map_err(write_err)?;
+        }
+    }
+    fsutil::write_atomic(&p.key, key_pem.as_bytes(), Mode::Exact(0o600)).map_err(write_err)?;
+    fsutil::write_atomic(
+        &p.certificate,
+        reg.certificate_pem.as_bytes(),
+        Mode::Exact(0o644),
+    )
+    .map_err(write_err)?;
+    fsutil::write_atomic(&p.ca, reg.ca_pem.as_bytes(), Mode::Exact(0o644)).map_err(write_err)?;
+    if ca_path != p.l1_ca {
+        fsutil::write_atomic(&p.l1_ca, ca_pem, Mode::Exact(0o644)).map_err(write_err)?;
+    }
+    config::update_server(config_path, host, l1_port, l2_port).map_err(|e| {
+        fail(
+            Exit::Failure,
+            format!("the node is enrolled but the configuration could not be updated: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_is_trimmed_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        std::fs::write(&p, "  abc123\n").unwrap();
+        assert_eq!(read_token(&TokenSource::File(p.clone())).unwrap(), "abc123");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(read_token(&TokenSource::File(p.clone())).is_err());
+        std::fs::write(&p, "secret with-space").unwrap();
+        let e = read_token(&TokenSource::File(p.clone())).unwrap_err();
+        assert!(!e.message.contains("secret"));
+        let e = read_token(&TokenSource::File(d.path().join("none"))).unwrap_err();
+        assert_eq!(e.exit, Exit::Failure);
+    }
+
+    #[test]
+    fn csr_is_p256() {
+        let (key, csr, pk) = key_and_csr("node1").unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+        assert!(csr.contains("CERTIFICATE REQUEST"));
+        assert_eq!(pk.len(), 65); // uncompressed P-256 point
+    }
+
+    #[test]
+    fn refusals_map_to_exit_codes() {
+        let e = refusal(&ErrorPayload::new(ErrorCode::TokenExpired, "expired"));
+        assert_eq!(e.exit, Exit::Refused);
+        assert!(e.message.contains("runos-controlplane token create"));
+        assert_eq!(
+            refusal(&ErrorPayload::new(ErrorCode::Internal, "x")).exit,
+            Exit::Failure
+        );
+    }
+}

@@ -1,0 +1,498 @@
+//! One L2Sec session: connect, HELLO/WELCOME, then a read task, a write task with a bounded
+//! channel, and one select loop for frames, replies, heartbeat, shutdown and reconnect requests.
+//!
+//! Routing of received envelopes after WELCOME:
+//! - `HEARTBEAT_REPLY` is matched by tag to this session's outstanding heartbeats; an unmatched
+//!   one is logged and dropped.
+//! - `ACK` goes to the dispatcher's outbox, which matches it by tag or logs and drops it.
+//! - `ERROR` with `revoked` or `protocol` ends the session; any other control message is logged
+//!   and dropped. None of these is ever dispatched as an instruction.
+//! - Everything else is an instruction and goes to the dispatcher.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use runos_protocol::control::{self, Heartbeat, Hello, Welcome, types};
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
+use runos_transport::{FrameError, FrameReader, FrameWriter};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::dispatch::{DispatchLink, Inbound, error_reply};
+use crate::identity::NodeIdentity;
+use crate::{net, notify};
+
+/// Bound on waiting for WELCOME after HELLO.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on writing one frame.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Smallest and largest heartbeat interval honoured.
+pub const HEARTBEAT_MIN: Duration = Duration::from_secs(1);
+/// See [`HEARTBEAT_MIN`].
+pub const HEARTBEAT_MAX: Duration = Duration::from_secs(300);
+/// Frames buffered between the select loop and the write task.
+const WRITE_QUEUE: usize = 64;
+
+/// What a session needs besides the dispatcher.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    /// Who we are and where to connect.
+    pub identity: NodeIdentity,
+    /// Largest frame we accept.
+    pub max_frame_bytes: u32,
+    /// Instruction types for HELLO.
+    pub instruction_types: Vec<String>,
+}
+
+/// Signals from the daemon.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Becomes true on SIGTERM/SIGINT.
+    pub shutdown: watch::Receiver<bool>,
+    /// Bumped when the configuration changed in a way that needs a new connection.
+    pub reconnect: watch::Receiver<u64>,
+    /// How long running instructions may take to finish after shutdown.
+    pub grace: Duration,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Shutdown: running instructions finished (or the grace ran out) and replies were sent.
+    Shutdown,
+    /// The control plane said the node is revoked.
+    Revoked(String),
+    /// The configuration changed; connect again now.
+    Reconnect,
+    /// Connection, handshake or peer failure; reconnect after a backoff.
+    Failed(String),
+    /// The server could not be reached or TLS failed before HELLO.
+    ConnectFailed(String),
+}
+
+/// The outcome of [`run`].
+#[derive(Debug, Clone)]
+pub struct SessionReport {
+    /// Why it ended.
+    pub end: SessionEnd,
+    /// When WELCOME arrived, if it did.
+    pub welcomed_at: Option<Instant>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The heartbeat interval from WELCOME, clamped to 1 s – 300 s.
+pub fn heartbeat_interval(ms: u64) -> Duration {
+    Duration::from_millis(ms).clamp(HEARTBEAT_MIN, HEARTBEAT_MAX)
+}
+
+fn report(end: SessionEnd, welcomed_at: Option<Instant>) -> SessionReport {
+    SessionReport { end, welcomed_at }
+}
+
+/// Resolves once shutdown is requested (or the daemon dropped its sender). Does not hold the
+/// watch borrow across an await, so futures using it stay `Send`.
+pub async fn until_shutdown(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.is_ok();
+}
+
+/// Connect, handshake and serve one session until it ends.
+pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) -> SessionReport {
+    let id = &p.identity;
+    let addr = net::addr(&id.host, id.port);
+    let mut shutdown = ctl.shutdown.clone();
+    let connect = net::connect_tls(
+        &id.host,
+        id.port,
+        id.tls.clone(),
+        runos_protocol::ALPN_L2SEC,
+    );
+    let tls = tokio::select! {
+        r = connect => match r {
+            Ok(s) => s,
+            Err(e) => return report(SessionEnd::ConnectFailed(e.to_string()), None),
+        },
+        _ = until_shutdown(&mut shutdown) => return report(SessionEnd::Shutdown, None),
+    };
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r, p.max_frame_bytes);
+    let mut writer = FrameWriter::new(w, p.max_frame_bytes);
+
+    // Handshake.
+    let hello_tag = Tag::random();
+    let hello = Hello {
+        protocol_version: runos_protocol::PROTOCOL_VERSION,
+        agent_version: crate::AGENT_VERSION.to_string(),
+        node_id: id.node_id.clone(),
+        hostname: crate::sysinfo::hostname(),
+        boot_id: crate::sysinfo::boot_id(),
+        instruction_types: p.instruction_types.clone(),
+    };
+    if let Err(e) = writer
+        .write(&Envelope::with_type(types::HELLO, hello_tag, &hello))
+        .await
+    {
+        return report(
+            SessionEnd::Failed(format!("sending HELLO to {addr}: {e}")),
+            None,
+        );
+    }
+    let first = match tokio::time::timeout(WELCOME_TIMEOUT, reader.read()).await {
+        Ok(Ok(Some(env))) => env,
+        Ok(Ok(None)) => {
+            return report(
+                SessionEnd::Failed(format!("{addr} closed the connection before WELCOME")),
+                None,
+            );
+        }
+        Ok(Err(e)) => {
+            return report(
+                SessionEnd::Failed(format!("waiting for WELCOME: {e}")),
+                None,
+            );
+        }
+        Err(_) => {
+            return report(
+                SessionEnd::Failed(format!(
+                    "no WELCOME from {addr} within {} s",
+                    WELCOME_TIMEOUT.as_secs()
+                )),
+                None,
+            );
+        }
+    };
+    let welcome = match handshake_answer(&first, hello_tag) {
+        Ok(w) => w,
+        Err(end) => return report(end, None),
+    };
+    let welcomed_at = Instant::now();
+    writer.set_max(welcome.max_frame_bytes);
+    let interval = heartbeat_interval(welcome.heartbeat_interval_ms);
+    tracing::info!(
+        session = %welcome.session_id,
+        heartbeat_ms = interval.as_millis() as u64,
+        max_frame = welcome.max_frame_bytes,
+        "connected to {addr}"
+    );
+    notify::status(&format!("connected to {addr}"));
+    let end = serve(reader, writer, link, ctl, interval).await;
+    report(end, Some(welcomed_at))
+}
+
+/// Judge the answer to HELLO.
+fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
+    if env.is(types::ERROR) {
+        let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
+            ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
+        });
+        return Err(match e.code {
+            ErrorCode::Revoked => SessionEnd::Revoked(e.message),
+            _ => SessionEnd::Failed(format!(
+                "the control plane refused the session ({}): {}",
+                e.code, e.message
+            )),
+        });
+    }
+    if !env.is(types::WELCOME) || env.tag != hello_tag {
+        return Err(SessionEnd::Failed(format!(
+            "expected WELCOME with the HELLO's tag, got {}",
+            env.kind
+        )));
+    }
+    let w: Welcome = env
+        .payload()
+        .map_err(|_| SessionEnd::Failed("WELCOME payload is malformed".into()))?;
+    control::check_version(w.protocol_version).map_err(|e| SessionEnd::Failed(e.message))?;
+    Ok(w)
+}
+
+type Reader =
+    FrameReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+type Writer =
+    FrameWriter<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+
+async fn write_loop(
+    mut writer: Writer,
+    mut rx: mpsc::Receiver<Envelope>,
+) -> Result<(), FrameError> {
+    while let Some(env) = rx.recv().await {
+        let res = match tokio::time::timeout(WRITE_TIMEOUT, writer.write(&env)).await {
+            Ok(r) => r,
+            Err(_) => Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "a frame could not be written within {} s",
+                    WRITE_TIMEOUT.as_secs()
+                ),
+            ))),
+        };
+        match res {
+            Ok(()) => {}
+            Err(FrameError::Encode(runos_protocol::EncodeError::TooLarge { len, max })) => {
+                // Never send a frame above the peer's maximum: answer the tag with an error.
+                tracing::warn!(tag = %env.tag, r#type = %env.kind, len, max, "reply too large for the control plane");
+                if !env.is(types::LOG) && !env.is(types::ERROR) {
+                    let sub = error_reply(
+                        env.tag,
+                        ErrorCode::Failed,
+                        format!(
+                            "the reply of {len} bytes exceeds the control plane's maximum frame size of {max} bytes"
+                        ),
+                    );
+                    writer.write(&sub).await?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer.shutdown()).await;
+    Ok(())
+}
+
+async fn read_loop(mut reader: Reader, tx: mpsc::Sender<Result<Envelope, FrameError>>) {
+    loop {
+        match reader.read().await {
+            Ok(Some(env)) => {
+                if tx.send(Ok(env)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn serve(
+    reader: Reader,
+    writer: Writer,
+    link: &mut DispatchLink,
+    ctl: &mut Control,
+    interval: Duration,
+) -> SessionEnd {
+    let (wtx, wrx) = mpsc::channel::<Envelope>(WRITE_QUEUE);
+    let (rtx, mut rrx) = mpsc::channel(WRITE_QUEUE);
+    let mut write_task = tokio::spawn(write_loop(writer, wrx));
+    let read_task = tokio::spawn(read_loop(reader, rtx));
+    let end = serve_loop(&wtx, &mut rrx, &mut write_task, link, ctl, interval).await;
+    read_task.abort();
+    drop(wtx);
+    // Let queued frames out (bounded), then the write task closes the TLS stream.
+    if tokio::time::timeout(Duration::from_secs(5), &mut write_task)
+        .await
+        .is_err()
+    {
+        write_task.abort();
+    }
+    end
+}
+
+async fn serve_loop(
+    wtx: &mpsc::Sender<Envelope>,
+    rrx: &mut mpsc::Receiver<Result<Envelope, FrameError>>,
+    write_task: &mut tokio::task::JoinHandle<Result<(), FrameError>>,
+    link: &mut DispatchLink,
+    ctl: &mut Control,
+    interval: Duration,
+) -> SessionEnd {
+    let send = |env: Envelope| async move { wtx.send(env).await.is_ok() };
+
+    // Resend every reply still waiting for an ACK.
+    let (htx, hrx) = oneshot::channel();
+    if link.inbound.send(Inbound::Held(htx)).await.is_ok()
+        && let Ok(Ok(held)) = tokio::time::timeout(Duration::from_secs(5), hrx).await
+    {
+        if !held.is_empty() {
+            tracing::info!(count = held.len(), "resending replies not yet acknowledged");
+        }
+        for env in held {
+            if !send(env).await {
+                return SessionEnd::Failed("connection lost while resending replies".into());
+            }
+        }
+    }
+
+    let dead_after = interval * 2;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Outstanding heartbeats: tag → when sent. Bounded: an entry older than `dead_after` ends
+    // the session.
+    let mut pending: HashMap<Tag, tokio::time::Instant> = HashMap::new();
+    let mut draining: Option<tokio::time::Instant> = if *ctl.shutdown.borrow() {
+        Some(tokio::time::Instant::now() + ctl.grace)
+    } else {
+        None
+    };
+    let mut drain_check = tokio::time::interval(Duration::from_millis(50));
+
+    loop {
+        let oldest = pending.values().min().copied();
+        tokio::select! {
+            _ = ticker.tick() => {
+                let tag = Tag::random();
+                let hb = Heartbeat {
+                    sent_at_ms: now_ms(),
+                    in_flight: u32::try_from(*link.in_flight.borrow()).unwrap_or(u32::MAX),
+                };
+                pending.insert(tag, tokio::time::Instant::now());
+                tracing::trace!(%tag, "heartbeat");
+                if !send(Envelope::with_type(types::HEARTBEAT, tag, &hb)).await {
+                    return SessionEnd::Failed("connection lost".into());
+                }
+            }
+            _ = tokio::time::sleep_until(oldest.unwrap_or_else(tokio::time::Instant::now) + dead_after), if oldest.is_some() => {
+                tracing::warn!("no HEARTBEAT_REPLY within {} ms: the control plane is unreachable; reconnecting", dead_after.as_millis());
+                return SessionEnd::Failed(format!("no HEARTBEAT_REPLY within {} ms", dead_after.as_millis()));
+            }
+            frame = rrx.recv() => match frame {
+                Some(Ok(env)) => {
+                    if let Some(end) = route(env, &mut pending, link).await {
+                        return end;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("closing the session: {e}");
+                    if matches!(e, FrameError::Decode(_)) {
+                        let _ = send(error_reply(Tag::random(), ErrorCode::Protocol, format!("agent received an invalid frame: {e}"))).await;
+                    }
+                    return SessionEnd::Failed(e.to_string());
+                }
+                None => return SessionEnd::Failed("the control plane closed the connection".into()),
+            },
+            reply = link.replies.recv() => match reply {
+                Some(env) => {
+                    if !send(env).await {
+                        return SessionEnd::Failed("connection lost".into());
+                    }
+                }
+                None => return SessionEnd::Failed("dispatcher stopped".into()),
+            },
+            res = &mut *write_task => {
+                let msg = match res {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "writer stopped".into(),
+                };
+                return SessionEnd::Failed(format!("sending failed: {msg}"));
+            }
+            _ = until_shutdown(&mut ctl.shutdown), if draining.is_none() => {
+                tracing::info!("shutting down: waiting for running instructions (at most {} s)", ctl.grace.as_secs());
+                draining = Some(tokio::time::Instant::now() + ctl.grace);
+            }
+            _ = ctl.reconnect.changed() => {
+                tracing::info!("configuration changed: reconnecting");
+                return SessionEnd::Reconnect;
+            }
+            _ = drain_check.tick(), if draining.is_some() => {
+                if *link.in_flight.borrow() == 0 && link.replies.is_empty() {
+                    return SessionEnd::Shutdown;
+                }
+                if draining.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    tracing::warn!("shutdown grace over; aborting running instructions");
+                    let _ = link.inbound.send(Inbound::AbortAll).await;
+                    // Forward whatever is already produced.
+                    while let Ok(env) = link.replies.try_recv() {
+                        let _ = send(env).await;
+                    }
+                    return SessionEnd::Shutdown;
+                }
+            }
+        }
+    }
+}
+
+/// Route one envelope received after WELCOME. Returns `Some` when the session must end.
+async fn route(
+    env: Envelope,
+    pending: &mut HashMap<Tag, tokio::time::Instant>,
+    link: &mut DispatchLink,
+) -> Option<SessionEnd> {
+    let tag = env.tag;
+    match env.kind.as_str() {
+        types::HEARTBEAT_REPLY => match pending.remove(&tag) {
+            Some(sent) => {
+                tracing::trace!(%tag, rtt_ms = sent.elapsed().as_millis() as u64, "heartbeat answered");
+                // An answer proves the peer alive: older unanswered heartbeats are moot.
+                pending.retain(|_, t| *t > sent);
+            }
+            None => {
+                tracing::debug!(%tag, "HEARTBEAT_REPLY matches no outstanding heartbeat (late or unknown); dropped")
+            }
+        },
+        types::ACK => {
+            let _ = link.inbound.send(Inbound::Ack(tag)).await;
+        }
+        types::ERROR => {
+            let e: Option<ErrorPayload> = env.payload().ok();
+            match e {
+                Some(e) if e.code == ErrorCode::Revoked => {
+                    return Some(SessionEnd::Revoked(e.message));
+                }
+                Some(e) if e.code == ErrorCode::Protocol => {
+                    return Some(SessionEnd::Failed(format!(
+                        "the control plane reported a protocol error: {}",
+                        e.message
+                    )));
+                }
+                Some(e) => {
+                    tracing::warn!(%tag, code = %e.code, "ERROR from the control plane dropped: {}", e.message)
+                }
+                None => tracing::warn!(%tag, "unreadable ERROR from the control plane dropped"),
+            }
+        }
+        k if control::is_control_type(k) => {
+            tracing::warn!(%tag, r#type = k, "unexpected control message after WELCOME; dropped");
+        }
+        _ => {
+            let _ = link.inbound.send(Inbound::Instruction(env)).await;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_interval_is_clamped() {
+        assert_eq!(heartbeat_interval(0), Duration::from_secs(1));
+        assert_eq!(heartbeat_interval(15_000), Duration::from_secs(15));
+        assert_eq!(heartbeat_interval(u64::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn handshake_answers() {
+        let t = Tag::random();
+        let w = Welcome {
+            protocol_version: runos_protocol::PROTOCOL_VERSION,
+            server_time_ms: 0,
+            heartbeat_interval_ms: 1000,
+            max_frame_bytes: 65536,
+            advertised_agent_version: None,
+            session_id: "s".into(),
+        };
+        assert!(handshake_answer(&Envelope::with_type(types::WELCOME, t, &w), t).is_ok());
+        assert!(
+            handshake_answer(&Envelope::with_type(types::WELCOME, Tag::random(), &w), t).is_err()
+        );
+        let revoked = Envelope::with_type(
+            types::ERROR,
+            t,
+            &ErrorPayload::new(ErrorCode::Revoked, "gone"),
+        );
+        assert_eq!(
+            handshake_answer(&revoked, t).unwrap_err(),
+            SessionEnd::Revoked("gone".into())
+        );
+        let mut old = w.clone();
+        old.protocol_version = 99;
+        assert!(handshake_answer(&Envelope::with_type(types::WELCOME, t, &old), t).is_err());
+    }
+}

@@ -1,0 +1,308 @@
+//! Dispatcher behaviour: error codes, backpressure, deadlines, panic isolation, dedup, outbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runos_agent::catalog::{Catalog, ExecFn};
+use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use runos_protocol::control::types as ctypes;
+use runos_protocol::instructions::types;
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
+use tokio::sync::{oneshot, watch};
+
+fn cfg(queue: usize, conc: usize) -> DispatchConfig {
+    DispatchConfig {
+        queue_capacity: queue,
+        max_concurrency: conc,
+        outbox_items: 10_000,
+        outbox_bytes: 64 << 20,
+        reply_channel: 1024,
+    }
+}
+
+/// A raw executor that sleeps for the payload's `ms` (or panics when `panic` is set).
+fn sleeper() -> ExecFn {
+    Arc::new(|ctx, env: Envelope| {
+        Box::pin(async move {
+            let v: serde_json::Value = env
+                .payload()
+                .map_err(|e| runos_agent::catalog::bad_payload("X", &e))?;
+            if v.get("panic").is_some() {
+                panic!("executor bug");
+            }
+            let ms = v.get("ms").and_then(|m| m.as_u64()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(Envelope::with_type(
+                ctypes::NO_CONTENT,
+                ctx.tag,
+                &serde_json::json!({}),
+            ))
+        })
+    })
+}
+
+fn catalog_with_sleeper() -> Catalog {
+    let mut c = Catalog::standard();
+    c.register_raw(
+        types::RUN_COMMAND,
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        sleeper(),
+    );
+    c
+}
+
+fn instr(kind: &str, payload: serde_json::Value) -> Envelope {
+    Envelope::new(MessageType::new(kind).unwrap(), Tag::random(), &payload)
+}
+
+struct Harness {
+    link: DispatchLink,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Harness {
+    fn new(catalog: Catalog, cfg: DispatchConfig) -> Self {
+        let (shutdown, rx) = watch::channel(false);
+        let (link, _join) = dispatch::spawn(Arc::new(catalog), cfg, Instant::now(), rx);
+        Harness { link, shutdown }
+    }
+
+    async fn send(&self, env: Envelope) {
+        self.link
+            .inbound
+            .send(Inbound::Instruction(env))
+            .await
+            .unwrap();
+    }
+
+    /// Next final reply (LOG lines skipped), within 10 s.
+    async fn reply(&mut self) -> Envelope {
+        loop {
+            let env = tokio::time::timeout(Duration::from_secs(10), self.link.replies.recv())
+                .await
+                .expect("a reply within 10 s")
+                .expect("dispatcher alive");
+            if !env.is(ctypes::LOG) {
+                return env;
+            }
+        }
+    }
+
+    /// No final reply within `d`.
+    async fn no_reply_within(&mut self, d: Duration) -> bool {
+        let end = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(end, self.link.replies.recv()).await {
+                Err(_) => return true,
+                Ok(Some(e)) if e.is(ctypes::LOG) => continue,
+                Ok(_) => return false,
+            }
+        }
+    }
+
+    async fn held(&self) -> Vec<Envelope> {
+        let (tx, rx) = oneshot::channel();
+        self.link.inbound.send(Inbound::Held(tx)).await.unwrap();
+        rx.await.unwrap()
+    }
+}
+
+fn code(env: &Envelope) -> ErrorCode {
+    assert!(env.is(ctypes::ERROR), "expected ERROR, got {}", env.kind);
+    env.payload::<ErrorPayload>().unwrap().code
+}
+
+#[tokio::test]
+async fn unknown_type_and_unsupported() {
+    let mut h = Harness::new(Catalog::empty(), cfg(4, 2));
+    let e = instr("NOT_A_REAL_TYPE", serde_json::json!({}));
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!(r.tag, e.tag);
+    assert_eq!(code(&r), ErrorCode::UnknownType);
+
+    let e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!(r.tag, e.tag);
+    assert_eq!(code(&r), ErrorCode::Unsupported);
+}
+
+#[tokio::test]
+async fn bad_base64_and_bad_json_are_bad_payload() {
+    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
+    e.json_b64 = "%%%not-base64".into();
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (e.tag, ErrorCode::BadPayload));
+
+    let e = Envelope::from_json_text(
+        MessageType::new(types::RUN_COMMAND).unwrap(),
+        Tag::random(),
+        r#"{"argv": ["/bin/true"], "stdin": "topsecret", "bogus": 1"#,
+    );
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (e.tag, ErrorCode::BadPayload));
+    assert!(!r.payload_text().unwrap().contains("topsecret"));
+
+    let e = instr(
+        types::RUN_COMMAND,
+        serde_json::json!({"argv": "not-a-list"}),
+    );
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (e.tag, ErrorCode::BadPayload));
+}
+
+#[tokio::test]
+async fn node_status_reply() {
+    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!(r.tag, e.tag);
+    assert!(r.is(types::NODE_STATUS));
+    let s: runos_protocol::instructions::NodeStatus = r.payload().unwrap();
+    assert_eq!(s.agent_version, runos_agent::AGENT_VERSION);
+    assert!(!s.node_is_ready);
+    assert!(!s.boot_id.is_empty());
+}
+
+#[tokio::test]
+async fn busy_when_queue_full() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(1, 1));
+    let running = instr(types::RUN_COMMAND, serde_json::json!({"ms": 1500}));
+    let queued = instr(types::RUN_COMMAND, serde_json::json!({"ms": 0}));
+    let refused = instr(types::RUN_COMMAND, serde_json::json!({"ms": 0}));
+    h.send(running.clone()).await;
+    h.send(queued.clone()).await;
+    h.send(refused.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (refused.tag, ErrorCode::Busy));
+    // Busy is not held: the same tag may be sent again later and is run then.
+    let r1 = h.reply().await;
+    let r2 = h.reply().await;
+    assert_eq!((r1.tag, r2.tag), (running.tag, queued.tag));
+    assert!(r1.is(ctypes::NO_CONTENT) && r2.is(ctypes::NO_CONTENT));
+    h.send(refused.clone()).await;
+    let r = h.reply().await;
+    assert_eq!(r.tag, refused.tag);
+    assert!(r.is(ctypes::NO_CONTENT));
+}
+
+#[tokio::test]
+async fn deadline_gives_timeout() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(4, 2));
+    let e = instr(types::RUN_COMMAND, serde_json::json!({"ms": 60_000})).with_timeout_ms(Some(200));
+    let t0 = Instant::now();
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (e.tag, ErrorCode::Timeout));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn panic_is_internal_and_agent_lives_on() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(4, 2));
+    let e = instr(types::RUN_COMMAND, serde_json::json!({"panic": true}));
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (e.tag, ErrorCode::Internal));
+    let e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
+    h.send(e.clone()).await;
+    let r = h.reply().await;
+    assert_eq!(r.tag, e.tag);
+    assert!(r.is(types::NODE_STATUS));
+}
+
+#[tokio::test]
+async fn dedup_running_and_completed() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(4, 2));
+    let e = instr(types::RUN_COMMAND, serde_json::json!({"ms": 300}));
+    h.send(e.clone()).await;
+    h.send(e.clone()).await; // running: not started again
+    let first = h.reply().await;
+    assert_eq!(first.tag, e.tag);
+    assert!(
+        h.no_reply_within(Duration::from_millis(500)).await,
+        "one reply only"
+    );
+    // Completed and held: the same reply again.
+    h.send(e.clone()).await;
+    let again = h.reply().await;
+    assert_eq!(again, first);
+    assert_eq!(h.held().await, vec![first.clone()]);
+    // After ACK nothing is held; a late duplicate ACK is dropped.
+    h.link.inbound.send(Inbound::Ack(e.tag)).await.unwrap();
+    h.link.inbound.send(Inbound::Ack(e.tag)).await.unwrap();
+    assert!(h.held().await.is_empty());
+}
+
+#[tokio::test]
+async fn hundred_concurrent_each_answered_once() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(256, 16));
+    let mut want = HashMap::new();
+    for i in 0..100 {
+        let e = if i % 2 == 0 {
+            instr(types::RUN_COMMAND, serde_json::json!({"ms": 20}))
+        } else {
+            instr(types::GET_NODE_STATUS, serde_json::json!({}))
+        };
+        want.insert(e.tag, e.kind.clone());
+        h.send(e).await;
+    }
+    let mut got: HashMap<Tag, usize> = HashMap::new();
+    for _ in 0..100 {
+        let r = h.reply().await;
+        let kind = want.get(&r.tag).expect("reply for a tag we sent");
+        let expect = if kind == types::RUN_COMMAND {
+            ctypes::NO_CONTENT
+        } else {
+            types::NODE_STATUS
+        };
+        assert!(r.is(expect), "{} for {}", r.kind, kind);
+        *got.entry(r.tag).or_default() += 1;
+    }
+    assert_eq!(got.len(), 100);
+    assert!(got.values().all(|n| *n == 1));
+    assert!(h.no_reply_within(Duration::from_millis(300)).await);
+    assert_eq!(*h.link.in_flight.borrow(), 0);
+}
+
+#[tokio::test]
+async fn shutdown_refuses_queued_and_new() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(4, 1));
+    let running = instr(types::RUN_COMMAND, serde_json::json!({"ms": 500}));
+    let queued = instr(types::RUN_COMMAND, serde_json::json!({"ms": 0}));
+    h.send(running.clone()).await;
+    h.send(queued.clone()).await;
+    let mut flight = h.link.in_flight.clone();
+    tokio::time::timeout(Duration::from_secs(5), flight.wait_for(|n| *n == 2))
+        .await
+        .unwrap()
+        .unwrap();
+    h.shutdown.send(true).unwrap();
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (queued.tag, ErrorCode::ShuttingDown));
+    let late = instr(types::GET_NODE_STATUS, serde_json::json!({}));
+    h.send(late.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, code(&r)), (late.tag, ErrorCode::ShuttingDown));
+    // The running one finishes and is answered.
+    let r = h.reply().await;
+    assert_eq!(r.tag, running.tag);
+    assert!(r.is(ctypes::NO_CONTENT));
+}
+
+#[tokio::test]
+async fn control_types_are_never_dispatched() {
+    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    for t in [ctypes::HEARTBEAT_REPLY, ctypes::ACK, ctypes::WELCOME] {
+        h.send(instr(t, serde_json::json!({}))).await;
+    }
+    assert!(h.no_reply_within(Duration::from_millis(300)).await);
+}
