@@ -43,7 +43,10 @@ pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool
         if cond() {
             return;
         }
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
@@ -150,7 +153,14 @@ impl ControlPlane {
         let mut child = Command::new(bin("runos-controlplane"))
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args(["--l1-addr", l1, "--l2-addr", l2, "--heartbeat-interval", "1s"])
+            .args([
+                "--l1-addr",
+                l1,
+                "--l2-addr",
+                l2,
+                "--heartbeat-interval",
+                "1s",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -167,7 +177,10 @@ impl ControlPlane {
                     fs::read_to_string(&log_path).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < end, "control plane did not write endpoints.json");
+            assert!(
+                Instant::now() < end,
+                "control plane did not write endpoints.json"
+            );
             endpoints = fs::read(&endpoints_file)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
@@ -304,7 +317,12 @@ pub fn parse_reply(out: &Output) -> Reply {
     let exit = out.status.code().unwrap_or(-1);
     let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
         // Refused before anything was sent (unknown or revoked node): no reply to parse.
-        assert_ne!(exit, 0, "send succeeded without printing a reply: {}", describe(out));
+        assert_ne!(
+            exit,
+            0,
+            "send succeeded without printing a reply: {}",
+            describe(out)
+        );
         return Reply {
             exit,
             tag: String::new(),
@@ -343,7 +361,12 @@ impl Agent {
     /// Write a config for an agent rooted at `dir` that talks to `cp`; `extra_agent` is added to
     /// the `[agent]` table (TOML lines).
     pub fn new(dir: &Path, cp: &ControlPlane, extra_agent: &str) -> Agent {
-        Agent::for_ports(dir, cp.endpoints.l1.port(), cp.endpoints.l2.port(), extra_agent)
+        Agent::for_ports(
+            dir,
+            cp.endpoints.l1.port(),
+            cp.endpoints.l2.port(),
+            extra_agent,
+        )
     }
 
     /// Write a config for an agent rooted at `dir` that talks to a control plane on loopback at
@@ -406,8 +429,16 @@ impl Agent {
         let ca = ca_file.display().to_string();
         let out = self.cli(
             &[
-                "register", "--server", "127.0.0.1", "--token", "-", "--ca-file", &ca,
-                "--ca-sha256", pin, "--json",
+                "register",
+                "--server",
+                "127.0.0.1",
+                "--token",
+                "-",
+                "--ca-file",
+                &ca,
+                "--ca-sha256",
+                pin,
+                "--json",
             ],
             token,
         );
@@ -606,7 +637,10 @@ pub mod raw {
     }
 
     /// Send one envelope.
-    pub async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, env: &Envelope) -> Result<(), String> {
+    pub async fn send<W: tokio::io::AsyncWrite + Unpin>(
+        w: &mut W,
+        env: &Envelope,
+    ) -> Result<(), String> {
         FrameWriter::new(w, runos_protocol::DEFAULT_MAX_FRAME_BYTES)
             .write(env)
             .await

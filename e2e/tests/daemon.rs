@@ -13,7 +13,11 @@ fn sighup_reloads_without_exiting() {
     wait_until(Duration::from_secs(10), "the reload to be logged", || {
         s.agent.log().to_lowercase().contains("reload")
     });
-    assert!(s.agent.is_running(), "SIGHUP must not stop the agent\n{}", s.logs());
+    assert!(
+        s.agent.is_running(),
+        "SIGHUP must not stop the agent\n{}",
+        s.logs()
+    );
     let r = s.cp.send(&s.node, "GET_NODE_STATUS", "{}");
     assert_eq!(r.kind, "NODE_STATUS", "{r:?}");
 }
@@ -36,10 +40,18 @@ fn sigterm_shuts_down_gracefully_and_lets_a_running_command_finish() {
         s.agent.log().contains(&tag)
     });
     let status = s.agent.stop().expect("agent was running");
-    assert!(status.success(), "graceful shutdown exits 0, got {status}\n{}", s.logs());
+    assert!(
+        status.success(),
+        "graceful shutdown exits 0, got {status}\n{}",
+        s.logs()
+    );
     // Its reply was delivered before the agent left.
     let log = s.cp.log();
-    assert!(log.contains(&tag), "control plane never saw the reply\n{}", s.logs());
+    assert!(
+        log.contains(&tag),
+        "control plane never saw the reply\n{}",
+        s.logs()
+    );
 }
 
 #[test]
@@ -76,7 +88,8 @@ fn sd_notify_ready_and_stopping() {
     s.agent.stop();
     let sock_path = s.tmp.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let path = sock_path.display().to_string();
     s.agent.start_with_env(&[("NOTIFY_SOCKET", &path)]);
     let mut seen = String::new();
@@ -88,7 +101,11 @@ fn sd_notify_ready_and_stopping() {
             seen.push('\n');
         }
     }
-    assert!(seen.contains("READY=1"), "no READY=1; got {seen:?}\n{}", s.logs());
+    assert!(
+        seen.contains("READY=1"),
+        "no READY=1; got {seen:?}\n{}",
+        s.logs()
+    );
     signal(s.agent.pid(), rustix::process::Signal::TERM);
     let end = Instant::now() + Duration::from_secs(20);
     while !seen.contains("STOPPING=1") && Instant::now() < end {

@@ -37,7 +37,10 @@ fn a_good_token_enrols_and_the_key_stays_private() {
     for entry in std::fs::read_dir(&cp.dir).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains(secret), "private key found on the control plane");
+        assert!(
+            !text.contains(secret),
+            "private key found on the control plane"
+        );
     }
 }
 

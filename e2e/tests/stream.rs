@@ -18,7 +18,10 @@ fn get_node_status_and_run_command_round_trip() {
     assert_eq!(r.exit, 0, "{r:?}\n{}", s.logs());
     assert_eq!(r.kind, "NODE_STATUS");
     assert!(r.payload["agentVersion"].is_string(), "{r:?}");
-    assert!(r.payload["bootId"].as_str().is_some_and(|b| !b.is_empty()), "{r:?}");
+    assert!(
+        r.payload["bootId"].as_str().is_some_and(|b| !b.is_empty()),
+        "{r:?}"
+    );
     assert_eq!(r.payload["nodeIsReady"], json!(false));
 
     let r = s.cp.send(
@@ -53,15 +56,17 @@ fn unknown_types_and_bad_payloads_get_stable_error_codes() {
     assert_eq!(r.error_code(), Some("unknown_type"), "{r:?}\n{}", s.logs());
     assert_eq!(r.exit, 1);
 
-    let r = s
-        .cp
-        .send_with(&s.node, "RUN_COMMAND", "{}", &["--raw-b64", "%%%not-base64%%%"]);
+    let r = s.cp.send_with(
+        &s.node,
+        "RUN_COMMAND",
+        "{}",
+        &["--raw-b64", "%%%not-base64%%%"],
+    );
     assert_eq!(r.error_code(), Some("bad_payload"), "bad base64: {r:?}");
 
     let not_json = STANDARD.encode("{\"argv\": [\"true\"");
-    let r = s
-        .cp
-        .send_with(&s.node, "RUN_COMMAND", "{}", &["--raw-b64", &not_json]);
+    let r =
+        s.cp.send_with(&s.node, "RUN_COMMAND", "{}", &["--raw-b64", &not_json]);
     assert_eq!(r.error_code(), Some("bad_payload"), "bad JSON: {r:?}");
 
     let r = s.cp.send(&s.node, "RUN_COMMAND", r#"{"argv":[]}"#);
@@ -120,15 +125,28 @@ fn a_hundred_concurrent_instructions_are_each_answered_once() {
     });
     let mut tags = BTreeSet::new();
     for (i, r) in &replies {
-        assert_eq!(r.kind, "RUN_COMMAND_RESPONSE", "instruction {i}: {r:?}\n{}", s.logs());
-        assert_eq!(r.payload["stdout"], json!({"text": format!("{i}\n")}), "{r:?}");
+        assert_eq!(
+            r.kind,
+            "RUN_COMMAND_RESPONSE",
+            "instruction {i}: {r:?}\n{}",
+            s.logs()
+        );
+        assert_eq!(
+            r.payload["stdout"],
+            json!({"text": format!("{i}\n")}),
+            "{r:?}"
+        );
         assert!(tags.insert(r.tag.clone()), "tag {} answered twice", r.tag);
     }
     assert_eq!(tags.len(), 100);
     let ran = std::fs::read_to_string(&counter).unwrap();
     let mut lines: Vec<u32> = ran.lines().map(|l| l.parse().unwrap()).collect();
     lines.sort_unstable();
-    assert_eq!(lines, (0..100).collect::<Vec<_>>(), "each command must run exactly once");
+    assert_eq!(
+        lines,
+        (0..100).collect::<Vec<_>>(),
+        "each command must run exactly once"
+    );
 }
 
 #[test]
@@ -136,18 +154,21 @@ fn a_revoked_node_is_cut_off_and_refused() {
     let mut s = Stack::up("");
     let out = s.cp.cli(&["revoke", &s.node]);
     assert!(out.status.success(), "{}", describe(&out));
-    wait_until(Duration::from_secs(10), "the revoked node to go offline", || {
-        !s.cp.is_online(&s.node)
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the revoked node to go offline",
+        || !s.cp.is_online(&s.node),
+    );
     // It stays offline: the agent's reconnects are refused.
-    let r = s
-        .cp
-        .send_with(&s.node, "GET_NODE_STATUS", "{}", &["--timeout", "3s"]);
+    let r =
+        s.cp.send_with(&s.node, "GET_NODE_STATUS", "{}", &["--timeout", "3s"]);
     assert_ne!(r.exit, 0, "a revoked node must not answer: {r:?}");
     assert!(!s.cp.is_online(&s.node));
-    wait_until(Duration::from_secs(10), "the agent to log the revocation", || {
-        s.agent.log().contains("revoked")
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the agent to log the revocation",
+        || s.agent.log().contains("revoked"),
+    );
     assert!(s.agent.is_running(), "the agent keeps running (slow retry)");
 
     // Its certificate is refused on a hand-driven connection too.
@@ -190,10 +211,14 @@ fn a_frozen_control_plane_is_detected_by_heartbeat() {
     // The heartbeat interval is 1 s: the agent gives up on the session after 2 s.
     let log_has_dead_peer = || {
         let l = s.agent.log().to_lowercase();
-        l.contains("heartbeat") && (l.contains("dead") || l.contains("no reply"))
+        l.contains("no heartbeat_reply within")
     };
     let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until(Duration::from_secs(15), "dead-peer detection", log_has_dead_peer)
+        wait_until(
+            Duration::from_secs(15),
+            "dead-peer detection",
+            log_has_dead_peer,
+        )
     }));
     signal(s.cp.pid(), rustix::process::Signal::CONT);
     if let Err(e) = waited {
@@ -269,7 +294,9 @@ fn a_plaintext_client_on_the_l2sec_port_is_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut tcp = tokio::net::TcpStream::connect(cp.endpoints.l2).await.unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(cp.endpoints.l2)
+            .await
+            .unwrap();
         let hello = runos_protocol::encode_frame(&hello_for(&node), 1 << 20).unwrap();
         let _ = tcp.write_all(&hello).await;
         let mut buf = vec![0u8; 4096];

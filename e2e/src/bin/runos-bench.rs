@@ -22,7 +22,10 @@ use serde_json::json;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runos-bench: cannot start the runtime: {e}");
@@ -137,8 +140,11 @@ async fn run(quick: bool) -> Result<(), String> {
     );
     // The bench measures, it does not debug: keep the agent's logging at its default level.
     let cfg = std::fs::read_to_string(&agent.config).map_err(|e| e.to_string())?;
-    std::fs::write(&agent.config, cfg.replace("level = \"debug\"", "level = \"info\""))
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        &agent.config,
+        cfg.replace("level = \"debug\"", "level = \"info\""),
+    )
+    .map_err(|e| e.to_string())?;
     let token = api
         .create_token(Duration::from_secs(600))
         .map_err(|e| e.to_string())?;
@@ -159,16 +165,13 @@ async fn run(quick: bool) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let (n_lat, n_cmd, n_tp) = if quick { (200, 100, 500) } else { (2000, 500, 5000) };
+    let (n_lat, n_cmd, n_tp) = if quick {
+        (200, 100, 500)
+    } else {
+        (2000, 500, 5000)
+    };
     let status = latency(&api, &node, "GET_NODE_STATUS", json!({}), n_lat).await?;
-    let cmd = latency(
-        &api,
-        &node,
-        "RUN_COMMAND",
-        json!({"argv": ["true"]}),
-        n_cmd,
-    )
-    .await?;
+    let cmd = latency(&api, &node, "RUN_COMMAND", json!({"argv": ["true"]}), n_cmd).await?;
     let tp = throughput(&api, &node, n_tp).await?;
 
     // Idle memory: let the agent settle after the load, then read its RSS.
@@ -207,7 +210,10 @@ async fn run(quick: bool) -> Result<(), String> {
     println!("| measurement | value |");
     println!("|---|---:|");
     println!("| pipelined `GET_NODE_STATUS`, {n_tp} on one stream | {tp:.0} instructions/s |");
-    println!("| idle agent RSS, fresh (connected, no instruction run yet) | {} KiB |", fresh_rss);
+    println!(
+        "| idle agent RSS, fresh (connected, no instruction run yet) | {} KiB |",
+        fresh_rss
+    );
     println!("| idle agent RSS after the runs above | {rss} KiB (peak {hwm} KiB) |");
     Ok(())
 }
