@@ -217,7 +217,10 @@ async fn drain_disconnected(link: &mut DispatchLink, grace: Duration) {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!("shutdown grace over; aborting running instructions");
-                let _ = link.inbound.send(Inbound::AbortAll).await;
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                if link.inbound.send(Inbound::AbortAll(done_tx)).await.is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+                }
                 return;
             }
             _ = async { let _ = flight.wait_for(|n| *n == 0).await.is_ok(); } => return,

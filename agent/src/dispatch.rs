@@ -59,8 +59,9 @@ pub enum Inbound {
     Ack(Tag),
     /// A session was welcomed: send back every held reply, to be resent.
     Held(oneshot::Sender<Vec<Envelope>>),
-    /// Shutdown grace is over: abort every running executor (their process groups die).
-    AbortAll,
+    /// Shutdown grace is over: abort every running executor (their process groups die) and
+    /// answer each with `interrupted`; the sender is told once those replies are queued.
+    AbortAll(oneshot::Sender<()>),
 }
 
 /// The session's end of the dispatcher.
@@ -214,12 +215,29 @@ impl Dispatcher {
             Inbound::Held(tx) => {
                 let _ = tx.send(self.outbox.pending());
             }
-            Inbound::AbortAll => {
-                for (tag, h) in self.running.drain() {
+            Inbound::AbortAll(done) => {
+                let aborted: Vec<Tag> = self
+                    .running
+                    .drain()
+                    .map(|(tag, h)| {
+                        h.abort();
+                        tag
+                    })
+                    .collect();
+                for tag in aborted {
                     tracing::warn!(%tag, "shutdown grace over: instruction aborted");
-                    h.abort();
+                    // Held like any final reply: sent now if connected, else after the next
+                    // WELCOME of this process (never: it is exiting), and the control plane
+                    // learns the instruction was cut short instead of silently re-running it.
+                    self.answer(error_reply(
+                        tag,
+                        ErrorCode::Interrupted,
+                        "the agent shut down before this instruction finished; its processes were killed",
+                    ))
+                    .await;
                 }
                 self.publish();
+                let _ = done.send(());
             }
         }
     }
@@ -358,8 +376,14 @@ impl Dispatcher {
     async fn finished(&mut self, done: Result<(Tag, Envelope), tokio::task::JoinError>) {
         match done {
             Ok((tag, reply)) => {
-                self.running.remove(&tag);
-                self.answer(reply).await;
+                // Exactly one final reply per tag: an instruction already answered
+                // `interrupted` by AbortAll (it finished in the same instant) is not answered
+                // again.
+                if self.running.remove(&tag).is_some() {
+                    self.answer(reply).await;
+                } else {
+                    tracing::debug!(%tag, "finished after being aborted; reply dropped");
+                }
             }
             Err(e) => {
                 // Only an abort (shutdown) ends an outer task without a reply; remove it.

@@ -265,6 +265,15 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         ));
     }
 
+    if pin.is_none() {
+        eprintln!(
+            "WARNING: no CA pin (--ca-sha256 or server.l1_ca_sha256): trusting the CA file {} as it is, sha256 {actual}. \
+             Anyone who could change that file can impersonate the control plane. Pin it with the caSha256 that \
+             `runos-controlplane token create` prints.",
+            ca_path.display()
+        );
+    }
+
     let hostname = sysinfo::hostname();
     let (key_pem, csr_pem, public_key) = key_and_csr(&hostname)?;
     let tls = runos_transport::tls::client_config(&cas, runos_protocol::ALPN_L1SEC, None)

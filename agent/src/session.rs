@@ -395,8 +395,11 @@ async fn serve_loop(
                 }
                 if draining.is_some_and(|d| tokio::time::Instant::now() >= d) {
                     tracing::warn!("shutdown grace over; aborting running instructions");
-                    let _ = link.inbound.send(Inbound::AbortAll).await;
-                    // Forward whatever is already produced.
+                    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                    if link.inbound.send(Inbound::AbortAll(done_tx)).await.is_ok() {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+                    }
+                    // Forward every reply produced, the `interrupted` ones included.
                     while let Ok(env) = link.replies.try_recv() {
                         let _ = send(env).await;
                     }

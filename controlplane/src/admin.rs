@@ -3,7 +3,7 @@
 //!
 //! Requests: `{"op":"token_create","ttlSecs":3600}`, `{"op":"nodes"}`,
 //! `{"op":"send","node":..,"type":..,"payload":{..}|"rawB64":..,"timeoutMs":..,"waitMs":..}`,
-//! `{"op":"revoke","node":..}`, `{"op":"ping"}`.
+//! `{"op":"reply","tag":..,"waitMs":..}`, `{"op":"revoke","node":..}`, `{"op":"ping"}`.
 //! Responses: `{"ok":true,"result":..}` or `{"ok":false,"error":{"code","message","tag"?}}`.
 
 use std::path::Path;
@@ -56,6 +56,16 @@ pub enum Request {
         /// The envelope's `timeoutMs`.
         #[serde(default)]
         timeout_ms: Option<u64>,
+        /// How long to wait for the final reply, in milliseconds.
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// The final reply of an instruction sent earlier: the stored reply, or
+    /// `{"tag","pending":true}` when there is none yet; with `wait_ms`, wait that long for it
+    /// (a `timeout` error when it does not come).
+    Reply {
+        /// The instruction's tag.
+        tag: String,
         /// How long to wait for the final reply, in milliseconds.
         #[serde(default)]
         wait_ms: Option<u64>,
@@ -282,6 +292,36 @@ async fn handle(api: &Api, req: Request) -> Response {
                         Ok(r) => Response::ok(r),
                         Err(e) => Response::err(&e, Some(tag.to_string())),
                     }
+                }
+            }
+        }
+        Request::Reply { tag, wait_ms } => {
+            let tag = match runos_protocol::Tag::parse(&tag) {
+                Ok(t) => t,
+                Err(_) => {
+                    let mut shown: String = tag.chars().take(64).collect();
+                    if shown.len() < tag.len() {
+                        shown.push_str("...");
+                    }
+                    return Response::err(&Error::MalformedTag(shown), None);
+                }
+            };
+            let reply = match wait_ms {
+                None => api.reply(&tag),
+                Some(ms) => {
+                    let wait = Duration::from_millis(ms).min(MAX_WAIT);
+                    api.wait_reply(&tag, wait).await.map(Some)
+                }
+            };
+            match reply {
+                Ok(Some(r)) => Response::ok(r),
+                Ok(None) => Response::ok(serde_json::json!({
+                    "tag": tag.to_string(),
+                    "pending": true,
+                })),
+                Err(e) => {
+                    let t = matches!(e, Error::Timeout).then(|| tag.to_string());
+                    Response::err(&e, t)
                 }
             }
         }

@@ -248,10 +248,10 @@ impl Api {
         Ok(tag)
     }
 
-    /// The stored final reply of `tag`, if any. Unknown tag → `bad_request`.
+    /// The stored final reply of `tag`, if any. Unknown tag → [`Error::TagNotFound`].
     pub fn reply(&self, tag: &Tag) -> Result<Option<ReplyInfo>, Error> {
         match self.shared.db.reply(tag)? {
-            None => Err(Error::BadRequest(format!("no instruction with tag {tag}"))),
+            None => Err(Error::TagNotFound(tag.to_string())),
             Some(None) => Ok(None),
             Some(Some(r)) => {
                 let payload = base64::engine::general_purpose::STANDARD
@@ -269,7 +269,8 @@ impl Api {
     }
 
     /// Wait for the final reply of `tag`, at most `timeout`. [`Error::Timeout`] when it did
-    /// not arrive in time (the instruction stays pending).
+    /// not arrive in time (the instruction stays pending); [`Error::TagNotFound`] for an
+    /// unknown tag.
     pub async fn wait_reply(&self, tag: &Tag, timeout: Duration) -> Result<ReplyInfo, Error> {
         let mut rx = self.shared.replies.subscribe();
         let mut shutdown = self.shared.shutdown.clone();

@@ -17,15 +17,16 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/runos-controlplane";
 
 /// Stable exit codes of `runos-controlplane`.
 pub mod exit {
-    /// Success (for `send --wait`: a non-ERROR final reply).
+    /// Success (for `send --wait` and `reply`: a non-ERROR final reply).
     pub const OK: u8 = 0;
-    /// Failure (for `send --wait`: the final reply is an ERROR).
+    /// Failure (for `send --wait` and `reply`: the final reply is an ERROR).
     pub const FAILURE: u8 = 1;
     /// Invalid command line.
     pub const USAGE: u8 = 2;
-    /// No such node (or the name is ambiguous).
+    /// No such node or tag (or the node name is ambiguous, or the tag malformed).
     pub const UNKNOWN_NODE: u8 = 3;
-    /// `send --wait`: no final reply within `--timeout` (the instruction stays pending).
+    /// `send --wait`/`reply --wait`: no final reply within `--timeout`; `reply`: no final
+    /// reply yet (the instruction stays pending).
     pub const TIMEOUT: u8 = 4;
     /// The operator socket cannot be reached (is `serve` running?).
     pub const UNREACHABLE: u8 = 5;
@@ -36,22 +37,29 @@ pub mod exit {
 /// The exit-code table shown in `--help`.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
-  0  success (send --wait: a non-ERROR final reply)
-  1  failure (send --wait: the final reply is an ERROR; demo: a reply was not as expected)
+  0  success (send --wait, reply: a non-ERROR final reply)
+  1  failure (send --wait, reply: the final reply is an ERROR; demo: a reply was not as
+     expected)
   2  usage error (invalid command line)
-  3  unknown node (or an ambiguous hostname/prefix)
-  4  send --wait: no final reply within --timeout (the instruction stays pending)
+  3  unknown node or tag (or an ambiguous hostname/prefix)
+  4  send --wait, reply --wait: no final reply within --timeout; reply: no final reply yet
+     (the instruction stays pending)
   5  the operator socket cannot be reached (is `serve` running?)
   6  serve/demo: data directory, database, CA or listener failure";
 
 /// The exit code for an error.
 pub fn exit_code(e: &Error) -> u8 {
     match e {
-        Error::NodeNotFound(_) | Error::AmbiguousNode(_) => exit::UNKNOWN_NODE,
+        Error::NodeNotFound(_)
+        | Error::AmbiguousNode(_)
+        | Error::TagNotFound(_)
+        | Error::MalformedTag(_) => exit::UNKNOWN_NODE,
         Error::Timeout => exit::TIMEOUT,
         Error::AdminUnreachable { .. } => exit::UNREACHABLE,
         Error::Remote { code, .. } => match code.as_str() {
-            "node_not_found" | "ambiguous_node" => exit::UNKNOWN_NODE,
+            "node_not_found" | "ambiguous_node" | "tag_not_found" | "malformed_tag" => {
+                exit::UNKNOWN_NODE
+            }
             "timeout" => exit::TIMEOUT,
             _ => exit::FAILURE,
         },
@@ -255,23 +263,72 @@ pub async fn send(client: &Client, a: SendArgs) -> Result<u8, Error> {
         SHORT
     };
     let v = client.request(&req, deadline).await?;
-    let print = |v: &serde_json::Value| {
-        if a.json_out {
-            println!("{}", serde_json::to_string(v).unwrap_or_default());
-        } else {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-        }
-    };
-    print(&v);
     if !a.wait {
+        print_json(&v, a.json_out);
         return Ok(exit::OK);
     }
-    let reply: ReplyInfo = parse(v)?;
+    print_final_reply(v, a.json_out)
+}
+
+/// Print a result: compact with `--json`, else pretty.
+fn print_json(v: &serde_json::Value, compact: bool) {
+    if compact {
+        println!("{}", serde_json::to_string(v).unwrap_or_default());
+    } else {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}
+
+/// Print a final reply (`{"tag","type","payload"}`) and give its exit code: [`exit::FAILURE`]
+/// for an `ERROR`, else [`exit::OK`].
+fn print_final_reply(v: serde_json::Value, compact: bool) -> Result<u8, Error> {
+    let reply: ReplyInfo = parse(v.clone())?;
+    print_json(&v, compact);
     Ok(if reply.is_error() {
         exit::FAILURE
     } else {
         exit::OK
     })
+}
+
+/// Arguments of `reply`.
+#[derive(Debug, Clone)]
+pub struct ReplyArgs {
+    /// The instruction's tag.
+    pub tag: String,
+    /// Wait for the final reply.
+    pub wait: bool,
+    /// How long to wait.
+    pub timeout: Duration,
+    /// Compact JSON output.
+    pub json_out: bool,
+}
+
+/// `reply`: the final reply of an instruction sent earlier (printed like `send --wait`), or
+/// with `--wait` the reply once it arrives. Without a reply (yet): [`exit::TIMEOUT`].
+pub async fn reply(client: &Client, a: ReplyArgs) -> Result<u8, Error> {
+    let wait_ms = a
+        .wait
+        .then(|| u64::try_from(a.timeout.as_millis()).unwrap_or(u64::MAX));
+    let deadline = if a.wait {
+        a.timeout.saturating_add(SHORT)
+    } else {
+        SHORT
+    };
+    let req = Request::Reply {
+        tag: a.tag,
+        wait_ms,
+    };
+    let v = client.request(&req, deadline).await?;
+    if v.get("pending").and_then(|p| p.as_bool()) == Some(true) {
+        if a.json_out {
+            print_json(&v, true);
+        }
+        let tag = v.get("tag").and_then(|t| t.as_str()).unwrap_or("?");
+        eprintln!("instruction {tag} has no final reply yet (pending)");
+        return Ok(exit::TIMEOUT);
+    }
+    print_final_reply(v, a.json_out)
 }
 
 /// `revoke`.

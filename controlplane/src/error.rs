@@ -12,6 +12,12 @@ pub enum Error {
     /// More than one node has this hostname.
     #[error("{0:?} is the hostname of more than one node; use the node id instead")]
     AmbiguousNode(String),
+    /// No instruction has this tag.
+    #[error("no instruction with tag {0:?}")]
+    TagNotFound(String),
+    /// The text is not a tag (a hyphenated UUID).
+    #[error("{0:?} is not an instruction tag (a hyphenated UUID)")]
+    MalformedTag(String),
     /// The node has been revoked.
     #[error("node {0} is revoked")]
     Revoked(String),
@@ -99,6 +105,8 @@ impl Error {
         match self {
             Error::NodeNotFound(_) => "node_not_found",
             Error::AmbiguousNode(_) => "ambiguous_node",
+            Error::TagNotFound(_) => "tag_not_found",
+            Error::MalformedTag(_) => "malformed_tag",
             Error::Revoked(_) => "revoked",
             Error::Timeout => "timeout",
             Error::BadRequest(_) => "bad_request",

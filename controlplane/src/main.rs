@@ -103,6 +103,23 @@ enum Command {
         #[arg(long, value_name = "TEXT")]
         raw_b64: Option<String>,
     },
+    /// Show the final reply of an instruction sent earlier (printed like `send --wait`);
+    /// without one yet, say it is pending (exit 4), or with --wait wait for it.
+    Reply {
+        #[command(flatten)]
+        loc: Locator,
+        /// The instruction's tag, as `send` printed it.
+        tag: String,
+        /// Wait for the final reply if there is none yet.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        timeout: Duration,
+        /// Compact (one-line) JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a node: its session is closed at once and later sessions are refused.
     Revoke {
         #[command(flatten)]
@@ -252,6 +269,24 @@ async fn run(command: Command) -> Result<u8, Error> {
                     raw_b64,
                     instruction_timeout_ms: instruction_timeout
                         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    wait,
+                    timeout,
+                    json_out: json,
+                },
+            )
+            .await
+        }
+        Command::Reply {
+            loc,
+            tag,
+            wait,
+            timeout,
+            json,
+        } => {
+            cli::reply(
+                &loc.client(),
+                cli::ReplyArgs {
+                    tag,
                     wait,
                     timeout,
                     json_out: json,

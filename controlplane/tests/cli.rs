@@ -100,7 +100,9 @@ fn serve_token_nodes_send_and_sigterm() {
 fn help_documents_exit_codes_and_usage_errors_exit_2() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Exit codes:"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Exit codes:"));
+    assert!(help.contains("3  unknown node or tag"), "{help}");
     let out = Command::new(BIN).arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(BIN)

@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use runos_e2e::{Agent, Stack, describe, signal, wait_until};
+use runos_e2e::{Agent, Stack, describe, parse_reply, signal, wait_until};
 
 #[test]
 fn sighup_reloads_without_exiting() {
@@ -45,13 +45,111 @@ fn sigterm_shuts_down_gracefully_and_lets_a_running_command_finish() {
         "graceful shutdown exits 0, got {status}\n{}",
         s.logs()
     );
-    // Its reply was delivered before the agent left.
-    let log = s.cp.log();
+    // Its reply was delivered before the agent left (nobody else could deliver it now).
+    let r = parse_reply(
+        &s.cp
+            .cli(&["reply", &tag, "--wait", "--timeout", "10s", "--json"]),
+    );
+    assert_eq!(r.exit, 0, "{r:?}\n{}", s.logs());
+    assert_eq!(r.tag, tag);
+    assert_eq!(r.kind, "RUN_COMMAND_RESPONSE", "{r:?}\n{}", s.logs());
+    assert_eq!(r.payload["stdout"]["text"], "done\n", "{r:?}");
+}
+
+/// Processes whose command line is exactly `sleep 30` and that descend from `ancestor`.
+fn sleeps_under(ancestor: u32) -> Vec<u32> {
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        rest.split_whitespace().nth(1)?.parse().ok()
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !is_sleep_30(pid) {
+            continue;
+        }
+        let mut p = pid;
+        for _ in 0..64 {
+            match parent(p) {
+                Some(pp) if pp == ancestor => {
+                    found.push(pid);
+                    break;
+                }
+                Some(pp) if pp > 1 => p = pp,
+                _ => break,
+            }
+        }
+    }
+    found
+}
+
+/// Whether `pid` is a live `sleep 30` (a zombie has an empty command line).
+fn is_sleep_30(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030\x00")
+}
+
+#[test]
+fn shutdown_grace_running_out_interrupts_a_running_command() {
+    let mut s = Stack::up("shutdown_grace_secs = 1");
+    let out = s.cp.cli(&[
+        "send",
+        &s.node,
+        "RUN_COMMAND",
+        r#"{"argv":["sleep","30"]}"#,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tag = v["tag"].as_str().expect("send prints the tag").to_string();
+    wait_until(Duration::from_secs(10), "the command to start", || {
+        s.agent.log().contains(&tag)
+    });
+    let agent_pid = s.agent.pid();
+    let mut sleeps = Vec::new();
+    wait_until(Duration::from_secs(10), "the sleep process to run", || {
+        sleeps = sleeps_under(agent_pid);
+        !sleeps.is_empty()
+    });
+    // Not answered yet.
+    let out = s.cp.cli(&["reply", &tag, "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+
+    let start = Instant::now();
+    let status = s.agent.stop().expect("agent was running");
+    let took = start.elapsed();
     assert!(
-        log.contains(&tag),
-        "control plane never saw the reply\n{}",
+        status.success(),
+        "shutdown after the grace exits 0, got {status}\n{}",
         s.logs()
     );
+    assert!(
+        took < Duration::from_secs(10),
+        "the agent took {took:?} to stop with a 1 s grace\n{}",
+        s.logs()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the sleep process to be gone",
+        || sleeps.iter().all(|p| !is_sleep_30(*p)),
+    );
+
+    // The instruction was answered `interrupted` before the agent left.
+    let r = parse_reply(
+        &s.cp
+            .cli(&["reply", &tag, "--wait", "--timeout", "10s", "--json"]),
+    );
+    assert_eq!(r.exit, 1, "{r:?}\n{}", s.logs());
+    assert_eq!(r.tag, tag);
+    assert_eq!(r.kind, "ERROR", "{r:?}\n{}", s.logs());
+    assert_eq!(r.error_code(), Some("interrupted"), "{r:?}\n{}", s.logs());
 }
 
 #[test]
