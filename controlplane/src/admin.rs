@@ -13,10 +13,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 
 use crate::api::{Api, SendRequest};
-use crate::server::{Shared, shutdown_signalled};
+use crate::listen;
+use crate::server::Shared;
 use crate::{Error, util};
 
 /// Largest request line, beyond the largest frame (JSON and base64 overhead).
@@ -148,37 +148,15 @@ pub(crate) async fn bind(path: &Path) -> Result<UnixListener, Error> {
 }
 
 pub(crate) async fn run(listener: UnixListener, shared: Arc<Shared>) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut shutdown = shared.shutdown.clone();
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        // Backpressure, not failure: past the connection limit, further clients wait in the
-        // kernel's accept queue until a connection ends.
-        let permit = tokio::select! {
-            () = shutdown_signalled(&mut shutdown) => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let stream = tokio::select! {
-            () = shutdown_signalled(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "operator socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            connection(stream, shared).await;
-        });
-    }
+    let shutdown = shared.shutdown.clone();
+    let mut conns = listen::accept_loop(
+        listener,
+        "operator socket",
+        MAX_CONNECTIONS,
+        shutdown,
+        |stream, _peer| connection(stream, shared.clone()),
+    )
+    .await;
     conns.shutdown().await;
 }
 

@@ -84,6 +84,30 @@ fn offset_time(now_ms: i64, delta: Duration, forward: bool) -> Result<time::Offs
     time::OffsetDateTime::from_unix_timestamp(t / 1000).map_err(|e| ca_err("time out of range", e))
 }
 
+/// Parameters of an end-entity certificate: one common name, the given SANs, digital signature
+/// for `eku` only, a random serial, backdated by [`BACKDATE`] and valid for `validity`.
+fn leaf_params(
+    common_name: &str,
+    sans: Vec<SanType>,
+    eku: ExtendedKeyUsagePurpose,
+    now: i64,
+    validity: Duration,
+) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![eku];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = offset_time(now, BACKDATE, false)?;
+    params.not_after = offset_time(now, validity, true)?;
+    Ok(params)
+}
+
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     // Positive and without a leading zero byte, so its DER form is exactly these 16 bytes.
@@ -185,18 +209,13 @@ impl Ca {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| ca_err("generating the server key", e))?;
         let now = util::now_ms();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "runos control plane");
-        params.distinguished_name = dn;
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = offset_time(now, BACKDATE, false)?;
-        params.not_after = offset_time(now, SERVER_CERT_VALIDITY, true)?;
+        let params = leaf_params(
+            "runos control plane",
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            now,
+            SERVER_CERT_VALIDITY,
+        )?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| ca_err("signing the server certificate", e))?;
@@ -247,22 +266,18 @@ impl Ca {
             Err(e) => return Ok(Err(e)),
         };
         let now = util::now_ms();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, node_id);
-        params.distinguished_name = dn;
         let uri = format!("{}{node_id}", runos_protocol::NODE_URI_PREFIX);
-        params.subject_alt_names =
-            vec![SanType::URI(uri.try_into().map_err(|_| {
-                Error::Internal("node URI is not IA5".into())
-            })?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = offset_time(now, BACKDATE, false)?;
-        params.not_after = offset_time(now, validity, true)?;
+        let san = SanType::URI(
+            uri.try_into()
+                .map_err(|_| Error::Internal("node URI is not IA5".into()))?,
+        );
+        let params = leaf_params(
+            node_id,
+            vec![san],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            now,
+            validity,
+        )?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| ca_err("signing a node certificate", e))?;

@@ -8,16 +8,16 @@ use runos_protocol::control::{self, Register, Registered, types};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::db::{NewCert, NewNode, TokenProblem};
-use crate::server::{HANDSHAKE_TIMEOUT, Shared, shutdown_signalled};
+use crate::listen;
+use crate::server::{HANDSHAKE_TIMEOUT, Shared};
 use crate::{Error, util};
 
 /// Largest frame on L1Sec, both directions.
 pub const L1_MAX_FRAME: u32 = 256 * 1024;
-/// Concurrent enrolment connections; more are dropped at once.
+/// Concurrent enrolment connections; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 128;
 /// Upper bound of one whole enrolment connection.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
@@ -28,40 +28,26 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut shutdown = shared.shutdown.clone();
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown_signalled(&mut shutdown) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "L1Sec accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "L1Sec: too many connections; dropped");
-                    continue;
-                };
-                let acceptor = acceptor.clone();
-                let shared = shared.clone();
-                conns.spawn(async move {
-                    let _permit = permit;
-                    if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, acceptor, &shared))
-                        .await
-                        .is_err()
-                    {
-                        tracing::debug!(%peer, "L1Sec connection took too long; closed");
-                    }
-                });
+    let shutdown = shared.shutdown.clone();
+    let mut conns = listen::accept_loop(
+        listener,
+        "L1Sec",
+        MAX_CONNECTIONS,
+        shutdown,
+        |stream, peer| {
+            let acceptor = acceptor.clone();
+            let shared = shared.clone();
+            async move {
+                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, acceptor, &shared))
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "L1Sec connection took too long; closed");
+                }
             }
-        }
-    }
+        },
+    )
+    .await;
     conns.shutdown().await;
 }
 

@@ -15,11 +15,12 @@ use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::io::{AsyncWrite, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::listen;
 use crate::server::{HANDSHAKE_TIMEOUT, Shared, shutdown_signalled};
 use crate::util;
 
@@ -128,35 +129,15 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut shutdown = shared.shutdown.clone();
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown_signalled(&mut shutdown) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "L2Sec accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "L2Sec: too many connections; dropped");
-                    continue;
-                };
-                let acceptor = acceptor.clone();
-                let shared = shared.clone();
-                conns.spawn(async move {
-                    let _permit = permit;
-                    handle(stream, acceptor, shared).await;
-                });
-            }
-        }
-    }
+    let shutdown = shared.shutdown.clone();
+    let mut conns = listen::accept_loop(
+        listener,
+        "L2Sec",
+        MAX_CONNECTIONS,
+        shutdown,
+        |stream, _peer| handle(stream, acceptor.clone(), shared.clone()),
+    )
+    .await;
     // Sessions see the shutdown signal themselves; give them a moment to close cleanly.
     let _ = tokio::time::timeout(Duration::from_secs(3), async {
         while conns.join_next().await.is_some() {}

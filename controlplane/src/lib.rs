@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod l1;
 pub(crate) mod l2;
+pub(crate) mod listen;
 pub mod server;
 pub mod util;
 
