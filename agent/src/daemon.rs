@@ -159,6 +159,13 @@ pub async fn run(
                         );
                         wait_max = true;
                     }
+                    SessionEnd::Incompatible(m) => {
+                        tracing::error!(
+                            "the control plane speaks another protocol version ({m}); retrying only every {} s; install an agent version that matches the control plane",
+                            backoff.max().as_secs()
+                        );
+                        wait_max = true;
+                    }
                     SessionEnd::Failed(m) => tracing::warn!("session ended: {m}"),
                     SessionEnd::ConnectFailed(m) => tracing::warn!("cannot connect: {m}"),
                 }

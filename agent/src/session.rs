@@ -61,6 +61,8 @@ pub enum SessionEnd {
     Shutdown,
     /// The control plane said the node is revoked.
     Revoked(String),
+    /// The peers speak different protocol versions: retrying soon cannot help.
+    Incompatible(String),
     /// The configuration changed; connect again now.
     Reconnect,
     /// Connection, handshake or peer failure; reconnect after a backoff.
@@ -191,6 +193,7 @@ fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEn
         });
         return Err(match e.code {
             ErrorCode::Revoked => SessionEnd::Revoked(e.message),
+            ErrorCode::VersionMismatch => SessionEnd::Incompatible(e.message),
             _ => SessionEnd::Failed(format!(
                 "the control plane refused the session ({}): {}",
                 e.code, e.message
@@ -206,7 +209,7 @@ fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEn
     let w: Welcome = env
         .payload()
         .map_err(|_| SessionEnd::Failed("WELCOME payload is malformed".into()))?;
-    control::check_version(w.protocol_version).map_err(|e| SessionEnd::Failed(e.message))?;
+    control::check_version(w.protocol_version).map_err(|e| SessionEnd::Incompatible(e.message))?;
     Ok(w)
 }
 
@@ -496,6 +499,18 @@ mod tests {
         );
         let mut old = w.clone();
         old.protocol_version = 99;
-        assert!(handshake_answer(&Envelope::with_type(types::WELCOME, t, &old), t).is_err());
+        assert!(matches!(
+            handshake_answer(&Envelope::with_type(types::WELCOME, t, &old), t),
+            Err(SessionEnd::Incompatible(_))
+        ));
+        let refused = Envelope::with_type(
+            types::ERROR,
+            t,
+            &ErrorPayload::new(ErrorCode::VersionMismatch, "speaks 2"),
+        );
+        assert_eq!(
+            handshake_answer(&refused, t).unwrap_err(),
+            SessionEnd::Incompatible("speaks 2".into())
+        );
     }
 }
