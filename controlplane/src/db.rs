@@ -483,30 +483,23 @@ impl Db {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (tag, kind, json_b64, timeout) in rows {
-            // Rows were validated on insert; skip (and report) any that no longer parse.
-            match (Tag::parse(&tag), MessageType::new(kind)) {
-                (Ok(tag), Ok(kind)) => out.push(Envelope {
-                    kind,
-                    tag,
-                    json_b64,
-                    timeout_ms: timeout.and_then(|t| u64::try_from(t).ok()),
-                }),
-                _ => tracing::error!(tag, "stored instruction is malformed; skipped"),
-            }
-        }
-        Ok(out)
+        Ok(rows
+            .into_iter()
+            .filter_map(|(tag, kind, json_b64, timeout)| {
+                instruction_env(tag, kind, json_b64, timeout)
+            })
+            .collect())
     }
 
     /// The node's instructions without a final reply whose row id is above `after`, oldest
-    /// first, at most `limit` of them, with their row ids.
+    /// first, at most `limit` of them, with their row ids. A stored row that no longer parses
+    /// is reported and comes back as `None`, so that the caller can move past it.
     pub fn pending_after(
         &self,
         node_id: &str,
         after: i64,
         limit: u32,
-    ) -> Result<Vec<(i64, Envelope)>, Error> {
+    ) -> Result<Vec<(i64, Option<Envelope>)>, Error> {
         let rows: Vec<(i64, String, String, String, Option<i64>)> = self.with(|c| {
             let mut st = c.prepare(
                 "SELECT rowid, tag, type, json_b64, timeout_ms FROM instructions \
@@ -520,22 +513,28 @@ impl Db {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (rowid, tag, kind, json_b64, timeout) in rows {
-            match (Tag::parse(&tag), MessageType::new(kind)) {
-                (Ok(tag), Ok(kind)) => out.push((
-                    rowid,
-                    Envelope {
-                        kind,
-                        tag,
-                        json_b64,
-                        timeout_ms: timeout.and_then(|t| u64::try_from(t).ok()),
-                    },
-                )),
-                _ => tracing::error!(tag, "stored instruction is malformed; skipped"),
-            }
-        }
-        Ok(out)
+        Ok(rows
+            .into_iter()
+            .map(|(rowid, tag, kind, json_b64, timeout)| {
+                (rowid, instruction_env(tag, kind, json_b64, timeout))
+            })
+            .collect())
+    }
+
+    /// One of the node's instructions, as stored, if it has no final reply yet.
+    pub fn pending_instruction(&self, node_id: &str, tag: &Tag) -> Result<Option<Envelope>, Error> {
+        let row: Option<(String, String, String, Option<i64>)> = self.with(|c| {
+            c.query_row(
+                "SELECT tag, type, json_b64, timeout_ms FROM instructions \
+                 WHERE tag = ?1 AND node_id = ?2 AND replied_at IS NULL",
+                params![tag.to_string(), node_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+        })?;
+        Ok(row.and_then(|(tag, kind, json_b64, timeout)| {
+            instruction_env(tag, kind, json_b64, timeout)
+        }))
     }
 
     pub fn mark_sent(&self, tag: &Tag, now: i64) -> Result<(), Error> {
@@ -595,6 +594,28 @@ impl Db {
             )
             .optional()
         })
+    }
+}
+
+/// A stored instruction row as an envelope; `None` (reported) when it no longer parses. Rows are
+/// validated on insert, so that means the database was changed behind our back.
+fn instruction_env(
+    tag: String,
+    kind: String,
+    json_b64: String,
+    timeout: Option<i64>,
+) -> Option<Envelope> {
+    match (Tag::parse(&tag), MessageType::new(kind)) {
+        (Ok(tag), Ok(kind)) => Some(Envelope {
+            kind,
+            tag,
+            json_b64,
+            timeout_ms: timeout.and_then(|t| u64::try_from(t).ok()),
+        }),
+        _ => {
+            tracing::error!(tag, "stored instruction is malformed; skipped");
+            None
+        }
     }
 }
 
@@ -666,11 +687,21 @@ mod tests {
         assert!(!db.insert_instruction("n1", &env, 6).unwrap());
         assert_eq!(db.pending("n1").unwrap(), vec![env.clone()]);
         assert_eq!(db.node("n1").unwrap().unwrap().pending, 1);
+        assert_eq!(
+            db.pending_instruction("n1", &env.tag).unwrap(),
+            Some(env.clone())
+        );
+        assert_eq!(db.pending_instruction("n2", &env.tag).unwrap(), None);
+        let after = db.pending_after("n1", 0, 10).unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].1, Some(env.clone()));
+        assert!(db.pending_after("n1", after[0].0, 10).unwrap().is_empty());
         assert!(db.store_reply(&env.tag, "NO_CONTENT", "e30=", 7).unwrap());
         assert!(!db.store_reply(&env.tag, "ERROR", "e30=", 8).unwrap());
         let r = db.reply(&env.tag).unwrap().unwrap().unwrap();
         assert_eq!(r.kind, "NO_CONTENT");
         assert!(db.pending("n1").unwrap().is_empty());
+        assert_eq!(db.pending_instruction("n1", &env.tag).unwrap(), None);
         assert_eq!(db.reply(&Tag::random()).unwrap().map(|_| ()), None);
     }
 

@@ -3,8 +3,16 @@
 //! One live session per node: a new session replaces (closes) the old one; revocation closes
 //! the live session at once. After WELCOME every instruction of the node without a stored final
 //! reply is sent (again, same tag), oldest first; later instructions follow as they are stored.
+//!
+//! Flow control: at most `max_in_flight` instructions per session are sent and not yet finally
+//! answered; more are sent as final replies come in, a few at a time between reads, so that
+//! heartbeats and ACKs never wait behind a long backlog. An `ERROR` `busy` or `shutting_down`
+//! is not a final reply: it is acknowledged but not stored, and the instruction is sent again
+//! (same tag, same envelope) after a delay, 1 s doubling per refusal up to 30 s. The waiting
+//! instruction keeps its place in the window; if the session ends first, it is still pending in
+//! the database and the next WELCOME sends it again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,8 +36,15 @@ use crate::util;
 const MAX_CONNECTIONS: usize = 4096;
 /// Longest time one frame may take to write before the session is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Instructions read from the database per batch.
-const PENDING_BATCH: u32 = 64;
+/// Most instructions written between two looks at the inbound frames.
+const SEND_CHUNK: usize = 16;
+/// Most inbound frames handled in a row while instructions are ready to be sent. Reading first
+/// lets final replies free several slots, refilled with one database read.
+const READS_BEFORE_SEND: usize = 64;
+/// First delay before resending an instruction the agent refused (`busy`, `shutting_down`).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest delay before resending a refused instruction.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Why a session was closed from our side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +266,9 @@ fn check_hello(
 
 async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let peer = stream.peer_addr().ok();
+    // Small frames (ACKs, heartbeat replies, instructions sent as slots free up) go out at once
+    // instead of waiting for the peer's delayed ACK.
+    let _ = stream.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -366,6 +384,12 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         wake: reg.wake,
         shutdown: shared.shutdown.clone(),
         cursor: 0,
+        more: true,
+        max_in_flight: usize::try_from(shared.opts.max_in_flight)
+            .unwrap_or(usize::MAX)
+            .max(1),
+        in_flight: HashMap::new(),
+        retries: BTreeSet::new(),
         last_touch: now,
     };
     session.run(reader).await;
@@ -399,9 +423,44 @@ struct Session {
     close: watch::Receiver<Option<CloseReason>>,
     wake: Arc<Notify>,
     shutdown: watch::Receiver<bool>,
-    /// Row id of the last instruction sent in this session.
+    /// Row id of the last instruction taken from the database in this session.
     cursor: i64,
+    /// Whether stored instructions above the cursor may be waiting.
+    more: bool,
+    /// Bound on `in_flight`.
+    max_in_flight: usize,
+    /// Instructions sent in this session and not yet finally answered, including those waiting
+    /// to be resent after a refusal.
+    in_flight: HashMap<Tag, Flight>,
+    /// The refused instructions waiting to be resent, by due time. Each is in `in_flight`.
+    retries: BTreeSet<(Instant, Tag)>,
     last_touch: i64,
+}
+
+/// An instruction sent in this session and not yet finally answered.
+#[derive(Debug, Default)]
+struct Flight {
+    /// How often the agent refused it (`busy`, `shutting_down`) in this session.
+    refusals: u32,
+    /// When it is due to be resent, while it waits after a refusal.
+    retry_at: Option<Instant>,
+}
+
+/// The delay before resending an instruction refused `refusals` times: 1 s, doubling, capped.
+fn retry_delay(refusals: u32) -> Duration {
+    let doublings = refusals.saturating_sub(1).min(16);
+    RETRY_FIRST.saturating_mul(1 << doublings).min(RETRY_MAX)
+}
+
+/// The payload of an `ERROR` reply that says the instruction was not started and should be sent
+/// again later (`busy`, `shutting_down`).
+fn refusal(env: &Envelope) -> Option<ErrorPayload> {
+    if !env.is(types::ERROR) {
+        return None;
+    }
+    env.payload::<ErrorPayload>()
+        .ok()
+        .filter(|p| matches!(p.code, ErrorCode::Busy | ErrorCode::ShuttingDown))
 }
 
 impl Session {
@@ -426,33 +485,40 @@ impl Session {
         });
         let idle_limit = self.shared.opts.heartbeat_interval.saturating_mul(3);
         let mut last_rx = Instant::now();
-        let mut flush = true;
+        let mut reads_in_a_row = 0usize;
         let end = loop {
-            if flush {
-                flush = false;
-                if let Err(end) = self.flush_pending().await {
-                    break end;
-                }
-            }
+            let ready = self.can_send();
+            let read = !ready || reads_in_a_row < READS_BEFORE_SEND;
+            let next_retry = self.retries.first().map(|(due, _)| *due);
             let mut close = self.close.clone();
             let mut shutdown = self.shutdown.clone();
             tokio::select! {
                 biased;
                 reason = closed(&mut close) => break End::Closed(reason),
                 () = shutdown_signalled(&mut shutdown) => break End::Closed(CloseReason::Shutdown),
-                msg = in_rx.recv() => match msg {
+                msg = in_rx.recv(), if read => match msg {
                     None => break End::PeerClosed,
                     Some(Err(FrameError::Decode(e))) => break End::Protocol(e.to_string()),
                     Some(Err(e)) => break End::Io(e.to_string()),
                     Some(Ok(env)) => {
                         last_rx = Instant::now();
+                        reads_in_a_row += 1;
                         if let Err(end) = self.inbound(env).await {
                             break end;
                         }
                     }
                 },
-                () = self.wake.notified() => flush = true,
+                () = self.wake.notified() => self.more = true,
                 () = tokio::time::sleep_until(last_rx + idle_limit) => break End::Idle,
+                () = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)),
+                    if next_retry.is_some() && !ready => {}
+                // Last: more to send, once nothing above is ready (or after many reads).
+                () = std::future::ready(()), if ready => {
+                    reads_in_a_row = 0;
+                    if let Err(end) = self.send_some().await {
+                        break end;
+                    }
+                }
             }
         };
         reader_task.abort();
@@ -480,25 +546,113 @@ impl Session {
         }
     }
 
-    /// Send every stored instruction above the cursor, oldest first.
-    async fn flush_pending(&mut self) -> Result<(), End> {
-        loop {
+    /// Whether `send_some` has something to do now.
+    fn can_send(&self) -> bool {
+        (self.more && self.in_flight.len() < self.max_in_flight)
+            || self
+                .retries
+                .first()
+                .is_some_and(|(due, _)| *due <= Instant::now())
+    }
+
+    /// Send at most `SEND_CHUNK` instructions: refused ones that are due again, then stored
+    /// ones above the cursor, oldest first, as far as the in-flight window allows.
+    async fn send_some(&mut self) -> Result<(), End> {
+        let mut budget = SEND_CHUNK;
+        let now = Instant::now();
+        while budget > 0 {
+            let Some(&(due, tag)) = self.retries.first() else {
+                break;
+            };
+            if due > now {
+                break;
+            }
+            self.retries.remove(&(due, tag));
+            budget -= 1;
+            self.resend(tag).await?;
+        }
+        while budget > 0 && self.more && self.in_flight.len() < self.max_in_flight {
+            let want = budget.min(self.max_in_flight - self.in_flight.len());
             let batch = self
                 .shared
                 .db
-                .pending_after(&self.node, self.cursor, PENDING_BATCH)
+                .pending_after(
+                    &self.node,
+                    self.cursor,
+                    u32::try_from(want).unwrap_or(u32::MAX),
+                )
                 .map_err(|e| End::Internal(e.to_string()))?;
-            let n = batch.len();
-            for (rowid, env) in batch {
-                self.send(&env).await?;
-                self.cursor = rowid;
-                let _ = self.shared.db.mark_sent(&env.tag, util::now_ms());
-                tracing::info!(node = %self.node, tag = %env.tag, kind = %env.kind, "instruction sent");
+            if batch.len() < want {
+                self.more = false;
             }
-            if n < PENDING_BATCH as usize {
-                return Ok(());
+            for (rowid, env) in batch {
+                budget = budget.saturating_sub(1);
+                self.cursor = rowid;
+                let Some(env) = env else { continue };
+                self.send_instruction(&env).await?;
+                self.in_flight.insert(env.tag, Flight::default());
             }
         }
+        Ok(())
+    }
+
+    /// Send a refused instruction again, as stored, unless it got a final reply meanwhile.
+    async fn resend(&mut self, tag: Tag) -> Result<(), End> {
+        match self.in_flight.get_mut(&tag) {
+            Some(f) => f.retry_at = None,
+            None => return Ok(()),
+        }
+        match self.shared.db.pending_instruction(&self.node, &tag) {
+            Ok(Some(env)) => self.send_instruction(&env).await,
+            Ok(None) => {
+                self.in_flight.remove(&tag);
+                Ok(())
+            }
+            Err(e) => Err(End::Internal(format!("reading {tag}: {e}"))),
+        }
+    }
+
+    async fn send_instruction(&mut self, env: &Envelope) -> Result<(), End> {
+        self.send(env).await?;
+        if let Err(e) = self.shared.db.mark_sent(&env.tag, util::now_ms()) {
+            tracing::warn!(node = %self.node, tag = %env.tag, error = %e, "cannot record the send");
+        }
+        tracing::info!(node = %self.node, tag = %env.tag, kind = %env.kind, "instruction sent");
+        Ok(())
+    }
+
+    /// The instruction got its final reply: it leaves the window.
+    fn answered(&mut self, tag: &Tag) {
+        if let Some(f) = self.in_flight.remove(tag) {
+            if let Some(at) = f.retry_at {
+                self.retries.remove(&(at, *tag));
+            }
+        }
+    }
+
+    /// The agent refused the instruction (`busy`, `shutting_down`): schedule it again.
+    fn refused(&mut self, tag: Tag, why: &ErrorPayload) {
+        let Some(f) = self.in_flight.get_mut(&tag) else {
+            tracing::warn!(node = %self.node, tag = %tag, code = %why.code, "refusal of an instruction not in flight in this session (acknowledged, not stored; it stays pending)");
+            return;
+        };
+        if f.retry_at.is_some() {
+            tracing::debug!(node = %self.node, tag = %tag, "duplicate refusal");
+            return;
+        }
+        f.refusals = f.refusals.saturating_add(1);
+        let delay = retry_delay(f.refusals);
+        let at = Instant::now() + delay;
+        f.retry_at = Some(at);
+        self.retries.insert((at, tag));
+        tracing::info!(
+            node = %self.node,
+            tag = %tag,
+            code = %why.code,
+            message = %why.message,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "instruction refused by the agent (acknowledged, not stored); it will be sent again"
+        );
     }
 
     /// Write one frame, giving up at once when the session is closed from our side.
@@ -584,6 +738,12 @@ impl Session {
                 tracing::warn!(node = %self.node, tag = %tag, "reply for another node's instruction (acknowledged, not stored)");
             }
             Ok(Some(_)) => {
+                if let Some(why) = refusal(&env) {
+                    self.refused(tag, &why);
+                    let ack = Envelope::with_type(types::ACK, tag, &control::Ack::default());
+                    return self.send(&ack).await;
+                }
+                self.answered(&tag);
                 match self.shared.db.store_reply(
                     &tag,
                     env.kind.as_str(),

@@ -180,6 +180,15 @@ struct ServeArgs {
     /// Validity of node certificates.
     #[arg(long, value_parser = duration, default_value = "30d")]
     cert_validity: Duration,
+    /// Instructions per session sent but not yet finally answered (1-4096); more are sent as
+    /// final replies come in.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = server::DEFAULT_MAX_IN_FLIGHT,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(server::MAX_MAX_IN_FLIGHT))
+    )]
+    max_in_flight: u32,
 }
 
 fn main() -> ExitCode {
@@ -241,6 +250,7 @@ async fn run(command: Command) -> Result<u8, Error> {
                 heartbeat_interval: a.heartbeat_interval,
                 max_frame_bytes: a.max_frame_bytes,
                 cert_validity: a.cert_validity,
+                max_in_flight: a.max_in_flight,
             };
             server::run_until_signal(opts).await?;
             Ok(exit::OK)

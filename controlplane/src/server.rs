@@ -28,6 +28,10 @@ pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 /// Smallest heartbeat interval.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default bound on the instructions per session sent but not yet finally answered.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 128;
+/// Largest accepted `max_in_flight`.
+pub const MAX_MAX_IN_FLIGHT: u32 = 4096;
 /// How long a peer has for the TLS handshake and its first frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,11 +54,14 @@ pub struct ServeOptions {
     pub max_frame_bytes: u32,
     /// Validity of node certificates.
     pub cert_validity: Duration,
+    /// Instructions per session sent but not yet finally answered (1..=4096). Instructions
+    /// waiting to be resent after `busy` or `shutting_down` count too.
+    pub max_in_flight: u32,
 }
 
 impl ServeOptions {
     /// Defaults: ports 9191/9192 on all addresses, 15 s heartbeat, 16 MiB frames, 30-day node
-    /// certificates.
+    /// certificates, 128 instructions in flight per session.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         ServeOptions {
             data_dir: data_dir.into(),
@@ -65,6 +72,7 @@ impl ServeOptions {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             max_frame_bytes: runos_protocol::DEFAULT_MAX_FRAME_BYTES,
             cert_validity: crate::ca::DEFAULT_NODE_CERT_VALIDITY,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 
@@ -93,6 +101,11 @@ impl ServeOptions {
             return Err(Error::BadRequest(
                 "--cert-validity must be at least 1m".into(),
             ));
+        }
+        if !(1..=MAX_MAX_IN_FLIGHT).contains(&self.max_in_flight) {
+            return Err(Error::BadRequest(format!(
+                "--max-in-flight must be between 1 and {MAX_MAX_IN_FLIGHT}"
+            )));
         }
         Ok(())
     }
