@@ -252,27 +252,37 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         })?),
         None => cfg.server.l1_ca_sha256.clone(),
     };
-    let actual = runos_transport::pem::der_sha256(&cas[0]);
-    if let Some(pin) = &pin
-        && *pin != actual
-    {
-        return Err(fail(
-            Exit::Tls,
-            format!(
-                "the L1Sec CA {} does not match the pin: expected sha256 {pin}, the file has {actual}; get the right CA file (or pin) from the control plane's operator",
-                ca_path.display()
-            ),
-        ));
-    }
-
-    if pin.is_none() {
-        eprintln!(
-            "WARNING: no CA pin (--ca-sha256 or server.l1_ca_sha256): trusting the CA file {} as it is, sha256 {actual}. \
-             Anyone who could change that file can impersonate the control plane. Pin it with the caSha256 that \
-             `runos-controlplane token create` prints.",
-            ca_path.display()
-        );
-    }
+    // With a pin, trust exactly the one certificate in the file whose digest matches it, wherever
+    // it stands: another certificate in the same file must never widen the trust.
+    let digests: Vec<String> = cas
+        .iter()
+        .map(|c| runos_transport::pem::der_sha256(c))
+        .collect();
+    let cas = match &pin {
+        Some(pin) => match digests.iter().position(|d| d == pin) {
+            Some(i) => vec![cas[i].clone()],
+            None => {
+                return Err(fail(
+                    Exit::Tls,
+                    format!(
+                        "no certificate in the L1Sec CA file {} matches the pin: expected sha256 {pin}, the file has {}; get the right CA file (or pin) from the control plane's operator",
+                        ca_path.display(),
+                        digests.join(", ")
+                    ),
+                ));
+            }
+        },
+        None => {
+            eprintln!(
+                "WARNING: no CA pin (--ca-sha256 or server.l1_ca_sha256): trusting every certificate in the CA file {} as it is (sha256 {}). \
+                 Anyone who could change that file can impersonate the control plane. Pin it with the caSha256 that \
+                 `runos-controlplane token create` prints.",
+                ca_path.display(),
+                digests.join(", ")
+            );
+            cas
+        }
+    };
 
     let hostname = sysinfo::hostname();
     let (key_pem, csr_pem, public_key) = key_and_csr(&hostname)?;
@@ -369,9 +379,25 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         &key_pem,
         &reg,
         &ca_path,
-        &ca_pem,
+        certs_to_pem(&cas).as_bytes(),
     )?;
     Ok(Outcome { node_id })
+}
+
+/// PEM text of `certs`: what `register` keeps as the L1Sec CA (with a pin, only the pinned one).
+fn certs_to_pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for c in certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -407,6 +433,7 @@ fn store(
     .map_err(write_err)?;
     fsutil::write_atomic(&p.ca, reg.ca_pem.as_bytes(), Mode::Exact(0o644)).map_err(write_err)?;
     if ca_path != p.l1_ca {
+        // Only the trusted certificates (the pinned one when there is a pin).
         fsutil::write_atomic(&p.l1_ca, ca_pem, Mode::Exact(0o644)).map_err(write_err)?;
     }
     config::update_server(config_path, host, l1_port, l2_port).map_err(|e| {

@@ -129,3 +129,33 @@ fn an_unreachable_server_is_reported() {
         "error should name the address: {err}"
     );
 }
+
+/// A CA file that holds the pinned CA and another one: only the pinned certificate is trusted,
+/// so an impostor whose CA rides along in the file is refused before the token is sent.
+#[test]
+fn a_pin_trusts_only_the_pinned_certificate_of_a_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = ControlPlane::start(&tmp.path().join("real"), &[]);
+    let impostor = ControlPlane::start(&tmp.path().join("impostor"), &[]);
+    let (_, real_pin) = real.token("10m");
+    let (impostor_token, _) = impostor.token("10m");
+    let real_ca = std::fs::read_to_string(real.ca_file()).unwrap();
+    let impostor_ca = std::fs::read_to_string(impostor.ca_file()).unwrap();
+    for (name, bundle) in [
+        ("real first", format!("{real_ca}{impostor_ca}")),
+        ("impostor first", format!("{impostor_ca}{real_ca}")),
+    ] {
+        let bundle_file = tmp.path().join("bundle.pem");
+        std::fs::write(&bundle_file, bundle).unwrap();
+        // The node is pointed at the impostor (DNS hijack, say), with the real CA's pin.
+        let mut agent = Agent::new(&tmp.path().join(format!("node-{}", name.len())), &impostor, "");
+        let out = agent.register_ca(&bundle_file, &impostor_token, &real_pin);
+        assert_eq!(out.status.code(), Some(6), "{name}: {}", describe(&out));
+        assert!(!agent.dir.join("etc/node.crt").exists(), "{name}");
+    }
+    // The impostor never saw the token: it is still unused there.
+    let mut agent = Agent::new(&tmp.path().join("node-ok"), &impostor, "");
+    let (_, impostor_pin) = impostor.token("10m");
+    let out = agent.register_with(&impostor, &impostor_token, &impostor_pin);
+    assert!(out.status.success(), "{}", describe(&out));
+}
