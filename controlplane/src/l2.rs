@@ -203,6 +203,17 @@ fn check_ident(name: &str, v: &str) -> Result<(), ErrorPayload> {
     Ok(())
 }
 
+/// Whether the node and the certificate serial are still known and unrevoked (a database
+/// failure counts as no).
+fn still_admitted(shared: &Shared, node: &str, serial: &str) -> bool {
+    let cert_ok = matches!(
+        shared.db.cert(serial),
+        Ok(Some(c)) if c.node_id == node && c.revoked_at.is_none()
+    );
+    let node_ok = matches!(shared.db.node(node), Ok(Some(n)) if n.revoked_at.is_none());
+    cert_ok && node_ok
+}
+
 fn check_hello(
     shared: &Shared,
     cert_node: Option<&str>,
@@ -348,6 +359,15 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         return;
     }
     let reg = shared.sessions.register(&node);
+    // A revocation that landed between check_hello and register found no session to close:
+    // look again now that the session is registered (a later revocation will find it).
+    if !still_admitted(&shared, &node, &serial) {
+        shared.sessions.deregister(&node, reg.id);
+        tracing::info!(node = %node, "L2Sec: revoked during the handshake; session refused");
+        let env = error_env(first.tag, ErrorCode::Revoked, "the node is revoked");
+        send_and_close(&mut writer, Some(&env)).await;
+        return;
+    }
     let session_id = uuid::Uuid::new_v4().hyphenated().to_string();
     let interval = shared.opts.heartbeat_interval;
     let welcome = Envelope::with_type(

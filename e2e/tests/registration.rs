@@ -148,7 +148,11 @@ fn a_pin_trusts_only_the_pinned_certificate_of_a_bundle() {
         let bundle_file = tmp.path().join("bundle.pem");
         std::fs::write(&bundle_file, bundle).unwrap();
         // The node is pointed at the impostor (DNS hijack, say), with the real CA's pin.
-        let mut agent = Agent::new(&tmp.path().join(format!("node-{}", name.len())), &impostor, "");
+        let mut agent = Agent::new(
+            &tmp.path().join(format!("node-{}", name.len())),
+            &impostor,
+            "",
+        );
         let out = agent.register_ca(&bundle_file, &impostor_token, &real_pin);
         assert_eq!(out.status.code(), Some(6), "{name}: {}", describe(&out));
         assert!(!agent.dir.join("etc/node.crt").exists(), "{name}");

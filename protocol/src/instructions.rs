@@ -121,25 +121,39 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-/// Output captured from a process: UTF-8 text, or base64 when it is not valid UTF-8.
+/// Output captured from a process: UTF-8 text, or base64 when it is not valid UTF-8 or when
+/// base64 is shorter than the text would be once escaped in JSON (output full of control
+/// bytes, where each escape costs 6 bytes). So the encoded size of captured output is never more
+/// than 4/3 of its raw size, and a reply with capped output always fits in a frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Output {
-    /// Valid UTF-8.
+    /// Valid UTF-8 whose JSON form is not longer than its base64 form.
     Text(String),
-    /// Standard base64 of bytes that are not valid UTF-8.
+    /// Standard base64 of the bytes.
     Base64(String),
 }
 
+/// Length of `s` as a JSON string body (without quotes), as serde_json escapes it.
+fn json_escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
 impl Output {
-    /// Wrap captured bytes.
+    /// Wrap captured bytes, choosing the shorter encoding.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         match String::from_utf8(bytes) {
-            Ok(s) => Output::Text(s),
-            Err(e) => {
-                Output::Base64(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
-            }
+            Ok(s) if json_escaped_len(&s) <= s.len().div_ceil(3) * 4 => Output::Text(s),
+            Ok(s) => Output::Base64(b64(s.as_bytes())),
+            Err(e) => Output::Base64(b64(e.as_bytes())),
         }
     }
 
@@ -1934,6 +1948,17 @@ mod tests {
         let o = Output::from_bytes(vec![0xff]);
         assert_eq!(o, Output::Base64("/w==".into()));
         assert_eq!(o.to_bytes().unwrap(), vec![0xff]);
+        // Control bytes would cost 6 bytes each escaped: base64 is chosen, and round trips.
+        let zeros = Output::from_bytes(vec![0u8; 3000]);
+        assert!(matches!(zeros, Output::Base64(_)));
+        assert_eq!(zeros.to_bytes().unwrap(), vec![0u8; 3000]);
+        assert!(serde_json::to_string(&zeros).unwrap().len() < 4100);
+        // Ordinary text, newlines and quotes included, stays text.
+        let text = "line \"one\"\n\tline two\n".repeat(10);
+        assert_eq!(
+            Output::from_bytes(text.clone().into_bytes()),
+            Output::Text(text)
+        );
         assert_eq!(
             serde_json::to_string(&Output::Text("a".into())).unwrap(),
             r#"{"text":"a"}"#
