@@ -35,6 +35,7 @@ pub mod exec;
 pub mod exit;
 pub mod fsutil;
 pub mod identity;
+pub mod journal;
 pub mod lock;
 pub mod logging;
 pub mod net;
