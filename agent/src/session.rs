@@ -355,11 +355,34 @@ async fn serve_loop(
                 return SessionEnd::Failed(format!("no HEARTBEAT_REPLY within {} ms", dead_after.as_millis()));
             }
             frame = rrx.recv() => match frame {
-                Some(Ok(env)) => {
-                    if let Some(end) = route(env, &mut pending, link).await {
-                        return end;
+                Some(Ok(env)) => match route(env, &mut pending) {
+                    Routed::End(end) => return end,
+                    Routed::Nothing => {}
+                    Routed::Forward(msg) => {
+                        // Never wait on the dispatcher without draining its replies: it may
+                        // itself be waiting for room in the reply channel.
+                        let mut msg = Some(msg);
+                        while let Some(m) = msg.take() {
+                            tokio::select! {
+                                permit = link.inbound.reserve() => match permit {
+                                    Ok(p) => p.send(m),
+                                    Err(_) => return SessionEnd::Failed("dispatcher stopped".into()),
+                                },
+                                reply = link.replies.recv() => {
+                                    msg = Some(m);
+                                    match reply {
+                                        Some(env) => {
+                                            if !send(env).await {
+                                                return SessionEnd::Failed("connection lost".into());
+                                            }
+                                        }
+                                        None => return SessionEnd::Failed("dispatcher stopped".into()),
+                                    }
+                                }
+                            }
+                        }
                     }
-                }
+                },
                 Some(Err(e)) => {
                     tracing::warn!("closing the session: {e}");
                     if matches!(e, FrameError::Decode(_)) {
@@ -413,12 +436,9 @@ async fn serve_loop(
     }
 }
 
-/// Route one envelope received after WELCOME. Returns `Some` when the session must end.
-async fn route(
-    env: Envelope,
-    pending: &mut HashMap<Tag, tokio::time::Instant>,
-    link: &mut DispatchLink,
-) -> Option<SessionEnd> {
+/// Route one envelope received after WELCOME. Pure: forwarding to the dispatcher is the
+/// caller's job, so the caller can keep draining replies while it waits.
+fn route(env: Envelope, pending: &mut HashMap<Tag, tokio::time::Instant>) -> Routed {
     let tag = env.tag;
     match env.kind.as_str() {
         types::HEARTBEAT_REPLY => match pending.remove(&tag) {
@@ -431,17 +451,15 @@ async fn route(
                 tracing::debug!(%tag, "HEARTBEAT_REPLY matches no outstanding heartbeat (late or unknown); dropped")
             }
         },
-        types::ACK => {
-            let _ = link.inbound.send(Inbound::Ack(tag)).await;
-        }
+        types::ACK => return Routed::Forward(Inbound::Ack(tag)),
         types::ERROR => {
             let e: Option<ErrorPayload> = env.payload().ok();
             match e {
                 Some(e) if e.code == ErrorCode::Revoked => {
-                    return Some(SessionEnd::Revoked(e.message));
+                    return Routed::End(SessionEnd::Revoked(e.message));
                 }
                 Some(e) if e.code == ErrorCode::Protocol => {
-                    return Some(SessionEnd::Failed(format!(
+                    return Routed::End(SessionEnd::Failed(format!(
                         "the control plane reported a protocol error: {}",
                         e.message
                     )));
@@ -455,11 +473,19 @@ async fn route(
         k if control::is_control_type(k) => {
             tracing::warn!(%tag, r#type = k, "unexpected control message after WELCOME; dropped");
         }
-        _ => {
-            let _ = link.inbound.send(Inbound::Instruction(env)).await;
-        }
+        _ => return Routed::Forward(Inbound::Instruction(env)),
     }
-    None
+    Routed::Nothing
+}
+
+/// What to do with a routed envelope.
+enum Routed {
+    /// Nothing more (matched, logged or dropped).
+    Nothing,
+    /// Hand this to the dispatcher.
+    Forward(Inbound),
+    /// End the session.
+    End(SessionEnd),
 }
 
 #[cfg(test)]
