@@ -189,17 +189,25 @@ pub async fn run(spec: Spec) -> Result<Outcome, SpawnError> {
     })?;
     let guard = GroupGuard::new(child.id());
 
+    // The pipe tasks are aborted when this future is dropped (deadline, cancel), so a process
+    // that escaped the group and still holds a pipe cannot keep them, and their buffers, alive.
     let stdin_task = match (child.stdin.take(), spec.stdin) {
-        (Some(mut w), Some(data)) => Some(tokio::spawn(async move {
+        (Some(mut w), Some(data)) => Some(AbortOnDrop(tokio::spawn(async move {
             // A child that does not read its stdin closes the pipe: ignore that error.
             let _ = w.write_all(&data).await;
             let _ = w.shutdown().await;
-        })),
+        }))),
         _ => None,
     };
     let cap = spec.output_cap;
-    let out = child.stdout.take().map(|r| tokio::spawn(read_tail(r, cap)));
-    let err = child.stderr.take().map(|r| tokio::spawn(read_tail(r, cap)));
+    let out = child
+        .stdout
+        .take()
+        .map(|r| AbortOnDrop(tokio::spawn(read_tail(r, cap))));
+    let err = child
+        .stderr
+        .take()
+        .map(|r| AbortOnDrop(tokio::spawn(read_tail(r, cap))));
 
     let (status, timed_out) = match tokio::time::timeout(spec.timeout, child.wait()).await {
         Ok(Ok(status)) => (Some(status), false),
@@ -213,17 +221,13 @@ pub async fn run(spec: Spec) -> Result<Outcome, SpawnError> {
     // The leader is gone; nothing of the instruction may outlive it (background children
     // holding our pipes would otherwise keep the reply waiting forever).
     guard.kill();
-    if let Some(t) = stdin_task {
-        t.abort();
-    }
-    let collect = |h: Option<tokio::task::JoinHandle<TailBuffer>>| async move {
+    drop(stdin_task);
+    let collect = |h: Option<AbortOnDrop<TailBuffer>>| async move {
         match h {
-            Some(mut h) => match tokio::time::timeout(DRAIN_GRACE, &mut h).await {
+            // On timeout the guard aborts the reader when it goes out of scope.
+            Some(mut h) => match tokio::time::timeout(DRAIN_GRACE, &mut h.0).await {
                 Ok(Ok(tail)) => tail.finish(),
-                _ => {
-                    h.abort();
-                    (Vec::new(), false)
-                }
+                _ => (Vec::new(), false),
             },
             None => (Vec::new(), false),
         }
@@ -240,6 +244,16 @@ pub async fn run(spec: Spec) -> Result<Outcome, SpawnError> {
         stderr_truncated,
         duration: started.elapsed(),
     })
+}
+
+/// A spawned task that is aborted when the guard is dropped.
+#[derive(Debug)]
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]
