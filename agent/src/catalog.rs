@@ -1,7 +1,9 @@
 //! The executor catalog: instruction type name → entry (executor, default and maximum deadline).
 //!
 //! The dispatcher knows instructions only through this table. Adding an executor is adding an
-//! entry here (see [`Catalog::standard`]); nothing else changes. Executors are plain async
+//! entry here (see [`Catalog::standard`]); nothing else changes. The one exception is `CANCEL`,
+//! which the dispatcher handles itself ([`DISPATCHER_TYPES`]): it has no entry, but HELLO still
+//! lists it. Executors are plain async
 //! functions over typed payloads ([`runos_protocol::instructions::Instruction`]); they know
 //! nothing of TLS, sessions or queues.
 
@@ -15,6 +17,10 @@ use runos_protocol::control::{self, LogLevel, LogLine};
 use runos_protocol::instructions::{self, Instruction};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, PayloadError, Tag};
 use tokio::sync::mpsc;
+
+/// Instruction types the dispatcher handles itself, without an executor, queue or slot. Every
+/// catalog lists them among the types this agent supports ([`Catalog::types`]).
+pub const DISPATCHER_TYPES: &[&str] = &[instructions::types::CANCEL];
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -196,9 +202,18 @@ impl Catalog {
         self.entries.get(kind)
     }
 
-    /// The instruction types this agent executes (for HELLO).
+    /// The instruction types this agent supports (for HELLO): those with an executor and those
+    /// the dispatcher handles itself ([`DISPATCHER_TYPES`]), sorted.
     pub fn types(&self) -> Vec<String> {
-        self.entries.keys().map(|k| k.to_string()).collect()
+        let mut types: Vec<String> = self
+            .entries
+            .keys()
+            .chain(DISPATCHER_TYPES)
+            .map(|k| k.to_string())
+            .collect();
+        types.sort();
+        types.dedup();
+        types
     }
 }
 
@@ -214,6 +229,18 @@ mod tests {
         }
         assert!(c.get("RUN_COMMAND").is_some());
         assert!(c.get("GET_NODE_STATUS").is_some());
+    }
+
+    #[test]
+    fn cancel_is_listed_without_an_executor() {
+        for c in [Catalog::standard(), Catalog::empty()] {
+            assert!(c.types().contains(&"CANCEL".to_string()));
+            assert!(c.get("CANCEL").is_none());
+        }
+        let t = Catalog::standard().types();
+        let mut sorted = t.clone();
+        sorted.sort();
+        assert_eq!(t, sorted);
     }
 
     #[test]

@@ -22,6 +22,8 @@ use tracing::Instrument as _;
 use crate::catalog::{Catalog, Entry, ExecCtx};
 use crate::outbox::Outbox;
 
+mod cancel;
+
 /// Limits of the dispatcher.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -279,6 +281,11 @@ impl Dispatcher {
                 ),
             ))
             .await;
+            return;
+        }
+        // CANCEL is the dispatcher's own: no queue, no slot (see `cancel.rs`).
+        if kind == runos_protocol::instructions::types::CANCEL {
+            self.cancel(env).await;
             return;
         }
         let Some(entry) = self.catalog.get(&kind).cloned() else {
