@@ -84,7 +84,8 @@ enum Command {
         /// Instruction type, e.g. RUN_COMMAND.
         #[arg(value_name = "TYPE")]
         kind: String,
-        /// JSON payload (default `{}`).
+        /// JSON payload (default `{}`); `-` reads it from standard input, which keeps secrets
+        /// in it (env values, stdin, tokens) out of `ps`.
         #[arg(value_name = "JSON", conflicts_with = "raw_b64")]
         json_payload: Option<String>,
         /// Wait for the final reply and print it.
@@ -191,6 +192,25 @@ struct ServeArgs {
     max_in_flight: u32,
 }
 
+/// Largest payload `send -` reads from standard input (the largest frame is 16 MiB).
+const MAX_STDIN_PAYLOAD: u64 = 16 * 1024 * 1024;
+
+/// The payload of `send NODE TYPE -`, read from standard input.
+fn read_stdin_payload() -> Result<String, Error> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::io::stdin()
+        .take(MAX_STDIN_PAYLOAD + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::BadRequest(format!("reading the payload from stdin: {e}")))?;
+    if text.len() as u64 > MAX_STDIN_PAYLOAD {
+        return Err(Error::BadRequest(format!(
+            "the payload on stdin is larger than {MAX_STDIN_PAYLOAD} bytes"
+        )));
+    }
+    Ok(text)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -270,6 +290,10 @@ async fn run(command: Command) -> Result<u8, Error> {
             json,
             raw_b64,
         } => {
+            let json_payload = match json_payload.as_deref() {
+                Some("-") => Some(read_stdin_payload()?),
+                _ => json_payload,
+            };
             cli::send(
                 &loc.client(),
                 cli::SendArgs {

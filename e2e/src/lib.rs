@@ -238,6 +238,25 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("run runos-controlplane {args:?}: {e}"))
     }
 
+    /// Run an operator subcommand with `input` on its standard input.
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> Output {
+        let mut child = Command::new(bin("runos-controlplane"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run runos-controlplane {args:?}: {e}"));
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(input.as_bytes());
+        }
+        child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("runos-controlplane {args:?}: {e}"))
+    }
+
     /// Create an enrolment token; returns `(token, caSha256)`.
     pub fn token(&self, ttl: &str) -> (String, String) {
         let out = self.cli(&["token", "create", "--ttl", ttl, "--json"]);

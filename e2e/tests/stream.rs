@@ -89,11 +89,12 @@ fn unknown_types_and_bad_payloads_get_stable_error_codes() {
 #[test]
 fn secrets_in_instructions_never_reach_the_logs() {
     let s = Stack::up("");
-    let r = s.cp.send(
-        &s.node,
-        "RUN_COMMAND",
+    // The payload goes through stdin (`send NODE TYPE -`), so it is not in `ps` either.
+    let out = s.cp.cli_stdin(
+        &["send", &s.node, "RUN_COMMAND", "-", "--wait", "--json", "--timeout", "30s"],
         r#"{"argv":["sh","-c","test \"$SECRET\" = s3cr3t-env && cat >/dev/null"],"env":{"SECRET":"s3cr3t-env"},"stdin":"s3cr3t-stdin"}"#,
     );
+    let r = runos_e2e::parse_reply(&out);
     assert_eq!(r.payload["exitCode"], json!(0), "{r:?}\n{}", s.logs());
     let logs = s.logs();
     assert!(!logs.contains("s3cr3t-env"), "env value leaked into a log");
