@@ -1,6 +1,7 @@
 //! `runos agent`: the long-running daemon.
 //!
-//! Startup: configuration, registration check, instance lock, dispatcher, `READY=1`. Then the
+//! Startup: configuration, registration check, instance lock, journal (recovery of what the
+//! previous run left unfinished), dispatcher, `READY=1`. Then the
 //! reconnect loop: one [`session`] at a time, exponential backoff with full jitter between
 //! attempts (reset after a stable session, the cap after `revoked`), forever. SIGTERM/SIGINT
 //! drain running instructions within the grace and exit; SIGHUP reloads the configuration and
@@ -18,6 +19,7 @@ use crate::catalog::Catalog;
 use crate::config::{self, Config};
 use crate::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
 use crate::exit::Exit;
+use crate::journal::{self, Journal};
 use crate::logging::LogHandle;
 use crate::session::{self, Control, SessionEnd, SessionParams};
 use crate::{identity, lock, notify};
@@ -102,10 +104,13 @@ pub async fn run(
         }
     });
 
+    // After the lock: one process at a time owns the journal.
+    let journal = open_journal(&cfg.paths.state_dir)?;
     let catalog = Arc::new(Catalog::standard());
     let (mut link, dispatcher) = dispatch::spawn(
         catalog.clone(),
         DispatchConfig::from_settings(&cfg.agent),
+        journal,
         agent_started,
         shutdown_rx.clone(),
     );
@@ -200,7 +205,37 @@ pub async fn run(
     Ok(())
 }
 
-/// Wait `delay` while disconnected: replies produced meanwhile stay in the outbox (resent after
+/// Open the journal in `state_dir` (created 0700) and report what the previous run left
+/// unfinished. Those cut short and not safe to re-run are answered `interrupted` by the
+/// journal itself (the replies wait in it for the next WELCOME); the journal logs a warning for
+/// each (tag and type) and for a torn tail it cut.
+///
+/// Leftover process groups of those instructions are not killed: the dispatcher does not
+/// record process groups (an executor creates its group after `started` is on disk), so the
+/// journal has none to offer.
+fn open_journal(state_dir: &std::path::Path) -> Result<Journal, DaemonError> {
+    let (journal, rec) = Journal::open(state_dir, journal::Limits::default()).map_err(|e| {
+        fail(
+            Exit::Failure,
+            format!("cannot open the instruction journal: {e}"),
+        )
+    })?;
+    let s = journal.stats();
+    tracing::info!(
+        path = %journal.path().display(),
+        entries = s.entries,
+        unacked = s.unacked,
+        interrupted = rec.interrupted.len(),
+        rerunnable = rec.rerunnable.len(),
+        never_started = rec.never_started.len(),
+        expired = rec.expired,
+        truncated = rec.truncated.is_some(),
+        "journal opened"
+    );
+    Ok(journal)
+}
+
+/// Wait `delay` while disconnected: replies produced meanwhile stay in the journal (resent after
 /// the next WELCOME), LOG lines are dropped. Returns early on shutdown or a forced reconnect.
 async fn wait_disconnected(link: &mut DispatchLink, ctl: &mut Control, delay: Duration) {
     let sleep = tokio::time::sleep(delay);

@@ -1,9 +1,18 @@
 //! The dispatcher: a bounded queue, bounded concurrency, a deadline per instruction, panic
-//! isolation, dedup by tag and the outbox of final replies.
+//! isolation, and dedup and the outbox of final replies through the durable [`Journal`].
 //!
 //! The session talks to it only through a [`DispatchLink`]: [`Inbound`] messages in (instructions,
 //! ACKs, "resend what you hold") and reply envelopes out (final replies and `LOG` lines). The
 //! dispatcher knows instructions only through the [`Catalog`].
+//!
+//! Every instruction goes through the journal (see `journal.rs` for the contract):
+//! `lookup` first (a completed tag gets its stored reply again, a queued or running one nothing),
+//! then `accepted`, `started` (on disk before the executor starts), `finished` (on disk before
+//! the reply is sent) and `acked`. Immediate answers (`unknown_type`, `unsupported`, a bad
+//! `CANCEL`, `cancelled`, `interrupted`, `CANCEL`'s `NO_CONTENT`) are journaled too, so a
+//! redelivery gets the same reply. `busy` and `shutting_down` are not: the control plane resends
+//! those with the same tag, and the tag must then be new. A journal that cannot record an
+//! instruction gets it answered `internal` without running it; a full journal, `busy`.
 //!
 //! Each instruction gets a fresh reply built from its own tag; nothing is shared between
 //! instructions. Every line logged while it runs carries its tag (a `tracing` span).
@@ -14,13 +23,13 @@ use std::time::Instant;
 
 use runos_protocol::control::{self, is_control_type};
 use runos_protocol::instructions::is_instruction_type;
-use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument as _;
 
 use crate::catalog::{Catalog, Entry, ExecCtx};
-use crate::outbox::Outbox;
+use crate::journal::{Journal, JournalError, Lookup, payload_sha256};
 
 mod cancel;
 
@@ -31,10 +40,6 @@ pub struct DispatchConfig {
     pub queue_capacity: usize,
     /// Executors at a time.
     pub max_concurrency: usize,
-    /// Most replies held for ACK.
-    pub outbox_items: usize,
-    /// About how many bytes of replies may be held for ACK.
-    pub outbox_bytes: usize,
     /// Capacity of the reply channel to the session.
     pub reply_channel: usize,
 }
@@ -45,8 +50,6 @@ impl DispatchConfig {
         DispatchConfig {
             queue_capacity: a.queue_capacity,
             max_concurrency: a.max_concurrency,
-            outbox_items: 4 * (a.queue_capacity + a.max_concurrency) + 64,
-            outbox_bytes: 256 * 1024 * 1024,
             reply_channel: 1024,
         }
     }
@@ -59,8 +62,11 @@ pub enum Inbound {
     Instruction(Envelope),
     /// The control plane stored the final reply with this tag.
     Ack(Tag),
-    /// A session was welcomed: send back every held reply, to be resent.
+    /// A session was welcomed: send back every reply awaiting ACK (oldest first), to be resent.
     Held(oneshot::Sender<Vec<Envelope>>),
+    /// A session is about to send HELLO: send back the tags of the replies awaiting ACK (oldest
+    /// first, at most [`control::MAX_HELLO_PENDING`]).
+    PendingTags(oneshot::Sender<Vec<Tag>>),
     /// Shutdown grace is over: abort every running executor (their process groups die) and
     /// answer each with `interrupted`; the sender is told once those replies are queued.
     AbortAll(oneshot::Sender<()>),
@@ -72,16 +78,18 @@ pub struct DispatchLink {
     /// Messages to the dispatcher.
     pub inbound: mpsc::Sender<Inbound>,
     /// Replies and `LOG` lines from the dispatcher, to send on the live session (they are
-    /// dropped while disconnected: final replies stay in the outbox and are resent).
+    /// dropped while disconnected: final replies stay in the journal and are resent).
     pub replies: mpsc::Receiver<Envelope>,
     /// Instructions accepted and not yet answered (queued or running).
     pub in_flight: watch::Receiver<usize>,
 }
 
-/// Start the dispatcher task. It stops when every [`Inbound`] sender is dropped.
+/// Start the dispatcher task, owning `journal` (opened by the caller, which handled its
+/// [`crate::journal::Recovery`]). It stops when every [`Inbound`] sender is dropped.
 pub fn spawn(
     catalog: Arc<Catalog>,
     cfg: DispatchConfig,
+    journal: Journal,
     agent_started: Instant,
     shutdown: watch::Receiver<bool>,
 ) -> (DispatchLink, tokio::task::JoinHandle<()>) {
@@ -89,7 +97,7 @@ pub fn spawn(
     let (reply_tx, reply_rx) = mpsc::channel(cfg.reply_channel.max(1));
     let (flight_tx, flight_rx) = watch::channel(0usize);
     let d = Dispatcher {
-        outbox: Outbox::new(cfg.outbox_items, cfg.outbox_bytes),
+        journal,
         catalog,
         cfg,
         agent_started,
@@ -111,6 +119,22 @@ pub fn spawn(
     )
 }
 
+/// Run a synchronous journal call (it may `fdatasync`, a few milliseconds) from the dispatcher
+/// task.
+///
+/// The dispatcher is one task that handles one message at a time, and the journal's order is
+/// the dispatcher's order, so the call stays on this task rather than moving to a blocking
+/// thread (which would need the journal behind a lock and reorder nothing useful). On the
+/// multi-threaded runtime the daemon uses, `block_in_place` hands this worker's other tasks
+/// (the session: heartbeats, reading, writing) to another worker while the sync runs. On a
+/// current-thread runtime (unit tests) that is impossible and the call simply runs inline.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The error envelope for `tag`.
 pub fn error_reply(tag: Tag, code: ErrorCode, message: impl Into<String>) -> Envelope {
     Envelope::with_type(
@@ -127,7 +151,7 @@ struct Dispatcher {
     queue: VecDeque<(Envelope, Entry)>,
     running: HashMap<Tag, AbortHandle>,
     tasks: JoinSet<(Tag, Envelope)>,
-    outbox: Outbox,
+    journal: Journal,
     reply_tx: mpsc::Sender<Envelope>,
     flight_tx: watch::Sender<usize>,
     shutting_down: bool,
@@ -182,10 +206,56 @@ impl Dispatcher {
         let _ = self.reply_tx.send(env).await;
     }
 
-    /// Answer and hold a final reply.
+    /// Store the final reply of a tag already accepted (queued or running), then send it.
+    ///
+    /// When the journal cannot store it, the reply is sent anyway (the work is done; the
+    /// control plane stores the first reply it gets) and the failure is logged: after a
+    /// restart the tag would be answered `interrupted`, which the control plane then ignores
+    /// as a duplicate.
     async fn answer(&mut self, env: Envelope) {
-        self.outbox.hold(env.clone());
+        let tag = env.tag;
+        if let Err(e) = blocking(|| self.journal.finished(tag, &env)) {
+            tracing::error!(%tag, error = %e, "cannot store the reply durably; sending it anyway");
+        }
         self.send(env).await;
+    }
+
+    /// Record a new instruction as accepted. On failure, the reply to send instead (not
+    /// journaled): `busy` when the journal is full, `internal` when it cannot write.
+    fn accept(&mut self, env: &Envelope) -> Result<(), Envelope> {
+        let tag = env.tag;
+        let sha = payload_sha256(env);
+        match blocking(|| self.journal.accepted(tag, env.kind.as_str(), &sha)) {
+            Ok(()) => Ok(()),
+            Err(e @ JournalError::Full { .. }) => {
+                tracing::warn!(%tag, r#type = %env.kind, error = %e, "journal full: answered busy");
+                Err(error_reply(
+                    tag,
+                    ErrorCode::Busy,
+                    "the agent holds too many replies not yet acknowledged; nothing was run, retry later",
+                ))
+            }
+            Err(e) => Err(self.not_recorded(tag, &env.kind, &e)),
+        }
+    }
+
+    /// The `internal` reply for an instruction the journal could not record (not run).
+    fn not_recorded(&self, tag: Tag, kind: &MessageType, e: &JournalError) -> Envelope {
+        tracing::error!(%tag, r#type = %kind, error = %e, "cannot record the instruction durably; not run");
+        error_reply(
+            tag,
+            ErrorCode::Internal,
+            format!("cannot record the instruction durably: {e}; nothing was run"),
+        )
+    }
+
+    /// Answer a new instruction at once, without an executor: accepted, then finished, then
+    /// sent (so a redelivery gets the same reply).
+    async fn answer_now(&mut self, instr: &Envelope, reply: Envelope) {
+        match self.accept(instr) {
+            Ok(()) => self.answer(reply).await,
+            Err(refusal) => self.send(refusal).await,
+        }
     }
 
     async fn begin_shutdown(&mut self) {
@@ -193,7 +263,9 @@ impl Dispatcher {
         let queued: Vec<_> = self.queue.drain(..).collect();
         for (env, _) in queued {
             tracing::info!(tag = %env.tag, "not started: the agent is shutting down");
-            // Not held: the control plane redelivers it to the next agent run.
+            // Not journaled: the control plane redelivers it to the next agent run, where it
+            // must be new.
+            self.journal.forget(&env.tag);
             self.send(error_reply(
                 env.tag,
                 ErrorCode::ShuttingDown,
@@ -207,15 +279,21 @@ impl Dispatcher {
     async fn handle(&mut self, msg: Inbound) {
         match msg {
             Inbound::Instruction(env) => self.submit(env).await,
-            Inbound::Ack(tag) => {
-                if self.outbox.ack(&tag) {
-                    tracing::debug!(%tag, "reply acknowledged");
-                } else {
-                    tracing::debug!(%tag, "ACK matches no held reply (late or duplicate); dropped");
+            Inbound::Ack(tag) => match blocking(|| self.journal.acked(tag)) {
+                Ok(true) => tracing::debug!(%tag, "reply acknowledged"),
+                Ok(false) => {
+                    tracing::debug!(%tag, "ACK matches no reply awaiting one (late or duplicate); dropped");
                 }
-            }
+                // Not fatal: the reply is resent after the next WELCOME and ACKed again.
+                Err(e) => tracing::warn!(%tag, error = %e, "cannot record the ACK"),
+            },
             Inbound::Held(tx) => {
-                let _ = tx.send(self.outbox.pending());
+                let _ = tx.send(self.journal.unacked());
+            }
+            Inbound::PendingTags(tx) => {
+                let mut tags = self.journal.unacked_tags();
+                tags.truncate(control::MAX_HELLO_PENDING);
+                let _ = tx.send(tags);
             }
             Inbound::AbortAll(done) => {
                 let aborted: Vec<Tag> = self
@@ -228,9 +306,9 @@ impl Dispatcher {
                     .collect();
                 for tag in aborted {
                     tracing::warn!(%tag, "shutdown grace over: instruction aborted");
-                    // Held like any final reply: sent now if connected, else after the next
-                    // WELCOME of this process (never: it is exiting), and the control plane
-                    // learns the instruction was cut short instead of silently re-running it.
+                    // Stored like any final reply: sent now if connected, else after the next
+                    // WELCOME of the next agent run, and the control plane learns the
+                    // instruction was cut short instead of silently re-running it.
                     self.answer(error_reply(
                         tag,
                         ErrorCode::Interrupted,
@@ -251,15 +329,17 @@ impl Dispatcher {
             tracing::warn!(%tag, r#type = %kind, "control message is not an instruction; dropped");
             return;
         }
-        if self.running.contains_key(&tag) || self.queue.iter().any(|(e, _)| e.tag == tag) {
-            tracing::info!(%tag, r#type = %kind, "already running; not started again");
-            return;
-        }
-        if let Some(held) = self.outbox.get(&tag) {
-            tracing::info!(%tag, r#type = %kind, "already answered; resending the same reply");
-            let held = held.clone();
-            self.send(held).await;
-            return;
+        match self.journal.lookup(&tag) {
+            Lookup::New => {}
+            Lookup::InProgress => {
+                tracing::info!(%tag, r#type = %kind, "already queued or running; not started again");
+                return;
+            }
+            Lookup::Done(reply) => {
+                tracing::info!(%tag, r#type = %kind, "already answered; resending the stored reply");
+                self.send(reply).await;
+                return;
+            }
         }
         if self.shutting_down {
             self.send(error_reply(
@@ -272,15 +352,15 @@ impl Dispatcher {
         }
         if !is_instruction_type(&kind) {
             tracing::warn!(%tag, r#type = %kind, "unknown instruction type");
-            self.answer(error_reply(
+            let reply = error_reply(
                 tag,
                 ErrorCode::UnknownType,
                 format!(
                     "{kind} is not an instruction type of protocol version {}",
                     runos_protocol::PROTOCOL_VERSION
                 ),
-            ))
-            .await;
+            );
+            self.answer_now(&env, reply).await;
             return;
         }
         // CANCEL is the dispatcher's own: no queue, no slot (see `cancel.rs`).
@@ -290,24 +370,21 @@ impl Dispatcher {
         }
         let Some(entry) = self.catalog.get(&kind).cloned() else {
             tracing::warn!(%tag, r#type = %kind, "no executor for this instruction type");
-            self.answer(error_reply(
+            let reply = error_reply(
                 tag,
                 ErrorCode::Unsupported,
                 format!(
                     "this agent (version {}) has no executor for {kind}",
                     crate::AGENT_VERSION
                 ),
-            ))
-            .await;
+            );
+            self.answer_now(&env, reply).await;
             return;
         };
-        let pending = self.queue.len() + self.running.len();
         let slot_free = self.running.len() < self.cfg.max_concurrency;
-        if !self.outbox.has_room(pending + 1)
-            || (!slot_free && self.queue.len() >= self.cfg.queue_capacity)
-        {
+        if !slot_free && self.queue.len() >= self.cfg.queue_capacity {
             tracing::warn!(%tag, r#type = %kind, "queue full: answered busy");
-            // Not held: the control plane may resend the same tag later.
+            // Not journaled: the control plane may resend the same tag later.
             self.send(error_reply(
                 tag,
                 ErrorCode::Busy,
@@ -320,8 +397,12 @@ impl Dispatcher {
             .await;
             return;
         }
+        if let Err(refusal) = self.accept(&env) {
+            self.send(refusal).await;
+            return;
+        }
         if slot_free {
-            self.start(env, entry);
+            self.start(env, entry).await;
         } else {
             tracing::debug!(%tag, r#type = %kind, "queued");
             self.queue.push_back((env, entry));
@@ -329,8 +410,19 @@ impl Dispatcher {
         self.publish();
     }
 
-    fn start(&mut self, env: Envelope, entry: Entry) {
+    /// Start an accepted instruction: `started` on disk first, then the executor.
+    async fn start(&mut self, env: Envelope, entry: Entry) {
         let tag = env.tag;
+        // The executor's process group is created inside it, so it is not known here: the
+        // journal records none (recovery then has no group to kill; see docs/architecture.md).
+        if let Err(e) = blocking(|| self.journal.started(tag, None)) {
+            // Still queued in the journal (the record was not applied): forget it, so that a
+            // redelivery after a restart is new.
+            self.journal.forget(&tag);
+            let reply = self.not_recorded(tag, &env.kind, &e);
+            self.send(reply).await;
+            return;
+        }
         let span = tracing::info_span!("instruction", %tag, r#type = %env.kind);
         let deadline = entry.deadline(env.timeout_ms);
         let ctx = ExecCtx::new(tag, self.agent_started, Some(self.reply_tx.clone()));
@@ -400,7 +492,7 @@ impl Dispatcher {
         }
         while self.running.len() < self.cfg.max_concurrency {
             match self.queue.pop_front() {
-                Some((env, entry)) => self.start(env, entry),
+                Some((env, entry)) => self.start(env, entry).await,
                 None => break,
             }
         }

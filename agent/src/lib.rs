@@ -9,7 +9,7 @@
 //! ```text
 //!  main (CLI, exit codes)                                     cli
 //!    └─ daemon ── session (TLS, HELLO/WELCOME, heartbeat)     daemon, session, net, backoff
-//!         └─ dispatcher (queue, concurrency, deadlines, dedup) dispatch, outbox
+//!         └─ dispatcher (queue, concurrency, deadlines, dedup) dispatch, journal
 //!              └─ catalog (type name → executor entry)         catalog
 //!                   └─ executors                               exec, process
 //! ```
@@ -40,7 +40,6 @@ pub mod lock;
 pub mod logging;
 pub mod net;
 pub mod notify;
-pub mod outbox;
 pub mod process;
 pub mod register;
 pub mod session;

@@ -4,7 +4,8 @@
 //! Routing of received envelopes after WELCOME:
 //! - `HEARTBEAT_REPLY` is matched by tag to this session's outstanding heartbeats; an unmatched
 //!   one is logged and dropped.
-//! - `ACK` goes to the dispatcher's outbox, which matches it by tag or logs and drops it.
+//! - `ACK` goes to the dispatcher, which records it in the journal (matched by tag; a late or
+//!   duplicate one is logged and dropped).
 //! - `ERROR` with `revoked` or `protocol` ends the session; any other control message is logged
 //!   and dropped. None of these is ever dispatched as an instruction.
 //! - Everything else is an instruction and goes to the dispatcher.
@@ -125,6 +126,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     let mut writer = FrameWriter::new(w, p.max_frame_bytes);
 
     // Handshake.
+    let pending_replies = pending_tags(link).await;
     let hello_tag = Tag::random();
     let hello = Hello {
         protocol_version: runos_protocol::PROTOCOL_VERSION,
@@ -133,6 +135,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         hostname: crate::sysinfo::hostname(),
         boot_id: crate::sysinfo::boot_id(),
         instruction_types: p.instruction_types.clone(),
+        pending_replies,
     };
     if let Err(e) = writer
         .write(&Envelope::with_type(types::HELLO, hello_tag, &hello))
@@ -183,6 +186,32 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     notify::status(&format!("connected to {addr}"));
     let end = serve(reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
+}
+
+/// The tags of the replies awaiting ACK, for HELLO (bounded by the dispatcher). Not connected
+/// yet: replies and LOG lines the dispatcher produces meanwhile are drained and dropped (final
+/// replies stay in the journal and are resent after WELCOME), so the dispatcher never waits on
+/// a full reply channel while we wait on it. Empty if the dispatcher does not answer in time.
+async fn pending_tags(link: &mut DispatchLink) -> Vec<String> {
+    let (tx, mut rx) = oneshot::channel();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut msg = Some(Inbound::PendingTags(tx));
+    loop {
+        tokio::select! {
+            permit = link.inbound.reserve(), if msg.is_some() => match permit {
+                Ok(p) => p.send(msg.take().expect("guarded by is_some")),
+                Err(_) => return Vec::new(),
+            },
+            tags = &mut rx, if msg.is_none() => {
+                return tags.map(|t| t.iter().map(Tag::to_string).collect()).unwrap_or_default();
+            }
+            r = link.replies.recv() => if r.is_none() { return Vec::new() },
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("the dispatcher did not list pending replies in time; HELLO lists none");
+                return Vec::new();
+            }
+        }
+    }
 }
 
 /// Judge the answer to HELLO.

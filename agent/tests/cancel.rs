@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use runos_agent::catalog::{Catalog, ExecFn};
 use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use runos_agent::journal::{Journal, Limits};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
@@ -16,8 +17,6 @@ fn cfg(queue: usize, conc: usize) -> DispatchConfig {
     DispatchConfig {
         queue_capacity: queue,
         max_concurrency: conc,
-        outbox_items: 10_000,
-        outbox_bytes: 64 << 20,
         reply_channel: 1024,
     }
 }
@@ -66,15 +65,19 @@ fn cancel(target: Tag) -> Envelope {
 struct Harness {
     link: DispatchLink,
     _shutdown: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
 }
 
 impl Harness {
     fn new(catalog: Catalog, cfg: DispatchConfig) -> Self {
         let (shutdown, rx) = watch::channel(false);
-        let (link, _join) = dispatch::spawn(Arc::new(catalog), cfg, Instant::now(), rx);
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), Limits::default()).unwrap();
+        let (link, _join) = dispatch::spawn(Arc::new(catalog), cfg, journal, Instant::now(), rx);
         Harness {
             link,
             _shutdown: shutdown,
+            _dir: dir,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Dispatcher behaviour: error codes, backpressure, deadlines, panic isolation, dedup, outbox.
+//! Dispatcher behaviour: error codes, backpressure, deadlines, panic isolation, dedup, outbox
+//! (each harness gives the dispatcher a journal in its own temporary directory).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -6,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use runos_agent::catalog::{Catalog, ExecFn};
 use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use runos_agent::journal::{Journal, Limits};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
@@ -15,8 +17,6 @@ fn cfg(queue: usize, conc: usize) -> DispatchConfig {
     DispatchConfig {
         queue_capacity: queue,
         max_concurrency: conc,
-        outbox_items: 10_000,
-        outbox_bytes: 64 << 20,
         reply_channel: 1024,
     }
 }
@@ -60,13 +60,20 @@ fn instr(kind: &str, payload: serde_json::Value) -> Envelope {
 struct Harness {
     link: DispatchLink,
     shutdown: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
 }
 
 impl Harness {
     fn new(catalog: Catalog, cfg: DispatchConfig) -> Self {
         let (shutdown, rx) = watch::channel(false);
-        let (link, _join) = dispatch::spawn(Arc::new(catalog), cfg, Instant::now(), rx);
-        Harness { link, shutdown }
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), Limits::default()).unwrap();
+        let (link, _join) = dispatch::spawn(Arc::new(catalog), cfg, journal, Instant::now(), rx);
+        Harness {
+            link,
+            shutdown,
+            _dir: dir,
+        }
     }
 
     async fn send(&self, env: Envelope) {

@@ -11,6 +11,7 @@ use runos_agent::catalog::Catalog;
 use runos_agent::config::RawConfig;
 use runos_agent::dispatch::{self, DispatchConfig};
 use runos_agent::identity;
+use runos_agent::journal::{Journal, Limits};
 use runos_agent::session::{self, Control, SessionEnd, SessionParams};
 use runos_protocol::control::{HeartbeatReply, Hello, Welcome, types as ct};
 use runos_protocol::instructions::types;
@@ -141,6 +142,9 @@ async fn session_lifecycle() {
     let (mut link, _d) = dispatch::spawn(
         catalog.clone(),
         DispatchConfig::from_settings(&cfg.agent),
+        Journal::open(&cfg.paths.state_dir, Limits::default())
+            .unwrap()
+            .0,
         Instant::now(),
         shutdown_rx.clone(),
     );
@@ -169,6 +173,7 @@ async fn session_lifecycle() {
     // Session 1.
     let (mut r, mut w, hello) = accept(&listener, &acc).await;
     assert_eq!(hello.node_id, NODE);
+    assert!(hello.pending_replies.is_empty());
     assert!(
         hello
             .instruction_types
@@ -237,8 +242,10 @@ async fn session_lifecycle() {
     assert!(end.welcomed_at.is_some());
     drop((r, w));
 
-    // Session 2: fresh TLS; the un-ACKed reply comes again, the ACKed one does not.
-    let (mut r, mut w, _) = accept(&listener, &acc).await;
+    // Session 2: fresh TLS; HELLO lists the un-ACKed reply, which comes again; the ACKed one
+    // does not.
+    let (mut r, mut w, hello) = accept(&listener, &acc).await;
+    assert_eq!(hello.pending_replies, vec![t2.tag.to_string()]);
     let rep = next_reply(&mut r, &mut w, true).await.unwrap();
     assert_eq!(rep.tag, t2.tag);
     assert!(rep.is(types::NODE_STATUS));
@@ -289,7 +296,7 @@ async fn unreachable_server_is_connect_failed() {
         l.local_addr().unwrap().port()
     };
     let toml = format!(
-        "[server]\nhost = \"127.0.0.1\"\nl2_port = {port}\n[paths]\nkey = \"{0}/k\"\ncertificate = \"{0}/c\"\nca = \"{0}/ca\"\n",
+        "[server]\nhost = \"127.0.0.1\"\nl2_port = {port}\n[paths]\nkey = \"{0}/k\"\ncertificate = \"{0}/c\"\nca = \"{0}/ca\"\nstate_dir = \"{0}/state\"\n",
         d.display()
     );
     let path = d.join("config.toml");
@@ -302,6 +309,9 @@ async fn unreachable_server_is_connect_failed() {
     let (mut link, _d) = dispatch::spawn(
         Arc::new(Catalog::standard()),
         DispatchConfig::from_settings(&cfg.agent),
+        Journal::open(&cfg.paths.state_dir, Limits::default())
+            .unwrap()
+            .0,
         Instant::now(),
         shutdown_rx.clone(),
     );

@@ -392,6 +392,7 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         session = %session_id,
         hostname = %hello.hostname,
         agent_version = %hello.agent_version,
+        pending_replies = hello.pending_replies.len(),
         ?peer,
         "session started"
     );

@@ -251,6 +251,7 @@ fn hello_for(node: &str) -> Envelope {
             hostname: "test".into(),
             boot_id: "00000000-0000-0000-0000-000000000000".into(),
             instruction_types: vec![],
+            pending_replies: vec![],
         },
     )
 }

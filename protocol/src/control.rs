@@ -62,6 +62,9 @@ pub const MAX_IDENT_LEN: usize = 255;
 /// Maximum number of instruction types an agent may list in HELLO.
 pub const MAX_HELLO_TYPES: usize = 256;
 
+/// Maximum number of tags an agent lists in HELLO's `pendingReplies`.
+pub const MAX_HELLO_PENDING: usize = 1024;
+
 /// `REGISTER`: an enrolment request sent over L1Sec. `Debug` does not show the token.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -123,6 +126,12 @@ pub struct Hello {
     pub boot_id: String,
     /// The instruction types this agent can execute.
     pub instruction_types: Vec<String>,
+    /// Tags of the final replies the agent holds that the control plane has not acknowledged
+    /// yet, oldest first: they are sent right after `WELCOME`. At most [`MAX_HELLO_PENDING`]
+    /// are listed, so the list may be incomplete: the control plane must not rely on it being
+    /// complete (every reply still arrives, listed or not). Omitted when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_replies: Vec<String>,
 }
 
 /// `WELCOME`: the control plane's answer to HELLO.

@@ -8,14 +8,17 @@
 //!   `finished()`: exactly one final reply.
 //! - Target finished, unknown, or the `CANCEL` itself: nothing to do.
 //!
-//! The `CANCEL` is answered `NO_CONTENT` in every case but a bad payload; that reply is held like
-//! any final reply, so a redelivered `CANCEL` gets it again through the ordinary dedup.
+//! The `CANCEL` is answered `NO_CONTENT` in every case but a bad payload; that reply is journaled
+//! like any final reply, so a redelivered `CANCEL` gets it again through the ordinary dedup. The
+//! `CANCEL` is recorded as accepted before it acts: when the journal cannot record it, it is
+//! answered `busy` or `internal` and cancels nothing.
 
 use runos_protocol::control::{self, NoContent};
 use runos_protocol::instructions::{Cancel, Instruction as _};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload};
 
 use super::{Dispatcher, error_reply};
+use crate::journal::Lookup;
 
 impl Dispatcher {
     /// Handle the `CANCEL` instruction `env` (already past dedup and the shutdown check).
@@ -27,11 +30,15 @@ impl Dispatcher {
                 let p = e.to_error_payload();
                 tracing::warn!(%tag, r#type = %env.kind, "CANCEL refused: bad payload");
                 let p = ErrorPayload::new(p.code, format!("CANCEL: {}", p.message));
-                self.answer(Envelope::with_type(control::types::ERROR, tag, &p))
+                self.answer_now(&env, Envelope::with_type(control::types::ERROR, tag, &p))
                     .await;
                 return;
             }
         };
+        if let Err(refusal) = self.accept(&env) {
+            self.send(refusal).await;
+            return;
+        }
         if target == tag {
             tracing::info!(%tag, cancel_target = %target, "CANCEL names itself; nothing to do");
         } else if let Some(i) = self.queue.iter().position(|(e, _)| e.tag == target) {
@@ -63,7 +70,7 @@ impl Dispatcher {
                 format!("cancelled by CANCEL {tag}; its processes were killed"),
             ))
             .await;
-        } else if self.outbox.get(&target).is_some() {
+        } else if matches!(self.journal.lookup(&target), Lookup::Done(_)) {
             tracing::info!(%tag, cancel_target = %target, "CANCEL: already finished; nothing to do");
         } else {
             tracing::info!(

@@ -182,6 +182,7 @@ pub fn hello_env(node_id: &str, version: u32) -> Envelope {
             hostname: "test-node".into(),
             boot_id: "boot-1".into(),
             instruction_types: vec!["RUN_COMMAND".into(), "GET_NODE_STATUS".into()],
+            pending_replies: vec![],
         },
     )
 }
