@@ -114,6 +114,15 @@ pub async fn run(
         reconnect: reconnect_rx,
         grace: cfg.agent.shutdown_grace,
     };
+    // `runos status`: the local admin socket (see admin.rs, status.rs); removed on drop.
+    let status = crate::status::global();
+    let _admin = crate::admin::start(
+        &cfg.paths.run_dir,
+        crate::admin::AdminState {
+            status: status.clone(),
+            dispatcher: link.inbound.downgrade(),
+        },
+    );
     tracing::info!(version = crate::AGENT_VERSION, types = ?catalog.types(), "agent started");
     notify::ready();
 
@@ -128,8 +137,12 @@ pub async fn run(
         let mut wait_max = false;
         let mut stable = false;
         match identity::load(&cfg) {
-            Err(e) => tracing::error!("cannot connect: {e}"),
+            Err(e) => {
+                tracing::error!("cannot connect: {e}");
+                status.cannot_connect(&format!("cannot connect: {e}")); // `runos status`
+            }
             Ok(id) => {
+                status.connecting(&crate::net::addr(&id.host, id.port)); // `runos status`
                 notify::status(&format!(
                     "connecting to {}",
                     crate::net::addr(&id.host, id.port)
@@ -140,6 +153,7 @@ pub async fn run(
                     instruction_types: catalog.types(),
                 };
                 let rep = session::run(&params, &mut link, &mut ctl).await;
+                status.session_ended(&rep.end); // `runos status`
                 stable = rep
                     .welcomed_at
                     .is_some_and(|t| t.elapsed() >= cfg.agent.stable_after);
@@ -193,6 +207,7 @@ pub async fn run(
         );
         wait_disconnected(&mut link, &mut ctl, delay).await;
     }
+    status.stopping(); // `runos status`
     notify::stopping();
     drop(link);
     let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;

@@ -23,6 +23,8 @@ use crate::catalog::{Catalog, Entry, ExecCtx};
 use crate::outbox::Outbox;
 
 mod cancel;
+// `runos status`: Inbound::Snapshot (see `snapshot.rs`).
+pub mod snapshot;
 
 /// Limits of the dispatcher.
 #[derive(Debug, Clone)]
@@ -64,6 +66,8 @@ pub enum Inbound {
     /// Shutdown grace is over: abort every running executor (their process groups die) and
     /// answer each with `interrupted`; the sender is told once those replies are queued.
     AbortAll(oneshot::Sender<()>),
+    /// `runos status`: what is running and queued (see `snapshot.rs`).
+    Snapshot(oneshot::Sender<snapshot::DispatchSnapshot>),
 }
 
 /// The session's end of the dispatcher.
@@ -99,6 +103,7 @@ pub fn spawn(
         reply_tx,
         flight_tx,
         shutting_down: false,
+        started: Default::default(), // status: see `snapshot.rs`
     };
     let join = tokio::spawn(d.run(in_rx, shutdown));
     (
@@ -131,6 +136,8 @@ struct Dispatcher {
     reply_tx: mpsc::Sender<Envelope>,
     flight_tx: watch::Sender<usize>,
     shutting_down: bool,
+    /// Type and start time of running instructions, for `runos status` (see `snapshot.rs`).
+    started: snapshot::StartLog,
 }
 
 /// Aborts a task when dropped, so that dropping an instruction's task drops its executor (and
@@ -214,6 +221,7 @@ impl Dispatcher {
                     tracing::debug!(%tag, "ACK matches no held reply (late or duplicate); dropped");
                 }
             }
+            Inbound::Snapshot(tx) => self.snapshot(tx), // see `snapshot.rs`
             Inbound::Held(tx) => {
                 let _ = tx.send(self.outbox.pending());
             }
@@ -331,6 +339,7 @@ impl Dispatcher {
 
     fn start(&mut self, env: Envelope, entry: Entry) {
         let tag = env.tag;
+        self.started.note(tag, env.kind.as_str(), &self.running); // status: see `snapshot.rs`
         let span = tracing::info_span!("instruction", %tag, r#type = %env.kind);
         let deadline = entry.deadline(env.timeout_ms);
         let ctx = ExecCtx::new(tag, self.agent_started, Some(self.reply_tx.clone()));
