@@ -52,6 +52,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Report the agent's health (exit 0 healthy, 8 degraded, 9 not running).
+    ///
+    /// Asks the running agent through its local admin socket
+    /// (`<paths.run_dir>/admin.sock`, mode 0600, root only): connection state, last successful
+    /// round trip, certificate expiry (read from `paths.certificate`, so shown even when the
+    /// agent is down), agent version, in-flight and queued instructions (tags and types only),
+    /// journal size and recent errors. Exits 0 when healthy, 8 when degraded (disconnected for
+    /// more than 5 minutes, revoked, or the certificate expired; a certificate expiring within
+    /// 24 h is only a warning), 9 when the agent daemon is not running.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `runos register` arguments.
@@ -151,6 +166,10 @@ pub fn run(cli: Cli) -> Exit {
                 Err(e) => report_error(a.json, e.exit, &e.message),
             }
         }
+        Command::Status { json } => match config::load(&cli.config) {
+            Ok((cfg, _)) => crate::status_cmd::run(&cfg, json),
+            Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+        },
         Command::Agent => {
             let cfg = match config::load(&cli.config) {
                 Ok((c, _)) => c,

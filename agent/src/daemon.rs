@@ -119,6 +119,15 @@ pub async fn run(
         reconnect: reconnect_rx,
         grace: cfg.agent.shutdown_grace,
     };
+    // `runos status`: the local admin socket (see admin.rs, status.rs); removed on drop.
+    let status = crate::status::global();
+    let _admin = crate::admin::start(
+        &cfg.paths.run_dir,
+        crate::admin::AdminState {
+            status: status.clone(),
+            dispatcher: link.inbound.downgrade(),
+        },
+    );
     tracing::info!(version = crate::AGENT_VERSION, types = ?catalog.types(), "agent started");
     notify::ready();
 
@@ -133,8 +142,12 @@ pub async fn run(
         let mut wait_max = false;
         let mut stable = false;
         match identity::load(&cfg) {
-            Err(e) => tracing::error!("cannot connect: {e}"),
+            Err(e) => {
+                tracing::error!("cannot connect: {e}");
+                status.cannot_connect(&format!("cannot connect: {e}")); // `runos status`
+            }
             Ok(id) => {
+                status.connecting(&crate::net::addr(&id.host, id.port)); // `runos status`
                 notify::status(&format!(
                     "connecting to {}",
                     crate::net::addr(&id.host, id.port)
@@ -145,6 +158,7 @@ pub async fn run(
                     instruction_types: catalog.types(),
                 };
                 let rep = session::run(&params, &mut link, &mut ctl).await;
+                status.session_ended(&rep.end); // `runos status`
                 stable = rep
                     .welcomed_at
                     .is_some_and(|t| t.elapsed() >= cfg.agent.stable_after);
@@ -198,6 +212,7 @@ pub async fn run(
         );
         wait_disconnected(&mut link, &mut ctl, delay).await;
     }
+    status.stopping(); // `runos status`
     notify::stopping();
     drop(link);
     let _ = tokio::time::timeout(Duration::from_secs(5), dispatcher).await;

@@ -32,6 +32,8 @@ use crate::catalog::{Catalog, Entry, ExecCtx};
 use crate::journal::{Journal, JournalError, Lookup, payload_sha256};
 
 mod cancel;
+// `runos status`: Inbound::Snapshot (see `snapshot.rs`).
+pub mod snapshot;
 
 /// Limits of the dispatcher.
 #[derive(Debug, Clone)]
@@ -70,6 +72,8 @@ pub enum Inbound {
     /// Shutdown grace is over: abort every running executor (their process groups die) and
     /// answer each with `interrupted`; the sender is told once those replies are queued.
     AbortAll(oneshot::Sender<()>),
+    /// `runos status`: what is running and queued (see `snapshot.rs`).
+    Snapshot(oneshot::Sender<snapshot::DispatchSnapshot>),
 }
 
 /// The session's end of the dispatcher.
@@ -107,6 +111,7 @@ pub fn spawn(
         reply_tx,
         flight_tx,
         shutting_down: false,
+        started: Default::default(), // status: see `snapshot.rs`
     };
     let join = tokio::spawn(d.run(in_rx, shutdown));
     (
@@ -155,6 +160,8 @@ struct Dispatcher {
     reply_tx: mpsc::Sender<Envelope>,
     flight_tx: watch::Sender<usize>,
     shutting_down: bool,
+    /// Type and start time of running instructions, for `runos status` (see `snapshot.rs`).
+    started: snapshot::StartLog,
 }
 
 /// Aborts a task when dropped, so that dropping an instruction's task drops its executor (and
@@ -287,6 +294,7 @@ impl Dispatcher {
                 // Not fatal: the reply is resent after the next WELCOME and ACKed again.
                 Err(e) => tracing::warn!(%tag, error = %e, "cannot record the ACK"),
             },
+            Inbound::Snapshot(tx) => self.snapshot(tx), // see `snapshot.rs`
             Inbound::Held(tx) => {
                 let _ = tx.send(self.journal.unacked());
             }
@@ -423,6 +431,7 @@ impl Dispatcher {
             self.send(reply).await;
             return;
         }
+        self.started.note(tag, env.kind.as_str(), &self.running); // status: see `snapshot.rs`
         let span = tracing::info_span!("instruction", %tag, r#type = %env.kind);
         let deadline = entry.deadline(env.timeout_ms);
         let ctx = ExecCtx::new(tag, self.agent_started, Some(self.reply_tx.clone()));

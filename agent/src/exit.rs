@@ -23,6 +23,11 @@ pub enum Exit {
     Tls = 6,
     /// Another `runos agent` holds the instance lock.
     Locked = 7,
+    /// `runos status`: the agent is degraded (disconnected too long, revoked, or its
+    /// certificate expired).
+    Degraded = 8,
+    /// `runos status`: the agent daemon is not running (no answer on the admin socket).
+    NotRunning = 9,
 }
 
 impl Exit {
@@ -48,7 +53,9 @@ Exit codes:
   4  the control plane could not be reached (DNS, TCP, timeout)
   5  the control plane refused the enrolment token
   6  TLS failure: certificate verification, ALPN, or L1Sec CA pin mismatch
-  7  another runos agent is running (instance lock held)";
+  7  another runos agent is running (instance lock held)
+  8  runos status: degraded (disconnected > 5 min, revoked, or certificate expired)
+  9  runos status: the agent daemon is not running (admin socket absent or refusing)";
 
 #[cfg(test)]
 mod tests {
@@ -65,6 +72,8 @@ mod tests {
             (Exit::Refused, 5),
             (Exit::Tls, 6),
             (Exit::Locked, 7),
+            (Exit::Degraded, 8),
+            (Exit::NotRunning, 9),
         ];
         for (e, n) in all {
             assert_eq!(e.code(), n);

@@ -25,6 +25,7 @@
 //! - treat a late reply as an instruction: replies are matched by tag or dropped.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backoff;
 pub mod catalog;
 pub mod cli;
@@ -43,6 +44,8 @@ pub mod notify;
 pub mod process;
 pub mod register;
 pub mod session;
+pub mod status;
+pub mod status_cmd;
 pub mod sysinfo;
 
 /// The agent's version (the crate version).

@@ -35,11 +35,13 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
         LogFormat::Text => tracing_subscriber::registry()
             .with(layer)
             .with(fmt)
+            .with(crate::status::RecentErrorsLayer) // `runos status`: recent errors
             .try_init()
             .is_ok(),
         LogFormat::Json => tracing_subscriber::registry()
             .with(layer)
             .with(fmt.json().flatten_event(true).with_current_span(true))
+            .with(crate::status::RecentErrorsLayer) // `runos status`: recent errors
             .try_init()
             .is_ok(),
     };

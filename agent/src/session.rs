@@ -184,6 +184,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         "connected to {addr}"
     );
     notify::status(&format!("connected to {addr}"));
+    crate::status::global().connected(&addr, &welcome.session_id); // `runos status`
     let end = serve(reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
 }
@@ -473,6 +474,7 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, tokio::time::Instant>) -> Rou
         types::HEARTBEAT_REPLY => match pending.remove(&tag) {
             Some(sent) => {
                 tracing::trace!(%tag, rtt_ms = sent.elapsed().as_millis() as u64, "heartbeat answered");
+                crate::status::global().round_trip(); // `runos status`
                 // An answer proves the peer alive: older unanswered heartbeats are moot.
                 pending.retain(|_, t| *t > sent);
             }

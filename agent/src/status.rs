@@ -1,0 +1,444 @@
+//! The daemon's live status, shared cheaply between the daemon loop, the session and the admin
+//! socket ([`crate::admin`]), and rendered by `runos status` ([`crate::status_cmd`]).
+//!
+//! Everything here is the agent's own knowledge: connection state, times, tags and instruction
+//! type names, and the agent's own warning texts. No instruction payload (environment values,
+//! stdin, tokens, keys, script parameters) ever enters this model.
+//!
+//! Recent errors come from a `tracing` layer ([`RecentErrorsLayer`]) that keeps the message of
+//! the last [`RECENT_ERRORS`] WARN/ERROR events, truncated to [`MAX_ERROR_CHARS`]; the logs never
+//! carry secrets, and neither does this ring (event fields are not recorded, only the message).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use crate::session::SessionEnd;
+
+/// How many warning-level events are kept.
+pub const RECENT_ERRORS: usize = 16;
+/// Longest message kept per event (characters).
+pub const MAX_ERROR_CHARS: usize = 300;
+
+/// An RFC 3339 UTC timestamp.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn secs_since(t: SystemTime, now: SystemTime) -> u64 {
+    now.duration_since(t).unwrap_or(Duration::ZERO).as_secs()
+}
+
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(MAX_ERROR_CHARS).collect();
+    if s.chars().count() > MAX_ERROR_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+/// The connection state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    /// Trying to connect to `server`.
+    Connecting {
+        /// `host:port`.
+        server: String,
+    },
+    /// WELCOME received.
+    Connected {
+        /// `host:port`.
+        server: String,
+        /// The control plane's session id.
+        session_id: String,
+    },
+    /// Between attempts.
+    Disconnected,
+    /// The control plane said this node is revoked (kept until the next WELCOME).
+    Revoked {
+        /// The control plane's message.
+        message: String,
+    },
+    /// SIGTERM/SIGINT: draining and exiting.
+    Stopping,
+}
+
+impl ConnState {
+    /// The state's name in `runos status`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ConnState::Connecting { .. } => "connecting",
+            ConnState::Connected { .. } => "connected",
+            ConnState::Disconnected => "disconnected",
+            ConnState::Revoked { .. } => "revoked",
+            ConnState::Stopping => "stopping",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: ConnState,
+    /// When the current state was entered (for `connected`: the WELCOME).
+    state_since: SystemTime,
+    /// Since when the agent has had no welcomed session (`None` while connected).
+    offline_since: Option<SystemTime>,
+    last_error: Option<String>,
+    last_round_trip: Option<SystemTime>,
+}
+
+/// A shared handle on the daemon's status. Cloning is cheap; every update takes a short lock.
+#[derive(Debug, Clone)]
+pub struct StatusHandle {
+    inner: Arc<Mutex<Inner>>,
+    started_at: SystemTime,
+}
+
+/// The process's status (one daemon per process): updated by the daemon loop and the session,
+/// served by the admin socket.
+pub fn global() -> &'static StatusHandle {
+    static GLOBAL: std::sync::OnceLock<StatusHandle> = std::sync::OnceLock::new();
+    GLOBAL.get_or_init(StatusHandle::new)
+}
+
+impl Default for StatusHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StatusHandle {
+    /// A fresh status: disconnected since now.
+    pub fn new() -> Self {
+        let now = SystemTime::now();
+        StatusHandle {
+            inner: Arc::new(Mutex::new(Inner {
+                state: ConnState::Disconnected,
+                state_since: now,
+                offline_since: Some(now),
+                last_error: None,
+                last_round_trip: None,
+            })),
+            started_at: now,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the plain data inconsistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, state: ConnState) {
+        let mut g = self.lock();
+        if g.state != state {
+            g.state = state;
+            g.state_since = SystemTime::now();
+        }
+    }
+
+    /// A connection attempt to `server` begins (a revoked node stays `revoked`).
+    pub fn connecting(&self, server: &str) {
+        let now = SystemTime::now();
+        let mut g = self.lock();
+        g.offline_since.get_or_insert(now);
+        if matches!(g.state, ConnState::Revoked { .. } | ConnState::Stopping) {
+            return;
+        }
+        let state = ConnState::Connecting {
+            server: server.to_string(),
+        };
+        if g.state != state {
+            g.state = state;
+            g.state_since = now;
+        }
+    }
+
+    /// WELCOME received: connected; WELCOME counts as a successful round trip.
+    pub fn connected(&self, server: &str, session_id: &str) {
+        let now = SystemTime::now();
+        let mut g = self.lock();
+        g.state = ConnState::Connected {
+            server: server.to_string(),
+            session_id: session_id.to_string(),
+        };
+        g.state_since = now;
+        g.offline_since = None;
+        g.last_error = None;
+        g.last_round_trip = Some(now);
+    }
+
+    /// A HEARTBEAT_REPLY matched an outstanding heartbeat.
+    pub fn round_trip(&self) {
+        self.lock().last_round_trip = Some(SystemTime::now());
+    }
+
+    /// A session ended with `end`.
+    pub fn session_ended(&self, end: &SessionEnd) {
+        let now = SystemTime::now();
+        let mut g = self.lock();
+        g.offline_since.get_or_insert(now);
+        let (state, error) = match end {
+            SessionEnd::Shutdown => (ConnState::Stopping, None),
+            SessionEnd::Revoked(m) => (
+                ConnState::Revoked { message: short(m) },
+                Some(format!("revoked: {}", short(m))),
+            ),
+            SessionEnd::Incompatible(m) => (
+                ConnState::Disconnected,
+                Some(format!("incompatible protocol: {}", short(m))),
+            ),
+            SessionEnd::Reconnect => (ConnState::Disconnected, None),
+            SessionEnd::Failed(m) => (
+                ConnState::Disconnected,
+                Some(format!("session ended: {}", short(m))),
+            ),
+            SessionEnd::ConnectFailed(m) => (
+                ConnState::Disconnected,
+                Some(format!("cannot connect: {}", short(m))),
+            ),
+        };
+        if let Some(e) = error {
+            g.last_error = Some(e);
+        }
+        // Revoked is sticky until a WELCOME; stopping is final.
+        if matches!(g.state, ConnState::Stopping)
+            || (matches!(g.state, ConnState::Revoked { .. }) && state == ConnState::Disconnected)
+        {
+            return;
+        }
+        if g.state != state {
+            g.state = state;
+            g.state_since = now;
+        }
+    }
+
+    /// The agent could not even try to connect (e.g. the identity cannot be loaded).
+    pub fn cannot_connect(&self, message: &str) {
+        let mut g = self.lock();
+        g.last_error = Some(short(message));
+        g.offline_since.get_or_insert_with(SystemTime::now);
+    }
+
+    /// SIGTERM/SIGINT.
+    pub fn stopping(&self) {
+        self.set(ConnState::Stopping);
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> ConnState {
+        self.lock().state.clone()
+    }
+
+    /// The daemon part of `runos status` (everything but the certificate and the dispatcher).
+    pub fn to_json(&self) -> Value {
+        let now = SystemTime::now();
+        let g = self.lock();
+        let mut conn = json!({
+            "state": g.state.name(),
+            "since": rfc3339(g.state_since),
+            "forSecs": secs_since(g.state_since, now),
+        });
+        match &g.state {
+            ConnState::Connecting { server } => conn["server"] = json!(server),
+            ConnState::Connected { server, session_id } => {
+                conn["server"] = json!(server);
+                conn["sessionId"] = json!(session_id);
+            }
+            ConnState::Revoked { message } => conn["message"] = json!(message),
+            ConnState::Disconnected | ConnState::Stopping => {}
+        }
+        if let Some(t) = g.offline_since {
+            conn["offlineSince"] = json!(rfc3339(t));
+            conn["offlineForSecs"] = json!(secs_since(t, now));
+        }
+        if let Some(e) = &g.last_error
+            && !matches!(g.state, ConnState::Connected { .. })
+        {
+            conn["lastError"] = json!(e);
+        }
+        json!({
+            "agentVersion": crate::AGENT_VERSION,
+            "pid": std::process::id(),
+            "startedAt": rfc3339(self.started_at),
+            "uptimeSecs": secs_since(self.started_at, now),
+            "connection": conn,
+            "lastRoundTrip": g.last_round_trip.map(rfc3339),
+            "recentErrors": recent_errors_json(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recent errors: a process-wide ring fed by a `tracing` layer.
+
+/// One warning-level event.
+#[derive(Debug, Clone)]
+pub struct RecentError {
+    /// When.
+    pub at: SystemTime,
+    /// `WARN` or `ERROR`.
+    pub level: &'static str,
+    /// The event's message (the agent's own text), truncated.
+    pub message: String,
+}
+
+static RECENT: Mutex<VecDeque<RecentError>> = Mutex::new(VecDeque::new());
+
+/// Record one event (also usable without `tracing`).
+pub fn record_error(level: &'static str, message: &str) {
+    let mut g = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    if g.len() >= RECENT_ERRORS {
+        g.pop_front();
+    }
+    g.push_back(RecentError {
+        at: SystemTime::now(),
+        level,
+        message: short(message),
+    });
+}
+
+/// The ring, oldest first.
+pub fn recent_errors() -> Vec<RecentError> {
+    RECENT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect()
+}
+
+fn recent_errors_json() -> Value {
+    Value::Array(
+        recent_errors()
+            .into_iter()
+            .map(|e| json!({"at": rfc3339(e.at), "level": e.level, "message": e.message}))
+            .collect(),
+    )
+}
+
+/// A `tracing` layer that keeps the messages of WARN and ERROR events in the ring (only the
+/// `message` field: structured fields are not recorded).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecentErrorsLayer;
+
+struct MessageVisitor(Option<String>);
+
+impl tracing::field::Visit for MessageVisitor {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = Some(value.to_string());
+        }
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RecentErrorsLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let level = *event.metadata().level();
+        let name = if level == tracing::Level::ERROR {
+            "ERROR"
+        } else if level == tracing::Level::WARN {
+            "WARN"
+        } else {
+            return;
+        };
+        let mut v = MessageVisitor(None);
+        event.record(&mut v);
+        if let Some(m) = v.0 {
+            record_error(name, &m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle() {
+        let s = StatusHandle::new();
+        assert_eq!(s.state(), ConnState::Disconnected);
+        assert!(s.to_json()["lastRoundTrip"].is_null());
+        s.connecting("h:1");
+        assert_eq!(s.to_json()["connection"]["state"], "connecting");
+        s.connected("h:1", "sess");
+        let j = s.to_json();
+        assert_eq!(j["connection"]["state"], "connected");
+        assert_eq!(j["connection"]["sessionId"], "sess");
+        assert!(j["connection"].get("offlineSince").is_none());
+        assert!(j["lastRoundTrip"].is_string());
+        assert_eq!(j["agentVersion"], crate::AGENT_VERSION);
+        s.round_trip();
+        s.session_ended(&SessionEnd::Failed(
+            "no HEARTBEAT_REPLY within 2000 ms".into(),
+        ));
+        let j = s.to_json();
+        assert_eq!(j["connection"]["state"], "disconnected");
+        assert!(j["connection"]["offlineForSecs"].is_u64());
+        assert!(
+            j["connection"]["lastError"]
+                .as_str()
+                .unwrap()
+                .contains("HEARTBEAT")
+        );
+        // Revoked is sticky across failed attempts, cleared by a WELCOME.
+        s.session_ended(&SessionEnd::Revoked("gone".into()));
+        s.connecting("h:1");
+        s.session_ended(&SessionEnd::ConnectFailed("refused".into()));
+        assert_eq!(
+            s.state(),
+            ConnState::Revoked {
+                message: "gone".into()
+            }
+        );
+        s.connected("h:1", "s2");
+        assert_eq!(s.state().name(), "connected");
+        s.stopping();
+        s.session_ended(&SessionEnd::Failed("x".into()));
+        assert_eq!(s.state(), ConnState::Stopping);
+    }
+
+    /// The ring is process-wide: tests that read it run one at a time.
+    static RING: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn ring_is_bounded_and_truncated() {
+        let _g = RING.lock().unwrap_or_else(|p| p.into_inner());
+        for i in 0..(RECENT_ERRORS + 5) {
+            record_error("WARN", &format!("ring-test {i} {}", "x".repeat(1000)));
+        }
+        let r = recent_errors();
+        assert!(r.len() <= RECENT_ERRORS);
+        assert!(
+            r.iter()
+                .all(|e| e.message.chars().count() <= MAX_ERROR_CHARS + 1)
+        );
+    }
+
+    #[test]
+    fn layer_records_only_warnings_messages() {
+        let _g = RING.lock().unwrap_or_else(|p| p.into_inner());
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let sub = tracing_subscriber::registry().with(RecentErrorsLayer);
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!("layer-test info");
+            tracing::warn!(secret = "field-value-xyz", "layer-test warning {}", 7);
+        });
+        let r = recent_errors();
+        assert!(r.iter().any(|e| e.message == "layer-test warning 7"));
+        assert!(!r.iter().any(|e| e.message.contains("layer-test info")));
+        assert!(!r.iter().any(|e| e.message.contains("field-value-xyz")));
+    }
+}

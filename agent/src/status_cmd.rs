@@ -1,0 +1,304 @@
+//! `runos status [--json]`: asks the running daemon over the admin socket ([`crate::admin`]) and
+//! reads the certificate itself (so its expiry is reported even when the daemon is down).
+//!
+//! Exit codes: 0 healthy; [`Exit::Degraded`] (8) when disconnected for more than
+//! [`DEGRADED_AFTER`], revoked, or the certificate is expired or unreadable;
+//! [`Exit::NotRunning`] (9) when no daemon answers on the socket (what can be known, the
+//! certificate, is still printed).
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::exit::Exit;
+
+/// Disconnected (or connecting) for longer than this is degraded.
+pub const DEGRADED_AFTER: Duration = Duration::from_secs(5 * 60);
+/// A certificate expiring within this is reported with a warning (not degraded).
+pub const CERT_WARN_WITHIN: Duration = Duration::from_secs(24 * 3600);
+/// Bound on talking to the daemon.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer read from the daemon.
+const MAX_ANSWER: u64 = 4 * 1024 * 1024;
+
+/// The certificate part of the status, read from `paths.certificate`.
+pub fn certificate(path: &Path, now: SystemTime) -> Value {
+    let read = || -> Result<i64, String> {
+        let pem = crate::fsutil::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
+        let certs = runos_transport::pem::certificates(&pem).map_err(|e| e.to_string())?;
+        let der = certs
+            .first()
+            .ok_or_else(|| "no certificate in the file".to_string())?;
+        let info = runos_transport::identity::cert_info(der).map_err(|e| e.to_string())?;
+        Ok(info.not_after)
+    };
+    match read() {
+        Ok(not_after) => {
+            let now_s = now
+                .duration_since(UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
+            json!({
+                "path": path.display().to_string(),
+                "notAfter": crate::status::rfc3339(at),
+                "expiresInSecs": not_after.saturating_sub(now_s),
+                "expired": not_after <= now_s,
+            })
+        }
+        Err(e) => json!({
+            "path": path.display().to_string(),
+            "error": format!("cannot read the certificate: {e}"),
+        }),
+    }
+}
+
+/// Ask the daemon at `socket`. `Err` when no daemon answers.
+pub fn query(socket: &Path) -> Result<Value, String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(SOCKET_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(SOCKET_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"{\"op\":\"status\"}\n")
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let mut line = Vec::new();
+    std::io::BufReader::new((&s).take(MAX_ANSWER))
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    let v: Value =
+        serde_json::from_slice(&line).map_err(|_| "the daemon's answer is not JSON".to_string())?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return Err(format!("the daemon refused the request: {e}"));
+    }
+    Ok(v)
+}
+
+/// Judge a full status: `(degraded reasons, warnings)`.
+pub fn judge(v: &Value) -> (Vec<String>, Vec<String>) {
+    let mut degraded = Vec::new();
+    let mut warnings = Vec::new();
+    let cert = &v["certificate"];
+    if cert["expired"] == json!(true) {
+        degraded.push("the certificate has expired: re-register the node".to_string());
+    } else if let Some(e) = cert["error"].as_str() {
+        degraded.push(e.to_string());
+    } else if let Some(secs) = cert["expiresInSecs"].as_i64()
+        && secs < i64::try_from(CERT_WARN_WITHIN.as_secs()).unwrap_or(i64::MAX)
+    {
+        warnings.push(format!("the certificate expires in {} h", secs / 3600));
+    }
+    let conn = &v["connection"];
+    match conn["state"].as_str() {
+        Some("revoked") => degraded.push("the control plane revoked this node".into()),
+        Some("connecting" | "disconnected") => {
+            let secs = conn["offlineForSecs"].as_u64().unwrap_or(0);
+            if secs > DEGRADED_AFTER.as_secs() {
+                degraded.push(format!(
+                    "disconnected for {secs} s (more than {} s)",
+                    DEGRADED_AFTER.as_secs()
+                ));
+            }
+        }
+        _ => {}
+    }
+    (degraded, warnings)
+}
+
+fn human(v: &Value) -> String {
+    let mut o = String::new();
+    let s = |x: &Value| x.as_str().unwrap_or("-").to_string();
+    if v["running"] == json!(true) {
+        o += &format!(
+            "agent:          running (version {}, pid {}, since {})\n",
+            s(&v["agentVersion"]),
+            v["pid"],
+            s(&v["startedAt"])
+        );
+        let c = &v["connection"];
+        let mut line = format!(
+            "connection:     {} since {}",
+            s(&c["state"]),
+            s(&c["since"])
+        );
+        if let Some(srv) = c["server"].as_str() {
+            line += &format!(" ({srv})");
+        }
+        o += &line;
+        o += "\n";
+        if let Some(e) = c["lastError"].as_str() {
+            o += &format!("last error:     {e}\n");
+        }
+        if let Some(m) = c["message"].as_str() {
+            o += &format!("revoked:        {m}\n");
+        }
+        o += &format!("last round trip: {}\n", s(&v["lastRoundTrip"]));
+    } else {
+        o += &format!(
+            "agent:          NOT RUNNING (no answer on the admin socket: {})\n",
+            s(&v["reason"])
+        );
+    }
+    let c = &v["certificate"];
+    match c["error"].as_str() {
+        Some(e) => o += &format!("certificate:    {e}\n"),
+        None => {
+            o += &format!(
+                "certificate:    valid until {}{}\n",
+                s(&c["notAfter"]),
+                if c["expired"] == json!(true) {
+                    " (EXPIRED)"
+                } else {
+                    ""
+                }
+            )
+        }
+    }
+    if v["running"] == json!(true) {
+        let list = |x: &Value| -> Vec<String> {
+            x.as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|t| {
+                            let mut l = format!("  {} {}", s(&t["tag"]), s(&t["type"]));
+                            if let Some(at) = t["startedAt"].as_str() {
+                                l += &format!(" (started {at})");
+                            }
+                            l
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        o += &format!("in flight:      {}\n", v["counts"]["inFlight"]);
+        for l in list(&v["inFlight"]) {
+            o += &l;
+            o += "\n";
+        }
+        o += &format!("queued:         {}\n", v["counts"]["queued"]);
+        for l in list(&v["queued"]) {
+            o += &l;
+            o += "\n";
+        }
+        o += "journal:        ";
+        o += &(if v["journal"].is_null() {
+            "-".to_string()
+        } else {
+            format!(
+                "{} entries, {} bytes",
+                v["journal"]["records"], v["journal"]["bytes"]
+            )
+        });
+        o += "\n";
+        let errs = v["recentErrors"].as_array().cloned().unwrap_or_default();
+        o += &format!("recent errors:  {}\n", errs.len());
+        for e in errs {
+            o += &format!(
+                "  {} {} {}\n",
+                s(&e["at"]),
+                s(&e["level"]),
+                s(&e["message"])
+            );
+        }
+    }
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        o += &format!("warning:        {}\n", s(w));
+    }
+    for d in v["degraded"].as_array().into_iter().flatten() {
+        o += &format!("DEGRADED:       {}\n", s(d));
+    }
+    o
+}
+
+/// Run `runos status`; prints the report and returns the exit code.
+pub fn run(cfg: &Config, json_out: bool) -> Exit {
+    let socket = crate::admin::socket_path(&cfg.paths.run_dir);
+    let cert = certificate(&cfg.paths.certificate, SystemTime::now());
+    let (mut v, exit) = match query(&socket) {
+        Ok(mut v) => {
+            v["running"] = json!(true);
+            v["certificate"] = cert;
+            (v, Exit::Ok)
+        }
+        Err(e) => (
+            json!({
+                "agentVersion": crate::AGENT_VERSION,
+                "running": false,
+                "reason": e,
+                "connection": null,
+                "lastRoundTrip": null,
+                "certificate": cert,
+                "inFlight": null,
+                "queued": null,
+                "journal": null,
+                "recentErrors": null,
+            }),
+            Exit::NotRunning,
+        ),
+    };
+    let (degraded, warnings) = judge(&v);
+    let exit = match exit {
+        Exit::Ok if !degraded.is_empty() => Exit::Degraded,
+        e => e,
+    };
+    v["degraded"] = json!(degraded);
+    v["warnings"] = json!(warnings);
+    v["exitCode"] = json!(exit.code());
+    if json_out {
+        println!("{v}");
+    } else {
+        print!("{}", human(&v));
+    }
+    exit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degraded_rules() {
+        let ok = json!({"connection": {"state": "connected"}, "certificate": {"expired": false, "expiresInSecs": 999_999}});
+        assert_eq!(judge(&ok), (vec![], vec![]));
+        let soon = json!({"connection": {"state": "connected"}, "certificate": {"expired": false, "expiresInSecs": 3600}});
+        let (d, w) = judge(&soon);
+        assert!(d.is_empty());
+        assert_eq!(w.len(), 1);
+        let expired = json!({"connection": {"state": "connected"}, "certificate": {"expired": true, "expiresInSecs": -5}});
+        assert_eq!(judge(&expired).0.len(), 1);
+        let short = json!({"connection": {"state": "disconnected", "offlineForSecs": 60}, "certificate": {"expired": false, "expiresInSecs": 999_999}});
+        assert!(judge(&short).0.is_empty());
+        let long = json!({"connection": {"state": "connecting", "offlineForSecs": DEGRADED_AFTER.as_secs() + 1}, "certificate": {"expired": false, "expiresInSecs": 999_999}});
+        assert_eq!(judge(&long).0.len(), 1);
+        let revoked = json!({"connection": {"state": "revoked"}, "certificate": {"expired": false, "expiresInSecs": 999_999}});
+        assert_eq!(judge(&revoked).0.len(), 1);
+    }
+
+    #[test]
+    fn certificate_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.pem");
+        let mut params = rcgen::CertificateParams::new(vec!["n".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(&p, cert.pem()).unwrap();
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000); // 2027
+        let v = certificate(&p, at);
+        assert_eq!(v["notAfter"], "2030-01-01T00:00:00Z");
+        assert_eq!(v["expired"], false);
+        assert!(v["expiresInSecs"].as_i64().unwrap() > 0);
+        let later = UNIX_EPOCH + Duration::from_secs(1_950_000_000); // 2031
+        assert_eq!(certificate(&p, later)["expired"], true);
+        assert!(certificate(&dir.path().join("none"), at)["error"].is_string());
+    }
+
+    #[test]
+    fn no_daemon_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(query(&dir.path().join("admin.sock")).is_err());
+    }
+}
