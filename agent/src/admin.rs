@@ -8,6 +8,9 @@
 //!
 //! - `{"op":"status"}` → the daemon's status ([`StatusHandle::to_json`]) merged with the
 //!   dispatcher's snapshot ([`DispatchSnapshot::to_json`](crate::dispatch::snapshot::DispatchSnapshot::to_json)).
+//! - `{"op":"journal","tag":"<uuid>"}` or `{"op":"journal","limit":N}` (default 50, at most
+//!   1000) → `{"entries":[...]}`, newest first (see
+//!   [`entry_json`](crate::dispatch::journal_query::entry_json)); an unknown tag gives no entry.
 //! - anything else → `{"error": "..."}`.
 //!
 //! Creation: the socket is bound inside a fresh 0700 directory, set to 0600, then renamed into
@@ -200,7 +203,40 @@ async fn answer(line: &[u8], state: &AdminState) -> Value {
     };
     match req.get("op").and_then(Value::as_str) {
         Some("status") => status(state).await,
-        _ => json!({"error": "unknown op; supported: status"}),
+        Some("journal") => journal(&req, state).await,
+        _ => json!({"error": "unknown op; supported: status, journal"}),
+    }
+}
+
+/// The `journal` answer.
+async fn journal(req: &Value, state: &AdminState) -> Value {
+    use crate::dispatch::journal_query::{DEFAULT_LIMIT, JournalQuery, MAX_LIMIT, entry_json};
+    let tag = match req.get("tag") {
+        None | Some(Value::Null) => None,
+        Some(t) => match t.as_str().map(runos_protocol::Tag::parse) {
+            Some(Ok(t)) => Some(t),
+            _ => return json!({"error": "tag must be a tag (a UUID)"}),
+        },
+    };
+    let limit = match req.get("limit") {
+        None | Some(Value::Null) => DEFAULT_LIMIT,
+        Some(l) => match l.as_u64() {
+            Some(n) if (1..=MAX_LIMIT as u64).contains(&n) => n as usize,
+            _ => return json!({"error": format!("limit must be between 1 and {MAX_LIMIT}")}),
+        },
+    };
+    let entries = async {
+        let tx = state.dispatcher.upgrade()?;
+        let (etx, erx) = oneshot::channel();
+        tx.send(Inbound::Journal(JournalQuery { tag, limit }, etx))
+            .await
+            .ok()?;
+        drop(tx);
+        erx.await.ok()
+    };
+    match tokio::time::timeout(SNAPSHOT_TIMEOUT, entries).await {
+        Ok(Some(v)) => json!({"entries": v.iter().map(entry_json).collect::<Vec<_>>()}),
+        _ => json!({"error": "the dispatcher did not answer"}),
     }
 }
 
@@ -283,6 +319,19 @@ mod tests {
         assert!(v["inFlight"].as_array().unwrap().is_empty());
         assert_eq!(v["journal"]["records"], 0);
         assert_eq!(v["counts"]["queued"], 0);
+
+        let v = ask(server.path(), b"{\"op\":\"journal\"}\n").await;
+        assert_eq!(v["entries"], json!([]), "{v}");
+        let v = ask(
+            server.path(),
+            b"{\"op\":\"journal\",\"tag\":\"3f2a3c9e-0000-4000-8000-000000000000\"}\n",
+        )
+        .await;
+        assert_eq!(v["entries"], json!([]), "{v}");
+        let v = ask(server.path(), b"{\"op\":\"journal\",\"tag\":\"x\"}\n").await;
+        assert!(v["error"].is_string(), "{v}");
+        let v = ask(server.path(), b"{\"op\":\"journal\",\"limit\":0}\n").await;
+        assert!(v["error"].is_string(), "{v}");
 
         let v = ask(server.path(), b"{\"op\":\"shell\"}\n").await;
         assert!(v["error"].is_string());

@@ -67,6 +67,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show recent instructions and their outcomes, from the agent's journal (exit 0; 1 when
+    /// `--tag` names no entry; 9 when the agent is not running).
+    ///
+    /// Asks the running agent through its local admin socket (as `runos status`). Each entry:
+    /// tag, type, sha256 of the payload (never the payload), state (queued, running, finished,
+    /// acked), accepted/started/finished/acked times (RFC 3339), duration, reply type and error
+    /// code. The journal keeps an entry until 24 h after its reply was acknowledged. Newest first.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Journal {
+        /// Show only the instruction with this tag (a UUID), in full.
+        #[arg(long, value_name = "TAG", value_parser = parse_tag)]
+        tag: Option<runos_protocol::Tag>,
+        /// Show at most N entries (1 to 1000).
+        #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_tag(s: &str) -> Result<runos_protocol::Tag, String> {
+    runos_protocol::Tag::parse(s)
+        .map_err(|_| "must be a tag: a UUID in its hyphenated 36-character form".into())
 }
 
 /// `runos register` arguments.
@@ -170,6 +194,10 @@ pub fn run(cli: Cli) -> Exit {
             Ok((cfg, _)) => crate::status_cmd::run(&cfg, json),
             Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
         },
+        Command::Journal { tag, limit, json } => match config::load(&cli.config) {
+            Ok((cfg, _)) => crate::journal_cmd::run(&cfg, tag, usize::from(limit), json),
+            Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+        },
         Command::Agent => {
             let cfg = match config::load(&cli.config) {
                 Ok((c, _)) => c,
@@ -209,6 +237,10 @@ mod tests {
         assert!(r.is_err());
         let r = Cli::try_parse_from(["runos", "register", "--server", "h", "--token", "-"]);
         assert!(r.is_ok());
+        let r = Cli::try_parse_from(["runos", "journal", "--tag", "nope"]);
+        assert!(r.is_err());
+        let r = Cli::try_parse_from(["runos", "journal", "--limit", "1001"]);
+        assert!(r.is_err());
         let r = Cli::try_parse_from(["runos", "agent", "--config", "/x.toml"]).unwrap();
         assert_eq!(r.config, PathBuf::from("/x.toml"));
     }

@@ -210,6 +210,9 @@ pub struct RawAgent {
     pub reconnect_max_ms: u64,
     /// A session that stayed up this long resets the backoff.
     pub stable_after_secs: u64,
+    /// Whether the journal syncs (`fdatasync`) before an executor starts and before a reply is
+    /// sent. `false` gives up durability across power loss and machine crashes: benchmarks only.
+    pub journal_fsync: bool,
 }
 
 impl Default for RawAgent {
@@ -222,6 +225,7 @@ impl Default for RawAgent {
             reconnect_initial_ms: 1000,
             reconnect_max_ms: 60_000,
             stable_after_secs: 60,
+            journal_fsync: true,
         }
     }
 }
@@ -310,6 +314,8 @@ pub struct AgentSettings {
     /// Stable-session threshold.
     #[serde(serialize_with = "ser_secs")]
     pub stable_after: Duration,
+    /// Journal syncs on (see [`RawAgent::journal_fsync`]).
+    pub journal_fsync: bool,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -447,6 +453,7 @@ impl RawConfig {
                 reconnect_initial: Duration::from_millis(a.reconnect_initial_ms),
                 reconnect_max: Duration::from_millis(a.reconnect_max_ms),
                 stable_after: Duration::from_secs(a.stable_after_secs),
+                journal_fsync: a.journal_fsync,
             },
         })
     }
@@ -566,6 +573,7 @@ mod tests {
         assert_eq!(c.agent.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.agent.reconnect_max, Duration::from_secs(60));
         assert_eq!(c.agent.max_frame_bytes, 16 * 1024 * 1024);
+        assert!(c.agent.journal_fsync);
     }
 
     #[test]
@@ -598,6 +606,7 @@ shutdown_grace_secs = 3
 reconnect_initial_ms = 100
 reconnect_max_ms = 1000
 stable_after_secs = 5
+journal_fsync = false
 "#,
         )
         .unwrap();
@@ -605,6 +614,7 @@ stable_after_secs = 5
         assert_eq!(c.server.l1_ca_sha256, Some("ab".repeat(32)));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.agent.reconnect_initial, Duration::from_millis(100));
+        assert!(!c.agent.journal_fsync);
     }
 
     #[test]

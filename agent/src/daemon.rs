@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::audit::AuditLog;
 use crate::backoff::Backoff;
 use crate::catalog::Catalog;
 use crate::config::{self, Config};
@@ -105,12 +106,13 @@ pub async fn run(
     });
 
     // After the lock: one process at a time owns the journal.
-    let journal = open_journal(&cfg.paths.state_dir)?;
+    let (journal, audit) = open_journal(&cfg.paths.state_dir, cfg.agent.journal_fsync)?;
     let catalog = Arc::new(Catalog::standard());
-    let (mut link, dispatcher) = dispatch::spawn(
+    let (mut link, dispatcher) = dispatch::spawn_with_audit(
         catalog.clone(),
         DispatchConfig::from_settings(&cfg.agent),
         journal,
+        Some(audit),
         agent_started,
         shutdown_rx.clone(),
     );
@@ -228,8 +230,23 @@ pub async fn run(
 /// Leftover process groups of those instructions are not killed: the dispatcher does not
 /// record process groups (an executor creates its group after `started` is on disk), so the
 /// journal has none to offer.
-fn open_journal(state_dir: &std::path::Path) -> Result<Journal, DaemonError> {
-    let (journal, rec) = Journal::open(state_dir, journal::Limits::default()).map_err(|e| {
+///
+/// Also opens the audit log (see `audit.rs`) and writes the lines of those `interrupted`
+/// replies, which are final replies too.
+fn open_journal(
+    state_dir: &std::path::Path,
+    fsync: bool,
+) -> Result<(Journal, AuditLog), DaemonError> {
+    if !fsync {
+        tracing::warn!(
+            "agent.journal_fsync = false: the journal is not synced to disk; a power loss or a crash of the machine may lose or repeat instructions (for benchmarks only)"
+        );
+    }
+    let limits = journal::Limits {
+        sync: fsync,
+        ..journal::Limits::default()
+    };
+    let (journal, rec) = Journal::open(state_dir, limits).map_err(|e| {
         fail(
             Exit::Failure,
             format!("cannot open the instruction journal: {e}"),
@@ -247,7 +264,14 @@ fn open_journal(state_dir: &std::path::Path) -> Result<Journal, DaemonError> {
         truncated = rec.truncated.is_some(),
         "journal opened"
     );
-    Ok(journal)
+    let mut audit = AuditLog::new(state_dir, crate::audit::DEFAULT_MAX_BYTES);
+    for cut in &rec.interrupted {
+        if let journal::Lookup::Done(reply) = journal.lookup(&cut.tag) {
+            let view = journal.get(&cut.tag);
+            audit.record(&crate::audit::Record::for_reply(view.as_ref(), &reply));
+        }
+    }
+    Ok((journal, audit))
 }
 
 /// Wait `delay` while disconnected: replies produced meanwhile stay in the journal (resent after

@@ -28,10 +28,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument as _;
 
+use crate::audit::AuditLog;
 use crate::catalog::{Catalog, Entry, ExecCtx};
 use crate::journal::{Journal, JournalError, Lookup, payload_sha256};
 
 mod cancel;
+// `runos journal`: Inbound::Journal (see `journal_query.rs`).
+pub mod journal_query;
 // `runos status`: Inbound::Snapshot (see `snapshot.rs`).
 pub mod snapshot;
 
@@ -74,6 +77,11 @@ pub enum Inbound {
     AbortAll(oneshot::Sender<()>),
     /// `runos status`: what is running and queued (see `snapshot.rs`).
     Snapshot(oneshot::Sender<snapshot::DispatchSnapshot>),
+    /// `runos journal`: recent journal entries, or one tag's (see `journal_query.rs`).
+    Journal(
+        journal_query::JournalQuery,
+        oneshot::Sender<Vec<crate::journal::EntryView>>,
+    ),
 }
 
 /// The session's end of the dispatcher.
@@ -97,11 +105,24 @@ pub fn spawn(
     agent_started: Instant,
     shutdown: watch::Receiver<bool>,
 ) -> (DispatchLink, tokio::task::JoinHandle<()>) {
+    spawn_with_audit(catalog, cfg, journal, None, agent_started, shutdown)
+}
+
+/// [`spawn`], also writing one line per final reply to `audit` (see `audit.rs`).
+pub fn spawn_with_audit(
+    catalog: Arc<Catalog>,
+    cfg: DispatchConfig,
+    journal: Journal,
+    audit: Option<AuditLog>,
+    agent_started: Instant,
+    shutdown: watch::Receiver<bool>,
+) -> (DispatchLink, tokio::task::JoinHandle<()>) {
     let (in_tx, in_rx) = mpsc::channel(256);
     let (reply_tx, reply_rx) = mpsc::channel(cfg.reply_channel.max(1));
     let (flight_tx, flight_rx) = watch::channel(0usize);
     let d = Dispatcher {
         journal,
+        audit,
         catalog,
         cfg,
         agent_started,
@@ -157,6 +178,8 @@ struct Dispatcher {
     running: HashMap<Tag, AbortHandle>,
     tasks: JoinSet<(Tag, Envelope)>,
     journal: Journal,
+    /// One line per final reply (see `audit.rs`); `None` in tests.
+    audit: Option<AuditLog>,
     reply_tx: mpsc::Sender<Envelope>,
     flight_tx: watch::Sender<usize>,
     shutting_down: bool,
@@ -224,6 +247,7 @@ impl Dispatcher {
         if let Err(e) = blocking(|| self.journal.finished(tag, &env)) {
             tracing::error!(%tag, error = %e, "cannot store the reply durably; sending it anyway");
         }
+        self.audit(&env); // see `journal_query.rs`
         self.send(env).await;
     }
 
@@ -295,6 +319,7 @@ impl Dispatcher {
                 Err(e) => tracing::warn!(%tag, error = %e, "cannot record the ACK"),
             },
             Inbound::Snapshot(tx) => self.snapshot(tx), // see `snapshot.rs`
+            Inbound::Journal(q, tx) => self.journal_query(q, tx), // see `journal_query.rs`
             Inbound::Held(tx) => {
                 let _ = tx.send(self.journal.unacked());
             }

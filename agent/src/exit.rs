@@ -26,7 +26,8 @@ pub enum Exit {
     /// `runos status`: the agent is degraded (disconnected too long, revoked, or its
     /// certificate expired).
     Degraded = 8,
-    /// `runos status`: the agent daemon is not running (no answer on the admin socket).
+    /// `runos status`, `runos journal`: the agent daemon is not running (no answer on the admin
+    /// socket).
     NotRunning = 9,
 }
 
@@ -55,7 +56,7 @@ Exit codes:
   6  TLS failure: certificate verification, ALPN, or L1Sec CA pin mismatch
   7  another runos agent is running (instance lock held)
   8  runos status: degraded (disconnected > 5 min, revoked, or certificate expired)
-  9  runos status: the agent daemon is not running (admin socket absent or refusing)";
+  9  runos status, runos journal: the agent daemon is not running (admin socket absent or refusing)";
 
 #[cfg(test)]
 mod tests {

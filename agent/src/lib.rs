@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod backoff;
 pub mod catalog;
 pub mod cli;
@@ -37,6 +38,7 @@ pub mod exit;
 pub mod fsutil;
 pub mod identity;
 pub mod journal;
+pub mod journal_cmd;
 pub mod lock;
 pub mod logging;
 pub mod net;

@@ -57,24 +57,49 @@ pub fn certificate(path: &Path, now: SystemTime) -> Value {
     }
 }
 
-/// Ask the daemon at `socket`. `Err` when no daemon answers.
+/// Ask the daemon at `socket` for its status. `Err` when no daemon answers.
 pub fn query(socket: &Path) -> Result<Value, String> {
+    match request(socket, &json!({"op": "status"})) {
+        Ok(v) => Ok(v),
+        Err(AdminError::NotRunning(e) | AdminError::Refused(e)) => Err(e),
+    }
+}
+
+/// Why an admin request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminError {
+    /// No daemon answers on the socket (or its answer is unreadable).
+    NotRunning(String),
+    /// The daemon answered `{"error": …}`.
+    Refused(String),
+}
+
+/// Send `req` (one line of JSON) to the daemon at `socket` and read its one-line answer.
+pub fn request(socket: &Path, req: &Value) -> Result<Value, AdminError> {
+    talk(socket, req)
+        .map_err(AdminError::NotRunning)
+        .and_then(|v| match v.get("error").and_then(Value::as_str) {
+            Some(e) => Err(AdminError::Refused(format!(
+                "the daemon refused the request: {e}"
+            ))),
+            None => Ok(v),
+        })
+}
+
+fn talk(socket: &Path, req: &Value) -> Result<Value, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     s.set_read_timeout(Some(SOCKET_TIMEOUT))
         .and_then(|()| s.set_write_timeout(Some(SOCKET_TIMEOUT)))
         .map_err(|e| e.to_string())?;
-    s.write_all(b"{\"op\":\"status\"}\n")
+    let mut line = req.to_string().into_bytes();
+    line.push(b'\n');
+    s.write_all(&line)
         .map_err(|e| format!("sending the request: {e}"))?;
     let mut line = Vec::new();
     std::io::BufReader::new((&s).take(MAX_ANSWER))
         .read_until(b'\n', &mut line)
         .map_err(|e| format!("reading the answer: {e}"))?;
-    let v: Value =
-        serde_json::from_slice(&line).map_err(|_| "the daemon's answer is not JSON".to_string())?;
-    if let Some(e) = v.get("error").and_then(Value::as_str) {
-        return Err(format!("the daemon refused the request: {e}"));
-    }
-    Ok(v)
+    serde_json::from_slice(&line).map_err(|_| "the daemon's answer is not JSON".to_string())
 }
 
 /// Judge a full status: `(degraded reasons, warnings)`.

@@ -313,3 +313,91 @@ async fn control_types_are_never_dispatched() {
     }
     assert!(h.no_reply_within(Duration::from_millis(300)).await);
 }
+
+/// Every final reply gets one audit line (immediate answers too), `busy` none; `Inbound::Journal`
+/// lists the entries newest first and finds one by tag.
+#[tokio::test]
+async fn audit_lines_and_journal_queries() {
+    use runos_agent::audit::{AuditLog, DEFAULT_MAX_BYTES, FILE};
+    use runos_agent::dispatch::journal_query::JournalQuery;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(dir.path(), Limits::default()).unwrap();
+    let (_shutdown, rx) = watch::channel(false);
+    let (link, _join) = dispatch::spawn_with_audit(
+        Arc::new(catalog_with_sleeper()),
+        cfg(0, 1),
+        journal,
+        Some(AuditLog::new(dir.path(), DEFAULT_MAX_BYTES)),
+        Instant::now(),
+        rx,
+    );
+    let mut h = Harness {
+        link,
+        shutdown: watch::channel(false).0,
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let run = instr(types::RUN_COMMAND, serde_json::json!({"ms": 200}));
+    let busy = instr(types::RUN_COMMAND, serde_json::json!({"ms": 0}));
+    let unknown = instr("NOT_A_TYPE", serde_json::json!({"secret": "s3cr3t-audit"}));
+    h.send(run.clone()).await;
+    h.send(busy.clone()).await;
+    h.send(unknown.clone()).await;
+    let mut replies = HashMap::new();
+    for _ in 0..3 {
+        let r = h.reply().await;
+        replies.insert(r.tag, r);
+    }
+    assert_eq!(code(&replies[&busy.tag]), ErrorCode::Busy);
+    assert_eq!(code(&replies[&unknown.tag]), ErrorCode::UnknownType);
+    assert!(replies[&run.tag].is(ctypes::NO_CONTENT));
+
+    let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+    assert!(!text.contains("s3cr3t-audit"), "{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let by_tag = |t: Tag| {
+        lines
+            .iter()
+            .find(|l| l["tag"] == t.to_string())
+            .unwrap_or_else(|| panic!("no line for {t}: {text}"))
+    };
+    let l = by_tag(unknown.tag);
+    assert_eq!(l["outcome"], "unknown_type");
+    assert_eq!(l["type"], "NOT_A_TYPE");
+    assert!(l["durationMs"].is_null());
+    let l = by_tag(run.tag);
+    assert_eq!(l["outcome"], ctypes::NO_CONTENT);
+    assert_eq!(l["type"], types::RUN_COMMAND);
+    assert!(l["durationMs"].as_u64().is_some(), "{l}");
+    assert_eq!(
+        l["payloadSha256"],
+        runos_agent::journal::payload_sha256(&run)
+    );
+
+    let query = |tag: Option<Tag>, limit: usize| {
+        let tx = h.link.inbound.clone();
+        async move {
+            let (etx, erx) = oneshot::channel();
+            tx.send(Inbound::Journal(JournalQuery { tag, limit }, etx))
+                .await
+                .unwrap();
+            erx.await.unwrap()
+        }
+    };
+    let all = query(None, 50).await;
+    let tags: Vec<Tag> = all.iter().map(|e| e.tag).collect();
+    assert_eq!(
+        tags,
+        [unknown.tag, run.tag],
+        "newest first, busy not journaled"
+    );
+    assert_eq!(query(None, 1).await.len(), 1);
+    let one = query(Some(run.tag), 50).await;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].reply_type.as_deref(), Some(ctypes::NO_CONTENT));
+    assert!(query(Some(busy.tag), 50).await.is_empty());
+}

@@ -99,6 +99,95 @@ fn secrets_in_instructions_never_reach_the_logs() {
     let logs = s.logs();
     assert!(!logs.contains("s3cr3t-env"), "env value leaked into a log");
     assert!(!logs.contains("s3cr3t-stdin"), "stdin leaked into a log");
+
+    // Nor into the audit log, the journal, `runos status` or `runos journal`.
+    let state = s.agent.dir.join("state");
+    let audit = std::fs::read_to_string(state.join("audit.jsonl")).unwrap_or_default();
+    let journal =
+        String::from_utf8_lossy(&std::fs::read(state.join("journal.log")).unwrap()).into_owned();
+    let cli = |args: &[&str]| {
+        let out = s.agent.cli(args, "");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let outputs = [
+        ("state/audit.jsonl", audit.clone()),
+        ("state/journal.log", journal),
+        ("runos status --json", cli(&["status", "--json"])),
+        ("runos journal --json", cli(&["journal", "--json"])),
+        ("runos journal", cli(&["journal"])),
+        (
+            "runos journal --tag",
+            cli(&["journal", "--tag", &r.tag, "--json"]),
+        ),
+    ];
+    for (what, text) in &outputs {
+        assert!(
+            !text.contains("s3cr3t-env"),
+            "env value leaked into {what}: {text}"
+        );
+        assert!(
+            !text.contains("s3cr3t-stdin"),
+            "stdin leaked into {what}: {text}"
+        );
+    }
+
+    // The audit log has the instruction's line: tag, type, digest, duration and outcome.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.join("audit.jsonl"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let line = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["tag"] == json!(r.tag))
+        .unwrap_or_else(|| panic!("no audit line for {}: {audit}", r.tag));
+    assert_eq!(line["type"], "RUN_COMMAND", "{line}");
+    assert_eq!(line["outcome"], "RUN_COMMAND_RESPONSE", "{line}");
+    assert_eq!(
+        line["payloadSha256"].as_str().map(str::len),
+        Some(64),
+        "{line}"
+    );
+    assert!(line["durationMs"].is_u64(), "{line}");
+    assert!(line["time"].is_string(), "{line}");
+
+    // `runos journal --tag` shows it; an unknown tag exits 1, a malformed one 2.
+    let out = s.agent.cli(&["journal", "--tag", &r.tag, "--json"], "");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["entries"][0]["tag"], json!(r.tag), "{v}");
+    assert_eq!(v["entries"][0]["replyType"], "RUN_COMMAND_RESPONSE", "{v}");
+    assert_eq!(
+        v["entries"][0]["payloadSha256"], line["payloadSha256"],
+        "{v}"
+    );
+    let unknown = Tag::random().to_string();
+    let out = s.agent.cli(&["journal", "--tag", &unknown], "");
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("no journal entry for {unknown}")),
+        "{}",
+        describe(&out)
+    );
+    let out = s.agent.cli(&["journal", "--tag", "not-a-tag"], "");
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
+
+/// `runos journal` with no agent running exits 9, as `runos status`.
+#[test]
+fn journal_without_a_running_agent_exits_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::for_ports(tmp.path(), 1, 1, "");
+    let out = agent.cli(&["journal", "--json"], "");
+    assert_eq!(out.status.code(), Some(9), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exitCode"], 9, "{v}");
 }
 
 /// Every one of 100 instructions sent at once is answered exactly once with its own tag, and

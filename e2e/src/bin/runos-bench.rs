@@ -8,6 +8,8 @@
 //!   at a time: from the operator API's `send` (which stores the instruction in SQLite) to the
 //!   final reply stored by the control plane;
 //! - pipelined throughput: N instructions sent back to back on the one stream, then waited for;
+//! - both of the above twice: with the journal synced (the default), then with
+//!   `[agent] journal_fsync = false` (the agent restarted with the edited config), side by side;
 //! - the idle agent's resident memory (VmRSS and VmHWM from `/proc/<pid>/status`).
 //!
 //! Build with `cargo build --release --locked --bins` and run `./target/release/runos-bench`
@@ -111,6 +113,49 @@ async fn throughput(api: &Api, node: &str, n: usize) -> Result<f64, String> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
+/// One set of measurements on the running agent.
+struct Figures {
+    status: Vec<Duration>,
+    cmd: Vec<Duration>,
+    throughput: f64,
+}
+
+async fn measure(
+    api: &Api,
+    node: &str,
+    n_lat: usize,
+    n_cmd: usize,
+    n_tp: usize,
+) -> Result<Figures, String> {
+    Ok(Figures {
+        status: latency(api, node, "GET_NODE_STATUS", json!({}), n_lat).await?,
+        cmd: latency(api, node, "RUN_COMMAND", json!({"argv": ["true"]}), n_cmd).await?,
+        throughput: throughput(api, node, n_tp).await?,
+    })
+}
+
+/// Stop the agent (if running), start it again (it reads its config anew) and wait until it is
+/// connected.
+async fn restart(agent: &mut Agent, api: &Api, node: &str) -> Result<(), String> {
+    tokio::task::block_in_place(|| agent.stop());
+    // The old session must be gone first, or it would count as the new one.
+    let end = Instant::now() + Duration::from_secs(30);
+    while api.is_online(node) {
+        if Instant::now() > end {
+            return Err("the stopped agent's session did not end".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.start();
+    while !api.is_online(node) {
+        if Instant::now() > end {
+            return Err(format!("agent did not reconnect:\n{}", agent.log()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
@@ -170,50 +215,73 @@ async fn run(quick: bool) -> Result<(), String> {
     } else {
         (2000, 500, 5000)
     };
-    let status = latency(&api, &node, "GET_NODE_STATUS", json!({}), n_lat).await?;
-    let cmd = latency(&api, &node, "RUN_COMMAND", json!({"argv": ["true"]}), n_cmd).await?;
-    let tp = throughput(&api, &node, n_tp).await?;
+    // With the journal synced (the default), then with `journal_fsync = false`.
+    let synced = measure(&api, &node, n_lat, n_cmd, n_tp).await?;
 
     // Idle memory: let the agent settle after the load, then read its RSS.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss, hwm) = rss_kib(agent.pid()).ok_or("cannot read the agent's /proc status")?;
-    // A fresh agent that never ran an instruction: its idle footprint.
+
+    let cfg = std::fs::read_to_string(&agent.config).map_err(|e| e.to_string())?;
+    std::fs::write(&agent.config, format!("{cfg}journal_fsync = false\n"))
+        .map_err(|e| e.to_string())?;
+    restart(&mut agent, &api, &node).await?;
+    let unsynced = measure(&api, &node, n_lat, n_cmd, n_tp).await?;
+
+    // A fresh agent that never ran an instruction (empty journal, default settings): its idle
+    // footprint.
+    std::fs::write(&agent.config, cfg).map_err(|e| e.to_string())?;
     agent.stop();
-    agent.start();
-    let end = Instant::now() + Duration::from_secs(30);
-    while !api.is_online(&node) {
-        if Instant::now() > end {
-            return Err("agent did not reconnect".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let state = agent.dir.join("state");
+    for f in ["journal.log", "audit.jsonl", "audit.jsonl.1"] {
+        let _ = std::fs::remove_file(state.join(f));
     }
+    restart(&mut agent, &api, &node).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (fresh_rss, _) = rss_kib(agent.pid()).ok_or("cannot read the agent's /proc status")?;
     agent.stop();
     server.shutdown().await;
 
-    println!("| measurement | samples | p50 | p99 | max |");
-    println!("|---|---:|---:|---:|---:|");
-    for (name, s) in [
-        ("`GET_NODE_STATUS` round trip", &status),
-        ("`RUN_COMMAND [\"true\"]` round trip", &cmd),
+    println!(
+        "| measurement | samples | journal synced: p50 / p99 / max | journal_fsync = false: p50 / p99 / max |"
+    );
+    println!("|---|---:|---:|---:|");
+    for (name, a, b) in [
+        (
+            "`GET_NODE_STATUS` round trip",
+            &synced.status,
+            &unsynced.status,
+        ),
+        (
+            "`RUN_COMMAND [\"true\"]` round trip",
+            &synced.cmd,
+            &unsynced.cmd,
+        ),
     ] {
-        println!(
-            "| {name} | {} | {} | {} | {} |",
-            s.len(),
-            ms(percentile(s, 0.50)),
-            ms(percentile(s, 0.99)),
-            ms(percentile(s, 1.0)),
-        );
+        let cell = |s: &[Duration]| {
+            format!(
+                "{} / {} / {}",
+                ms(percentile(s, 0.50)),
+                ms(percentile(s, 0.99)),
+                ms(percentile(s, 1.0))
+            )
+        };
+        println!("| {name} | {} | {} | {} |", a.len(), cell(a), cell(b));
     }
+    println!();
+    println!("| measurement | journal synced | journal_fsync = false |");
+    println!("|---|---:|---:|");
+    println!(
+        "| pipelined `GET_NODE_STATUS`, {n_tp} on one stream | {:.0} instructions/s | {:.0} instructions/s |",
+        synced.throughput, unsynced.throughput
+    );
     println!();
     println!("| measurement | value |");
     println!("|---|---:|");
-    println!("| pipelined `GET_NODE_STATUS`, {n_tp} on one stream | {tp:.0} instructions/s |");
     println!(
-        "| idle agent RSS, fresh (connected, no instruction run yet) | {} KiB |",
+        "| idle agent RSS, fresh (connected, empty journal, no instruction run yet) | {} KiB |",
         fresh_rss
     );
-    println!("| idle agent RSS after the runs above | {rss} KiB (peak {hwm} KiB) |");
+    println!("| idle agent RSS after the synced runs above | {rss} KiB (peak {hwm} KiB) |");
     Ok(())
 }
