@@ -41,12 +41,14 @@ step "cargo test"
 if [ "$(id -u)" != 0 ]; then
   echo "note: not root; tests that need root or network namespaces will skip with a reason"
 fi
-cargo test --workspace --locked -- --nocapture 2>&1 | tee target/test-output.log
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+cargo test --workspace --locked -- --nocapture 2>&1 | tee "$target_dir/test-output.log"
 # cargo test exits non-zero on failure (pipefail), so reaching here means every test passed.
 
 if [ "${RUNOS_SKIP_DEMO:-0}" != 1 ]; then
   step "demo (end-to-end smoke test)"
-  timeout 300 ./target/debug/runos-controlplane demo --agent-bin ./target/debug/runos
+  timeout 300 "$target_dir/debug/runos-controlplane" demo --agent-bin "$target_dir/debug/runos"
 fi
 
 step "all checks passed"
