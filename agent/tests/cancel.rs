@@ -2,57 +2,22 @@
 //! unknown and finished tags, bad payloads, dedup of the `CANCEL` itself, and the process group
 //! of a cancelled `RUN_COMMAND` dying.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use runos_agent::catalog::{Catalog, ExecFn};
-use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
-use runos_agent::journal::{Journal, Limits};
+use std::time::Duration;
+
+use common::dispatch::{Harness, cfg, error, instr};
+use runos_agent::catalog::Catalog;
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
-use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
-use tokio::sync::{oneshot, watch};
+use runos_protocol::{Envelope, ErrorCode, MessageType, Tag};
 
-fn cfg(queue: usize, conc: usize) -> DispatchConfig {
-    DispatchConfig {
-        queue_capacity: queue,
-        max_concurrency: conc,
-        reply_channel: 1024,
-    }
-}
-
-/// A raw executor that sleeps for the payload's `ms`.
-fn sleeper() -> ExecFn {
-    Arc::new(|ctx, env: Envelope| {
-        Box::pin(async move {
-            let v: serde_json::Value = env
-                .payload()
-                .map_err(|e| runos_agent::catalog::bad_payload("X", &e))?;
-            let ms = v.get("ms").and_then(|m| m.as_u64()).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(Envelope::with_type(
-                ctypes::NO_CONTENT,
-                ctx.tag,
-                &serde_json::json!({}),
-            ))
-        })
-    })
-}
-
-/// The standard catalog with `RUN_COMMAND` replaced by [`sleeper`].
+/// The standard catalog with `RUN_COMMAND` replaced by the shared sleeper (timeouts 120 s).
 fn catalog_with_sleeper() -> Catalog {
-    let mut c = Catalog::standard();
-    c.register_raw(
-        types::RUN_COMMAND,
+    common::dispatch::catalog_with_sleeper_timeouts(
         Duration::from_secs(120),
         Duration::from_secs(120),
-        sleeper(),
-    );
-    c
-}
-
-fn instr(kind: &str, payload: serde_json::Value) -> Envelope {
-    Envelope::new(MessageType::new(kind).unwrap(), Tag::random(), &payload)
+    )
 }
 
 fn cancel(target: Tag) -> Envelope {
@@ -60,87 +25,6 @@ fn cancel(target: Tag) -> Envelope {
         types::CANCEL,
         serde_json::json!({"tag": target.to_string()}),
     )
-}
-
-struct Harness {
-    link: DispatchLink,
-    _shutdown: watch::Sender<bool>,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    fn new(catalog: Catalog, cfg: DispatchConfig) -> Self {
-        let (shutdown, rx) = watch::channel(false);
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path(), Limits::default()).unwrap();
-        let (link, _join) = dispatch::spawn(Arc::new(catalog), cfg, journal, Instant::now(), rx);
-        Harness {
-            link,
-            _shutdown: shutdown,
-            _dir: dir,
-        }
-    }
-
-    async fn send(&self, env: Envelope) {
-        self.link
-            .inbound
-            .send(Inbound::Instruction(env))
-            .await
-            .unwrap();
-    }
-
-    /// Next final reply (LOG lines skipped), within 10 s.
-    async fn reply(&mut self) -> Envelope {
-        loop {
-            let env = tokio::time::timeout(Duration::from_secs(10), self.link.replies.recv())
-                .await
-                .expect("a reply within 10 s")
-                .expect("dispatcher alive");
-            if !env.is(ctypes::LOG) {
-                return env;
-            }
-        }
-    }
-
-    /// The next `n` final replies, by tag (their order is not part of the contract).
-    async fn replies(&mut self, n: usize) -> Vec<Envelope> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            out.push(self.reply().await);
-        }
-        out
-    }
-
-    /// No final reply within `d`.
-    async fn no_reply_within(&mut self, d: Duration) -> bool {
-        let end = tokio::time::Instant::now() + d;
-        loop {
-            match tokio::time::timeout_at(end, self.link.replies.recv()).await {
-                Err(_) => return true,
-                Ok(Some(e)) if e.is(ctypes::LOG) => continue,
-                Ok(_) => return false,
-            }
-        }
-    }
-
-    async fn held(&self) -> Vec<Envelope> {
-        let (tx, rx) = oneshot::channel();
-        self.link.inbound.send(Inbound::Held(tx)).await.unwrap();
-        rx.await.unwrap()
-    }
-
-    async fn wait_in_flight(&self, n: usize) {
-        let mut flight = self.link.in_flight.clone();
-        tokio::time::timeout(Duration::from_secs(10), flight.wait_for(|v| *v == n))
-            .await
-            .unwrap_or_else(|_| panic!("in_flight did not reach {n} within 10 s"))
-            .unwrap();
-    }
-}
-
-fn error(env: &Envelope) -> ErrorPayload {
-    assert!(env.is(ctypes::ERROR), "expected ERROR, got {}", env.kind);
-    env.payload::<ErrorPayload>().unwrap()
 }
 
 fn find(replies: &[Envelope], tag: Tag) -> &Envelope {

@@ -1,125 +1,20 @@
 //! Dispatcher behaviour: error codes, backpressure, deadlines, panic isolation, dedup, outbox
 //! (each harness gives the dispatcher a journal in its own temporary directory).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runos_agent::catalog::{Catalog, ExecFn};
-use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use common::dispatch::{Harness, catalog_with_sleeper, cfg, code, instr};
+use runos_agent::catalog::Catalog;
+use runos_agent::dispatch::{self, Inbound};
 use runos_agent::journal::{Journal, Limits};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
-use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
+use runos_protocol::{Envelope, ErrorCode, MessageType, Tag};
 use tokio::sync::{oneshot, watch};
-
-fn cfg(queue: usize, conc: usize) -> DispatchConfig {
-    DispatchConfig {
-        queue_capacity: queue,
-        max_concurrency: conc,
-        reply_channel: 1024,
-    }
-}
-
-/// A raw executor that sleeps for the payload's `ms` (or panics when `panic` is set).
-fn sleeper() -> ExecFn {
-    Arc::new(|ctx, env: Envelope| {
-        Box::pin(async move {
-            let v: serde_json::Value = env
-                .payload()
-                .map_err(|e| runos_agent::catalog::bad_payload("X", &e))?;
-            if v.get("panic").is_some() {
-                panic!("executor bug");
-            }
-            let ms = v.get("ms").and_then(|m| m.as_u64()).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(Envelope::with_type(
-                ctypes::NO_CONTENT,
-                ctx.tag,
-                &serde_json::json!({}),
-            ))
-        })
-    })
-}
-
-fn catalog_with_sleeper() -> Catalog {
-    let mut c = Catalog::standard();
-    c.register_raw(
-        types::RUN_COMMAND,
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        sleeper(),
-    );
-    c
-}
-
-fn instr(kind: &str, payload: serde_json::Value) -> Envelope {
-    Envelope::new(MessageType::new(kind).unwrap(), Tag::random(), &payload)
-}
-
-struct Harness {
-    link: DispatchLink,
-    shutdown: watch::Sender<bool>,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    fn new(catalog: Catalog, cfg: DispatchConfig) -> Self {
-        let (shutdown, rx) = watch::channel(false);
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path(), Limits::default()).unwrap();
-        let (link, _join) = dispatch::spawn(Arc::new(catalog), cfg, journal, Instant::now(), rx);
-        Harness {
-            link,
-            shutdown,
-            _dir: dir,
-        }
-    }
-
-    async fn send(&self, env: Envelope) {
-        self.link
-            .inbound
-            .send(Inbound::Instruction(env))
-            .await
-            .unwrap();
-    }
-
-    /// Next final reply (LOG lines skipped), within 10 s.
-    async fn reply(&mut self) -> Envelope {
-        loop {
-            let env = tokio::time::timeout(Duration::from_secs(10), self.link.replies.recv())
-                .await
-                .expect("a reply within 10 s")
-                .expect("dispatcher alive");
-            if !env.is(ctypes::LOG) {
-                return env;
-            }
-        }
-    }
-
-    /// No final reply within `d`.
-    async fn no_reply_within(&mut self, d: Duration) -> bool {
-        let end = tokio::time::Instant::now() + d;
-        loop {
-            match tokio::time::timeout_at(end, self.link.replies.recv()).await {
-                Err(_) => return true,
-                Ok(Some(e)) if e.is(ctypes::LOG) => continue,
-                Ok(_) => return false,
-            }
-        }
-    }
-
-    async fn held(&self) -> Vec<Envelope> {
-        let (tx, rx) = oneshot::channel();
-        self.link.inbound.send(Inbound::Held(tx)).await.unwrap();
-        rx.await.unwrap()
-    }
-}
-
-fn code(env: &Envelope) -> ErrorCode {
-    assert!(env.is(ctypes::ERROR), "expected ERROR, got {}", env.kind);
-    env.payload::<ErrorPayload>().unwrap().code
-}
 
 #[tokio::test]
 async fn unknown_type_and_unsupported() {
@@ -323,8 +218,8 @@ async fn audit_lines_and_journal_queries() {
 
     let dir = tempfile::tempdir().unwrap();
     let (journal, _) = Journal::open(dir.path(), Limits::default()).unwrap();
-    let (_shutdown, rx) = watch::channel(false);
-    let (link, _join) = dispatch::spawn_with_audit(
+    let (shutdown, rx) = watch::channel(false);
+    let (link, join) = dispatch::spawn_with_audit(
         Arc::new(catalog_with_sleeper()),
         cfg(0, 1),
         journal,
@@ -332,11 +227,7 @@ async fn audit_lines_and_journal_queries() {
         Instant::now(),
         rx,
     );
-    let mut h = Harness {
-        link,
-        shutdown: watch::channel(false).0,
-        _dir: tempfile::tempdir().unwrap(),
-    };
+    let mut h = Harness::from_spawned(link, join, shutdown);
     let run = instr(types::RUN_COMMAND, serde_json::json!({"ms": 200}));
     let busy = instr(types::RUN_COMMAND, serde_json::json!({"ms": 0}));
     let unknown = instr("NOT_A_TYPE", serde_json::json!({"secret": "s3cr3t-audit"}));

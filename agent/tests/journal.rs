@@ -2,26 +2,18 @@
 //! without running again, across a restart of the dispatcher too; an instruction cut short by a
 //! "crash" is answered `interrupted` and never re-run; a full journal answers `busy`.
 
-use std::path::Path;
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::dispatch::{Harness, catalog_with_run_command, cfg, code, instr};
 use runos_agent::catalog::{Catalog, ExecFn};
-use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
 use runos_agent::journal::{self, Journal, Limits, Lookup};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
-use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
-use tokio::sync::{oneshot, watch};
-
-fn cfg() -> DispatchConfig {
-    DispatchConfig {
-        queue_capacity: 4,
-        max_concurrency: 1,
-        reply_channel: 1024,
-    }
-}
+use runos_protocol::{Envelope, ErrorCode, MessageType, Tag};
 
 /// A RUN_COMMAND executor that counts its runs, sleeps the payload's `ms` and answers with the
 /// run number (so that a second execution would give a different reply).
@@ -42,126 +34,32 @@ fn counting(runs: Arc<AtomicUsize>) -> Catalog {
             ))
         })
     });
-    let mut c = Catalog::standard();
-    c.register_raw(
-        types::RUN_COMMAND,
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        exec,
-    );
-    c
+    catalog_with_run_command(exec, Duration::from_secs(30), Duration::from_secs(60))
 }
 
 fn run_command(ms: u64) -> Envelope {
-    Envelope::new(
-        MessageType::new(types::RUN_COMMAND).unwrap(),
-        Tag::random(),
-        &serde_json::json!({ "ms": ms }),
-    )
-}
-
-fn code(env: &Envelope) -> ErrorCode {
-    assert!(env.is(ctypes::ERROR), "expected ERROR, got {}", env.kind);
-    env.payload::<ErrorPayload>().unwrap().code
-}
-
-struct Agent {
-    link: DispatchLink,
-    join: tokio::task::JoinHandle<()>,
-    _shutdown: watch::Sender<bool>,
-}
-
-impl Agent {
-    /// A dispatcher on the journal in `dir`, as the daemon starts one.
-    fn start(dir: &Path, catalog: Catalog, limits: Limits) -> (Agent, journal::Recovery) {
-        let (j, rec) = Journal::open(dir, limits).unwrap();
-        let (tx, rx) = watch::channel(false);
-        let (link, join) = dispatch::spawn(Arc::new(catalog), cfg(), j, Instant::now(), rx);
-        (
-            Agent {
-                link,
-                join,
-                _shutdown: tx,
-            },
-            rec,
-        )
-    }
-
-    /// Stop the dispatcher and wait until it has released the journal.
-    async fn stop(self) {
-        drop(self.link);
-        tokio::time::timeout(Duration::from_secs(10), self.join)
-            .await
-            .expect("dispatcher stops")
-            .unwrap();
-    }
-
-    async fn send(&self, env: &Envelope) {
-        self.link
-            .inbound
-            .send(Inbound::Instruction(env.clone()))
-            .await
-            .unwrap();
-    }
-
-    async fn reply(&mut self) -> Envelope {
-        loop {
-            let env = tokio::time::timeout(Duration::from_secs(10), self.link.replies.recv())
-                .await
-                .expect("a reply within 10 s")
-                .expect("dispatcher alive");
-            if !env.is(ctypes::LOG) {
-                return env;
-            }
-        }
-    }
-
-    async fn no_reply_within(&mut self, d: Duration) -> bool {
-        let end = tokio::time::Instant::now() + d;
-        loop {
-            match tokio::time::timeout_at(end, self.link.replies.recv()).await {
-                Err(_) => return true,
-                Ok(Some(e)) if e.is(ctypes::LOG) => continue,
-                Ok(_) => return false,
-            }
-        }
-    }
-
-    async fn held(&self) -> Vec<Envelope> {
-        let (tx, rx) = oneshot::channel();
-        self.link.inbound.send(Inbound::Held(tx)).await.unwrap();
-        rx.await.unwrap()
-    }
-
-    async fn pending_tags(&self) -> Vec<Tag> {
-        let (tx, rx) = oneshot::channel();
-        self.link
-            .inbound
-            .send(Inbound::PendingTags(tx))
-            .await
-            .unwrap();
-        rx.await.unwrap()
-    }
-
-    async fn ack(&self, tag: Tag) {
-        self.link.inbound.send(Inbound::Ack(tag)).await.unwrap();
-    }
+    instr(types::RUN_COMMAND, serde_json::json!({ "ms": ms }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_tag_twice_runs_once_and_gets_two_identical_replies() {
     let dir = tempfile::tempdir().unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
-    let (mut a, _) = Agent::start(dir.path(), counting(runs.clone()), Limits::default());
+    let (mut a, _) = Harness::start(
+        dir.path(),
+        counting(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
     let e = run_command(300);
-    a.send(&e).await;
-    a.send(&e).await; // still running: no second execution, no second reply now
+    a.send(e.clone()).await;
+    a.send(e.clone()).await; // still running: no second execution, no second reply now
     let first = a.reply().await;
     assert_eq!(first.tag, e.tag);
     assert!(first.is(ctypes::NO_CONTENT));
     assert!(a.no_reply_within(Duration::from_millis(400)).await);
     // Completed: the stored reply again, byte for byte.
-    a.send(&e).await;
+    a.send(e.clone()).await;
     let second = a.reply().await;
     assert_eq!(second, first);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -172,7 +70,7 @@ async fn same_tag_twice_runs_once_and_gets_two_identical_replies() {
     assert!(a.held().await.is_empty());
     assert!(a.pending_tags().await.is_empty());
     // Acknowledged but within retention: still answered from the journal.
-    a.send(&e).await;
+    a.send(e.clone()).await;
     assert_eq!(a.reply().await, first);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     a.stop().await;
@@ -182,11 +80,16 @@ async fn same_tag_twice_runs_once_and_gets_two_identical_replies() {
 async fn completed_tags_survive_a_restart_of_the_dispatcher() {
     let dir = tempfile::tempdir().unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
-    let (mut a, _) = Agent::start(dir.path(), counting(runs.clone()), Limits::default());
+    let (mut a, _) = Harness::start(
+        dir.path(),
+        counting(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
     let (acked, unacked) = (run_command(0), run_command(0));
-    a.send(&acked).await;
+    a.send(acked.clone()).await;
     let r_acked = a.reply().await;
-    a.send(&unacked).await;
+    a.send(unacked.clone()).await;
     let r_unacked = a.reply().await;
     a.ack(acked.tag).await;
     // Immediate answers are journaled too.
@@ -195,12 +98,17 @@ async fn completed_tags_survive_a_restart_of_the_dispatcher() {
         Tag::random(),
         &serde_json::json!({}),
     );
-    a.send(&unknown).await;
+    a.send(unknown.clone()).await;
     let r_unknown = a.reply().await;
     assert_eq!(code(&r_unknown), ErrorCode::UnknownType);
     a.stop().await;
 
-    let (mut a, rec) = Agent::start(dir.path(), counting(runs.clone()), Limits::default());
+    let (mut a, rec) = Harness::start(
+        dir.path(),
+        counting(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
     assert_eq!(rec, journal::Recovery::default());
     // The replies not acknowledged wait for the next WELCOME, oldest first.
     assert_eq!(a.held().await, vec![r_unacked.clone(), r_unknown.clone()]);
@@ -209,7 +117,7 @@ async fn completed_tags_survive_a_restart_of_the_dispatcher() {
         (&unacked, &r_unacked),
         (&unknown, &r_unknown),
     ] {
-        a.send(e).await;
+        a.send(e.clone()).await;
         assert_eq!(&a.reply().await, r);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
@@ -235,7 +143,12 @@ async fn started_but_not_finished_before_a_crash_is_interrupted_and_never_rerun(
         .unwrap();
     }
     let runs = Arc::new(AtomicUsize::new(0));
-    let (mut a, rec) = Agent::start(dir.path(), counting(runs.clone()), Limits::default());
+    let (mut a, rec) = Harness::start(
+        dir.path(),
+        counting(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
     assert_eq!(rec.interrupted.len(), 1);
     assert_eq!(rec.interrupted[0].tag, e.tag);
     assert_eq!(rec.never_started, vec![queued.tag]);
@@ -247,11 +160,11 @@ async fn started_but_not_finished_before_a_crash_is_interrupted_and_never_rerun(
     );
     assert_eq!(a.pending_tags().await, vec![e.tag]);
     // The control plane redelivers it: the same `interrupted`, nothing run.
-    a.send(&e).await;
+    a.send(e.clone()).await;
     assert_eq!(a.reply().await, held[0]);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     // The one that never started is new again: it runs, once.
-    a.send(&queued).await;
+    a.send(queued.clone()).await;
     let r = a.reply().await;
     assert_eq!(r.tag, queued.tag);
     assert!(r.is(ctypes::NO_CONTENT));
@@ -263,20 +176,25 @@ async fn started_but_not_finished_before_a_crash_is_interrupted_and_never_rerun(
 async fn queued_tags_refused_at_shutdown_are_forgotten() {
     let dir = tempfile::tempdir().unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
-    let (mut a, _) = Agent::start(dir.path(), counting(runs.clone()), Limits::default());
+    let (mut a, _) = Harness::start(
+        dir.path(),
+        counting(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
     let (running, queued) = (run_command(300), run_command(0));
-    a.send(&running).await;
-    a.send(&queued).await;
+    a.send(running.clone()).await;
+    a.send(queued.clone()).await;
     let mut flight = a.link.in_flight.clone();
     tokio::time::timeout(Duration::from_secs(5), flight.wait_for(|n| *n == 2))
         .await
         .unwrap()
         .unwrap();
-    a._shutdown.send(true).unwrap();
+    a.shutdown.send(true).unwrap();
     let r = a.reply().await;
     assert_eq!((r.tag, code(&r)), (queued.tag, ErrorCode::ShuttingDown));
     // Not journaled: the same tag, sent again, is refused again (not answered from the journal).
-    a.send(&queued).await;
+    a.send(queued.clone()).await;
     let r = a.reply().await;
     assert_eq!((r.tag, code(&r)), (queued.tag, ErrorCode::ShuttingDown));
     let r = a.reply().await;
@@ -299,18 +217,18 @@ async fn a_full_journal_answers_busy_and_runs_nothing() {
         max_entries: 1,
         ..Limits::default()
     };
-    let (mut a, _) = Agent::start(dir.path(), counting(runs.clone()), limits);
+    let (mut a, _) = Harness::start(dir.path(), counting(runs.clone()), cfg(4, 1), limits);
     let (first, second) = (run_command(0), run_command(0));
-    a.send(&first).await;
+    a.send(first.clone()).await;
     let r = a.reply().await;
     assert!(r.is(ctypes::NO_CONTENT));
-    a.send(&second).await;
+    a.send(second.clone()).await;
     let r = a.reply().await;
     assert_eq!((r.tag, code(&r)), (second.tag, ErrorCode::Busy));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // The ACK makes room; busy was not journaled, so the same tag now runs.
     a.ack(first.tag).await;
-    a.send(&second).await;
+    a.send(second.clone()).await;
     let r = a.reply().await;
     assert_eq!(r.tag, second.tag);
     assert!(r.is(ctypes::NO_CONTENT));

@@ -585,6 +585,38 @@ impl Stack {
             self.cp.log()
         )
     }
+
+    /// Send a `RUN_COMMAND` with `payload` without waiting for its reply; returns the tag.
+    pub fn send_nowait(&self, payload: &Value) -> String {
+        let out = self.cp.cli(&[
+            "send",
+            &self.node,
+            "RUN_COMMAND",
+            &payload.to_string(),
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["tag"].as_str().expect("send prints the tag").to_string()
+    }
+
+    /// The reply to `tag`, waiting for it up to `timeout` (e.g. `"60s"`): `reply TAG --wait`.
+    pub fn reply_of(&self, tag: &str, timeout: &str) -> Reply {
+        parse_reply(
+            &self
+                .cp
+                .cli(&["reply", tag, "--wait", "--timeout", timeout, "--json"]),
+        )
+    }
+}
+
+/// The lines of the file at `path` (none if it cannot be read).
+pub fn file_lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// A hand-driven L2Sec client, for the protocol-violation tests: connects with the given client

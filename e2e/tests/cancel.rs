@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use runos_e2e::{Stack, describe, parse_reply, wait_until};
+use runos_e2e::{Stack, describe, wait_until};
 
 const SCRIPT: &str = "sleep 1000 & sleep 1000 & wait";
 
@@ -63,16 +63,7 @@ fn group_members(pgid: u32) -> Vec<u32> {
 #[test]
 fn cancel_kills_a_running_command_and_answers_it_cancelled() {
     let s = Stack::up("");
-    let out = s.cp.cli(&[
-        "send",
-        &s.node,
-        "RUN_COMMAND",
-        &serde_json::json!({"argv": ["sh", "-c", SCRIPT]}).to_string(),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tag = v["tag"].as_str().expect("send prints the tag").to_string();
+    let tag = s.send_nowait(&serde_json::json!({"argv": ["sh", "-c", SCRIPT]}));
 
     // The shell and both sleeps run under the agent, in the shell's process group.
     let agent_pid = s.agent.pid();
@@ -117,10 +108,7 @@ fn cancel_kills_a_running_command_and_answers_it_cancelled() {
     assert_eq!(r.kind, "NO_CONTENT", "{r:?}\n{}", s.logs());
     assert_eq!(r.payload, serde_json::json!({}), "{r:?}");
 
-    let r = parse_reply(
-        &s.cp
-            .cli(&["reply", &tag, "--wait", "--timeout", "10s", "--json"]),
-    );
+    let r = s.reply_of(&tag, "10s");
     assert_eq!(r.exit, 1, "{r:?}\n{}", s.logs());
     assert_eq!(r.tag, tag);
     assert_eq!(r.kind, "ERROR", "{r:?}\n{}", s.logs());

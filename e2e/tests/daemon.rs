@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use runos_e2e::{Agent, Stack, describe, parse_reply, signal, wait_until};
+use runos_e2e::{Agent, Stack, describe, signal, wait_until};
 
 #[test]
 fn sighup_reloads_without_exiting() {
@@ -26,16 +26,7 @@ fn sighup_reloads_without_exiting() {
 fn sigterm_shuts_down_gracefully_and_lets_a_running_command_finish() {
     let mut s = Stack::up("");
     // Start a short command without waiting, then ask the agent to stop while it runs.
-    let out = s.cp.cli(&[
-        "send",
-        &s.node,
-        "RUN_COMMAND",
-        r#"{"argv":["sh","-c","sleep 1; echo done"]}"#,
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tag = v["tag"].as_str().expect("send prints the tag").to_string();
+    let tag = s.send_nowait(&serde_json::json!({"argv":["sh","-c","sleep 1; echo done"]}));
     wait_until(Duration::from_secs(10), "the command to start", || {
         s.agent.log().contains(&tag)
     });
@@ -46,10 +37,7 @@ fn sigterm_shuts_down_gracefully_and_lets_a_running_command_finish() {
         s.logs()
     );
     // Its reply was delivered before the agent left (nobody else could deliver it now).
-    let r = parse_reply(
-        &s.cp
-            .cli(&["reply", &tag, "--wait", "--timeout", "10s", "--json"]),
-    );
+    let r = s.reply_of(&tag, "10s");
     assert_eq!(r.exit, 0, "{r:?}\n{}", s.logs());
     assert_eq!(r.tag, tag);
     assert_eq!(r.kind, "RUN_COMMAND_RESPONSE", "{r:?}\n{}", s.logs());
@@ -99,16 +87,7 @@ fn is_sleep_30(pid: u32) -> bool {
 #[test]
 fn shutdown_grace_running_out_interrupts_a_running_command() {
     let mut s = Stack::up("shutdown_grace_secs = 1");
-    let out = s.cp.cli(&[
-        "send",
-        &s.node,
-        "RUN_COMMAND",
-        r#"{"argv":["sleep","30"]}"#,
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tag = v["tag"].as_str().expect("send prints the tag").to_string();
+    let tag = s.send_nowait(&serde_json::json!({"argv":["sleep","30"]}));
     wait_until(Duration::from_secs(10), "the command to start", || {
         s.agent.log().contains(&tag)
     });
@@ -142,10 +121,7 @@ fn shutdown_grace_running_out_interrupts_a_running_command() {
     );
 
     // The instruction was answered `interrupted` before the agent left.
-    let r = parse_reply(
-        &s.cp
-            .cli(&["reply", &tag, "--wait", "--timeout", "10s", "--json"]),
-    );
+    let r = s.reply_of(&tag, "10s");
     assert_eq!(r.exit, 1, "{r:?}\n{}", s.logs());
     assert_eq!(r.tag, tag);
     assert_eq!(r.kind, "ERROR", "{r:?}\n{}", s.logs());

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use runos_e2e::Agent;
+use runos_e2e::{Agent, file_lines};
 use runos_protocol::control::{Welcome, types};
 use runos_protocol::{Envelope, MessageType, Tag};
 use runos_transport::{FrameReader, FrameWriter, pem, tls};
@@ -151,12 +151,7 @@ fn the_same_tag_twice_runs_once_and_gets_identical_replies_even_after_a_crash() 
         Tag::random(),
         &payload,
     );
-    let ran = || {
-        std::fs::read_to_string(&counter)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let ran = || file_lines(&counter).len();
 
     let (first, second) = rt.block_on(async {
         let mut conn = accept(&listener, &acceptor).await;

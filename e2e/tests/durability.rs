@@ -8,36 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use runos_e2e::{Reply, Stack, describe, parse_reply, wait_until};
+use runos_e2e::{Stack, file_lines, wait_until};
 use serde_json::json;
-
-/// Send without waiting; returns the tag.
-fn send_nowait(s: &Stack, payload: &serde_json::Value) -> String {
-    let out = s.cp.cli(&[
-        "send",
-        &s.node,
-        "RUN_COMMAND",
-        &payload.to_string(),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["tag"].as_str().expect("send prints the tag").to_string()
-}
-
-fn reply(s: &Stack, tag: &str) -> Reply {
-    parse_reply(
-        &s.cp
-            .cli(&["reply", tag, "--wait", "--timeout", "60s", "--json"]),
-    )
-}
-
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .count()
-}
 
 fn journal(s: &Stack) -> PathBuf {
     s.agent.dir.join("state/journal.log")
@@ -82,30 +54,36 @@ fn an_instruction_cut_short_by_kill_9_is_answered_interrupted_and_never_rerun() 
     let mut s = Stack::up("");
     let counter = s.tmp.path().join("ran.txt");
     let marker = counter.display().to_string();
-    let tag = send_nowait(
-        &s,
-        &json!({"argv": ["sh", "-c", "echo x >> \"$1\"; sleep 30", "sh", counter]}),
-    );
+    let tag =
+        s.send_nowait(&json!({"argv": ["sh", "-c", "echo x >> \"$1\"; sleep 30", "sh", counter]}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_until(Duration::from_secs(20), "the command to start", || {
-            lines(&counter) == 1
+            file_lines(&counter).len() == 1
         });
         s.agent.kill();
         s.agent.start();
-        let r = reply(&s, &tag);
+        let r = s.reply_of(&tag, "60s");
         assert_eq!(
             (r.kind.as_str(), r.error_code()),
             ("ERROR", Some("interrupted")),
             "{r:?}\n{}",
             s.logs()
         );
-        assert_eq!(lines(&counter), 1, "the command must not run again");
+        assert_eq!(
+            file_lines(&counter).len(),
+            1,
+            "the command must not run again"
+        );
         // One more round trip: a redelivery of the tag (if the control plane made one) has
         // been answered from the journal by now, without running anything.
         s.cp.wait_online(&s.node);
         let r = s.cp.send(&s.node, "GET_NODE_STATUS", "{}");
         assert_eq!(r.kind, "NODE_STATUS", "{r:?}\n{}", s.logs());
-        assert_eq!(lines(&counter), 1, "the command must run at most once");
+        assert_eq!(
+            file_lines(&counter).len(),
+            1,
+            "the command must run at most once"
+        );
         let log = s.agent.log();
         assert!(
             log.lines()
@@ -125,8 +103,8 @@ fn an_instruction_cut_short_by_kill_9_is_answered_interrupted_and_never_rerun() 
 #[test]
 fn a_torn_last_journal_record_is_cut_and_the_earlier_entries_kept() {
     let mut s = Stack::up("");
-    let tag = send_nowait(&s, &json!({"argv": ["echo", "before the tear"]}));
-    let before = reply(&s, &tag);
+    let tag = s.send_nowait(&json!({"argv": ["echo", "before the tear"]}));
+    let before = s.reply_of(&tag, "60s");
     assert_eq!(
         before.kind,
         "RUN_COMMAND_RESPONSE",
@@ -171,7 +149,7 @@ fn a_torn_last_journal_record_is_cut_and_the_earlier_entries_kept() {
         "the reply to be acknowledged again",
         || text(&path).contains(&acked),
     );
-    assert_eq!(reply(&s, &tag).payload, before.payload);
+    assert_eq!(s.reply_of(&tag, "60s").payload, before.payload);
     let stored =
         s.cp.log()
             .lines()

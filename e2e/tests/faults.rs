@@ -3,40 +3,10 @@
 //! file that each command appends to.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
-use runos_e2e::{Reply, Stack, describe, parse_reply, signal, wait_until};
+use runos_e2e::{Stack, file_lines, signal, wait_until};
 use serde_json::json;
-
-/// Send without waiting; returns the tag.
-fn send_nowait(s: &Stack, payload: &serde_json::Value) -> String {
-    let out = s.cp.cli(&[
-        "send",
-        &s.node,
-        "RUN_COMMAND",
-        &payload.to_string(),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["tag"].as_str().expect("send prints the tag").to_string()
-}
-
-fn reply(s: &Stack, tag: &str) -> Reply {
-    parse_reply(
-        &s.cp
-            .cli(&["reply", tag, "--wait", "--timeout", "60s", "--json"]),
-    )
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
 
 /// The control plane dies (SIGKILL) while an instruction runs; the command finishes while it is
 /// down; after the restart the reply arrives, is stored once, and the command ran once.
@@ -46,10 +16,7 @@ fn a_reply_produced_while_the_control_plane_is_down_arrives_once_after_restart()
     let counter = s.tmp.path().join("ran.txt");
     let flag = s.tmp.path().join("go");
     let script = "while [ ! -e \"$1\" ]; do sleep 0.05; done; echo ran >> \"$2\"; echo done";
-    let tag = send_nowait(
-        &s,
-        &json!({"argv": ["sh", "-c", script, "sh", flag, counter]}),
-    );
+    let tag = s.send_nowait(&json!({"argv": ["sh", "-c", script, "sh", flag, counter]}));
     wait_until(Duration::from_secs(20), "the command to start", || {
         s.agent.log().contains(&tag)
     });
@@ -57,18 +24,18 @@ fn a_reply_produced_while_the_control_plane_is_down_arrives_once_after_restart()
     // Let the command finish while the control plane is down.
     std::fs::write(&flag, b"").unwrap();
     wait_until(Duration::from_secs(20), "the command to run", || {
-        lines(&counter).len() == 1
+        file_lines(&counter).len() == 1
     });
     s.cp.restart();
     s.cp.wait_online(&s.node);
-    let r = reply(&s, &tag);
+    let r = s.reply_of(&tag, "60s");
     assert_eq!(r.kind, "RUN_COMMAND_RESPONSE", "{r:?}\n{}", s.logs());
     assert_eq!(r.payload["stdout"], json!({"text": "done\n"}));
     // One more round trip: any duplicate of the reply would have arrived by now.
     let r = s.cp.send(&s.node, "GET_NODE_STATUS", "{}");
     assert_eq!(r.kind, "NODE_STATUS");
     assert_eq!(
-        lines(&counter),
+        file_lines(&counter),
         vec!["ran"],
         "the command must run exactly once"
     );
@@ -95,15 +62,13 @@ fn a_frozen_control_plane_during_200_pipelined_instructions_loses_and_repeats_no
     let script = "sleep 0.4; echo \"$1\" >> \"$2\"; echo \"$1\"";
     let mut tags = BTreeMap::new();
     for i in 0..200 {
-        let tag = send_nowait(
-            &s,
-            &json!({"argv": ["sh", "-c", script, "sh", i.to_string(), counter]}),
-        );
+        let tag =
+            s.send_nowait(&json!({"argv": ["sh", "-c", script, "sh", i.to_string(), counter]}));
         tags.insert(tag, i);
     }
     signal(s.cp.pid(), rustix::process::Signal::STOP);
     // The freeze must land in the middle of the work for the test to mean anything.
-    let done_at_freeze = lines(&counter).len();
+    let done_at_freeze = file_lines(&counter).len();
     assert!(done_at_freeze < 200, "all 200 finished before the freeze");
     let detected = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_until(Duration::from_secs(20), "dead-peer detection", || {
@@ -118,7 +83,7 @@ fn a_frozen_control_plane_during_200_pipelined_instructions_loses_and_repeats_no
         panic!("{e:?}\n{}", s.logs());
     }
     for (tag, i) in &tags {
-        let r = reply(&s, tag);
+        let r = s.reply_of(tag, "60s");
         assert_eq!(r.kind, "RUN_COMMAND_RESPONSE", "{tag}: {r:?}\n{}", s.logs());
         assert_eq!(r.tag, *tag);
         assert_eq!(
@@ -127,7 +92,10 @@ fn a_frozen_control_plane_during_200_pipelined_instructions_loses_and_repeats_no
             "{r:?}"
         );
     }
-    let mut ran: Vec<u32> = lines(&counter).iter().map(|l| l.parse().unwrap()).collect();
+    let mut ran: Vec<u32> = file_lines(&counter)
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
     ran.sort_unstable();
     assert_eq!(
         ran,

@@ -62,16 +62,8 @@ fn connected_agent_reports_status_in_flight_work_and_no_secrets_then_not_running
         "argv": ["sh", "-c", "sleep 600"],
         "env": {"RUNOS_TEST_TOKEN": MARKER},
         "timeoutSecs": 120,
-    })
-    .to_string();
-    let out =
-        s.cp.cli(&["send", &s.node, "RUN_COMMAND", &payload, "--json"]);
-    assert!(out.status.success(), "{}", describe(&out));
-    let sent: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tag = sent["tag"]
-        .as_str()
-        .expect("send prints the tag")
-        .to_string();
+    });
+    let tag = s.send_nowait(&payload);
     let mut entry = Value::Null;
     wait_until(DEADLINE, "the RUN_COMMAND in inFlight", || {
         let (_, v, out) = status(&s);

@@ -1,5 +1,13 @@
-//! Shared test helpers: a throwaway PKI (rcgen) and condition waits with deadlines.
+//! Shared test helpers: a throwaway PKI (rcgen), condition waits with deadlines and (in
+//! [`dispatch`]) the dispatcher harness.
+//!
+//! Each integration-test crate (`cli.rs`, `session.rs`, `run_command.rs`, `dispatch.rs`, ...)
+//! compiles this module on its own and uses only part of it, so unused helpers are expected:
+//! `dead_code` is allowed here (and thus in the submodules), the usual pattern for Rust
+//! integration-test helpers.
 #![allow(dead_code)]
+
+pub mod dispatch;
 
 use std::time::{Duration, Instant};
 
