@@ -109,9 +109,14 @@ pub struct RegisterArgs {
     /// The L1Sec CA certificate (default: `paths.l1_ca`; copied there when given elsewhere).
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
-    /// Expected sha256 of the CA certificate's DER (default: `server.l1_ca_sha256`).
+    /// Expected sha256 of the CA certificate's DER (default: the pin inside the token, else
+    /// `server.l1_ca_sha256`; all that are given must agree).
     #[arg(long, value_name = "HEX")]
     pub ca_sha256: Option<String>,
+    /// Register without any CA pin, trusting every certificate in the CA file (insecure: anyone
+    /// who could change that file can impersonate the control plane).
+    #[arg(long, conflicts_with = "ca_sha256")]
+    pub insecure_skip_pin: bool,
     /// L1Sec port (written back to the configuration).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub l1_port: Option<u16>,
@@ -174,6 +179,7 @@ pub fn run(cli: Cli) -> Exit {
                 },
                 ca_file: a.ca_file,
                 ca_sha256: a.ca_sha256,
+                insecure_skip_pin: a.insecure_skip_pin,
                 l1_port: a.l1_port,
                 l2_port: a.l2_port,
             };

@@ -506,7 +506,8 @@ fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
     }
 }
 
-/// Rewrite `[server] host/l1_port/l2_port` in the configuration at `path`, preserving every
+/// Rewrite `[server] host/l1_port/l2_port` (and `l1_ca_sha256` when a pin is given) in the
+/// configuration at `path`, preserving every
 /// other line and comment. Creates the file (mode 0600) when absent; keeps the mode of an
 /// existing file; the write is atomic. The result is validated before it is written.
 pub fn update_server(
@@ -514,14 +515,20 @@ pub fn update_server(
     host: &str,
     l1_port: u16,
     l2_port: u16,
+    l1_ca_sha256: Option<&str>,
 ) -> Result<(), ConfigError> {
     let existing = read_text(path)?;
-    let text = edit_server(existing.as_deref().unwrap_or(""), host, l1_port, l2_port).map_err(
-        |message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        },
-    )?;
+    let text = edit_server(
+        existing.as_deref().unwrap_or(""),
+        host,
+        l1_port,
+        l2_port,
+        l1_ca_sha256,
+    )
+    .map_err(|message| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    })?;
     // Never write a file the agent would then refuse to start with.
     RawConfig::parse(&text, path)?.validate(path)?;
     if let Some(dir) = path.parent() {
@@ -531,8 +538,15 @@ pub fn update_server(
     Ok(())
 }
 
-/// Pure part of [`update_server`]: edit TOML text.
-pub fn edit_server(text: &str, host: &str, l1_port: u16, l2_port: u16) -> Result<String, String> {
+/// Pure part of [`update_server`]: edit TOML text. `l1_ca_sha256`, when given, replaces
+/// `server.l1_ca_sha256`; when `None` that key is left as it is.
+pub fn edit_server(
+    text: &str,
+    host: &str,
+    l1_port: u16,
+    l2_port: u16,
+    l1_ca_sha256: Option<&str>,
+) -> Result<String, String> {
     let mut doc: toml_edit::DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| e.to_string().trim_end().to_string())?;
@@ -544,6 +558,9 @@ pub fn edit_server(text: &str, host: &str, l1_port: u16, l2_port: u16) -> Result
     server["host"] = toml_edit::value(host);
     server["l1_port"] = toml_edit::value(i64::from(l1_port));
     server["l2_port"] = toml_edit::value(i64::from(l2_port));
+    if let Some(pin) = l1_ca_sha256 {
+        server["l1_ca_sha256"] = toml_edit::value(pin);
+    }
     Ok(doc.to_string())
 }
 
@@ -676,7 +693,7 @@ journal_fsync = false
     #[test]
     fn edit_server_preserves_comments_and_other_keys() {
         let before = "# my agent\n[log]\nlevel = \"debug\" # chatty\n\n[server]\n# the CP\nhost = \"old\"\nl1_ca_sha256 = \"x\"\n";
-        let after = edit_server(before, "new.example.com", 1, 2).unwrap();
+        let after = edit_server(before, "new.example.com", 1, 2, None).unwrap();
         assert!(after.contains("# my agent"));
         assert!(after.contains("level = \"debug\" # chatty"));
         assert!(after.contains("# the CP"));
@@ -685,7 +702,7 @@ journal_fsync = false
         assert!(after.contains("l1_port = 1"));
         assert!(after.contains("l2_port = 2"));
 
-        let fresh = edit_server("", "h", 9191, 9192).unwrap();
+        let fresh = edit_server("", "h", 9191, 9192, None).unwrap();
         let c = parse_validate(&fresh).unwrap();
         assert_eq!(c.server.host.as_deref(), Some("h"));
     }
@@ -706,15 +723,16 @@ journal_fsync = false
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("etc/config.toml");
-        update_server(&path, "cp", 1, 2).unwrap();
+        update_server(&path, "cp", 1, 2, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        update_server(&path, "cp2", 3, 4).unwrap();
+        update_server(&path, "cp2", 3, 4, Some(&"cd".repeat(32))).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
         let (c, _) = load(&path).unwrap();
         assert_eq!(c.server.host.as_deref(), Some("cp2"));
         assert_eq!(c.server.l2_port, 4);
+        assert_eq!(c.server.l1_ca_sha256, Some("cd".repeat(32)));
     }
 }

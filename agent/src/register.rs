@@ -1,14 +1,15 @@
 //! `runos register`: enrol this node over L1Sec.
 //!
 //! The key (ECDSA P-256) is generated here and never leaves the node: only a CSR is sent. The
-//! token comes from a file or stdin, never from argv. When a CA pin is configured, the L1Sec CA
-//! is checked against it before anything is sent.
+//! token comes from a file or stdin, never from argv. The L1Sec CA is checked against a pin before
+//! anything is sent: the pin comes from `--ca-sha256`, else from the token (`runos1.<pin>.<secret>`),
+//! else from `server.l1_ca_sha256`. Without any, register refuses unless `--insecure-skip-pin`.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use runos_protocol::control::{self, Register, Registered, types};
+use runos_protocol::control::{EnrolmentToken, Register, Registered, types};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameReader, FrameWriter};
 use serde::Serialize;
@@ -45,8 +46,11 @@ pub struct Options {
     pub token: TokenSource,
     /// The L1Sec CA file (default `paths.l1_ca`).
     pub ca_file: Option<PathBuf>,
-    /// Expected sha256 of the CA (default `server.l1_ca_sha256`).
+    /// Expected sha256 of the CA (`--ca-sha256`; else the token's pin, else
+    /// `server.l1_ca_sha256`).
     pub ca_sha256: Option<String>,
+    /// Trust the whole CA file when no pin is known (`--insecure-skip-pin`).
+    pub insecure_skip_pin: bool,
     /// L1Sec port override.
     pub l1_port: Option<u16>,
     /// L2Sec port override.
@@ -79,7 +83,7 @@ fn fail(exit: Exit, message: impl Into<String>) -> RegisterError {
 }
 
 /// Read and check the token. The token's value never appears in errors.
-pub fn read_token(src: &TokenSource) -> Result<String, RegisterError> {
+pub fn read_token(src: &TokenSource) -> Result<EnrolmentToken, RegisterError> {
     let bytes = match src {
         TokenSource::File(p) => {
             if let Ok(md) = std::fs::metadata(p) {
@@ -125,16 +129,69 @@ pub fn read_token(src: &TokenSource) -> Result<String, RegisterError> {
             "the token is empty; create one with `runos-controlplane token create`",
         ));
     }
-    if token.len() > control::MAX_TOKEN_LEN || token.chars().any(char::is_whitespace) {
-        return Err(fail(
+    EnrolmentToken::parse(&token).map_err(|e| {
+        fail(
             Exit::Refused,
+            format!("{e}; create a new token with `runos-controlplane token create`"),
+        )
+    })
+}
+
+/// The one CA pin to check, from the three places it may come from, or `None` when there is
+/// none and `insecure_skip_pin` allows that. `flag` is `--ca-sha256` (not yet normalised),
+/// `token` the token's pin, `config` `server.l1_ca_sha256` (normalised). Two different pins are
+/// a pin mismatch (exit 6); no pin without `insecure_skip_pin` is a usage error (exit 2).
+pub fn resolve_pin(
+    flag: Option<&str>,
+    token: Option<&str>,
+    config: Option<&str>,
+    insecure_skip_pin: bool,
+) -> Result<Option<String>, RegisterError> {
+    let flag = match flag {
+        Some(p) => Some(runos_transport::pem::normalize_pin(p).ok_or_else(|| {
+            fail(
+                Exit::Usage,
+                "--ca-sha256 must be 64 hex digits (optionally prefixed by `sha256:`)",
+            )
+        })?),
+        None => None,
+    };
+    let sources: Vec<(&str, String)> = [
+        ("--ca-sha256", flag),
+        ("the enrolment token", token.map(str::to_string)),
+        (
+            "server.l1_ca_sha256 in the configuration",
+            config.map(str::to_string),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, pin)| pin.map(|p| (name, p)))
+    .collect();
+    if let Some(((first, a), (second, b))) = sources
+        .iter()
+        .flat_map(|x| sources.iter().map(move |y| (x, y)))
+        .find(|((_, a), (_, b))| a != b)
+    {
+        return Err(fail(
+            Exit::Tls,
             format!(
-                "the token is malformed (longer than {} characters or contains spaces); create a new token with `runos-controlplane token create`",
-                control::MAX_TOKEN_LEN
+                "conflicting L1Sec CA pins: {first} says sha256 {a}, {second} says sha256 {b}; \
+                 find out which is the control plane's CA and drop or correct the other"
             ),
         ));
     }
-    Ok(token)
+    match sources.into_iter().next() {
+        Some((_, pin)) => Ok(Some(pin)),
+        None if insecure_skip_pin => Ok(None),
+        None => Err(fail(
+            Exit::Usage,
+            "no L1Sec CA pin: the token carries none (an old-format token), and neither \
+             --ca-sha256 nor server.l1_ca_sha256 is set. Give the pin in one of three ways: \
+             use a token from `runos-controlplane token create` (it carries the pin), pass \
+             --ca-sha256 with the caSha256 it prints, or set server.l1_ca_sha256 in the \
+             configuration. --insecure-skip-pin trusts the CA file unchecked (not recommended).",
+        )),
+    }
 }
 
 /// Generate a P-256 key and a CSR for it. Returns (key PEM, CSR PEM, public key DER).
@@ -222,6 +279,12 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let l1_port = opts.l1_port.unwrap_or(cfg.server.l1_port);
     let l2_port = opts.l2_port.unwrap_or(cfg.server.l2_port);
     let token = read_token(&opts.token)?;
+    let pin = resolve_pin(
+        opts.ca_sha256.as_deref(),
+        token.ca_sha256(),
+        cfg.server.l1_ca_sha256.as_deref(),
+        opts.insecure_skip_pin,
+    )?;
 
     // The L1Sec CA, checked against the pin before anything is sent.
     let ca_path = opts
@@ -243,15 +306,6 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
             format!("the L1Sec CA file {}: {e}", ca_path.display()),
         )
     })?;
-    let pin = match &opts.ca_sha256 {
-        Some(p) => Some(runos_transport::pem::normalize_pin(p).ok_or_else(|| {
-            fail(
-                Exit::Usage,
-                "--ca-sha256 must be 64 hex digits (optionally prefixed by `sha256:`)",
-            )
-        })?),
-        None => cfg.server.l1_ca_sha256.clone(),
-    };
     // With a pin, trust exactly the one certificate in the file whose digest matches it, wherever
     // it stands: another certificate in the same file must never widen the trust.
     let digests: Vec<String> = cas
@@ -274,7 +328,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         },
         None => {
             eprintln!(
-                "WARNING: no CA pin (--ca-sha256 or server.l1_ca_sha256): trusting every certificate in the CA file {} as it is (sha256 {}). \
+                "WARNING: --insecure-skip-pin and no CA pin (--ca-sha256, the token or server.l1_ca_sha256): trusting every certificate in the CA file {} as it is (sha256 {}). \
                  Anyone who could change that file can impersonate the control plane. Pin it with the caSha256 that \
                  `runos-controlplane token create` prints.",
                 ca_path.display(),
@@ -305,7 +359,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let mut writer = FrameWriter::new(w, L1_MAX_FRAME);
     let tag = Tag::random();
     let req = Register {
-        token,
+        token: token.into_string(),
         machine_id: sysinfo::machine_id(),
         hostname,
         os: sysinfo::os(),
@@ -380,6 +434,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         &reg,
         &ca_path,
         certs_to_pem(&cas).as_bytes(),
+        pin.as_deref(),
     )?;
     Ok(Outcome { node_id })
 }
@@ -411,6 +466,7 @@ fn store(
     reg: &Registered,
     ca_path: &Path,
     ca_pem: &[u8],
+    pin: Option<&str>,
 ) -> Result<(), RegisterError> {
     let write_err = |e: fsutil::FsError| {
         fail(
@@ -436,7 +492,8 @@ fn store(
         // Only the trusted certificates (the pinned one when there is a pin).
         fsutil::write_atomic(&p.l1_ca, ca_pem, Mode::Exact(0o644)).map_err(write_err)?;
     }
-    config::update_server(config_path, host, l1_port, l2_port).map_err(|e| {
+    // The pin used is kept, so a later re-registration stays pinned.
+    config::update_server(config_path, host, l1_port, l2_port, pin).map_err(|e| {
         fail(
             Exit::Failure,
             format!("the node is enrolled but the configuration could not be updated: {e}"),
@@ -454,7 +511,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t");
         std::fs::write(&p, "  abc123\n").unwrap();
-        assert_eq!(read_token(&TokenSource::File(p.clone())).unwrap(), "abc123");
+        assert_eq!(
+            read_token(&TokenSource::File(p.clone())).unwrap().expose(),
+            "abc123"
+        );
         std::fs::write(&p, "\n").unwrap();
         assert!(read_token(&TokenSource::File(p.clone())).is_err());
         std::fs::write(&p, "secret with-space").unwrap();
@@ -462,6 +522,100 @@ mod tests {
         assert!(!e.message.contains("secret"));
         let e = read_token(&TokenSource::File(d.path().join("none"))).unwrap_err();
         assert_eq!(e.exit, Exit::Failure);
+    }
+
+    #[test]
+    fn tokens_are_parsed_strictly_and_never_echoed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        let pin = "ab".repeat(32);
+        let secret = "0123456789abcdef".repeat(4);
+        let read = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            read_token(&TokenSource::File(p.clone()))
+        };
+        let t = read(&format!("runos1.{pin}.{secret}\n")).unwrap();
+        assert_eq!(t.ca_sha256(), Some(pin.as_str()));
+        assert_eq!(t.expose(), format!("runos1.{pin}.{secret}"));
+        assert!(!format!("{t:?}").contains(&secret));
+        // An old-format token is accepted and carries no pin.
+        let old = format!("rnt_{secret}");
+        assert_eq!(read(&old).unwrap().ca_sha256(), None);
+        for bad in [
+            format!("runos1.{}.{secret}", "zz".repeat(32)), // bad hex in the pin
+            format!("runos1.{pin}.{}x", &secret[1..]),      // bad hex in the secret
+            format!("runos1.{}.{secret}", "ab".repeat(31)), // short pin
+            format!("runos1.{pin}.{secret}00"),             // long secret
+            format!("runos1.{pin}"),                        // no secret
+        ] {
+            let e = read(&bad).unwrap_err();
+            assert_eq!(e.exit, Exit::Refused, "{bad}: {}", e.message);
+            assert!(e.message.contains("malformed"), "{}", e.message);
+            assert!(!e.message.contains(&secret[1..]), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn the_pin_comes_from_one_of_three_places() {
+        let a = "ab".repeat(32);
+        let b = "cd".repeat(32);
+        // Each source alone.
+        let flag = format!("sha256:{}", a.to_uppercase());
+        assert_eq!(
+            resolve_pin(Some(&flag), None, None, false).unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(
+            resolve_pin(None, Some(&a), None, false).unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(
+            resolve_pin(None, None, Some(&a), false).unwrap(),
+            Some(a.clone())
+        );
+        // Agreeing sources are fine.
+        assert_eq!(
+            resolve_pin(Some(&a), Some(&a), Some(&a), false).unwrap(),
+            Some(a.clone())
+        );
+        // Any two that differ: a pin mismatch naming both.
+        for (f, t, c) in [
+            (Some(&a), Some(&b), None),
+            (Some(&a), None, Some(&b)),
+            (None, Some(&a), Some(&b)),
+            (Some(&a), Some(&a), Some(&b)),
+        ] {
+            let e = resolve_pin(
+                f.map(String::as_str),
+                t.map(String::as_str),
+                c.map(String::as_str),
+                true,
+            )
+            .unwrap_err();
+            assert_eq!(e.exit, Exit::Tls, "{}", e.message);
+            assert!(
+                e.message.contains(&a) && e.message.contains(&b),
+                "{}",
+                e.message
+            );
+        }
+        // No pin: a usage error explaining the three ways, unless skipped explicitly.
+        let e = resolve_pin(None, None, None, false).unwrap_err();
+        assert_eq!(e.exit, Exit::Usage);
+        for way in [
+            "token",
+            "--ca-sha256",
+            "server.l1_ca_sha256",
+            "--insecure-skip-pin",
+        ] {
+            assert!(e.message.contains(way), "{way}: {}", e.message);
+        }
+        assert_eq!(resolve_pin(None, None, None, true).unwrap(), None);
+        // A malformed flag is a usage error.
+        assert_eq!(
+            resolve_pin(Some("abc"), None, None, true).unwrap_err().exit,
+            Exit::Usage
+        );
     }
 
     #[test]

@@ -90,6 +90,7 @@ fn register_unreachable_and_pin_mismatch() {
         "127.0.0.1",
         "--token-file",
         tok.to_str().unwrap(),
+        "--insecure-skip-pin",
         "--json",
     ]);
     assert_eq!(
@@ -224,6 +225,7 @@ fn register_against(refuse: bool) -> (tempfile::TempDir, Output, Register) {
                 tok.to_str().unwrap(),
                 "--ca-file",
                 ca.to_str().unwrap(),
+                "--insecure-skip-pin",
                 "--json",
             ])
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use runos_protocol::control::EnrolmentToken;
 use runos_protocol::{Envelope, MessageType, Tag};
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +23,7 @@ pub struct TokenInfo {
     pub token: String,
     /// When it expires (RFC 3339).
     pub expires_at: String,
-    /// The CA pin to give the agent (`--ca-sha256`).
+    /// The L1Sec CA pin (also carried inside the token; `runos register --ca-sha256` may repeat it).
     pub ca_sha256: String,
 }
 
@@ -123,6 +124,15 @@ impl Api {
         Api { shared }
     }
 
+    /// A fresh `runos1.<CA sha256>.<secret>` token: it carries the pin of this control plane's
+    /// L1Sec CA, so `runos register` can check the CA before presenting the secret.
+    fn new_token(&self) -> Result<String, Error> {
+        let bytes: [u8; 32] = rand::random();
+        let token = EnrolmentToken::new(&self.shared.ca.ca_sha256(), &hex::encode(bytes))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(token.into_string())
+    }
+
     /// Create a one-time enrolment token valid for `ttl`.
     pub fn create_token(&self, ttl: Duration) -> Result<TokenInfo, Error> {
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
@@ -130,8 +140,7 @@ impl Api {
                 "the token TTL must be between 1s and 30d".into(),
             ));
         }
-        let bytes: [u8; 32] = rand::random();
-        let token = format!("rnt_{}", hex::encode(bytes));
+        let token = self.new_token()?;
         let now = util::now_ms();
         let expires = now.saturating_add(util::ms(ttl));
         self.shared
@@ -148,8 +157,7 @@ impl Api {
     /// Store a token that expired a minute ago (for tests of expiry).
     #[doc(hidden)]
     pub fn insert_expired_token_for_tests(&self) -> Result<String, Error> {
-        let bytes: [u8; 32] = rand::random();
-        let token = format!("rnt_{}", hex::encode(bytes));
+        let token = self.new_token()?;
         let now = util::now_ms();
         self.shared
             .db

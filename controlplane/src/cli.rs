@@ -172,7 +172,7 @@ pub async fn token_create(client: &Client, ttl: Duration, json: bool) -> Result<
     } else {
         println!("{}", t.token);
         eprintln!(
-            "expires at {}; CA pin (--ca-sha256): {}",
+            "expires at {}; the token carries the L1Sec CA pin {} (runos register checks it)",
             t.expires_at, t.ca_sha256
         );
     }

@@ -45,14 +45,15 @@ fn default_agent_bin() -> Result<PathBuf, Error> {
 }
 
 /// The agent configuration the demo writes (schema of `agent/src/config.rs`).
-pub fn agent_config_toml(dir: &Path, l1_port: u16, l2_port: u16, pin: &str) -> String {
+/// It has no `server.l1_ca_sha256`: the pin comes inside the enrolment token and `runos register`
+/// writes it there.
+pub fn agent_config_toml(dir: &Path, l1_port: u16, l2_port: u16) -> String {
     let p = |name: &str| Value::String(dir.join(name).display().to_string());
     let cfg = json!({
         "server": {
             "host": "127.0.0.1",
             "l1_port": l1_port,
             "l2_port": l2_port,
-            "l1_ca_sha256": pin,
         },
         "paths": {
             "key": p("node.key"),
@@ -272,7 +273,7 @@ async fn drive(
     let config = agent_dir.join("config.toml");
     util::atomic_write(
         &config,
-        agent_config_toml(agent_dir, l1_port, l2_port, pin).as_bytes(),
+        agent_config_toml(agent_dir, l1_port, l2_port).as_bytes(),
         0o600,
     )?;
 
@@ -287,7 +288,8 @@ async fn drive(
         .arg(&token_file)
         .arg("--ca-file")
         .arg(cp_dir.join(crate::ca::CA_CERT_FILE))
-        .args(["--ca-sha256", pin, "--json"])
+        // No --ca-sha256: the token carries the CA pin, and register writes it to the config.
+        .arg("--json")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -310,6 +312,16 @@ async fn drive(
         .unwrap_or_else(|| out.trim().to_string());
     let node_id = api.resolve_node(&node_id)?;
     println!("registered node {node_id}");
+    // The pin came from the token; register kept it in the configuration.
+    let written = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+    if !written.contains(&format!("l1_ca_sha256 = \"{pin}\"")) {
+        println!(
+            "register did not record the CA pin {pin} in {}",
+            config.display()
+        );
+        return Ok(false);
+    }
+    println!("the CA pin from the token is now server.l1_ca_sha256 in the configuration");
 
     let log_path = agent_dir.join("agent.log");
     let log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;

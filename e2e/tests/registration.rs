@@ -163,3 +163,67 @@ fn a_pin_trusts_only_the_pinned_certificate_of_a_bundle() {
     let out = agent.register_with(&impostor, &impostor_token, &impostor_pin);
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+/// Issue 4: the token carries the CA pin, so `--ca-sha256` is optional, and the pin used is
+/// kept in the configuration.
+#[test]
+fn the_token_carries_the_ca_pin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let (token, pin) = cp.token("10m");
+    assert!(token.starts_with(&format!("runos1.{pin}.")), "{pin}");
+    let agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    let ca = cp.ca_file().display().to_string();
+    let args = [
+        "register",
+        "--server",
+        "127.0.0.1",
+        "--token",
+        "-",
+        "--ca-file",
+        &ca,
+        "--json",
+    ];
+    let out = agent.cli(&args, &token);
+    assert!(out.status.success(), "{}", describe(&out));
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    assert!(
+        config.contains(&format!("l1_ca_sha256 = \"{pin}\"")),
+        "{config}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("WARNING"));
+}
+
+/// A token whose pin does not match the CA file is refused before the token is sent.
+#[test]
+fn a_token_pin_that_does_not_match_the_ca_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let other = ControlPlane::start(&tmp.path().join("other"), &[]);
+    let (token, _) = cp.token("10m");
+    let agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    let register = |ca: &std::path::Path| {
+        let ca = ca.display().to_string();
+        agent.cli(
+            &[
+                "register",
+                "--server",
+                "127.0.0.1",
+                "--token",
+                "-",
+                "--ca-file",
+                &ca,
+                "--json",
+            ],
+            &token,
+        )
+    };
+    // The wrong CA file: no certificate in it matches the token's pin.
+    let out = register(&other.ca_file());
+    assert_eq!(out.status.code(), Some(6), "{}", describe(&out));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(&token));
+    assert!(!agent.dir.join("etc/node.crt").exists());
+    // The token was never presented: it still works with the right CA file.
+    let out = register(&cp.ca_file());
+    assert!(out.status.success(), "{}", describe(&out));
+}

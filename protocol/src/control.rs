@@ -219,3 +219,158 @@ pub fn check_version(peer: u32) -> Result<(), crate::ErrorPayload> {
         ))
     }
 }
+
+/// Prefix of an enrolment token that carries the control plane's CA pin.
+pub const TOKEN_PREFIX: &str = "runos1.";
+
+/// Length in hex digits of both parts of a `runos1.` token.
+const TOKEN_PART_HEX: usize = 64;
+
+/// An enrolment token as the agent reads it and the control plane issues it.
+///
+/// The current format is `runos1.<CA sha256>.<secret>`, both parts 64 lowercase hex digits: like
+/// k3s's `K10<ca-hash>::<secret>`, it carries the pin of the L1Sec CA (the sha256 of the CA
+/// certificate's DER) so the node can check the control plane before presenting the secret.
+/// The control plane stores the sha256 of the whole token string, so the pin is bound to the
+/// token. Any other text (such as the older `rnt_<64 hex>` tokens) is an opaque token that
+/// carries no pin. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnrolmentToken {
+    raw: String,
+    ca_sha256: Option<String>,
+}
+
+/// A token that claims the `runos1.` format but does not follow it. Never contains the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the enrolment token is malformed: {0}")]
+pub struct TokenFormatError(&'static str);
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl EnrolmentToken {
+    /// Build a `runos1.` token from a CA pin and a secret (each 64 lowercase hex digits).
+    pub fn new(ca_sha256: &str, secret: &str) -> Result<Self, TokenFormatError> {
+        Self::parse(&format!("{TOKEN_PREFIX}{ca_sha256}.{secret}"))
+    }
+
+    /// Parse a token (already trimmed). A token that starts with `runos1.` must be exactly
+    /// `runos1.<64 lowercase hex>.<64 lowercase hex>`; any other non-empty text without
+    /// whitespace of at most [`MAX_TOKEN_LEN`] characters is an opaque token without a pin.
+    pub fn parse(s: &str) -> Result<Self, TokenFormatError> {
+        if s.is_empty() {
+            return Err(TokenFormatError("it is empty"));
+        }
+        if s.len() > MAX_TOKEN_LEN {
+            return Err(TokenFormatError("it is too long"));
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(TokenFormatError("it contains spaces or control characters"));
+        }
+        let Some(rest) = s.strip_prefix(TOKEN_PREFIX) else {
+            return Ok(EnrolmentToken {
+                raw: s.to_string(),
+                ca_sha256: None,
+            });
+        };
+        let Some((pin, secret)) = rest.split_once('.') else {
+            return Err(TokenFormatError(
+                "a runos1 token has three parts separated by dots: runos1.<CA sha256>.<secret>",
+            ));
+        };
+        if pin.len() != TOKEN_PART_HEX {
+            return Err(TokenFormatError(
+                "the CA sha256 part of a runos1 token must be 64 hex digits",
+            ));
+        }
+        if !is_lower_hex(pin) {
+            return Err(TokenFormatError(
+                "the CA sha256 part of a runos1 token must be lowercase hex digits",
+            ));
+        }
+        if secret.len() != TOKEN_PART_HEX || !is_lower_hex(secret) {
+            return Err(TokenFormatError(
+                "the secret part of a runos1 token must be 64 lowercase hex digits",
+            ));
+        }
+        Ok(EnrolmentToken {
+            raw: s.to_string(),
+            ca_sha256: Some(pin.to_string()),
+        })
+    }
+
+    /// The CA pin the token carries (64 lowercase hex digits), if any.
+    pub fn ca_sha256(&self) -> Option<&str> {
+        self.ca_sha256.as_deref()
+    }
+
+    /// The whole token as sent in REGISTER and hashed by the control plane. Secret.
+    pub fn expose(&self) -> &str {
+        &self.raw
+    }
+
+    /// Consume the token, returning the whole token string. Secret.
+    pub fn into_string(self) -> String {
+        self.raw
+    }
+}
+
+impl std::fmt::Debug for EnrolmentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrolmentToken")
+            .field("ca_sha256", &self.ca_sha256)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn runos1_tokens_carry_the_pin() {
+        let pin = "ab".repeat(32);
+        let secret = "0f".repeat(32);
+        let t = EnrolmentToken::new(&pin, &secret).unwrap();
+        assert_eq!(t.ca_sha256(), Some(pin.as_str()));
+        assert_eq!(t.expose(), format!("runos1.{pin}.{secret}"));
+        let dbg = format!("{t:?}");
+        assert!(!dbg.contains(&secret), "{dbg}");
+        assert_eq!(EnrolmentToken::parse(t.expose()).unwrap(), t);
+    }
+
+    #[test]
+    fn malformed_runos1_tokens_are_refused_without_echo() {
+        let pin = "ab".repeat(32);
+        let secret = "0f".repeat(32);
+        for bad in [
+            format!("runos1.{pin}"),
+            format!("runos1.{pin}{secret}"),
+            format!("runos1.{}.{secret}", "ab".repeat(31)),
+            format!("runos1.{pin}.{}", "0f".repeat(33)),
+            format!("runos1.{}.{secret}", "zz".repeat(32)),
+            format!("runos1.{}.{secret}", "AB".repeat(32)),
+            format!("runos1.{pin}.{}", "0g".repeat(32)),
+            format!("runos1.{pin}.{secret}.x"),
+            format!("runos1..{secret}"),
+        ] {
+            let e = EnrolmentToken::parse(&bad).unwrap_err();
+            assert!(!e.to_string().contains(&secret), "{e}");
+        }
+        assert!(EnrolmentToken::parse("").is_err());
+        assert!(EnrolmentToken::parse("a b").is_err());
+        assert!(EnrolmentToken::parse(&"x".repeat(MAX_TOKEN_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn other_tokens_carry_no_pin() {
+        let old = format!("rnt_{}", "0f".repeat(32));
+        let t = EnrolmentToken::parse(&old).unwrap();
+        assert_eq!(t.ca_sha256(), None);
+        assert_eq!(t.expose(), old);
+        assert!(!format!("{t:?}").contains(&old));
+    }
+}
