@@ -137,8 +137,8 @@ fn a_pin_trusts_only_the_pinned_certificate_of_a_bundle() {
     let tmp = tempfile::tempdir().unwrap();
     let real = ControlPlane::start(&tmp.path().join("real"), &[]);
     let impostor = ControlPlane::start(&tmp.path().join("impostor"), &[]);
-    let (_, real_pin) = real.token("10m");
-    let (impostor_token, _) = impostor.token("10m");
+    // A token of the real control plane: it carries the real CA's pin.
+    let (real_token, real_pin) = real.token("10m");
     let real_ca = std::fs::read_to_string(real.ca_file()).unwrap();
     let impostor_ca = std::fs::read_to_string(impostor.ca_file()).unwrap();
     for (name, bundle) in [
@@ -147,20 +147,25 @@ fn a_pin_trusts_only_the_pinned_certificate_of_a_bundle() {
     ] {
         let bundle_file = tmp.path().join("bundle.pem");
         std::fs::write(&bundle_file, bundle).unwrap();
-        // The node is pointed at the impostor (DNS hijack, say), with the real CA's pin.
+        // The node is pointed at the impostor (DNS hijack, say); the impostor's CA rides along
+        // in the CA file. Only the pinned (real) CA is trusted, so the TLS handshake fails.
         let mut agent = Agent::new(
             &tmp.path().join(format!("node-{}", name.len())),
             &impostor,
             "",
         );
-        let out = agent.register_ca(&bundle_file, &impostor_token, &real_pin);
+        let out = agent.register_ca(&bundle_file, &real_token, &real_pin);
         assert_eq!(out.status.code(), Some(6), "{name}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            err.contains("tls") || err.contains("certificate"),
+            "{name}: {err}"
+        );
         assert!(!agent.dir.join("etc/node.crt").exists(), "{name}");
     }
-    // The impostor never saw the token: it is still unused there.
-    let mut agent = Agent::new(&tmp.path().join("node-ok"), &impostor, "");
-    let (_, impostor_pin) = impostor.token("10m");
-    let out = agent.register_with(&impostor, &impostor_token, &impostor_pin);
+    // The token was never presented: it still enrols with the real control plane.
+    let mut agent = Agent::new(&tmp.path().join("node-ok"), &real, "");
+    let out = agent.register_with(&real, &real_token, &real_pin);
     assert!(out.status.success(), "{}", describe(&out));
 }
 
