@@ -67,6 +67,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect the node certificate.
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Certificate(CertificateCommand),
     /// Show recent instructions and their outcomes, from the agent's journal (exit 0; 1 when
     /// `--tag` names no entry; 9 when the agent is not running).
     ///
@@ -82,6 +85,26 @@ pub enum Command {
         /// Show at most N entries (1 to 1000).
         #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
         limit: u16,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `runos certificate` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertificateCommand {
+    /// Show the node certificate (exit 0 valid, 8 expired, 3 missing or unreadable).
+    ///
+    /// Reads `paths.certificate` itself, so it works without the agent daemon: node id, serial,
+    /// notBefore, notAfter, lifetime used (%), time left until expiry, and the L2Sec CA file
+    /// (`paths.ca`). Validity is judged with the control plane's time (local time corrected by
+    /// the clock offset the running agent measured at WELCOME and on each heartbeat) when the
+    /// agent daemon answers on its admin socket and has connected, else with the local clock
+    /// (`judgedBy`: `server` or `local`). Exits 0 when valid, 8 when expired, 3 when the
+    /// certificate file is missing or unreadable (run `runos register`).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Status {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -200,6 +223,12 @@ pub fn run(cli: Cli) -> Exit {
             Ok((cfg, _)) => crate::status_cmd::run(&cfg, json),
             Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
         },
+        Command::Certificate(CertificateCommand::Status { json }) => {
+            match config::load(&cli.config) {
+                Ok((cfg, _)) => crate::cert_cmd::run(&cfg, json),
+                Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+            }
+        }
         Command::Journal { tag, limit, json } => match config::load(&cli.config) {
             Ok((cfg, _)) => crate::journal_cmd::run(&cfg, tag, usize::from(limit), json),
             Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
@@ -247,6 +276,13 @@ mod tests {
         assert!(r.is_err());
         let r = Cli::try_parse_from(["runos", "journal", "--limit", "1001"]);
         assert!(r.is_err());
+        let r = Cli::try_parse_from(["runos", "certificate", "status", "--json"]).unwrap();
+        assert!(matches!(
+            r.command,
+            Command::Certificate(CertificateCommand::Status { json: true })
+        ));
+        assert!(Cli::try_parse_from(["runos", "certificate"]).is_err());
+        assert!(Cli::try_parse_from(["runos", "certificate", "renew"]).is_err());
         let r = Cli::try_parse_from(["runos", "agent", "--config", "/x.toml"]).unwrap();
         assert_eq!(r.config, PathBuf::from("/x.toml"));
     }

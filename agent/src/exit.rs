@@ -24,7 +24,7 @@ pub enum Exit {
     /// Another `runos agent` holds the instance lock.
     Locked = 7,
     /// `runos status`: the agent is degraded (disconnected too long, revoked, or its
-    /// certificate expired).
+    /// certificate expired); `runos certificate status`: the certificate expired.
     Degraded = 8,
     /// `runos status`, `runos journal`: the agent daemon is not running (no answer on the admin
     /// socket).
@@ -55,7 +55,8 @@ Exit codes:
   5  the control plane refused the enrolment token
   6  TLS failure: certificate verification, ALPN, or L1Sec CA pin mismatch
   7  another runos agent is running (instance lock held)
-  8  runos status: degraded (disconnected > 5 min, revoked, or certificate expired)
+  8  runos status: degraded (disconnected > 5 min, revoked, or certificate expired);
+     runos certificate status: the certificate expired
   9  runos status, runos journal: the agent daemon is not running (admin socket absent or refusing)";
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub mod admin;
 pub mod audit;
 pub mod backoff;
 pub mod catalog;
+pub mod cert_cmd;
 pub mod cli;
 pub mod config;
 pub mod daemon;

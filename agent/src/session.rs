@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use runos_protocol::control::{self, Heartbeat, Hello, Welcome, types};
+use runos_protocol::control::{self, Heartbeat, HeartbeatReply, Hello, Welcome, types};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -137,6 +137,8 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         instruction_types: p.instruction_types.clone(),
         pending_replies,
     };
+    let hello_sent_ms = now_ms();
+    let hello_sent = Instant::now();
     if let Err(e) = writer
         .write(&Envelope::with_type(types::HELLO, hello_tag, &hello))
         .await
@@ -175,16 +177,20 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         Err(end) => return report(end, None),
     };
     let welcomed_at = Instant::now();
+    let rtt_ms = u64::try_from(hello_sent.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let offset_ms = crate::status::clock_offset_ms(welcome.server_time_ms, hello_sent_ms, rtt_ms);
     writer.set_max(welcome.max_frame_bytes);
     let interval = heartbeat_interval(welcome.heartbeat_interval_ms);
     tracing::info!(
         session = %welcome.session_id,
         heartbeat_ms = interval.as_millis() as u64,
+        clock_offset_ms = offset_ms,
         max_frame = welcome.max_frame_bytes,
         "connected to {addr}"
     );
     notify::status(&format!("connected to {addr}"));
     crate::status::global().connected(&addr, &welcome.session_id); // `runos status`
+    crate::status::global().observe_clock_offset(offset_ms);
     let end = serve(reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
 }
@@ -357,7 +363,7 @@ async fn serve_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Outstanding heartbeats: tag → when sent. Bounded: an entry older than `dead_after` ends
     // the session.
-    let mut pending: HashMap<Tag, tokio::time::Instant> = HashMap::new();
+    let mut pending: HashMap<Tag, Sent> = HashMap::new();
     let mut draining: Option<tokio::time::Instant> = if *ctl.shutdown.borrow() {
         Some(tokio::time::Instant::now() + ctl.grace)
     } else {
@@ -366,7 +372,7 @@ async fn serve_loop(
     let mut drain_check = tokio::time::interval(Duration::from_millis(50));
 
     loop {
-        let oldest = pending.values().min().copied();
+        let oldest = pending.values().map(|s| s.at).min();
         tokio::select! {
             _ = ticker.tick() => {
                 let tag = Tag::random();
@@ -374,7 +380,7 @@ async fn serve_loop(
                     sent_at_ms: now_ms(),
                     in_flight: u32::try_from(*link.in_flight.borrow()).unwrap_or(u32::MAX),
                 };
-                pending.insert(tag, tokio::time::Instant::now());
+                pending.insert(tag, Sent { at: tokio::time::Instant::now(), wall_ms: hb.sent_at_ms });
                 tracing::trace!(%tag, "heartbeat");
                 if !send(Envelope::with_type(types::HEARTBEAT, tag, &hb)).await {
                     return SessionEnd::Failed("connection lost".into());
@@ -468,15 +474,27 @@ async fn serve_loop(
 
 /// Route one envelope received after WELCOME. Pure: forwarding to the dispatcher is the
 /// caller's job, so the caller can keep draining replies while it waits.
-fn route(env: Envelope, pending: &mut HashMap<Tag, tokio::time::Instant>) -> Routed {
+fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>) -> Routed {
     let tag = env.tag;
     match env.kind.as_str() {
         types::HEARTBEAT_REPLY => match pending.remove(&tag) {
             Some(sent) => {
-                tracing::trace!(%tag, rtt_ms = sent.elapsed().as_millis() as u64, "heartbeat answered");
-                crate::status::global().round_trip(); // `runos status`
+                let rtt_ms = u64::try_from(sent.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::trace!(%tag, rtt_ms, "heartbeat answered");
+                let status = crate::status::global();
+                status.round_trip(); // `runos status`
+                match env.payload::<HeartbeatReply>() {
+                    Ok(r) => status.observe_clock_offset(crate::status::clock_offset_ms(
+                        r.server_time_ms,
+                        sent.wall_ms,
+                        rtt_ms,
+                    )),
+                    Err(_) => {
+                        tracing::debug!(%tag, "HEARTBEAT_REPLY without a readable server time")
+                    }
+                }
                 // An answer proves the peer alive: older unanswered heartbeats are moot.
-                pending.retain(|_, t| *t > sent);
+                pending.retain(|_, t| t.at > sent.at);
             }
             None => {
                 tracing::debug!(%tag, "HEARTBEAT_REPLY matches no outstanding heartbeat (late or unknown); dropped")
@@ -507,6 +525,15 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, tokio::time::Instant>) -> Rou
         _ => return Routed::Forward(Inbound::Instruction(env)),
     }
     Routed::Nothing
+}
+
+/// An outstanding heartbeat.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    /// When sent (monotonic: the round trip).
+    at: tokio::time::Instant,
+    /// The node's wall clock when sent (`sentAtMs`), for the clock offset.
+    wall_ms: u64,
 }
 
 /// What to do with a routed envelope.

@@ -21,6 +21,43 @@ use crate::session::SessionEnd;
 pub const RECENT_ERRORS: usize = 16;
 /// Longest message kept per event (characters).
 pub const MAX_ERROR_CHARS: usize = 300;
+/// A clock offset from the control plane larger than this (either way) is warned about.
+pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(30);
+
+/// The node's clock offset from the control plane's, in milliseconds (positive: the server is
+/// ahead of the node): `server_ms − (sent_ms + rtt_ms / 2)`, where `sent_ms` is the node's clock
+/// when the request (HELLO or HEARTBEAT) was sent and `rtt_ms` the round trip until the answer
+/// carrying `server_ms` arrived (the server's clock is taken to be read half-way).
+pub fn clock_offset_ms(server_ms: u64, sent_ms: u64, rtt_ms: u64) -> i64 {
+    let mid = i128::from(sent_ms) + i128::from(rtt_ms / 2);
+    let off = i128::from(server_ms) - mid;
+    i64::try_from(off).unwrap_or(if off < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Whether `offset_ms` exceeds [`MAX_CLOCK_OFFSET`] either way.
+pub fn clock_offset_exceeds(offset_ms: i64) -> bool {
+    u128::from(offset_ms.unsigned_abs()) > MAX_CLOCK_OFFSET.as_millis()
+}
+
+/// The text describing a clock offset: "ahead of"/"behind" the control plane by N s.
+pub fn clock_offset_text(offset_ms: i64) -> String {
+    // A positive offset means the server's clock is ahead: the node's clock is behind.
+    let secs = offset_ms.unsigned_abs() / 1000;
+    if offset_ms > 0 {
+        format!("the node's clock is behind the control plane's by {secs} s")
+    } else {
+        format!("the node's clock is ahead of the control plane's by {secs} s")
+    }
+}
+
+/// A crossing of [`MAX_CLOCK_OFFSET`] reported by [`StatusHandle::clock_offset`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockCrossing {
+    /// The offset went beyond the bound.
+    Exceeded,
+    /// The offset came back within the bound.
+    Recovered,
+}
 
 /// An RFC 3339 UTC timestamp.
 pub fn rfc3339(t: SystemTime) -> String {
@@ -89,6 +126,10 @@ struct Inner {
     offline_since: Option<SystemTime>,
     last_error: Option<String>,
     last_round_trip: Option<SystemTime>,
+    /// The last measured clock offset (ms, server − node) and when it was measured.
+    clock_offset: Option<(i64, SystemTime)>,
+    /// Whether the offset is currently beyond [`MAX_CLOCK_OFFSET`] (warned once per crossing).
+    clock_off_bound: bool,
 }
 
 /// A shared handle on the daemon's status. Cloning is cheap; every update takes a short lock.
@@ -122,6 +163,8 @@ impl StatusHandle {
                 offline_since: Some(now),
                 last_error: None,
                 last_round_trip: None,
+                clock_offset: None,
+                clock_off_bound: false,
             })),
             started_at: now,
         }
@@ -174,6 +217,44 @@ impl StatusHandle {
     /// A HEARTBEAT_REPLY matched an outstanding heartbeat.
     pub fn round_trip(&self) {
         self.lock().last_round_trip = Some(SystemTime::now());
+    }
+
+    /// A clock offset was measured (at WELCOME or a matched HEARTBEAT_REPLY). Returns the
+    /// crossing of [`MAX_CLOCK_OFFSET`] this measurement makes, if any (to be logged once).
+    pub fn clock_offset(&self, offset_ms: i64, at: SystemTime) -> Option<ClockCrossing> {
+        let mut g = self.lock();
+        g.clock_offset = Some((offset_ms, at));
+        let beyond = clock_offset_exceeds(offset_ms);
+        let crossing = match (g.clock_off_bound, beyond) {
+            (false, true) => Some(ClockCrossing::Exceeded),
+            (true, false) => Some(ClockCrossing::Recovered),
+            _ => None,
+        };
+        g.clock_off_bound = beyond;
+        crossing
+    }
+
+    /// Record a measured clock offset and log a crossing of [`MAX_CLOCK_OFFSET`].
+    pub fn observe_clock_offset(&self, offset_ms: i64) {
+        match self.clock_offset(offset_ms, SystemTime::now()) {
+            Some(ClockCrossing::Exceeded) => tracing::warn!(
+                offset_ms,
+                "{} (more than {} s); certificate validity is judged with the control plane's time",
+                clock_offset_text(offset_ms),
+                MAX_CLOCK_OFFSET.as_secs()
+            ),
+            Some(ClockCrossing::Recovered) => tracing::info!(
+                offset_ms,
+                "the node's clock is back within {} s of the control plane's",
+                MAX_CLOCK_OFFSET.as_secs()
+            ),
+            None => {}
+        }
+    }
+
+    /// The last measured clock offset (ms, server − node), if any.
+    pub fn clock_offset_now(&self) -> Option<i64> {
+        self.lock().clock_offset.map(|(o, _)| o)
     }
 
     /// A session ended with `end`.
@@ -267,6 +348,8 @@ impl StatusHandle {
             "uptimeSecs": secs_since(self.started_at, now),
             "connection": conn,
             "lastRoundTrip": g.last_round_trip.map(rfc3339),
+            "clockOffsetMs": g.clock_offset.map(|(o, _)| o),
+            "clockOffsetAt": g.clock_offset.map(|(_, t)| rfc3339(t)),
             "recentErrors": recent_errors_json(),
         })
     }
@@ -365,6 +448,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RecentErrorsLayer 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn lifecycle() {
@@ -408,6 +492,41 @@ mod tests {
         s.stopping();
         s.session_ended(&SessionEnd::Failed("x".into()));
         assert_eq!(s.state(), ConnState::Stopping);
+    }
+
+    #[test]
+    fn clock_offset_arithmetic() {
+        // Server 120 s ahead; 200 ms round trip: the server read its clock at sent + 100 ms.
+        let sent = 1_700_000_000_000;
+        assert_eq!(clock_offset_ms(sent + 100 + 120_000, sent, 200), 120_000);
+        assert_eq!(clock_offset_ms(sent + 100, sent, 200), 0);
+        assert_eq!(clock_offset_ms(sent - 45_000, sent, 0), -45_000);
+        assert_eq!(clock_offset_ms(0, u64::MAX, u64::MAX), i64::MIN);
+        assert!(!clock_offset_exceeds(30_000));
+        assert!(clock_offset_exceeds(30_001));
+        assert!(clock_offset_exceeds(-30_001));
+        assert!(clock_offset_text(120_000).contains("behind"));
+        assert!(clock_offset_text(120_000).contains("120 s"));
+        assert!(clock_offset_text(-45_000).contains("ahead"));
+    }
+
+    #[test]
+    fn clock_offset_warns_once_per_crossing() {
+        let s = StatusHandle::new();
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!(s.to_json()["clockOffsetMs"].is_null());
+        assert_eq!(s.clock_offset(100, at), None);
+        let sent = 1_800_000_000_000;
+        let skewed = clock_offset_ms(sent + 120_000 + 50, sent, 100);
+        assert_eq!(s.clock_offset(skewed, at), Some(ClockCrossing::Exceeded));
+        assert_eq!(s.clock_offset(skewed, at), None);
+        assert_eq!(s.clock_offset(-skewed, at), None);
+        assert_eq!(s.clock_offset(20, at), Some(ClockCrossing::Recovered));
+        assert_eq!(s.clock_offset(25, at), None);
+        let j = s.to_json();
+        assert_eq!(j["clockOffsetMs"], 25);
+        assert_eq!(j["clockOffsetAt"], rfc3339(at));
+        assert_eq!(s.clock_offset_now(), Some(25));
     }
 
     /// The ring is process-wide: tests that read it run one at a time.

@@ -25,29 +25,47 @@ pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer read from the daemon.
 const MAX_ANSWER: u64 = 4 * 1024 * 1024;
 
-/// The certificate part of the status, read from `paths.certificate`.
-pub fn certificate(path: &Path, now: SystemTime) -> Value {
-    let read = || -> Result<i64, String> {
-        let pem = crate::fsutil::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
-        let certs = runos_transport::pem::certificates(&pem).map_err(|e| e.to_string())?;
-        let der = certs
-            .first()
-            .ok_or_else(|| "no certificate in the file".to_string())?;
-        let info = runos_transport::identity::cert_info(der).map_err(|e| e.to_string())?;
-        Ok(info.not_after)
-    };
-    match read() {
-        Ok(not_after) => {
-            let now_s = now
-                .duration_since(UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(0);
-            let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
+/// The facts of the node certificate at `path` (the first certificate in the PEM file).
+pub fn read_certificate(path: &Path) -> Result<runos_transport::identity::CertInfo, String> {
+    let pem = crate::fsutil::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
+    let certs = runos_transport::pem::certificates(&pem).map_err(|e| e.to_string())?;
+    let der = certs
+        .first()
+        .ok_or_else(|| "no certificate in the file".to_string())?;
+    runos_transport::identity::cert_info(der).map_err(|e| e.to_string())
+}
+
+/// The time certificate validity is judged at, in seconds since the Unix epoch, and by whose
+/// clock: the control plane's (`now` corrected by the daemon's measured clock offset, in ms,
+/// server − node) when an offset is known, else the node's own.
+pub fn judged_now(now: SystemTime, offset_ms: Option<i64>) -> (i64, &'static str) {
+    let now_ms = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    match offset_ms {
+        Some(o) => (now_ms.saturating_add(o).div_euclid(1000), "server"),
+        None => (now_ms.div_euclid(1000), "local"),
+    }
+}
+
+/// An RFC 3339 rendering of a Unix time in seconds (times before 1970 are clamped).
+pub fn rfc3339_secs(secs: i64) -> String {
+    crate::status::rfc3339(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+}
+
+/// The certificate part of the status, read from `paths.certificate` and judged at `now`
+/// corrected by `offset_ms` (see [`judged_now`]).
+pub fn certificate(path: &Path, now: SystemTime, offset_ms: Option<i64>) -> Value {
+    match read_certificate(path) {
+        Ok(info) => {
+            let (now_s, judged_by) = judged_now(now, offset_ms);
             json!({
                 "path": path.display().to_string(),
-                "notAfter": crate::status::rfc3339(at),
-                "expiresInSecs": not_after.saturating_sub(now_s),
-                "expired": not_after <= now_s,
+                "notAfter": rfc3339_secs(info.not_after),
+                "expiresInSecs": info.not_after.saturating_sub(now_s),
+                "expired": info.not_after <= now_s,
+                "judgedBy": judged_by,
             })
         }
         Err(e) => json!({
@@ -116,6 +134,15 @@ pub fn judge(v: &Value) -> (Vec<String>, Vec<String>) {
     {
         warnings.push(format!("the certificate expires in {} h", secs / 3600));
     }
+    if let Some(off) = v["clockOffsetMs"].as_i64()
+        && crate::status::clock_offset_exceeds(off)
+    {
+        warnings.push(format!(
+            "{} (more than {} s); certificate validity is judged with the control plane's time",
+            crate::status::clock_offset_text(off),
+            crate::status::MAX_CLOCK_OFFSET.as_secs()
+        ));
+    }
     let conn = &v["connection"];
     match conn["state"].as_str() {
         Some("revoked") => degraded.push("the control plane revoked this node".into()),
@@ -161,6 +188,10 @@ fn human(v: &Value) -> String {
             o += &format!("revoked:        {m}\n");
         }
         o += &format!("last round trip: {}\n", s(&v["lastRoundTrip"]));
+        o += &match v["clockOffsetMs"].as_i64() {
+            Some(off) => format!("clock offset:   {off:+} ms (control plane − node)\n"),
+            None => "clock offset:   - (never connected)\n".to_string(),
+        };
     } else {
         o += &format!(
             "agent:          NOT RUNNING (no answer on the admin socket: {})\n",
@@ -172,13 +203,14 @@ fn human(v: &Value) -> String {
         Some(e) => o += &format!("certificate:    {e}\n"),
         None => {
             o += &format!(
-                "certificate:    valid until {}{}\n",
+                "certificate:    valid until {}{} (judged by {} time)\n",
                 s(&c["notAfter"]),
                 if c["expired"] == json!(true) {
                     " (EXPIRED)"
                 } else {
                     ""
-                }
+                },
+                s(&c["judgedBy"])
             )
         }
     }
@@ -241,11 +273,12 @@ fn human(v: &Value) -> String {
 /// Run `runos status`; prints the report and returns the exit code.
 pub fn run(cfg: &Config, json_out: bool) -> Exit {
     let socket = crate::admin::socket_path(&cfg.paths.run_dir);
-    let cert = certificate(&cfg.paths.certificate, SystemTime::now());
+    let now = SystemTime::now();
     let (mut v, exit) = match query(&socket) {
         Ok(mut v) => {
             v["running"] = json!(true);
-            v["certificate"] = cert;
+            let offset = v["clockOffsetMs"].as_i64();
+            v["certificate"] = certificate(&cfg.paths.certificate, now, offset);
             (v, Exit::Ok)
         }
         Err(e) => (
@@ -255,7 +288,8 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
                 "reason": e,
                 "connection": null,
                 "lastRoundTrip": null,
-                "certificate": cert,
+                "clockOffsetMs": null,
+                "certificate": certificate(&cfg.paths.certificate, now, None),
                 "inFlight": null,
                 "queued": null,
                 "journal": null,
@@ -303,6 +337,29 @@ mod tests {
     }
 
     #[test]
+    fn judged_now_uses_the_offset() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_800_000_000_500);
+        assert_eq!(judged_now(now, None), (1_800_000_000, "local"));
+        assert_eq!(judged_now(now, Some(120_000)), (1_800_000_120, "server"));
+        assert_eq!(judged_now(now, Some(-1_000)), (1_799_999_999, "server"));
+        assert_eq!(judged_now(now, Some(-600)), (1_799_999_999, "server"));
+    }
+
+    #[test]
+    fn clock_skew_is_a_warning() {
+        let sent = 1_800_000_000_000;
+        let skewed = crate::status::clock_offset_ms(sent + 120_000 + 40, sent, 80);
+        assert_eq!(skewed, 120_000);
+        let v = json!({"connection": {"state": "connected"}, "clockOffsetMs": skewed, "certificate": {"expired": false, "expiresInSecs": 999_999}});
+        let (d, w) = judge(&v);
+        assert!(d.is_empty());
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("behind") && w[0].contains("120 s"), "{w:?}");
+        let fine = json!({"connection": {"state": "connected"}, "clockOffsetMs": 3, "certificate": {"expired": false, "expiresInSecs": 999_999}});
+        assert_eq!(judge(&fine), (vec![], vec![]));
+    }
+
+    #[test]
     fn certificate_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.pem");
@@ -312,13 +369,30 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         std::fs::write(&p, cert.pem()).unwrap();
         let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000); // 2027
-        let v = certificate(&p, at);
+        let v = certificate(&p, at, None);
         assert_eq!(v["notAfter"], "2030-01-01T00:00:00Z");
         assert_eq!(v["expired"], false);
+        assert_eq!(v["judgedBy"], "local");
         assert!(v["expiresInSecs"].as_i64().unwrap() > 0);
         let later = UNIX_EPOCH + Duration::from_secs(1_950_000_000); // 2031
-        assert_eq!(certificate(&p, later)["expired"], true);
-        assert!(certificate(&dir.path().join("none"), at)["error"].is_string());
+        assert_eq!(certificate(&p, later, None)["expired"], true);
+        assert!(certificate(&dir.path().join("none"), at, None)["error"].is_string());
+
+        // Judged by server time: 120 s before notAfter by the local clock, but the control
+        // plane's clock is 120 s + 1 s ahead: expired.
+        let not_after = 1_893_456_000; // 2030-01-01T00:00:00Z
+        let local = UNIX_EPOCH + Duration::from_secs(not_after - 120);
+        let v = certificate(&p, local, None);
+        assert_eq!(
+            (v["expired"].clone(), v["expiresInSecs"].clone()),
+            (json!(false), json!(120))
+        );
+        let v = certificate(&p, local, Some(121_000));
+        assert_eq!(v["judgedBy"], "server");
+        assert_eq!(v["expired"], true);
+        assert_eq!(v["expiresInSecs"], -1);
+        // A node clock 120 s ahead (server behind): more time left by the server's clock.
+        assert_eq!(certificate(&p, local, Some(-120_000))["expiresInSecs"], 240);
     }
 
     #[test]

@@ -124,3 +124,57 @@ fn control_plane_down_shows_disconnected_with_recent_errors_and_exits_0() {
         "{last}"
     );
 }
+
+/// `runos certificate status --json`: (exit code, parsed JSON, raw output).
+fn cert_status(s: &Stack) -> (i32, Value, Output) {
+    let out = s.agent.cli(&["certificate", "status", "--json"], "");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("certificate status --json output: {e}: {}", describe(&out)));
+    (out.status.code().unwrap_or(-1), v, out)
+}
+
+#[test]
+fn clock_offset_and_certificate_status_judged_by_server_time_then_missing_certificate() {
+    let s = Stack::up("");
+
+    // Connected: a measured clock offset (same host: small), certificate judged by server time.
+    let mut last = Value::Null;
+    wait_until(DEADLINE, "status: connected with a clock offset", || {
+        let (code, v, _) = status(&s);
+        last = v.clone();
+        code == 0 && v["connection"]["state"] == "connected" && v["clockOffsetMs"].is_i64()
+    });
+    let v = last;
+    let off = v["clockOffsetMs"].as_i64().unwrap();
+    assert!(off.abs() < 5000, "{v}");
+    assert!(v["clockOffsetAt"].is_string(), "{v}");
+    assert_eq!(v["certificate"]["judgedBy"], "server", "{v}");
+    assert!(v["warnings"].as_array().is_some_and(Vec::is_empty), "{v}");
+
+    // `runos certificate status`: the registered node, valid, judged by server time.
+    let (code, c, out) = cert_status(&s);
+    assert_eq!(code, 0, "{}", describe(&out));
+    assert_eq!(c["nodeId"], s.node.as_str(), "{c}");
+    assert_eq!(c["expired"], false, "{c}");
+    assert_eq!(c["judgedBy"], "server", "{c}");
+    assert!(c["expiresInSecs"].as_i64().unwrap() > 0, "{c}");
+    assert!(c["serial"].is_string() && c["notBefore"].is_string(), "{c}");
+    assert!(c["lifetimeUsedPercent"].is_number(), "{c}");
+    assert!(c["caFile"].is_string(), "{c}");
+    let human = s.agent.cli(&["certificate", "status"], "");
+    assert_eq!(human.status.code(), Some(0), "{}", describe(&human));
+    assert!(String::from_utf8_lossy(&human.stdout).contains(&s.node));
+    let help = s.agent.cli(&["certificate", "status", "--help"], "");
+    assert_eq!(help.status.code(), Some(0), "{}", describe(&help));
+
+    // The certificate file removed: not registered (exit 3), told to run `runos register`.
+    std::fs::remove_file(s.agent.dir.join("etc/node.crt")).expect("remove node.crt");
+    let (code, c, out) = cert_status(&s);
+    assert_eq!(code, 3, "{}", describe(&out));
+    assert!(
+        c["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("runos register")),
+        "{c}"
+    );
+}
