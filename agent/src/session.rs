@@ -205,9 +205,9 @@ async fn pending_tags(link: &mut DispatchLink) -> Vec<String> {
     let mut msg = Some(Inbound::PendingTags(tx));
     loop {
         tokio::select! {
-            permit = link.inbound.reserve(), if msg.is_some() => match permit {
-                Ok(p) => p.send(msg.take().expect("guarded by is_some")),
-                Err(_) => return Vec::new(),
+            permit = link.inbound.reserve(), if msg.is_some() => match (permit, msg.take()) {
+                (Ok(p), Some(m)) => p.send(m),
+                _ => return Vec::new(),
             },
             tags = &mut rx, if msg.is_none() => {
                 return tags.map(|t| t.iter().map(Tag::to_string).collect()).unwrap_or_default();

@@ -41,8 +41,12 @@ impl Dispatcher {
         }
         if target == tag {
             tracing::info!(%tag, cancel_target = %target, "CANCEL names itself; nothing to do");
-        } else if let Some(i) = self.queue.iter().position(|(e, _)| e.tag == target) {
-            let (victim, _) = self.queue.remove(i).expect("index from position()");
+        } else if let Some((victim, _)) = self
+            .queue
+            .iter()
+            .position(|(e, _)| e.tag == target)
+            .and_then(|i| self.queue.remove(i))
+        {
             tracing::info!(
                 %tag,
                 cancel_target = %target,
