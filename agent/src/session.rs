@@ -136,6 +136,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         boot_id: crate::sysinfo::boot_id(),
         instruction_types: p.instruction_types.clone(),
         pending_replies,
+        probe: false,
     };
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();

@@ -128,7 +128,7 @@ impl Api {
     /// L1Sec CA, so `runos register` can check the CA before presenting the secret.
     fn new_token(&self) -> Result<String, Error> {
         let bytes: [u8; 32] = rand::random();
-        let token = EnrolmentToken::new(&self.shared.ca.ca_sha256(), &hex::encode(bytes))
+        let token = EnrolmentToken::new(&self.shared.ca().ca_sha256(), &hex::encode(bytes))
             .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(token.into_string())
     }
@@ -150,7 +150,7 @@ impl Api {
         Ok(TokenInfo {
             token,
             expires_at: util::rfc3339_ms(expires),
-            ca_sha256: self.shared.ca.ca_sha256(),
+            ca_sha256: self.shared.ca().ca_sha256(),
         })
     }
 

@@ -31,8 +31,13 @@ pub const DEFAULT_NODE_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86400)
 
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86400);
 const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86400);
-/// Backdating of `notBefore`, to tolerate small clock differences.
+/// Backdating of `notBefore` of the server certificate, which agents verify with their own
+/// clocks, to tolerate small clock differences.
 const BACKDATE: Duration = Duration::from_secs(300);
+/// Backdating of node certificates. Only the control plane verifies them, with the clock that
+/// issued them; a short backdate keeps "two thirds of the lifetime" meaningful for
+/// minute-long certificates.
+const NODE_BACKDATE: Duration = Duration::from_secs(30);
 
 /// Why a CSR was refused (maps to `bad_request`).
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +90,13 @@ fn offset_time(now_ms: i64, delta: Duration, forward: bool) -> Result<time::Offs
 }
 
 /// Parameters of an end-entity certificate: one common name, the given SANs, digital signature
-/// for `eku` only, a random serial, backdated by [`BACKDATE`] and valid for `validity`.
+/// for `eku` only, a random serial, backdated by `backdate` and valid for `validity`.
 fn leaf_params(
     common_name: &str,
     sans: Vec<SanType>,
     eku: ExtendedKeyUsagePurpose,
     now: i64,
+    backdate: Duration,
     validity: Duration,
 ) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
@@ -103,7 +109,7 @@ fn leaf_params(
     params.extended_key_usages = vec![eku];
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
-    params.not_before = offset_time(now, BACKDATE, false)?;
+    params.not_before = offset_time(now, backdate, false)?;
     params.not_after = offset_time(now, validity, true)?;
     Ok(params)
 }
@@ -214,6 +220,7 @@ impl Ca {
             sans,
             ExtendedKeyUsagePurpose::ServerAuth,
             now,
+            BACKDATE,
             SERVER_CERT_VALIDITY,
         )?;
         let cert = params
@@ -230,6 +237,11 @@ impl Ca {
     /// The CA certificate (PEM).
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// The CA bundle agents must trust (PEM): the CA certificate.
+    pub fn bundle_pem(&self) -> String {
+        self.ca_pem.clone()
     }
 
     /// The CA certificate (DER).
@@ -276,6 +288,7 @@ impl Ca {
             vec![san],
             ExtendedKeyUsagePurpose::ClientAuth,
             now,
+            NODE_BACKDATE,
             validity,
         )?;
         let cert = params

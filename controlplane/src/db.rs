@@ -425,6 +425,50 @@ impl Db {
 
     // ---- certificates ----
 
+    /// Record a renewed certificate of `node_id`, in one transaction with the checks that the
+    /// node and the certificate the request came with are still unrevoked. `Ok(false)` when
+    /// either is revoked (or unknown): nothing is recorded.
+    pub fn renew_cert(
+        &self,
+        node_id: &str,
+        presented_serial: &str,
+        cert: &NewCert<'_>,
+    ) -> Result<bool, Error> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let node_ok: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM nodes WHERE id = ?1 AND revoked_at IS NULL",
+                    params![node_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let cert_ok: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM certificates WHERE serial_hex = ?1 AND node_id = ?2 \
+                     AND revoked_at IS NULL",
+                    params![presented_serial, node_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if node_ok.is_none() || cert_ok.is_none() {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO certificates (serial_hex, node_id, not_before, not_after) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    cert.serial_hex,
+                    node_id,
+                    cert.not_before_ms,
+                    cert.not_after_ms
+                ],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     pub fn cert(&self, serial_hex: &str) -> Result<Option<CertRow>, Error> {
         self.with(|c| {
             c.query_row(

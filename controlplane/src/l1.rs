@@ -159,7 +159,7 @@ fn register(shared: &Shared, env: &Envelope) -> Result<Envelope, Error> {
     }
     let node_id = uuid::Uuid::new_v4().hyphenated().to_string();
     let issued = match shared
-        .ca
+        .ca()
         .sign_csr(&req.csr_pem, &node_id, shared.opts.cert_validity)?
     {
         Ok(c) => c,
@@ -196,7 +196,7 @@ fn register(shared: &Shared, env: &Envelope) -> Result<Envelope, Error> {
         &Registered {
             node_id,
             certificate_pem: issued.pem,
-            ca_pem: shared.ca.ca_pem().to_string(),
+            ca_pem: shared.ca().bundle_pem(),
         },
     ))
 }

@@ -45,6 +45,10 @@ const READS_BEFORE_SEND: usize = 64;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest delay before resending a refused instruction.
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Longest life of a probe session.
+const PROBE_MAX: Duration = Duration::from_secs(60);
+/// Shortest time between two renewals on one session.
+const RENEW_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why a session was closed from our side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +79,8 @@ struct Registration {
     id: u64,
     close: watch::Receiver<Option<CloseReason>>,
     wake: Arc<Notify>,
+    /// A detached registration keeps its own sender, since a dropped sender reads as closed.
+    _detached: Option<watch::Sender<Option<CloseReason>>>,
 }
 
 impl Sessions {
@@ -101,6 +107,20 @@ impl Sessions {
             id,
             close: rx,
             wake,
+            _detached: None,
+        }
+    }
+
+    /// A registration that is not in the registry (probe sessions): nothing replaces or
+    /// wakes it; it closes on shutdown only.
+    fn detached(&self) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        Registration {
+            id,
+            close: rx,
+            wake: Arc::new(Notify::new()),
+            _detached: Some(tx),
         }
     }
 
@@ -358,7 +378,14 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         send_and_close(&mut writer, Some(&env)).await;
         return;
     }
-    let reg = shared.sessions.register(&node);
+    // A probe session (a credential check, or a renewal while the agent is stopped) is not
+    // registered: it must not replace the node's live session, and it is sent no instructions.
+    let probe = hello.probe;
+    let reg = if probe {
+        shared.sessions.detached()
+    } else {
+        shared.sessions.register(&node)
+    };
     // A revocation that landed between check_hello and register found no session to close:
     // look again now that the session is registered (a later revocation will find it).
     if !still_admitted(&shared, &node, &serial) {
@@ -393,6 +420,7 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         hostname = %hello.hostname,
         agent_version = %hello.agent_version,
         pending_replies = hello.pending_replies.len(),
+        probe,
         ?peer,
         "session started"
     );
@@ -404,8 +432,11 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         close: reg.close,
         wake: reg.wake,
         shutdown: shared.shutdown.clone(),
+        serial,
+        probe,
+        last_renewal: None,
         cursor: 0,
-        more: true,
+        more: !probe,
         max_in_flight: usize::try_from(shared.opts.max_in_flight)
             .unwrap_or(usize::MAX)
             .max(1),
@@ -444,6 +475,12 @@ struct Session {
     close: watch::Receiver<Option<CloseReason>>,
     wake: Arc<Notify>,
     shutdown: watch::Receiver<bool>,
+    /// Serial (hex) of the certificate the session was opened with.
+    serial: String,
+    /// A probe session: no instructions are sent on it.
+    probe: bool,
+    /// When this session last got a certificate renewed.
+    last_renewal: Option<Instant>,
     /// Row id of the last instruction taken from the database in this session.
     cursor: i64,
     /// Whether stored instructions above the cursor may be waiting.
@@ -505,6 +542,8 @@ impl Session {
             }
         });
         let idle_limit = self.shared.opts.heartbeat_interval.saturating_mul(3);
+        // A probe session is short by design; revocation cannot reach it through the registry.
+        let probe_end = self.probe.then(|| Instant::now() + PROBE_MAX);
         let mut last_rx = Instant::now();
         let mut reads_in_a_row = 0usize;
         let end = loop {
@@ -529,8 +568,9 @@ impl Session {
                         }
                     }
                 },
-                () = self.wake.notified() => self.more = true,
+                () = self.wake.notified() => self.more = !self.probe,
                 () = tokio::time::sleep_until(last_rx + idle_limit) => break End::Idle,
+                () = tokio::time::sleep_until(probe_end.unwrap_or_else(Instant::now)), if probe_end.is_some() => break End::Idle,
                 () = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)),
                     if next_retry.is_some() && !ready => {}
                 // Last: more to send, once nothing above is ready (or after many reads).
@@ -740,6 +780,7 @@ impl Session {
                 }
                 Ok(())
             }
+            types::RENEW => self.renew(env).await,
             types::ERROR | types::NO_CONTENT => self.final_reply(env).await,
             k if control::is_control_type(k) => {
                 tracing::warn!(node = %self.node, tag = %env.tag, kind = %k, "unexpected control message dropped");
@@ -747,6 +788,84 @@ impl Session {
             }
             _ => self.final_reply(env).await,
         }
+    }
+
+    /// `RENEW`: sign a new certificate for the session's node, unless the node or the
+    /// certificate the session was opened with has been revoked meanwhile (then the session
+    /// ends as revoked). At most one renewal per [`RENEW_INTERVAL`] per session.
+    async fn renew(&mut self, env: Envelope) -> Result<(), End> {
+        let tag = env.tag;
+        if let Some(at) = self.last_renewal {
+            let wait = RENEW_INTERVAL.saturating_sub(at.elapsed());
+            if !wait.is_zero() {
+                let msg = format!(
+                    "a certificate was renewed moments ago; try again in {} s",
+                    wait.as_secs().max(1)
+                );
+                return self.send(&error_env(tag, ErrorCode::Busy, msg)).await;
+            }
+        }
+        let req: control::Renew = match env.payload() {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("RENEW payload: {e}");
+                return self.send(&error_env(tag, ErrorCode::BadRequest, msg)).await;
+            }
+        };
+        let ca = self.shared.ca();
+        let issued = match ca.sign_csr(&req.csr_pem, &self.node, self.shared.opts.cert_validity) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::info!(node = %self.node, error = %e, "renewal refused: bad CSR");
+                return self
+                    .send(&error_env(tag, ErrorCode::BadRequest, e.to_string()))
+                    .await;
+            }
+            Err(e) => {
+                tracing::error!(node = %self.node, error = %e, "renewal failed");
+                return self
+                    .send(&error_env(tag, ErrorCode::Internal, "internal error"))
+                    .await;
+            }
+        };
+        let cert = crate::db::NewCert {
+            serial_hex: &issued.serial_hex,
+            not_before_ms: issued.not_before_ms,
+            not_after_ms: issued.not_after_ms,
+        };
+        match self.shared.db.renew_cert(&self.node, &self.serial, &cert) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(node = %self.node, "renewal refused: the node is revoked");
+                let env = error_env(tag, ErrorCode::Revoked, "the node has been revoked");
+                let _ = self.send(&env).await;
+                return Err(End::Closed(CloseReason::Revoked));
+            }
+            Err(e) => {
+                tracing::error!(node = %self.node, error = %e, "renewal: cannot record the certificate");
+                return self
+                    .send(&error_env(tag, ErrorCode::Internal, "internal error"))
+                    .await;
+            }
+        }
+        self.last_renewal = Some(Instant::now());
+        tracing::info!(
+            node = %self.node,
+            session = %self.session_id,
+            old_serial = %self.serial,
+            serial = %issued.serial_hex,
+            expires = %util::rfc3339_ms(issued.not_after_ms),
+            "certificate renewed"
+        );
+        let reply = Envelope::with_type(
+            types::RENEWED,
+            tag,
+            &control::Renewed {
+                certificate_pem: issued.pem,
+                ca_pem: ca.bundle_pem(),
+            },
+        );
+        self.send(&reply).await
     }
 
     async fn final_reply(&mut self, env: Envelope) -> Result<(), End> {

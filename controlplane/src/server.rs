@@ -136,7 +136,8 @@ impl Endpoints {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub db: Db,
-    pub ca: Ca,
+    /// The CA; replaced as a whole when it is rotated.
+    pub ca: std::sync::RwLock<Arc<Ca>>,
     pub opts: ServeOptions,
     pub sessions: Sessions,
     /// Bumped whenever a final reply is stored; waiters re-check the database.
@@ -145,6 +146,13 @@ pub(crate) struct Shared {
 }
 
 /// Wait until `rx` says "shut down" (or its sender is gone).
+impl Shared {
+    /// The current CA (a snapshot: a rotation replaces it as a whole).
+    pub fn ca(&self) -> Arc<Ca> {
+        self.ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 pub(crate) async fn shutdown_signalled(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
@@ -177,13 +185,13 @@ impl ServerHandle {
     pub fn data_dir(&self) -> &Path {
         &self.shared.opts.data_dir
     }
-    /// The CA certificate (PEM).
-    pub fn ca_pem(&self) -> &str {
-        self.shared.ca.ca_pem()
+    /// The CA bundle agents trust (PEM): one CA, or two during a CA rotation.
+    pub fn ca_pem(&self) -> String {
+        self.shared.ca().bundle_pem()
     }
     /// The CA pin: lowercase hex sha256 of the CA certificate's DER.
     pub fn ca_sha256(&self) -> String {
-        self.shared.ca.ca_sha256()
+        self.shared.ca().ca_sha256()
     }
     /// The in-process operator API.
     pub fn api(&self) -> Api {
@@ -254,7 +262,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
     let (replies, _) = watch::channel(0u64);
     let shared = Arc::new(Shared {
         db,
-        ca,
+        ca: std::sync::RwLock::new(Arc::new(ca)),
         opts: opts.clone(),
         sessions: Sessions::default(),
         replies,

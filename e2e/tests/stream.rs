@@ -341,6 +341,7 @@ fn hello_for(node: &str) -> Envelope {
             boot_id: "00000000-0000-0000-0000-000000000000".into(),
             instruction_types: vec![],
             pending_replies: vec![],
+            probe: false,
         },
     )
 }

@@ -28,6 +28,10 @@ pub mod types {
     pub const LOG: &str = "LOG";
     /// A successful reply with nothing to say; payload `{}`.
     pub const NO_CONTENT: &str = "NO_CONTENT";
+    /// L2Sec, agent → control plane: a certificate renewal request ([`super::Renew`]).
+    pub const RENEW: &str = "RENEW";
+    /// L2Sec, control plane → agent, answer to RENEW with the same tag ([`super::Renewed`]).
+    pub const RENEWED: &str = "RENEWED";
 }
 
 /// Every control message type. An envelope of one of these types is never an instruction: an
@@ -43,6 +47,8 @@ pub const ALL_CONTROL_TYPES: &[&str] = &[
     types::ERROR,
     types::LOG,
     types::NO_CONTENT,
+    types::RENEW,
+    types::RENEWED,
 ];
 
 /// Whether `kind` names a control message (as opposed to an instruction or a reply).
@@ -132,6 +138,12 @@ pub struct Hello {
     /// complete (every reply still arrives, listed or not). Omitted when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_replies: Vec<String>,
+    /// A probe session: opened only to prove a credential works or to renew a certificate
+    /// while the agent is not running. The control plane answers HELLO, HEARTBEAT and RENEW
+    /// on it, sends no instructions, and leaves the node's live session (if any) alone.
+    /// Omitted when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
 }
 
 /// `WELCOME`: the control plane's answer to HELLO.
@@ -151,6 +163,26 @@ pub struct Welcome {
     pub advertised_agent_version: Option<String>,
     /// An identifier of this session, for correlating logs on both sides.
     pub session_id: String,
+}
+
+/// `RENEW`: a certificate renewal request, sent by the agent on an established L2Sec session
+/// (so the request is authenticated by the certificate being renewed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Renew {
+    /// A PKCS#10 certificate signing request (PEM) for a key newly generated on the node.
+    pub csr_pem: String,
+}
+
+/// `RENEWED`: the answer to RENEW, with its tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Renewed {
+    /// The new certificate (PEM), for the CSR's key and the session's node id.
+    pub certificate_pem: String,
+    /// The CA bundle (PEM, one or more certificates) the agent must trust from now on: during a
+    /// CA rotation it holds both the old and the new CA.
+    pub ca_pem: String,
 }
 
 /// `HEARTBEAT`: an agent-initiated liveness probe, answered by `HEARTBEAT_REPLY` with its tag.

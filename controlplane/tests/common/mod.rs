@@ -183,6 +183,7 @@ pub fn hello_env(node_id: &str, version: u32) -> Envelope {
             boot_id: "boot-1".into(),
             instruction_types: vec!["RUN_COMMAND".into(), "GET_NODE_STATUS".into()],
             pending_replies: vec![],
+            probe: false,
         },
     )
 }
