@@ -57,6 +57,10 @@ pub struct AdminState {
     pub status: StatusHandle,
     /// The dispatcher (weak: the admin socket never keeps it alive).
     pub dispatcher: mpsc::WeakSender<Inbound>,
+    /// Where `renew` requests go (the daemon's session).
+    pub renew: Option<mpsc::Sender<crate::session::RenewRequest>>,
+    /// Bumped by `reconnect`: the session reconnects, reloading the credentials.
+    pub reconnect: Option<Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 /// A running admin socket; dropping it stops serving and removes the socket file.
@@ -204,7 +208,15 @@ async fn answer(line: &[u8], state: &AdminState) -> Value {
     match req.get("op").and_then(Value::as_str) {
         Some("status") => status(state).await,
         Some("journal") => journal(&req, state).await,
-        _ => json!({"error": "unknown op; supported: status, journal"}),
+        Some("renew") => renew(state).await,
+        Some("reconnect") => match &state.reconnect {
+            Some(tx) => {
+                tx.send_modify(|g| *g = g.wrapping_add(1));
+                json!({"reconnecting": true})
+            }
+            None => json!({"error": "reconnect is not available"}),
+        },
+        _ => json!({"error": "unknown op; supported: status, journal, renew, reconnect"}),
     }
 }
 
@@ -237,6 +249,42 @@ async fn journal(req: &Value, state: &AdminState) -> Value {
     match tokio::time::timeout(SNAPSHOT_TIMEOUT, entries).await {
         Ok(Some(v)) => json!({"entries": v.iter().map(entry_json).collect::<Vec<_>>()}),
         _ => json!({"error": "the dispatcher did not answer"}),
+    }
+}
+
+/// Longest wait for a `renew` answer: the RENEW round trip plus the probe of the new
+/// certificate, with a margin.
+pub const RENEW_WAIT: Duration = Duration::from_secs(75);
+
+/// The `renew` answer: `{"renewed":true,…}` or `{"error":…,"code":…}`.
+async fn renew(state: &AdminState) -> Value {
+    use crate::renew::RenewError;
+    let Some(tx) = &state.renew else {
+        return json!({"error": "renewal is not available", "code": "failed"});
+    };
+    let (otx, orx) = oneshot::channel();
+    if tx
+        .send(crate::session::RenewRequest { respond: otx })
+        .await
+        .is_err()
+    {
+        return json!({"error": "the agent is stopping", "code": "failed"});
+    }
+    match tokio::time::timeout(RENEW_WAIT, orx).await {
+        Ok(Ok(Ok(out))) => out.to_json(),
+        Ok(Ok(Err(e))) => {
+            let code = match &e {
+                RenewError::Unreachable(_) => "unreachable",
+                RenewError::Tls(_) => "tls",
+                RenewError::Revoked(_) => "revoked",
+                RenewError::Failed(_) => "failed",
+            };
+            json!({"error": e.to_string(), "code": code})
+        }
+        Ok(Err(_)) => json!({"error": "the renewal was abandoned", "code": "failed"}),
+        Err(_) => {
+            json!({"error": "no outcome within the wait; see `runos status`", "code": "failed"})
+        }
     }
 }
 
@@ -302,6 +350,8 @@ mod tests {
         let state = AdminState {
             status: StatusHandle::new(),
             dispatcher: link.inbound.downgrade(),
+            renew: None,
+            reconnect: None,
         };
         // A stale socket file (nobody listening) is replaced.
         std::fs::create_dir_all(&run).unwrap();

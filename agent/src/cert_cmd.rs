@@ -150,6 +150,126 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
     }
 }
 
+/// The exit code of a renewal failure.
+pub fn renew_exit(e: &crate::renew::RenewError) -> Exit {
+    use crate::renew::RenewError;
+    match e {
+        RenewError::Unreachable(_) => Exit::Unreachable,
+        RenewError::Tls(_) => Exit::Tls,
+        RenewError::Revoked(_) => Exit::Refused,
+        RenewError::Failed(_) => Exit::Failure,
+    }
+}
+
+fn renew_code_exit(code: &str) -> Exit {
+    match code {
+        "unreachable" => Exit::Unreachable,
+        "tls" => Exit::Tls,
+        "revoked" => Exit::Refused,
+        _ => Exit::Failure,
+    }
+}
+
+/// Renew without a daemon: take the agent's lock, open a probe session with the current
+/// identity, RENEW, and switch to the new set once it is proven.
+async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, String)> {
+    use crate::renew::{self, Probe};
+    let _lock = crate::lock::acquire(&cfg.paths.lock_file()).map_err(|e| match e {
+        crate::lock::LockError::Held(p) => (
+            Exit::Locked,
+            format!(
+                "a runos agent holds {} but its admin socket does not answer; check it with `systemctl status runos`",
+                p.display()
+            ),
+        ),
+        other => (Exit::Failure, other.to_string()),
+    })?;
+    crate::credentials::recover(&cfg.paths).map_err(|e| {
+        (
+            Exit::Failure,
+            format!("cannot finish an interrupted credential switch: {e}"),
+        )
+    })?;
+    let id = crate::identity::load(cfg).map_err(|e| (Exit::NotRegistered, e.to_string()))?;
+    let err = |e: renew::RenewError| (renew_exit(&e), e.to_string());
+    let max_frame = cfg.agent.max_frame_bytes;
+    let mut probe = Probe::open(&id, max_frame).await.map_err(err)?;
+    let (key_pem, csr_pem, public_key) = renew::new_request().map_err(err)?;
+    let answer = probe.renew(csr_pem).await;
+    probe.close().await;
+    let set = renew::check_renewed(&answer.map_err(err)?, &id.node_id, key_pem, &public_key)
+        .map_err(err)?;
+    renew::switch_to(set, cfg.paths.clone(), id.host.clone(), id.port, max_frame)
+        .await
+        .map_err(err)
+}
+
+/// Run `runos certificate renew`: through the daemon when it answers, else directly.
+pub fn renew(cfg: &Config, json_out: bool, rt: &tokio::runtime::Runtime) -> Exit {
+    let socket = crate::admin::socket_path(&cfg.paths.run_dir);
+    let wait = crate::admin::RENEW_WAIT + std::time::Duration::from_secs(5);
+    // Directly only when no agent listens at all: an agent that stops answering midway may
+    // still be switching, and must not be raced.
+    let listening = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    let (result, via) = if listening {
+        let r = match crate::status_cmd::talk_with(&socket, &json!({"op": "renew"}), wait) {
+            Ok(v) => match v.get("error").and_then(Value::as_str) {
+                None => Ok(v),
+                Some(e) => Err((
+                    renew_code_exit(v["code"].as_str().unwrap_or("failed")),
+                    e.to_string(),
+                )),
+            },
+            Err(e) => Err((
+                Exit::Failure,
+                format!(
+                    "the running agent did not answer ({e}); see `runos status` for the renewal state"
+                ),
+            )),
+        };
+        (r, "agent")
+    } else {
+        (
+            rt.block_on(renew_direct(cfg)).map(|o| o.to_json()),
+            "direct",
+        )
+    };
+    match result {
+        Ok(mut v) => {
+            v["via"] = json!(via);
+            v["exitCode"] = json!(Exit::Ok.code());
+            if json_out {
+                println!("{v}");
+            } else {
+                println!(
+                    "renewed: serial {}, valid until {} ({})",
+                    v["serial"].as_str().unwrap_or("-"),
+                    v["notAfter"].as_str().unwrap_or("-"),
+                    if via == "agent" {
+                        "by the running agent, which reconnected with it"
+                    } else {
+                        "no agent was running"
+                    }
+                );
+            }
+            Exit::Ok
+        }
+        Err((exit, message)) => {
+            let message = format!(
+                "the certificate was not renewed: {message}; the current certificate stays in use"
+            );
+            eprintln!("runos: error: {message}");
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"error": message, "exitCode": exit.code(), "via": via})
+                );
+            }
+            exit
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

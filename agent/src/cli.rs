@@ -109,6 +109,21 @@ pub enum CertificateCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Renew the node certificate now (the agent also renews on its own at about two thirds of
+    /// the lifetime).
+    ///
+    /// Through the running agent when its admin socket answers; otherwise directly (taking the
+    /// agent's lock, so not while an agent runs). A new key is generated on the node and a CSR
+    /// sent over L2Sec; the new certificate and CA bundle are used only once an L2Sec session
+    /// with them has succeeded, and the old ones stay until then. Exits 0 when renewed, 3 when
+    /// not registered, 4 when the control plane cannot be reached, 5 when it refuses (revoked),
+    /// 6 on a TLS failure, 7 when an agent holds the lock but does not answer, 1 otherwise.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Renew {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_tag(s: &str) -> Result<runos_protocol::Tag, String> {
@@ -146,7 +161,13 @@ pub struct RegisterArgs {
     /// L2Sec port (written back to the configuration).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub l2_port: Option<u16>,
-    /// Print JSON (`{"nodeId": ...}`).
+    /// Replace this node's existing identity. The new key and certificate are used only once an
+    /// L2Sec session with them has succeeded; until then (and if that fails) the node keeps
+    /// its current identity. Without --force, register refuses (exit 2) when the node is
+    /// already registered.
+    #[arg(long)]
+    pub force: bool,
+    /// Print JSON (`{"nodeId": ..., "l2Verified": ...}`).
     #[arg(long)]
     pub json: bool,
 }
@@ -205,14 +226,43 @@ pub fn run(cli: Cli) -> Exit {
                 insecure_skip_pin: a.insecure_skip_pin,
                 l1_port: a.l1_port,
                 l2_port: a.l2_port,
+                force: a.force,
             };
             match rt.block_on(register::register(&opts)) {
                 Ok(out) => {
+                    // A running agent picks the new identity up at once.
+                    let reconnected = out.replaced.is_some()
+                        && config::load(&opts.config_path).is_ok_and(|(cfg, _)| {
+                            crate::status_cmd::request(
+                                &crate::admin::socket_path(&cfg.paths.run_dir),
+                                &json!({"op": "reconnect"}),
+                            )
+                            .is_ok()
+                        });
                     if a.json {
-                        println!("{}", json!({"nodeId": out.node_id}));
+                        let mut v = json!(out);
+                        v["agentReconnected"] = json!(reconnected);
+                        println!("{v}");
                     } else {
-                        println!("registered: node id {}", out.node_id);
-                        println!("start the agent with `runos agent` (or `systemctl start runos`)");
+                        match &out.replaced {
+                            Some(old) => println!(
+                                "registered: node id {} (replaces node id {old}; the new identity was verified on L2Sec)",
+                                out.node_id
+                            ),
+                            None => println!("registered: node id {}", out.node_id),
+                        }
+                        if let Some(e) = &out.l2_error {
+                            eprintln!(
+                                "runos: warning: the identity is stored, but an L2Sec session with it failed: {e}; check the L2Sec port (--l2-port) and the firewall"
+                            );
+                        }
+                        if reconnected {
+                            println!("the running agent is reconnecting with the new identity");
+                        } else {
+                            println!(
+                                "start the agent with `runos agent` (or `systemctl start runos`)"
+                            );
+                        }
                     }
                     Exit::Ok
                 }
@@ -226,6 +276,18 @@ pub fn run(cli: Cli) -> Exit {
         Command::Certificate(CertificateCommand::Status { json }) => {
             match config::load(&cli.config) {
                 Ok((cfg, _)) => crate::cert_cmd::run(&cfg, json),
+                Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+            }
+        }
+        Command::Certificate(CertificateCommand::Renew { json }) => {
+            match config::load(&cli.config) {
+                Ok((cfg, _)) => {
+                    logging::init(
+                        cli.log_level.unwrap_or(cfg.log.level).as_str(),
+                        config::LogFormat::Text,
+                    );
+                    crate::cert_cmd::renew(&cfg, json, &rt)
+                }
                 Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
             }
         }
@@ -282,7 +344,8 @@ mod tests {
             Command::Certificate(CertificateCommand::Status { json: true })
         ));
         assert!(Cli::try_parse_from(["runos", "certificate"]).is_err());
-        assert!(Cli::try_parse_from(["runos", "certificate", "renew"]).is_err());
+        assert!(Cli::try_parse_from(["runos", "certificate", "renew", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["runos", "certificate", "renew", "now"]).is_err());
         let r = Cli::try_parse_from(["runos", "agent", "--config", "/x.toml"]).unwrap();
         assert_eq!(r.config, PathBuf::from("/x.toml"));
     }

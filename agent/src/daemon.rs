@@ -60,6 +60,11 @@ pub async fn run(
     log: LogHandle,
 ) -> Result<(), DaemonError> {
     // Refuse to start unregistered rather than loop forever.
+    // A credential switch a crash interrupted is finished (or undone) before anything reads
+    // the credentials.
+    if let Err(e) = crate::credentials::recover(&cfg.paths) {
+        tracing::error!("cannot finish an interrupted credential switch: {e}");
+    }
     identity::load(&cfg).map_err(|e| fail(Exit::NotRegistered, e.to_string()))?;
     let _lock = lock::acquire(&cfg.paths.lock_file()).map_err(|e| match e {
         lock::LockError::Held(_) => fail(Exit::Locked, e.to_string()),
@@ -78,10 +83,14 @@ pub async fn run(
     let agent_started = Instant::now();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (reconnect_tx, reconnect_rx) = watch::channel(0u64);
+    let reconnect_tx = Arc::new(reconnect_tx);
+    let (renew_tx, renew_rx) = tokio::sync::mpsc::channel(8);
     let (cfg_tx, cfg_rx) = watch::channel(cfg.clone());
 
     // Signals: handled in one task for the life of the daemon.
+    let reconnect_sig = reconnect_tx.clone();
     tokio::spawn(async move {
+        let reconnect_tx = reconnect_sig;
         loop {
             tokio::select! {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); let _ = shutdown_tx.send(true); }
@@ -120,6 +129,7 @@ pub async fn run(
         shutdown: shutdown_rx.clone(),
         reconnect: reconnect_rx,
         grace: cfg.agent.shutdown_grace,
+        renew: renew_rx,
     };
     // `runos status`: the local admin socket (see admin.rs, status.rs); removed on drop.
     let status = crate::status::global();
@@ -128,6 +138,8 @@ pub async fn run(
         crate::admin::AdminState {
             status: status.clone(),
             dispatcher: link.inbound.downgrade(),
+            renew: Some(renew_tx),
+            reconnect: Some(reconnect_tx.clone()),
         },
     );
     tracing::info!(version = crate::AGENT_VERSION, types = ?catalog.types(), "agent started");
@@ -143,6 +155,11 @@ pub async fn run(
         ctl.grace = cfg.agent.shutdown_grace;
         let mut wait_max = false;
         let mut stable = false;
+        match crate::credentials::recover(&cfg.paths) {
+            Ok(crate::credentials::Recovery::Clean) => {}
+            Ok(r) => tracing::info!(outcome = ?r, "finished an interrupted credential switch"),
+            Err(e) => tracing::error!("cannot finish an interrupted credential switch: {e}"),
+        }
         match identity::load(&cfg) {
             Err(e) => {
                 tracing::error!("cannot connect: {e}");
@@ -158,6 +175,7 @@ pub async fn run(
                     identity: id,
                     max_frame_bytes: cfg.agent.max_frame_bytes,
                     instruction_types: catalog.types(),
+                    paths: cfg.paths.clone(),
                 };
                 let rep = session::run(&params, &mut link, &mut ctl).await;
                 status.session_ended(&rep.end); // `runos status`
@@ -169,7 +187,7 @@ pub async fn run(
                         drain_disconnected(&mut link, ctl.grace).await;
                         break;
                     }
-                    SessionEnd::Reconnect => {
+                    SessionEnd::Reconnect | SessionEnd::Renewed => {
                         backoff.reset();
                         continue;
                     }
@@ -285,6 +303,11 @@ async fn wait_disconnected(link: &mut DispatchLink, ctl: &mut Control, delay: Du
             _ = session::until_shutdown(&mut ctl.shutdown) => return,
             _ = ctl.reconnect.changed() => return,
             r = link.replies.recv() => if r.is_none() { return },
+            Some(req) = ctl.renew.recv() => {
+                let _ = req.respond.send(Err(crate::renew::RenewError::Unreachable(
+                    "the agent is not connected to the control plane; it renews automatically once connected".into(),
+                )));
+            }
         }
     }
 }

@@ -40,6 +40,12 @@ pub struct NodeIdentity {
     pub port: u16,
     /// mTLS client configuration.
     pub tls: Arc<rustls::ClientConfig>,
+    /// The certificate's serial (hex).
+    pub serial_hex: String,
+    /// The certificate's notBefore, seconds since the Unix epoch.
+    pub not_before: i64,
+    /// The certificate's notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -70,24 +76,46 @@ pub fn load(cfg: &Config) -> Result<NodeIdentity, IdentityError> {
         IdentityError::NotRegistered("no [server] host in the configuration".into())
     })?;
     let p = &cfg.paths;
+    let key_pem = read_pem(&p.key)?;
+    let cert_pem = read_pem(&p.certificate)?;
+    let ca_pem = read_pem(&p.ca)?;
+    build(
+        &host,
+        cfg.server.l2_port,
+        [
+            (p.key.as_path(), key_pem.as_slice()),
+            (p.certificate.as_path(), cert_pem.as_slice()),
+            (p.ca.as_path(), ca_pem.as_slice()),
+        ],
+    )
+}
+
+/// Build an identity from PEM texts (key, certificate, CA bundle), each with the path it is
+/// (or will be) stored at, for error messages. Errors never contain key material.
+pub fn build(
+    host: &str,
+    port: u16,
+    [
+        (key_path, key_pem),
+        (cert_path, cert_pem),
+        (ca_path, ca_pem),
+    ]: [(&Path, &[u8]); 3],
+) -> Result<NodeIdentity, IdentityError> {
     let invalid = |path: &Path, message: String| IdentityError::Invalid {
         path: path.display().to_string(),
         message,
     };
-    let key_pem = read_pem(&p.key)?;
-    let cert_pem = read_pem(&p.certificate)?;
-    let ca_pem = read_pem(&p.ca)?;
     let key =
-        runos_transport::pem::private_key(&key_pem).map_err(|e| invalid(&p.key, e.to_string()))?;
-    let chain = runos_transport::pem::certificates(&cert_pem)
-        .map_err(|e| invalid(&p.certificate, e.to_string()))?;
+        runos_transport::pem::private_key(key_pem).map_err(|e| invalid(key_path, e.to_string()))?;
+    let chain = runos_transport::pem::certificates(cert_pem)
+        .map_err(|e| invalid(cert_path, e.to_string()))?;
     let cas: Vec<CertificateDer<'static>> =
-        runos_transport::pem::certificates(&ca_pem).map_err(|e| invalid(&p.ca, e.to_string()))?;
+        runos_transport::pem::certificates(ca_pem).map_err(|e| invalid(ca_path, e.to_string()))?;
     let info = runos_transport::identity::cert_info(&chain[0])
-        .map_err(|e| invalid(&p.certificate, e.to_string()))?;
+        .map_err(|e| invalid(cert_path, e.to_string()))?;
     let node_id = info.node_id.ok_or_else(|| {
         invalid(
-            &p.certificate,
+            cert_path,
             "the certificate carries no runos://node/<id> URI".into(),
         )
     })?;
@@ -95,14 +123,17 @@ pub fn load(cfg: &Config) -> Result<NodeIdentity, IdentityError> {
         runos_transport::tls::client_config(&cas, runos_protocol::ALPN_L2SEC, Some((chain, key)))
             .map_err(|e| {
             invalid(
-                &p.certificate,
+                cert_path,
                 format!("the key and certificate cannot be used: {e}"),
             )
         })?;
     Ok(NodeIdentity {
         node_id,
-        host,
-        port: cfg.server.l2_port,
+        host: host.to_string(),
+        port,
         tls,
+        serial_hex: info.serial_hex,
+        not_before: info.not_before,
+        not_after: info.not_after,
     })
 }

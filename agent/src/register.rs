@@ -55,6 +55,8 @@ pub struct Options {
     pub l1_port: Option<u16>,
     /// L2Sec port override.
     pub l2_port: Option<u16>,
+    /// Replace an existing identity (only once the new one has been proven on L2Sec).
+    pub force: bool,
 }
 
 /// The result of a successful enrolment.
@@ -63,6 +65,14 @@ pub struct Options {
 pub struct Outcome {
     /// The node id assigned by the control plane.
     pub node_id: String,
+    /// The node id this registration replaced (`--force`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<String>,
+    /// Whether an L2Sec session with the new identity was completed (HELLO/WELCOME).
+    pub l2_verified: bool,
+    /// Why the L2Sec check failed, when it did (first registration only: the identity is kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l2_error: Option<String>,
 }
 
 /// A failed enrolment: what failed and what to do, with its exit code.
@@ -276,6 +286,25 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         )
     })?;
     config::validate_host(&opts.server).map_err(|m| fail(Exit::Usage, format!("--server {m}")))?;
+    // Finish (or undo) a switch a crash interrupted, then look at what is there.
+    crate::credentials::recover(&cfg.paths).map_err(|e| {
+        fail(
+            Exit::Failure,
+            format!("cannot finish an interrupted credential switch: {e}"),
+        )
+    })?;
+    let existing = existing_node(&cfg);
+    if let Some(node) = &existing
+        && !opts.force
+    {
+        return Err(fail(
+            Exit::Usage,
+            format!(
+                "this node is already registered (node id {node}, {}); to replace its identity, run register again with --force and a fresh token: the current identity stays in use until the new one has connected",
+                cfg.paths.certificate.display()
+            ),
+        ));
+    }
     let l1_port = opts.l1_port.unwrap_or(cfg.server.l1_port);
     let l2_port = opts.l2_port.unwrap_or(cfg.server.l2_port);
     let token = read_token(&opts.token)?;
@@ -424,19 +453,93 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         .payload()
         .map_err(|_| fail(Exit::Failure, "the REGISTERED payload is malformed"))?;
     let node_id = check_registered(&reg, &public_key)?;
+    let set = crate::credentials::CredentialSet {
+        key_pem,
+        cert_pem: reg.certificate_pem.clone(),
+        ca_pem: reg.ca_pem.clone(),
+    };
+    let write_err = |e: String| {
+        fail(
+            Exit::Failure,
+            format!("{e}; run register as root or point [paths] at a writable directory"),
+        )
+    };
+    let (l2_verified, l2_error) = match &existing {
+        Some(old) => {
+            // Replace only once the new identity has carried an L2Sec session.
+            crate::renew::switch_to(
+                set,
+                cfg.paths.clone(),
+                opts.server.clone(),
+                l2_port,
+                cfg.agent.max_frame_bytes,
+            )
+            .await
+            .map_err(|e| {
+                fail(
+                    match e {
+                        crate::renew::RenewError::Unreachable(_) => Exit::Unreachable,
+                        crate::renew::RenewError::Tls(_) => Exit::Tls,
+                        crate::renew::RenewError::Revoked(_) => Exit::Refused,
+                        crate::renew::RenewError::Failed(_) => Exit::Failure,
+                    },
+                    format!(
+                        "the new identity (node id {node_id}) did not work on L2Sec, so node {old} keeps its current identity: {e}"
+                    ),
+                )
+            })?;
+            (true, None)
+        }
+        None => {
+            ensure_parents(&cfg).map_err(|e| write_err(e.to_string()))?;
+            crate::credentials::install(&cfg.paths, &set).map_err(|e| write_err(e.to_string()))?;
+            // A first registration keeps its identity either way (the token is spent), but
+            // says at once whether L2Sec works.
+            match crate::renew::identity_of(&set, &cfg.paths, &opts.server, l2_port) {
+                Ok(id) => match crate::renew::Probe::open(&id, cfg.agent.max_frame_bytes).await {
+                    Ok(p) => {
+                        p.close().await;
+                        (true, None)
+                    }
+                    Err(e) => (false, Some(e.to_string())),
+                },
+                Err(e) => (false, Some(e.to_string())),
+            }
+        }
+    };
     store(
         &cfg,
         &opts.config_path,
         &opts.server,
         l1_port,
         l2_port,
-        &key_pem,
-        &reg,
         &ca_path,
         certs_to_pem(&cas).as_bytes(),
         pin.as_deref(),
     )?;
-    Ok(Outcome { node_id })
+    Ok(Outcome {
+        node_id,
+        replaced: existing,
+        l2_verified,
+        l2_error,
+    })
+}
+
+/// The node id of the identity on disk, if there is a readable certificate with one.
+fn existing_node(cfg: &Config) -> Option<String> {
+    crate::status_cmd::read_certificate(&cfg.paths.certificate)
+        .ok()
+        .map(|i| i.node_id.unwrap_or_else(|| "unknown".into()))
+}
+
+fn ensure_parents(cfg: &Config) -> Result<(), fsutil::FsError> {
+    let p = &cfg.paths;
+    for f in [&p.key, &p.certificate, &p.ca, &p.l1_ca] {
+        if let Some(dir) = f.parent() {
+            fsutil::ensure_dir(dir, 0o755)?;
+        }
+    }
+    Ok(())
 }
 
 /// PEM text of `certs`: what `register` keeps as the L1Sec CA (with a pin, only the pinned one).
@@ -455,6 +558,8 @@ fn certs_to_pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
     out
 }
 
+/// Keep the L1Sec CA and the server settings (the key, certificate and L2Sec CA are already in
+/// place).
 #[allow(clippy::too_many_arguments)]
 fn store(
     cfg: &Config,
@@ -462,8 +567,6 @@ fn store(
     host: &str,
     l1_port: u16,
     l2_port: u16,
-    key_pem: &str,
-    reg: &Registered,
     ca_path: &Path,
     ca_pem: &[u8],
     pin: Option<&str>,
@@ -475,19 +578,7 @@ fn store(
         )
     };
     let p = &cfg.paths;
-    for f in [&p.key, &p.certificate, &p.ca, &p.l1_ca] {
-        if let Some(dir) = f.parent() {
-            fsutil::ensure_dir(dir, 0o755).map_err(write_err)?;
-        }
-    }
-    fsutil::write_atomic(&p.key, key_pem.as_bytes(), Mode::Exact(0o600)).map_err(write_err)?;
-    fsutil::write_atomic(
-        &p.certificate,
-        reg.certificate_pem.as_bytes(),
-        Mode::Exact(0o644),
-    )
-    .map_err(write_err)?;
-    fsutil::write_atomic(&p.ca, reg.ca_pem.as_bytes(), Mode::Exact(0o644)).map_err(write_err)?;
+    ensure_parents(cfg).map_err(write_err)?;
     if ca_path != p.l1_ca {
         // Only the trusted certificates (the pinned one when there is a pin).
         fsutil::write_atomic(&p.l1_ca, ca_pem, Mode::Exact(0o644)).map_err(write_err)?;

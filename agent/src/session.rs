@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dispatch::{DispatchLink, Inbound, error_reply};
 use crate::identity::NodeIdentity;
-use crate::{net, notify};
+use crate::{net, notify, renew};
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,10 +42,20 @@ pub struct SessionParams {
     pub max_frame_bytes: u32,
     /// Instruction types for HELLO.
     pub instruction_types: Vec<String>,
+    /// Where the credentials live (a renewal stages and promotes there).
+    pub paths: crate::config::Paths,
+}
+
+/// A request to renew the certificate now (`runos certificate renew` through the admin
+/// socket), answered when the renewal is done or has failed.
+#[derive(Debug)]
+pub struct RenewRequest {
+    /// Where the outcome goes.
+    pub respond: oneshot::Sender<Result<renew::Outcome, renew::RenewError>>,
 }
 
 /// Signals from the daemon.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Control {
     /// Becomes true on SIGTERM/SIGINT.
     pub shutdown: watch::Receiver<bool>,
@@ -53,6 +63,8 @@ pub struct Control {
     pub reconnect: watch::Receiver<u64>,
     /// How long running instructions may take to finish after shutdown.
     pub grace: Duration,
+    /// Requests to renew the certificate now.
+    pub renew: mpsc::Receiver<RenewRequest>,
 }
 
 /// Why a session ended.
@@ -66,6 +78,8 @@ pub enum SessionEnd {
     Incompatible(String),
     /// The configuration changed; connect again now.
     Reconnect,
+    /// The certificate was renewed and the new one proven: connect again now, with it.
+    Renewed,
     /// Connection, handshake or peer failure; reconnect after a backoff.
     Failed(String),
     /// The server could not be reached or TLS failed before HELLO.
@@ -128,16 +142,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     // Handshake.
     let pending_replies = pending_tags(link).await;
     let hello_tag = Tag::random();
-    let hello = Hello {
-        protocol_version: runos_protocol::PROTOCOL_VERSION,
-        agent_version: crate::AGENT_VERSION.to_string(),
-        node_id: id.node_id.clone(),
-        hostname: crate::sysinfo::hostname(),
-        boot_id: crate::sysinfo::boot_id(),
-        instruction_types: p.instruction_types.clone(),
-        pending_replies,
-        probe: false,
-    };
+    let hello = hello(id, p.instruction_types.clone(), pending_replies, false);
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();
     if let Err(e) = writer
@@ -192,8 +197,27 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     notify::status(&format!("connected to {addr}"));
     crate::status::global().connected(&addr, &welcome.session_id); // `runos status`
     crate::status::global().observe_clock_offset(offset_ms);
-    let end = serve(reader, writer, link, ctl, interval).await;
+    let end = serve(p, reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
+}
+
+/// The HELLO of this agent for `id`.
+pub(crate) fn hello(
+    id: &NodeIdentity,
+    instruction_types: Vec<String>,
+    pending_replies: Vec<String>,
+    probe: bool,
+) -> Hello {
+    Hello {
+        protocol_version: runos_protocol::PROTOCOL_VERSION,
+        agent_version: crate::AGENT_VERSION.to_string(),
+        node_id: id.node_id.clone(),
+        hostname: crate::sysinfo::hostname(),
+        boot_id: crate::sysinfo::boot_id(),
+        instruction_types,
+        pending_replies,
+        probe,
+    }
 }
 
 /// The tags of the replies awaiting ACK, for HELLO (bounded by the dispatcher). Not connected
@@ -223,7 +247,7 @@ async fn pending_tags(link: &mut DispatchLink) -> Vec<String> {
 }
 
 /// Judge the answer to HELLO.
-fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
+pub(crate) fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
     if env.is(types::ERROR) {
         let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
             ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
@@ -311,6 +335,7 @@ async fn read_loop(mut reader: Reader, tx: mpsc::Sender<Result<Envelope, FrameEr
 }
 
 async fn serve(
+    p: &SessionParams,
     reader: Reader,
     writer: Writer,
     link: &mut DispatchLink,
@@ -321,7 +346,18 @@ async fn serve(
     let (rtx, mut rrx) = mpsc::channel(WRITE_QUEUE);
     let mut write_task = tokio::spawn(write_loop(writer, wrx));
     let read_task = tokio::spawn(read_loop(reader, rtx));
-    let end = serve_loop(&wtx, &mut rrx, &mut write_task, link, ctl, interval).await;
+    let mut renewal = Renewal::new(p);
+    let end = serve_loop(
+        &wtx,
+        &mut rrx,
+        &mut write_task,
+        link,
+        ctl,
+        interval,
+        &mut renewal,
+    )
+    .await;
+    renewal.session_ended().await;
     read_task.abort();
     drop(wtx);
     // Let queued frames out (bounded), then the write task closes the TLS stream.
@@ -341,6 +377,7 @@ async fn serve_loop(
     link: &mut DispatchLink,
     ctl: &mut Control,
     interval: Duration,
+    renewal: &mut Renewal,
 ) -> SessionEnd {
     let send = |env: Envelope| async move { wtx.send(env).await.is_ok() };
 
@@ -392,9 +429,14 @@ async fn serve_loop(
                 return SessionEnd::Failed(format!("no HEARTBEAT_REPLY within {} ms", dead_after.as_millis()));
             }
             frame = rrx.recv() => match frame {
-                Some(Ok(env)) => match route(env, &mut pending) {
+                Some(Ok(env)) => match route(env, &mut pending, renewal.asked_tag()) {
                     Routed::End(end) => return end,
                     Routed::Nothing => {}
+                    Routed::Renew(env) => {
+                        if let Some(end) = renewal.answered(&env) {
+                            return end;
+                        }
+                    }
                     Routed::Forward(msg) => {
                         // Never wait on the dispatcher without draining its replies: it may
                         // itself be waiting for room in the reply channel.
@@ -452,6 +494,36 @@ async fn serve_loop(
                 tracing::info!("configuration changed: reconnecting");
                 return SessionEnd::Reconnect;
             }
+            _ = tokio::time::sleep_until(renewal.timer), if renewal.is_idle() && draining.is_none() => {
+                if let Some(env) = renewal.start() && !send(env).await {
+                    return SessionEnd::Failed("connection lost".into());
+                }
+            }
+            req = ctl.renew.recv(), if renewal.requests_open => match req {
+                Some(req) => {
+                    if draining.is_some() {
+                        let _ = req.respond.send(Err(renew::RenewError::Failed("the agent is shutting down".into())));
+                    } else {
+                        renewal.waiters.push(req.respond);
+                        if renewal.is_idle() && let Some(env) = renewal.start() && !send(env).await {
+                            return SessionEnd::Failed("connection lost".into());
+                        }
+                    }
+                }
+                None => renewal.requests_open = false,
+            },
+            _ = tokio::time::sleep_until(renewal.answer_deadline()), if renewal.is_asked() => {
+                if let Some(end) = renewal.fail(renew::RenewError::Failed(format!(
+                    "no answer to RENEW within {} s", renew::ANSWER_TIMEOUT.as_secs()
+                ))) {
+                    return end;
+                }
+            }
+            res = renewal.proving(), if renewal.is_proving() => {
+                if let Some(end) = renewal.proven(res) {
+                    return end;
+                }
+            }
             _ = drain_check.tick(), if draining.is_some() => {
                 if *link.in_flight.borrow() == 0 && link.replies.is_empty() {
                     return SessionEnd::Shutdown;
@@ -475,8 +547,11 @@ async fn serve_loop(
 
 /// Route one envelope received after WELCOME. Pure: forwarding to the dispatcher is the
 /// caller's job, so the caller can keep draining replies while it waits.
-fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>) -> Routed {
+fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>) -> Routed {
     let tag = env.tag;
+    if renew_tag == Some(tag) && (env.is(types::RENEWED) || env.is(types::ERROR)) {
+        return Routed::Renew(env);
+    }
     match env.kind.as_str() {
         types::HEARTBEAT_REPLY => match pending.remove(&tag) {
             Some(sent) => {
@@ -528,6 +603,227 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>) -> Routed {
     Routed::Nothing
 }
 
+/// The renewal state of one session (see [`crate::renew`]).
+struct Renewal {
+    identity: NodeIdentity,
+    paths: crate::config::Paths,
+    max_frame: u32,
+    /// When the next automatic renewal starts.
+    timer: tokio::time::Instant,
+    phase: RenewPhase,
+    /// `runos certificate renew` callers waiting for the outcome.
+    waiters: Vec<oneshot::Sender<Result<renew::Outcome, renew::RenewError>>>,
+    /// Whether the request channel is still open.
+    requests_open: bool,
+}
+
+enum RenewPhase {
+    Idle,
+    /// RENEW sent; waiting for RENEWED.
+    Asked {
+        tag: Tag,
+        key_pem: String,
+        public_key: Vec<u8>,
+        deadline: tokio::time::Instant,
+    },
+    /// The new set is being staged, proven and promoted.
+    Proving(tokio::task::JoinHandle<Result<renew::Outcome, renew::RenewError>>),
+}
+
+impl Renewal {
+    fn new(p: &SessionParams) -> Renewal {
+        let offset = crate::status::global().clock_offset_now().unwrap_or(0);
+        let due = renew::global().due_in(&p.identity, offset);
+        tracing::debug!(
+            due_in_secs = due.as_secs(),
+            serial = %p.identity.serial_hex,
+            "certificate renewal scheduled"
+        );
+        Renewal {
+            identity: p.identity.clone(),
+            paths: p.paths.clone(),
+            max_frame: p.max_frame_bytes,
+            timer: tokio::time::Instant::now() + due,
+            phase: RenewPhase::Idle,
+            waiters: Vec::new(),
+            requests_open: true,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        matches!(self.phase, RenewPhase::Idle)
+    }
+
+    fn is_asked(&self) -> bool {
+        matches!(self.phase, RenewPhase::Asked { .. })
+    }
+
+    fn is_proving(&self) -> bool {
+        matches!(self.phase, RenewPhase::Proving(_))
+    }
+
+    fn asked_tag(&self) -> Option<Tag> {
+        match &self.phase {
+            RenewPhase::Asked { tag, .. } => Some(*tag),
+            _ => None,
+        }
+    }
+
+    fn answer_deadline(&self) -> tokio::time::Instant {
+        match &self.phase {
+            RenewPhase::Asked { deadline, .. } => *deadline,
+            _ => tokio::time::Instant::now(),
+        }
+    }
+
+    fn lifetime(&self) -> i64 {
+        self.identity.not_after - self.identity.not_before
+    }
+
+    /// Start a renewal: the `RENEW` to send, or `None` if the request could not be made.
+    fn start(&mut self) -> Option<Envelope> {
+        let (key_pem, csr_pem, public_key) = match renew::new_request() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.fail(e);
+                return None;
+            }
+        };
+        let tag = Tag::random();
+        tracing::info!(
+            serial = %self.identity.serial_hex,
+            %tag,
+            "renewing the certificate"
+        );
+        renew::global().started();
+        self.phase = RenewPhase::Asked {
+            tag,
+            key_pem,
+            public_key,
+            deadline: tokio::time::Instant::now() + renew::ANSWER_TIMEOUT,
+        };
+        Some(Envelope::with_type(
+            types::RENEW,
+            tag,
+            &control::Renew { csr_pem },
+        ))
+    }
+
+    /// The control plane answered `RENEW`.
+    fn answered(&mut self, env: &Envelope) -> Option<SessionEnd> {
+        let RenewPhase::Asked {
+            key_pem,
+            public_key,
+            ..
+        } = std::mem::replace(&mut self.phase, RenewPhase::Idle)
+        else {
+            return None;
+        };
+        let set = renew::renew_answer(env)
+            .and_then(|r| renew::check_renewed(&r, &self.identity.node_id, key_pem, &public_key));
+        match set {
+            Ok(set) => {
+                let task = renew::switch_to(
+                    set,
+                    self.paths.clone(),
+                    self.identity.host.clone(),
+                    self.identity.port,
+                    self.max_frame,
+                );
+                self.phase = RenewPhase::Proving(tokio::spawn(task));
+                None
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Wait for the proving task (only called while proving).
+    async fn proving(&mut self) -> Result<renew::Outcome, renew::RenewError> {
+        match &mut self.phase {
+            RenewPhase::Proving(h) => match h.await {
+                Ok(r) => r,
+                Err(e) => Err(renew::RenewError::Failed(format!(
+                    "the renewal task failed: {e}"
+                ))),
+            },
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// The proving task finished.
+    fn proven(&mut self, res: Result<renew::Outcome, renew::RenewError>) -> Option<SessionEnd> {
+        self.phase = RenewPhase::Idle;
+        match res {
+            Ok(out) => {
+                renew::global().succeeded();
+                tracing::info!(
+                    old_serial = %self.identity.serial_hex,
+                    serial = %out.serial_hex,
+                    "certificate renewed; reconnecting with it"
+                );
+                for w in self.waiters.drain(..) {
+                    let _ = w.send(Ok(out.clone()));
+                }
+                Some(SessionEnd::Renewed)
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// A renewal failed: keep the current certificate, back off, tell the waiters. A revoked
+    /// node ends the session.
+    fn fail(&mut self, e: renew::RenewError) -> Option<SessionEnd> {
+        self.phase = RenewPhase::Idle;
+        let delay = renew::global().failed(&e.to_string(), self.lifetime());
+        self.timer = tokio::time::Instant::now() + delay;
+        tracing::warn!(
+            retry_in_secs = delay.as_secs(),
+            "certificate renewal failed (the current certificate stays in use): {e}"
+        );
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(e.clone()));
+        }
+        match e {
+            renew::RenewError::Revoked(m) => Some(SessionEnd::Revoked(m)),
+            _ => None,
+        }
+    }
+
+    /// The session ended: finish a renewal that is being proven (bounded: the probe has its
+    /// own deadline), forget one that was only asked.
+    async fn session_ended(&mut self) {
+        match std::mem::replace(&mut self.phase, RenewPhase::Idle) {
+            RenewPhase::Idle => {}
+            RenewPhase::Asked { .. } => {
+                renew::global().interrupted();
+                let e = renew::RenewError::Unreachable(
+                    "the session ended before the control plane answered; the renewal is retried once connected".into(),
+                );
+                for w in self.waiters.drain(..) {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+            RenewPhase::Proving(h) => {
+                let res = match tokio::time::timeout(renew::PROBE_TIMEOUT * 2, h).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => Err(renew::RenewError::Failed(format!(
+                        "the renewal task failed: {e}"
+                    ))),
+                    Err(_) => Err(renew::RenewError::Failed(
+                        "the renewal did not finish in time".into(),
+                    )),
+                };
+                let _ = self.proven(res);
+            }
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(renew::RenewError::Unreachable(
+                "the session ended; the renewal is retried once connected".into(),
+            )));
+        }
+    }
+}
+
 /// An outstanding heartbeat.
 #[derive(Debug, Clone, Copy)]
 struct Sent {
@@ -543,6 +839,8 @@ enum Routed {
     Nothing,
     /// Hand this to the dispatcher.
     Forward(Inbound),
+    /// The answer to this session's `RENEW`.
+    Renew(Envelope),
     /// End the session.
     End(SessionEnd),
 }

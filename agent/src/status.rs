@@ -272,7 +272,7 @@ impl StatusHandle {
                 ConnState::Disconnected,
                 Some(format!("incompatible protocol: {}", short(m))),
             ),
-            SessionEnd::Reconnect => (ConnState::Disconnected, None),
+            SessionEnd::Reconnect | SessionEnd::Renewed => (ConnState::Disconnected, None),
             SessionEnd::Failed(m) => (
                 ConnState::Disconnected,
                 Some(format!("session ended: {}", short(m))),
@@ -350,6 +350,7 @@ impl StatusHandle {
             "lastRoundTrip": g.last_round_trip.map(rfc3339),
             "clockOffsetMs": g.clock_offset.map(|(o, _)| o),
             "clockOffsetAt": g.clock_offset.map(|(_, t)| rfc3339(t)),
+            "renewal": crate::renew::global().to_json(),
             "recentErrors": recent_errors_json(),
         })
     }

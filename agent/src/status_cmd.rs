@@ -105,8 +105,14 @@ pub fn request(socket: &Path, req: &Value) -> Result<Value, AdminError> {
 }
 
 fn talk(socket: &Path, req: &Value) -> Result<Value, String> {
+    talk_with(socket, req, SOCKET_TIMEOUT)
+}
+
+/// Send `req` and read the one-line answer, waiting at most `timeout` for it. `Err` when no
+/// daemon answers (an `{"error": …}` answer is returned as it is).
+pub fn talk_with(socket: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(SOCKET_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .and_then(|()| s.set_write_timeout(Some(SOCKET_TIMEOUT)))
         .map_err(|e| e.to_string())?;
     let mut line = req.to_string().into_bytes();
@@ -141,6 +147,14 @@ pub fn judge(v: &Value) -> (Vec<String>, Vec<String>) {
             "{} (more than {} s); certificate validity is judged with the control plane's time",
             crate::status::clock_offset_text(off),
             crate::status::MAX_CLOCK_OFFSET.as_secs()
+        ));
+    }
+    let r = &v["renewal"];
+    if r["state"] == json!("failing") {
+        warnings.push(format!(
+            "certificate renewal is failing ({} attempts; last: {}); the current certificate stays in use until it expires",
+            r["failures"],
+            r["lastError"].as_str().unwrap_or("-")
         ));
     }
     let conn = &v["connection"];
@@ -215,6 +229,23 @@ fn human(v: &Value) -> String {
         }
     }
     if v["running"] == json!(true) {
+        let r = &v["renewal"];
+        let mut line = format!("renewal:        {}", s(&r["state"]));
+        if let Some(t) = r["nextAttemptAt"].as_str() {
+            line += &format!(", next at {t}");
+        }
+        if let Some(t) = r["lastRenewedAt"].as_str() {
+            line += &format!(", last renewed {t}");
+        }
+        if r["state"] == json!("failing") {
+            line += &format!(
+                " ({} failures; last: {})",
+                r["failures"],
+                r["lastError"].as_str().unwrap_or("-")
+            );
+        }
+        o += &line;
+        o += "\n";
         let list = |x: &Value| -> Vec<String> {
             x.as_array()
                 .map(|a| {

@@ -152,6 +152,7 @@ async fn session_lifecycle() {
         identity: id,
         max_frame_bytes: 1 << 20,
         instruction_types: catalog.types(),
+        paths: cfg.paths.clone(),
     };
     let (ends_tx, mut ends) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -159,6 +160,7 @@ async fn session_lifecycle() {
             shutdown: shutdown_rx,
             reconnect: reconnect_rx,
             grace: Duration::from_secs(5),
+            renew: mpsc::channel(1).1,
         };
         loop {
             let rep = session::run(&params, &mut link, &mut ctl).await;
@@ -319,11 +321,13 @@ async fn unreachable_server_is_connect_failed() {
         identity: identity::load(&cfg).unwrap(),
         max_frame_bytes: 1 << 20,
         instruction_types: vec![],
+        paths: cfg.paths.clone(),
     };
     let mut ctl = Control {
         shutdown: shutdown_rx,
         reconnect: reconnect_rx,
         grace: Duration::from_secs(1),
+        renew: tokio::sync::mpsc::channel(1).1,
     };
     let rep = session::run(&params, &mut link, &mut ctl).await;
     match rep.end {

@@ -479,6 +479,28 @@ impl Agent {
             .unwrap_or_else(|| panic!("register printed no nodeId: {}", describe(&out)))
     }
 
+    /// `runos certificate status --json`, parsed.
+    pub fn certificate(&self) -> Value {
+        let out = self.cli(&["certificate", "status", "--json"], "");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("certificate status output: {e}: {}", describe(&out)))
+    }
+
+    /// The serial of the certificate on disk.
+    pub fn serial(&self) -> String {
+        self.certificate()["serial"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no serial in certificate status"))
+            .to_string()
+    }
+
+    /// `runos status --json`, parsed (whatever the exit code).
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"], "");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status output: {e}: {}", describe(&out)))
+    }
+
     /// The agent's log file.
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("agent.log")
@@ -563,8 +585,13 @@ pub struct Stack {
 impl Stack {
     /// Start a control plane, register an agent and wait until it is online.
     pub fn up(extra_agent: &str) -> Stack {
+        Stack::up_with(&[], extra_agent)
+    }
+
+    /// [`Stack::up`] with extra `serve` flags for the control plane.
+    pub fn up_with(serve_flags: &[&str], extra_agent: &str) -> Stack {
         let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+        let cp = ControlPlane::start(&tmp.path().join("cp"), serve_flags);
         let mut agent = Agent::new(&tmp.path().join("node"), &cp, extra_agent);
         let node = agent.register(&cp);
         agent.start();

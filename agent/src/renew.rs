@@ -1,0 +1,546 @@
+//! Online certificate renewal.
+//!
+//! When the certificate has used about two thirds of its lifetime (judged with the control
+//! plane's time, with ±5 % jitter per certificate so a fleet enrolled together does not renew
+//! together), the session generates a new P-256 key, sends `RENEW` with a CSR on the live mTLS
+//! stream and gets `RENEWED` (certificate + CA bundle). The new set is staged on disk
+//! ([`crate::credentials`]), proven by a probe session that uses it, and only then promoted;
+//! the session then reconnects with it at once. Instructions keep flowing: the dispatcher and
+//! the journal do not depend on the connection, and the control plane redelivers by tag.
+//!
+//! A failure (no answer, refusal, a probe that fails) keeps the current certificate, shows in
+//! `runos status`, and is retried with backoff. The current certificate stays in use until it
+//! expires.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use runos_protocol::control::{self, Renewed, types};
+use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
+use runos_transport::{FrameReader, FrameWriter};
+use serde_json::{Value, json};
+
+use crate::config::Paths;
+use crate::credentials::{self, CredentialSet};
+use crate::identity::{self, NodeIdentity};
+use crate::net;
+
+/// Bound on waiting for `RENEWED`.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a whole probe (connect, HELLO, WELCOME).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(25);
+/// Fraction of the lifetime after which a certificate is renewed.
+pub const RENEW_FRACTION: f64 = 2.0 / 3.0;
+/// Jitter of [`RENEW_FRACTION`], either way.
+pub const RENEW_JITTER: f64 = 0.05;
+/// Most CA certificates accepted in a bundle.
+pub const MAX_CA_BUNDLE: usize = 16;
+
+/// Why a renewal (or a probe) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewError {
+    /// The control plane could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// TLS failed: the control plane did not accept the certificate, or its certificate was
+    /// not trusted.
+    #[error("{0}")]
+    Tls(String),
+    /// The node is revoked.
+    #[error("the node is revoked: {0}")]
+    Revoked(String),
+    /// Any other failure.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after` (seconds), in ms since
+/// the epoch of the control plane's clock: at `fraction` of its lifetime.
+pub fn renew_at_ms(not_before: i64, not_after: i64, fraction: f64) -> i64 {
+    let life_ms = (not_after.saturating_sub(not_before)).max(0) as f64 * 1000.0;
+    not_before
+        .saturating_mul(1000)
+        .saturating_add((life_ms * fraction.clamp(0.0, 1.0)) as i64)
+}
+
+/// The fraction for a certificate: [`RENEW_FRACTION`] ± [`RENEW_JITTER`], fixed per serial so
+/// that reconnects do not move it.
+pub fn fraction_for(serial_hex: &str) -> f64 {
+    use sha2::{Digest as _, Sha256};
+    let h = Sha256::digest(serial_hex.as_bytes());
+    let x = f64::from(u16::from_be_bytes([h[0], h[1]])) / f64::from(u16::MAX); // 0..=1
+    RENEW_FRACTION + (x * 2.0 - 1.0) * RENEW_JITTER
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The backoff after `failures` failed renewals of a certificate with `lifetime_s`: 10 s
+/// doubling, capped at a tenth of the lifetime (at least 5 s, at most 1 h).
+pub fn retry_delay(failures: u32, lifetime_s: i64) -> Duration {
+    let cap = Duration::from_secs(u64::try_from(lifetime_s / 10).unwrap_or(0))
+        .clamp(Duration::from_secs(5), Duration::from_secs(3600));
+    let doublings = failures.saturating_sub(1).min(16);
+    Duration::from_secs(10)
+        .saturating_mul(1 << doublings)
+        .min(cap)
+}
+
+#[derive(Debug, Default)]
+struct State {
+    failures: u32,
+    retry_after: Option<Instant>,
+    last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
+    last_renewed_at: Option<SystemTime>,
+    next_at_ms: Option<i64>,
+    in_progress: bool,
+}
+
+/// Renewal state that outlives sessions: failures, backoff, and what `runos status` shows.
+#[derive(Debug, Default)]
+pub struct Renewer {
+    state: Mutex<State>,
+}
+
+impl Renewer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long from now until the certificate of `id` is due for renewal, given the clock
+    /// offset (server − node, ms). Zero when due (or overdue). Honours the failure backoff.
+    pub fn due_in(&self, id: &NodeIdentity, offset_ms: i64) -> Duration {
+        let at = renew_at_ms(id.not_before, id.not_after, fraction_for(&id.serial_hex));
+        let now_server = now_ms().saturating_add(offset_ms);
+        let mut wait = Duration::from_millis(u64::try_from(at - now_server).unwrap_or(0));
+        let mut g = self.lock();
+        if let Some(t) = g.retry_after {
+            wait = wait.max(t.saturating_duration_since(Instant::now()));
+        }
+        g.next_at_ms =
+            Some(now_server.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)));
+        wait
+    }
+
+    /// A renewal started.
+    pub fn started(&self) {
+        self.lock().in_progress = true;
+    }
+
+    /// A renewal succeeded.
+    pub fn succeeded(&self) {
+        let mut g = self.lock();
+        *g = State {
+            last_renewed_at: Some(SystemTime::now()),
+            ..State::default()
+        };
+    }
+
+    /// A renewal failed; the next attempt waits for the backoff.
+    pub fn failed(&self, error: &str, lifetime_s: i64) -> Duration {
+        let mut g = self.lock();
+        g.in_progress = false;
+        g.failures = g.failures.saturating_add(1);
+        let delay = retry_delay(g.failures, lifetime_s);
+        g.retry_after = Some(Instant::now() + delay);
+        g.last_error = Some(error.chars().take(300).collect());
+        g.last_error_at = Some(SystemTime::now());
+        delay
+    }
+
+    /// A renewal was interrupted (the session ended): not a failure of the control plane's.
+    pub fn interrupted(&self) {
+        self.lock().in_progress = false;
+    }
+
+    /// Consecutive failures so far.
+    pub fn failures(&self) -> u32 {
+        self.lock().failures
+    }
+
+    /// The renewal part of `runos status`.
+    pub fn to_json(&self) -> Value {
+        let g = self.lock();
+        json!({
+            "state": if g.in_progress { "renewing" } else if g.failures > 0 { "failing" } else { "ok" },
+            "failures": g.failures,
+            "lastError": g.last_error,
+            "lastErrorAt": g.last_error_at.map(crate::status::rfc3339),
+            "lastRenewedAt": g.last_renewed_at.map(crate::status::rfc3339),
+            "nextAttemptAt": g.next_at_ms.and_then(|ms| {
+                u64::try_from(ms).ok().map(|ms| crate::status::rfc3339(UNIX_EPOCH + Duration::from_millis(ms)))
+            }),
+        })
+    }
+}
+
+/// The process-wide renewal state (the daemon's sessions and the admin socket share it).
+pub fn global() -> &'static Renewer {
+    static R: std::sync::OnceLock<Renewer> = std::sync::OnceLock::new();
+    R.get_or_init(Renewer::default)
+}
+
+/// A new key and CSR for the node: (key PEM, CSR PEM, public key DER).
+pub fn new_request() -> Result<(String, String, Vec<u8>), RenewError> {
+    crate::register::key_and_csr(&crate::sysinfo::hostname())
+        .map_err(|e| RenewError::Failed(e.to_string()))
+}
+
+/// Check a `RENEWED` answer against the node id and the key we generated, and make the new
+/// credential set. The CA bundle must parse and hold 1 to [`MAX_CA_BUNDLE`] certificates.
+pub fn check_renewed(
+    r: &Renewed,
+    node_id: &str,
+    key_pem: String,
+    public_key_der: &[u8],
+) -> Result<CredentialSet, RenewError> {
+    let bad =
+        |m: String| RenewError::Failed(format!("the control plane's RENEWED is unusable: {m}"));
+    if r.certificate_pem.len() > control::MAX_PEM_LEN || r.ca_pem.len() > control::MAX_PEM_LEN {
+        return Err(bad("too large".into()));
+    }
+    let chain = runos_transport::pem::certificates(r.certificate_pem.as_bytes())
+        .map_err(|e| bad(format!("certificate: {e}")))?;
+    let cas = runos_transport::pem::certificates(r.ca_pem.as_bytes())
+        .map_err(|e| bad(format!("CA bundle: {e}")))?;
+    if cas.is_empty() || cas.len() > MAX_CA_BUNDLE {
+        return Err(bad(format!(
+            "the CA bundle holds {} certificates (1 to {MAX_CA_BUNDLE} expected)",
+            cas.len()
+        )));
+    }
+    let info = runos_transport::identity::cert_info(&chain[0]).map_err(|e| bad(e.to_string()))?;
+    if info.node_id.as_deref() != Some(node_id) {
+        return Err(bad("the certificate names another node".into()));
+    }
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
+        .map_err(|e| bad(e.to_string()))?;
+    if cert.public_key().subject_public_key.data.as_ref() != public_key_der {
+        return Err(bad(
+            "the certificate is not for the key just generated".into()
+        ));
+    }
+    Ok(CredentialSet {
+        key_pem,
+        cert_pem: r.certificate_pem.clone(),
+        ca_pem: r.ca_pem.clone(),
+    })
+}
+
+/// The identity a credential set gives, for `host:port`.
+pub fn identity_of(
+    set: &CredentialSet,
+    paths: &Paths,
+    host: &str,
+    port: u16,
+) -> Result<NodeIdentity, RenewError> {
+    identity::build(
+        host,
+        port,
+        [
+            (paths.key.as_path(), set.key_pem.as_bytes()),
+            (paths.certificate.as_path(), set.cert_pem.as_bytes()),
+            (paths.ca.as_path(), set.ca_pem.as_bytes()),
+        ],
+    )
+    .map_err(|e| RenewError::Failed(e.to_string()))
+}
+
+type Reader =
+    FrameReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+type Writer =
+    FrameWriter<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+
+/// A probe session: HELLO with `probe: true`, so the control plane sends no instructions and
+/// leaves the node's live session alone.
+#[derive(Debug)]
+pub struct Probe {
+    reader: Reader,
+    writer: Writer,
+    addr: String,
+}
+
+impl Probe {
+    /// Connect with `id` and complete HELLO/WELCOME.
+    pub async fn open(id: &NodeIdentity, max_frame: u32) -> Result<Probe, RenewError> {
+        let addr = net::addr(&id.host, id.port);
+        let work = async {
+            let tls = net::connect_tls(
+                &id.host,
+                id.port,
+                id.tls.clone(),
+                runos_protocol::ALPN_L2SEC,
+            )
+            .await
+            .map_err(|e| match e {
+                net::ConnectError::Unreachable { .. } => RenewError::Unreachable(e.to_string()),
+                net::ConnectError::Tls { .. } => RenewError::Tls(e.to_string()),
+            })?;
+            let (r, w) = tokio::io::split(tls);
+            let mut reader = FrameReader::new(r, max_frame);
+            let mut writer = FrameWriter::new(w, max_frame);
+            let tag = Tag::random();
+            let hello = crate::session::hello(id, Vec::new(), Vec::new(), true);
+            writer
+                .write(&Envelope::with_type(types::HELLO, tag, &hello))
+                .await
+                .map_err(|e| RenewError::Unreachable(format!("sending HELLO to {addr}: {e}")))?;
+            let first = match reader.read().await {
+                Ok(Some(env)) => env,
+                Ok(None) => {
+                    return Err(RenewError::Tls(format!(
+                        "{addr} closed the connection before WELCOME (is the certificate accepted?)"
+                    )));
+                }
+                // A refused client certificate shows up here in TLS 1.3, as an alert.
+                Err(e) => return Err(RenewError::Tls(format!("waiting for WELCOME: {e}"))),
+            };
+            match crate::session::handshake_answer(&first, tag) {
+                Ok(w) => {
+                    writer.set_max(w.max_frame_bytes);
+                    Ok(Probe {
+                        reader,
+                        writer,
+                        addr: addr.clone(),
+                    })
+                }
+                Err(crate::session::SessionEnd::Revoked(m)) => Err(RenewError::Revoked(m)),
+                Err(other) => Err(RenewError::Failed(format!("{other:?}"))),
+            }
+        };
+        tokio::time::timeout(PROBE_TIMEOUT, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RenewError::Unreachable(format!(
+                    "no WELCOME from {addr} within {} s",
+                    PROBE_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
+    /// Send `RENEW` and wait for its answer.
+    pub async fn renew(&mut self, csr_pem: String) -> Result<Renewed, RenewError> {
+        let tag = Tag::random();
+        self.writer
+            .write(&Envelope::with_type(
+                types::RENEW,
+                tag,
+                &control::Renew { csr_pem },
+            ))
+            .await
+            .map_err(|e| RenewError::Unreachable(format!("sending RENEW to {}: {e}", self.addr)))?;
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            let env = match tokio::time::timeout_at(deadline, self.reader.read()).await {
+                Err(_) => {
+                    return Err(RenewError::Failed(format!(
+                        "no answer to RENEW within {} s",
+                        ANSWER_TIMEOUT.as_secs()
+                    )));
+                }
+                Ok(Ok(Some(env))) => env,
+                Ok(Ok(None)) => {
+                    return Err(RenewError::Unreachable(format!(
+                        "{} closed the connection during the renewal",
+                        self.addr
+                    )));
+                }
+                Ok(Err(e)) => return Err(RenewError::Unreachable(e.to_string())),
+            };
+            if env.tag != tag {
+                // Not ours (a stray message on a probe session): ignore it.
+                continue;
+            }
+            return renew_answer(&env);
+        }
+    }
+
+    /// Close the session.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.writer.shutdown()).await;
+    }
+}
+
+/// Judge the answer to `RENEW` (same tag): `RENEWED` or `ERROR`.
+pub fn renew_answer(env: &Envelope) -> Result<Renewed, RenewError> {
+    if env.is(types::ERROR) {
+        let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
+            ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
+        });
+        return Err(match e.code {
+            ErrorCode::Revoked => RenewError::Revoked(e.message),
+            _ => RenewError::Failed(format!(
+                "the control plane refused the renewal ({}): {}",
+                e.code, e.message
+            )),
+        });
+    }
+    if !env.is(types::RENEWED) {
+        return Err(RenewError::Failed(format!(
+            "expected RENEWED, got {}",
+            env.kind
+        )));
+    }
+    env.payload()
+        .map_err(|_| RenewError::Failed("the RENEWED payload is malformed".into()))
+}
+
+/// What a successful renewal produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The new certificate's serial (hex).
+    pub serial_hex: String,
+    /// Its notAfter, seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl Outcome {
+    /// As JSON for `runos certificate renew --json`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "renewed": true,
+            "serial": self.serial_hex,
+            "notAfter": u64::try_from(self.not_after).ok().map(|s| crate::status::rfc3339(UNIX_EPOCH + Duration::from_secs(s))),
+        })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::fsutil::FsError> + Send + 'static,
+) -> Result<T, RenewError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| RenewError::Failed(e.to_string())),
+        Err(e) => Err(RenewError::Failed(format!("file task failed: {e}"))),
+    }
+}
+
+/// Stage `set`, prove it with a probe session to `host:port`, and promote it. On any failure
+/// the staged set is discarded and the current one stays. Returns the new certificate's facts.
+pub async fn switch_to(
+    set: CredentialSet,
+    paths: Paths,
+    host: String,
+    port: u16,
+    max_frame: u32,
+) -> Result<Outcome, RenewError> {
+    let id = identity_of(&set, &paths, &host, port)?;
+    // One switch at a time (the daemon's renewal, `certificate renew`, `register --force`).
+    let _switch = match credentials::switch_lock(&paths) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return Err(RenewError::Failed(
+                "another credential switch is in progress (renewal or re-registration); try again shortly".into(),
+            ));
+        }
+        Err(e) => return Err(RenewError::Failed(e.to_string())),
+    };
+    let p = paths.clone();
+    blocking(move || credentials::stage(&p, &set)).await?;
+    tracing::debug!(serial = %id.serial_hex, "new credentials staged; proving them");
+    let proven = match Probe::open(&id, max_frame).await {
+        Ok(probe) => {
+            probe.close().await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    let p = paths.clone();
+    match proven {
+        Ok(()) => {
+            tracing::debug!(serial = %id.serial_hex, "new credentials proven; promoting them");
+            blocking(move || credentials::promote(&p)).await?;
+            tracing::debug!(serial = %id.serial_hex, "new credentials promoted");
+            Ok(Outcome {
+                serial_hex: id.serial_hex,
+                not_after: id.not_after,
+            })
+        }
+        Err(e) => {
+            let _ = blocking(move || credentials::discard(&p)).await;
+            let why = |m: String| {
+                format!(
+                    "the new certificate could not be proven (the current one stays in use): {m}"
+                )
+            };
+            Err(match e {
+                RenewError::Revoked(m) => RenewError::Revoked(m),
+                RenewError::Unreachable(m) => RenewError::Unreachable(why(m)),
+                RenewError::Tls(m) => RenewError::Tls(why(m)),
+                RenewError::Failed(m) => RenewError::Failed(why(m)),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_at_two_thirds_with_bounded_jitter() {
+        assert_eq!(renew_at_ms(0, 90, RENEW_FRACTION), 60_000);
+        for s in ["01", "ff", "abcdef", "1234567890abcdef"] {
+            let f = fraction_for(s);
+            assert!((RENEW_FRACTION - RENEW_JITTER..=RENEW_FRACTION + RENEW_JITTER).contains(&f));
+            assert_eq!(f, fraction_for(s), "stable per serial");
+        }
+        // A broken certificate (notAfter before notBefore) is due at once, without overflow.
+        assert_eq!(renew_at_ms(100, 50, 0.5), 100_000);
+        assert!(renew_at_ms(i64::MAX / 1000, i64::MAX / 1000 + 10, 0.5) > 0);
+    }
+
+    #[test]
+    fn retry_backoff_is_capped_by_the_lifetime() {
+        let month = 30 * 86400;
+        assert_eq!(retry_delay(1, month), Duration::from_secs(10));
+        assert_eq!(retry_delay(2, month), Duration::from_secs(20));
+        assert_eq!(retry_delay(40, month), Duration::from_secs(3600));
+        // A minute-long certificate retries every few seconds.
+        assert_eq!(retry_delay(1, 90), Duration::from_secs(9));
+        assert_eq!(retry_delay(5, 60), Duration::from_secs(6));
+        assert_eq!(retry_delay(5, 0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn renewer_tracks_failures_and_success() {
+        let r = Renewer::default();
+        r.started();
+        assert_eq!(r.to_json()["state"], "renewing");
+        r.failed("no answer", 90);
+        assert_eq!(r.failures(), 1);
+        assert_eq!(r.to_json()["state"], "failing");
+        assert_eq!(r.to_json()["lastError"], "no answer");
+        r.succeeded();
+        assert_eq!(r.failures(), 0);
+        assert_eq!(r.to_json()["state"], "ok");
+        assert!(r.to_json()["lastRenewedAt"].is_string());
+    }
+
+    #[test]
+    fn answers_are_judged() {
+        let t = Tag::random();
+        let err = Envelope::with_type(
+            types::ERROR,
+            t,
+            &ErrorPayload::new(ErrorCode::Revoked, "gone"),
+        );
+        assert_eq!(
+            renew_answer(&err).unwrap_err(),
+            RenewError::Revoked("gone".into())
+        );
+        let busy = Envelope::with_type(
+            types::ERROR,
+            t,
+            &ErrorPayload::new(ErrorCode::Busy, "later"),
+        );
+        assert!(matches!(renew_answer(&busy), Err(RenewError::Failed(_))));
+        let other = Envelope::with_type(types::WELCOME, t, &serde_json::json!({}));
+        assert!(renew_answer(&other).is_err());
+    }
+}
