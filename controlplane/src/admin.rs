@@ -3,7 +3,9 @@
 //!
 //! Requests: `{"op":"token_create","ttlSecs":3600}`, `{"op":"nodes"}`,
 //! `{"op":"send","node":..,"type":..,"payload":{..}|"rawB64":..,"timeoutMs":..,"waitMs":..}`,
-//! `{"op":"reply","tag":..,"waitMs":..}`, `{"op":"revoke","node":..}`, `{"op":"ping"}`.
+//! `{"op":"reply","tag":..,"waitMs":..}`, `{"op":"revoke","node":..}`, `{"op":"ping"}`,
+//! `{"op":"ca_status","seenWithinSecs":..}`, `{"op":"ca_rotate"}`,
+//! `{"op":"ca_cutover","force":..,"seenWithinSecs":..}`.
 //! Responses: `{"ok":true,"result":..}` or `{"ok":false,"error":{"code","message","tag"?}}`.
 
 use std::path::Path;
@@ -75,6 +77,27 @@ pub enum Request {
         /// Node id, unique id prefix or hostname.
         node: String,
     },
+    /// The CA status.
+    CaStatus {
+        /// Window for the nodes that block a cutover, in seconds (default 30 days).
+        #[serde(default)]
+        seen_within_secs: Option<u64>,
+    },
+    /// Start a CA rotation.
+    CaRotate,
+    /// Finish a CA rotation.
+    CaCutover {
+        /// Cut over even though recently seen nodes hold only old certificates.
+        #[serde(default)]
+        force: bool,
+        /// Window for the nodes that block a cutover, in seconds (default 30 days).
+        #[serde(default)]
+        seen_within_secs: Option<u64>,
+    },
+}
+
+fn seen_within(secs: Option<u64>) -> Duration {
+    secs.map_or(crate::api::DEFAULT_SEEN_WITHIN, Duration::from_secs)
 }
 
 /// An error answer.
@@ -305,6 +328,23 @@ async fn handle(api: &Api, req: Request) -> Response {
         }
         Request::Revoke { node } => match api.revoke(&node) {
             Ok(id) => Response::ok(serde_json::json!({ "nodeId": id })),
+            Err(e) => Response::err(&e, None),
+        },
+        Request::CaStatus { seen_within_secs } => {
+            match api.ca_status(seen_within(seen_within_secs)) {
+                Ok(s) => Response::ok(s),
+                Err(e) => Response::err(&e, None),
+            }
+        }
+        Request::CaRotate => match api.ca_rotate().await {
+            Ok(c) => Response::ok(c),
+            Err(e) => Response::err(&e, None),
+        },
+        Request::CaCutover {
+            force,
+            seen_within_secs,
+        } => match api.ca_cutover(force, seen_within(seen_within_secs)).await {
+            Ok(c) => Response::ok(c),
             Err(e) => Response::err(&e, None),
         },
     }

@@ -1,5 +1,6 @@
 //! The operator operations, shared by the operator socket and in-process callers (tests, the
-//! demo): tokens, node listing, sending instructions, waiting for replies, revocation.
+//! demo): tokens, node listing, sending instructions, waiting for replies, revocation, and CA
+//! rotation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,97 @@ use crate::{Error, util};
 
 /// Longest token lifetime.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86400);
+/// Default window of `ca status`/`ca cutover`: nodes seen this recently block a cutover.
+pub const DEFAULT_SEEN_WITHIN: Duration = Duration::from_secs(30 * 86400);
+/// Longest window of `ca status`/`ca cutover` (longer ones are cut to this).
+pub const MAX_SEEN_WITHIN: Duration = Duration::from_secs(3650 * 86400);
+/// Most blocking nodes listed by `ca status` and `ca cutover` (the total is always given).
+pub const MAX_LISTED_BLOCKERS: u32 = 1000;
+/// Most blocking nodes named in the message of a refused cutover.
+const NAMED_IN_REFUSAL: usize = 20;
+
+/// A CA as `ca status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaInfo {
+    /// The pin: lowercase hex sha256 of the certificate's DER.
+    pub sha256: String,
+    /// The subject.
+    pub subject: String,
+    /// notBefore (RFC 3339).
+    pub not_before: String,
+    /// notAfter (RFC 3339).
+    pub not_after: String,
+    /// Unrevoked nodes holding an unrevoked, unexpired certificate issued by this CA.
+    pub nodes: u64,
+}
+
+/// A node that a cutover would lock out: seen recently, holding only (unexpired, unrevoked)
+/// certificates of the outgoing CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockingNode {
+    /// The node id.
+    pub id: String,
+    /// Its hostname.
+    pub hostname: String,
+    /// Last frame received (RFC 3339); none when it never connected since enrolment.
+    pub last_seen: Option<String>,
+    /// Expiry of its newest certificate from the outgoing CA (RFC 3339).
+    pub cert_expires_at: String,
+}
+
+/// `ca status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    /// `normal` (one CA) or `rotating` (an incoming CA, both trusted).
+    pub phase: String,
+    /// The active CA: it signs the server certificate, enrolment tokens carry its pin.
+    pub active: CaInfo,
+    /// The incoming CA during a rotation: it signs node certificates.
+    pub incoming: Option<CaInfo>,
+    /// When the rotation started (RFC 3339).
+    pub rotating_since: Option<String>,
+    /// The window used for `blocking`, in seconds.
+    pub seen_within_secs: u64,
+    /// How many nodes block a cutover (0 when not rotating).
+    pub blocking_total: u64,
+    /// The nodes that block a cutover, most recently seen first, at most
+    /// [`MAX_LISTED_BLOCKERS`].
+    pub blocking: Vec<BlockingNode>,
+    /// Warnings, such as an active CA that expires within a year.
+    pub warnings: Vec<String>,
+}
+
+/// The result of `ca rotate` and `ca cutover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaChange {
+    /// `rotate` or `cutover`.
+    pub action: String,
+    /// The pin of the CA a cutover retired.
+    pub retired_sha256: Option<String>,
+    /// Where its certificate is archived (its key is destroyed).
+    pub retired_file: Option<String>,
+    /// How many blocking nodes a forced cutover locked out.
+    pub forced_past_total: u64,
+    /// Those nodes (at most [`MAX_LISTED_BLOCKERS`]).
+    pub forced_past: Vec<BlockingNode>,
+    /// The status afterwards.
+    pub status: CaStatus,
+}
+
+pub(crate) fn describe_window(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 86400 && s % 86400 == 0 {
+        format!("{}d", s / 86400)
+    } else if s >= 3600 && s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{s}s")
+    }
+}
 
 /// A freshly created enrolment token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -308,6 +400,183 @@ impl Api {
     ) -> Result<ReplyInfo, Error> {
         let tag = self.send(req)?;
         self.wait_reply(&tag, timeout).await
+    }
+
+    /// The CA status. `seen_within`: nodes seen this recently that hold only certificates of
+    /// the active CA block a cutover (at most [`MAX_SEEN_WITHIN`]).
+    pub fn ca_status(&self, seen_within: Duration) -> Result<CaStatus, Error> {
+        let ca = self.shared.ca();
+        let seen_within = seen_within.min(MAX_SEEN_WITHIN);
+        let now = util::now_ms();
+        let holders = self.shared.db.cert_holders(now)?;
+        let count = |pin: &str| {
+            holders
+                .iter()
+                .find(|(p, _)| p == pin)
+                .map_or(0, |(_, n)| *n)
+        };
+        let info = |i: &crate::ca::CaCertInfo| CaInfo {
+            sha256: i.sha256.clone(),
+            subject: i.subject.clone(),
+            not_before: util::rfc3339_ms(i.not_before_ms),
+            not_after: util::rfc3339_ms(i.not_after_ms),
+            nodes: count(&i.sha256),
+        };
+        let (blocking_total, blocking) =
+            self.blockers(&ca, now, seen_within, MAX_LISTED_BLOCKERS)?;
+        let warnings = ca.active().expiry_warning(now).into_iter().collect();
+        Ok(CaStatus {
+            phase: if ca.incoming().is_some() {
+                "rotating"
+            } else {
+                "normal"
+            }
+            .into(),
+            active: info(ca.active()),
+            incoming: ca.incoming().map(info),
+            rotating_since: ca.incoming().map(|i| util::rfc3339_ms(i.created_ms())),
+            seen_within_secs: seen_within.as_secs(),
+            blocking_total,
+            blocking,
+            warnings,
+        })
+    }
+
+    /// The nodes a cutover of `ca` would lock out (none when it is not rotating).
+    fn blockers(
+        &self,
+        ca: &crate::ca::Ca,
+        now: i64,
+        seen_within: Duration,
+        limit: u32,
+    ) -> Result<(u64, Vec<BlockingNode>), Error> {
+        let Some(incoming) = ca.incoming() else {
+            return Ok((0, Vec::new()));
+        };
+        let since = now.saturating_sub(util::ms(seen_within));
+        let (total, rows) = self.shared.db.cutover_blockers(
+            &ca.active().sha256,
+            &incoming.sha256,
+            now,
+            since,
+            limit,
+        )?;
+        let nodes = rows
+            .into_iter()
+            .map(|r| BlockingNode {
+                id: r.id,
+                hostname: r.hostname,
+                last_seen: r.last_seen_at.map(util::rfc3339_ms),
+                cert_expires_at: util::rfc3339_ms(r.cert_not_after),
+            })
+            .collect();
+        Ok((total, nodes))
+    }
+
+    /// Start a CA rotation: create the incoming CA, trust it on L2Sec and issue new node
+    /// certificates (REGISTER, RENEW) with it; the bundle in REGISTERED and RENEWED holds both
+    /// CAs. The server certificate and the token pin stay with the active CA.
+    /// [`Error::CaPhase`] when a rotation is already in progress.
+    pub async fn ca_rotate(&self) -> Result<CaChange, Error> {
+        // The guard moves into the blocking task: it is held until the files and the CA in
+        // service agree, even if this future is dropped.
+        let op = self.shared.ca_ops.clone().lock_owned().await;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let _op = op;
+            let rotated = shared.ca().rotate(&shared.opts.data_dir)?;
+            shared.install_ca(rotated)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("CA rotation task: {e}")))??;
+        let status = self.ca_status(DEFAULT_SEEN_WITHIN)?;
+        tracing::warn!(
+            active_sha256 = %status.active.sha256,
+            incoming_sha256 = %status.incoming.as_ref().map(|i| i.sha256.as_str()).unwrap_or("-"),
+            "CA rotation started: node certificates are now issued by the incoming CA"
+        );
+        Ok(CaChange {
+            action: "rotate".into(),
+            retired_sha256: None,
+            retired_file: None,
+            forced_past_total: 0,
+            forced_past: Vec::new(),
+            status,
+        })
+    }
+
+    /// Finish a CA rotation: the incoming CA becomes the only one (server certificate, L2Sec
+    /// trust, bundle); the old CA's certificate is archived and its key destroyed. Refused with
+    /// [`Error::CutoverBlocked`] while nodes seen within `seen_within` hold only certificates
+    /// of the old CA, unless `force`; [`Error::CaPhase`] when no rotation is in progress. Live
+    /// sessions are kept.
+    pub async fn ca_cutover(&self, force: bool, seen_within: Duration) -> Result<CaChange, Error> {
+        let op = self.shared.ca_ops.clone().lock_owned().await;
+        let seen_within = seen_within.min(MAX_SEEN_WITHIN);
+        let ca = self.shared.ca();
+        if ca.incoming().is_none() {
+            return Err(Error::CaPhase(
+                "no CA rotation in progress; start one with `ca rotate`".into(),
+            ));
+        }
+        let (total, blocking) =
+            self.blockers(&ca, util::now_ms(), seen_within, MAX_LISTED_BLOCKERS)?;
+        if total > 0 && !force {
+            let mut named: Vec<String> = blocking
+                .iter()
+                .take(NAMED_IN_REFUSAL)
+                .map(|b| {
+                    format!(
+                        "{} ({}, last seen {})",
+                        b.id,
+                        b.hostname,
+                        b.last_seen.as_deref().unwrap_or("never")
+                    )
+                })
+                .collect();
+            let more = total.saturating_sub(named.len() as u64);
+            if more > 0 {
+                named.push(format!("and {more} more"));
+            }
+            return Err(Error::CutoverBlocked(format!(
+                "cutover refused: {total} node(s) seen within {} hold only certificates of the                  outgoing CA (sha256 {}) and would be locked out: {}. Wait until they renew                  (agents renew at two thirds of a certificate's lifetime), revoke them, or use                  --force",
+                describe_window(seen_within),
+                ca.ca_sha256(),
+                named.join(", ")
+            )));
+        }
+        let shared = self.shared.clone();
+        let retired = tokio::task::spawn_blocking(move || {
+            let _op = op;
+            let (new, retired) = shared
+                .ca()
+                .cutover(&shared.opts.data_dir, &shared.opts.hostnames)?;
+            shared.install_ca(new)?;
+            Ok::<_, Error>(retired)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("CA cutover task: {e}")))??;
+        let status = self.ca_status(seen_within)?;
+        if total > 0 {
+            tracing::warn!(
+                locked_out = total,
+                "forced CA cutover: nodes holding only certificates of the retired CA can no                  longer connect (unless their session is still open) and must be enrolled again"
+            );
+        }
+        tracing::warn!(
+            active_sha256 = %status.active.sha256,
+            retired_sha256 = %ca.ca_sha256(),
+            retired_file = %retired.display(),
+            "CA cutover done: the old CA is retired; enrolment tokens created before now pin it              and no longer work"
+        );
+        Ok(CaChange {
+            action: "cutover".into(),
+            retired_sha256: Some(ca.ca_sha256()),
+            retired_file: Some(retired.display().to_string()),
+            forced_past_total: total,
+            forced_past: blocking,
+            status,
+        })
     }
 
     /// Revoke a node: mark it and its certificates revoked and close its live session.

@@ -9,7 +9,7 @@ use tokio::net::UnixStream;
 
 use crate::Error;
 use crate::admin::{Request, Response};
-use crate::api::{NodeInfo, ReplyInfo, TokenInfo};
+use crate::api::{BlockingNode, CaChange, CaInfo, CaStatus, NodeInfo, ReplyInfo, TokenInfo};
 use crate::server::{ADMIN_SOCKET_FILE, Endpoints};
 
 /// Default data directory of `serve` and the operator commands.
@@ -32,6 +32,11 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 5;
     /// `serve`/`demo`: the data directory, database, CA or a listener failed.
     pub const STATE: u8 = 6;
+    /// `ca cutover`: refused because recently seen nodes hold only certificates of the
+    /// outgoing CA (they are listed; `--force` cuts over anyway).
+    pub const CUTOVER_BLOCKED: u8 = 7;
+    /// `ca rotate` while a rotation is in progress, or `ca cutover` without one.
+    pub const CA_PHASE: u8 = 8;
 }
 
 /// The exit-code table shown in `--help`.
@@ -45,7 +50,9 @@ Exit codes:
   4  send --wait, reply --wait: no final reply within --timeout; reply: no final reply yet
      (the instruction stays pending)
   5  the operator socket cannot be reached (is `serve` running?)
-  6  serve/demo: data directory, database, CA or listener failure";
+  6  serve/demo: data directory, database, CA or listener failure
+  7  ca cutover: refused, recently seen nodes hold only certificates of the outgoing CA
+  8  ca rotate: a rotation is already in progress; ca cutover: no rotation in progress";
 
 /// The exit code for an error.
 pub fn exit_code(e: &Error) -> u8 {
@@ -61,8 +68,12 @@ pub fn exit_code(e: &Error) -> u8 {
                 exit::UNKNOWN_NODE
             }
             "timeout" => exit::TIMEOUT,
+            "cutover_blocked" => exit::CUTOVER_BLOCKED,
+            "ca_phase" => exit::CA_PHASE,
             _ => exit::FAILURE,
         },
+        Error::CutoverBlocked(_) => exit::CUTOVER_BLOCKED,
+        Error::CaPhase(_) => exit::CA_PHASE,
         Error::Io { .. }
         | Error::Bind { .. }
         | Error::AdminSocketInUse(_)
@@ -336,6 +347,144 @@ pub async fn revoke(client: &Client, node: String) -> Result<u8, Error> {
     let v = client.request(&Request::Revoke { node }, SHORT).await?;
     let id = v.get("nodeId").and_then(|x| x.as_str()).unwrap_or("?");
     println!("revoked {id}");
+    Ok(exit::OK)
+}
+
+fn seen_within_secs(d: Duration) -> Option<u64> {
+    Some(d.as_secs().max(1))
+}
+
+fn print_ca(label: &str, ca: &CaInfo) {
+    println!("{label:<13} sha256 {}", ca.sha256);
+    println!(
+        "{:<13} {}; valid until {}; {} node(s) hold a current certificate from it",
+        "", ca.subject, ca.not_after, ca.nodes
+    );
+}
+
+fn print_blockers(total: u64, nodes: &[BlockingNode]) {
+    println!(
+        "  {:<36}  {:<20}  {:<20}  CERT EXPIRES",
+        "ID", "HOSTNAME", "LAST SEEN"
+    );
+    for n in nodes {
+        println!(
+            "  {:<36}  {:<20}  {:<20}  {}",
+            n.id,
+            n.hostname,
+            n.last_seen.as_deref().unwrap_or("never"),
+            n.cert_expires_at
+        );
+    }
+    let more = total.saturating_sub(nodes.len() as u64);
+    if more > 0 {
+        println!("  ... and {more} more");
+    }
+}
+
+fn print_status(s: &CaStatus) {
+    match &s.rotating_since {
+        Some(since) => println!("{:<13} rotating since {since}", "phase:"),
+        None => println!("{:<13} normal", "phase:"),
+    }
+    print_ca("active CA:", &s.active);
+    if let Some(i) = &s.incoming {
+        print_ca("incoming CA:", i);
+        let window = crate::api::describe_window(Duration::from_secs(s.seen_within_secs));
+        if s.blocking_total == 0 {
+            println!(
+                "{:<13} ready: no node seen within {window} holds only certificates of the                  active CA",
+                "cutover:"
+            );
+        } else {
+            println!(
+                "{:<13} blocked by {} node(s) seen within {window} that hold only certificates                  of the active CA:",
+                "cutover:", s.blocking_total
+            );
+            print_blockers(s.blocking_total, &s.blocking);
+        }
+    }
+    for w in &s.warnings {
+        eprintln!("WARNING: {w}");
+    }
+}
+
+/// `ca status`.
+pub async fn ca_status(client: &Client, seen_within: Duration, json: bool) -> Result<u8, Error> {
+    let v = client
+        .request(
+            &Request::CaStatus {
+                seen_within_secs: seen_within_secs(seen_within),
+            },
+            SHORT,
+        )
+        .await?;
+    let s: CaStatus = parse(v.clone())?;
+    if json {
+        print_json(&v, false);
+        for w in &s.warnings {
+            eprintln!("WARNING: {w}");
+        }
+    } else {
+        print_status(&s);
+    }
+    Ok(exit::OK)
+}
+
+/// `ca rotate`.
+pub async fn ca_rotate(client: &Client, json: bool) -> Result<u8, Error> {
+    let v = client.request(&Request::CaRotate, SHORT).await?;
+    let c: CaChange = parse(v.clone())?;
+    if json {
+        print_json(&v, false);
+        return Ok(exit::OK);
+    }
+    let incoming = c
+        .status
+        .incoming
+        .as_ref()
+        .map_or("?", |i| i.sha256.as_str());
+    println!("CA rotation started: incoming CA sha256 {incoming}");
+    eprintln!(
+        "New node certificates are issued by the incoming CA, and agents receive both CAs when          they enrol or renew. The server certificate and enrolment tokens stay with the active          CA (sha256 {}). Run `ca cutover` once every node has renewed: wait at least one node          certificate lifetime and check `ca status`.",
+        c.status.active.sha256
+    );
+    Ok(exit::OK)
+}
+
+/// `ca cutover`.
+pub async fn ca_cutover(
+    client: &Client,
+    force: bool,
+    seen_within: Duration,
+    json: bool,
+) -> Result<u8, Error> {
+    let req = Request::CaCutover {
+        force,
+        seen_within_secs: seen_within_secs(seen_within),
+    };
+    let v = client.request(&req, SHORT).await?;
+    let c: CaChange = parse(v.clone())?;
+    if json {
+        print_json(&v, false);
+        return Ok(exit::OK);
+    }
+    println!(
+        "CA cutover done: active CA sha256 {}",
+        c.status.active.sha256
+    );
+    eprintln!(
+        "The old CA (sha256 {}) is archived in {} and its key destroyed. Enrolment tokens          created before the cutover pin the old CA and no longer work: create new ones.",
+        c.retired_sha256.as_deref().unwrap_or("?"),
+        c.retired_file.as_deref().unwrap_or("?")
+    );
+    if c.forced_past_total > 0 {
+        eprintln!(
+            "WARNING: --force: {} node(s) hold only certificates of the old CA and can no              longer connect; enrol them again:",
+            c.forced_past_total
+        );
+        print_blockers(c.forced_past_total, &c.forced_past);
+    }
     Ok(exit::OK)
 }
 

@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use crate::Error;
 
 /// The schema version this binary writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tokens (
@@ -61,6 +61,14 @@ CREATE TABLE instructions (
 CREATE INDEX instructions_node_pending ON instructions(node_id, replied_at, created_at);
 ";
 
+/// v1 → v2: the CA that issued each certificate (pin, lowercase hex sha256). Rows from v1 are
+/// NULL until [`Db::attribute_certs`] assigns them the active CA at start-up (a v1 control
+/// plane had one CA and could not rotate it).
+const MIGRATE_V2: &str = "
+ALTER TABLE certificates ADD COLUMN ca_sha256 TEXT;
+CREATE INDEX certificates_ca ON certificates(ca_sha256, not_after);
+";
+
 /// Why a token could not be consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TokenProblem {
@@ -85,6 +93,18 @@ pub(crate) struct NewCert<'a> {
     pub serial_hex: &'a str,
     pub not_before_ms: i64,
     pub not_after_ms: i64,
+    /// The pin of the issuing CA.
+    pub ca_sha256: &'a str,
+}
+
+/// A node that would be locked out by a CA cutover.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockerRow {
+    pub id: String,
+    pub hostname: String,
+    pub last_seen_at: Option<i64>,
+    /// The latest expiry of its unrevoked certificates from the outgoing CA.
+    pub cert_not_after: i64,
 }
 
 /// A node row with derived facts.
@@ -150,11 +170,19 @@ impl Db {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            if v == 0 {
-                tx.execute_batch(SCHEMA_V1)?;
+            if v < SCHEMA_VERSION {
+                if v < 1 {
+                    tx.execute_batch(SCHEMA_V1)?;
+                }
+                if v < 2 {
+                    tx.execute_batch(MIGRATE_V2)?;
+                }
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
             }
             tx.commit()?;
+            if (1..SCHEMA_VERSION).contains(&v) {
+                tracing::info!(from = v, to = SCHEMA_VERSION, "database schema migrated");
+            }
             Ok(v)
         })
         .and_then(|v| {
@@ -276,13 +304,14 @@ impl Db {
                 ],
             )?;
             tx.execute(
-                "INSERT INTO certificates (serial_hex, node_id, not_before, not_after) \
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO certificates (serial_hex, node_id, not_before, not_after, ca_sha256) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     cert.serial_hex,
                     node.id,
                     cert.not_before_ms,
-                    cert.not_after_ms
+                    cert.not_after_ms,
+                    cert.ca_sha256
                 ],
             )?;
             tx.commit()?;
@@ -455,17 +484,91 @@ impl Db {
                 return Ok(false);
             }
             tx.execute(
-                "INSERT INTO certificates (serial_hex, node_id, not_before, not_after) \
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO certificates (serial_hex, node_id, not_before, not_after, ca_sha256) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     cert.serial_hex,
                     node_id,
                     cert.not_before_ms,
-                    cert.not_after_ms
+                    cert.not_after_ms,
+                    cert.ca_sha256
                 ],
             )?;
             tx.commit()?;
             Ok(true)
+        })
+    }
+
+    /// Assign certificates recorded without an issuer (by schema v1) to `ca_sha256`, the CA
+    /// that is active when the database is first opened by this version. The number assigned.
+    pub fn attribute_certs(&self, ca_sha256: &str) -> Result<usize, Error> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE certificates SET ca_sha256 = ?1 WHERE ca_sha256 IS NULL",
+                params![ca_sha256],
+            )
+        })
+    }
+
+    /// For each CA: how many unrevoked nodes hold an unrevoked certificate from it that is
+    /// valid at `now`.
+    pub fn cert_holders(&self, now: i64) -> Result<Vec<(String, u64)>, Error> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT c.ca_sha256, COUNT(DISTINCT c.node_id) FROM certificates c \
+                 JOIN nodes n ON n.id = c.node_id \
+                 WHERE c.revoked_at IS NULL AND n.revoked_at IS NULL AND c.not_after > ?1 \
+                 AND c.ca_sha256 IS NOT NULL GROUP BY c.ca_sha256",
+            )?;
+            let rows = st
+                .query_map(params![now], |r| {
+                    let n: i64 = r.get(1)?;
+                    Ok((r.get(0)?, u64::try_from(n).unwrap_or(0)))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// The unrevoked nodes seen (or, never seen, enrolled) at or after `seen_since` that hold
+    /// an unrevoked certificate from `old_ca` valid at `now` and none from `new_ca`: a cutover
+    /// to `new_ca` would lock them out. The total, and at most `limit` of them, most recently
+    /// seen first.
+    pub fn cutover_blockers(
+        &self,
+        old_ca: &str,
+        new_ca: &str,
+        now: i64,
+        seen_since: i64,
+        limit: u32,
+    ) -> Result<(u64, Vec<BlockerRow>), Error> {
+        const FROM: &str = "FROM nodes n JOIN certificates c ON c.node_id = n.id \
+             WHERE n.revoked_at IS NULL AND c.revoked_at IS NULL AND c.not_after > ?3 \
+             AND c.ca_sha256 = ?1 AND COALESCE(n.last_seen_at, n.registered_at) >= ?4 \
+             AND NOT EXISTS (SELECT 1 FROM certificates c2 WHERE c2.node_id = n.id \
+                 AND c2.revoked_at IS NULL AND c2.not_after > ?3 AND c2.ca_sha256 = ?2)";
+        self.with(|c| {
+            let total: i64 = c.query_row(
+                &format!("SELECT COUNT(DISTINCT n.id) {FROM}"),
+                params![old_ca, new_ca, now, seen_since],
+                |r| r.get(0),
+            )?;
+            let mut st = c.prepare(&format!(
+                "SELECT n.id, n.hostname, n.last_seen_at, MAX(c.not_after) {FROM} \
+                 GROUP BY n.id ORDER BY COALESCE(n.last_seen_at, n.registered_at) DESC, n.id \
+                 LIMIT ?5"
+            ))?;
+            let rows = st
+                .query_map(params![old_ca, new_ca, now, seen_since, limit], |r| {
+                    Ok(BlockerRow {
+                        id: r.get(0)?,
+                        hostname: r.get(1)?,
+                        last_seen_at: r.get(2)?,
+                        cert_not_after: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((u64::try_from(total).unwrap_or(0), rows))
         })
     }
 
@@ -687,6 +790,7 @@ mod tests {
             serial_hex: s,
             not_before_ms: 0,
             not_after_ms: 1,
+            ca_sha256: "a",
         };
         assert_eq!(
             db.enrol("good", 2000, &node("n1"), &cert("01")).unwrap(),
@@ -722,6 +826,7 @@ mod tests {
                 serial_hex: "01",
                 not_before_ms: 0,
                 not_after_ms: 1,
+                ca_sha256: "a",
             },
         )
         .unwrap()
@@ -747,6 +852,138 @@ mod tests {
         assert!(db.pending("n1").unwrap().is_empty());
         assert_eq!(db.pending_instruction("n1", &env.tag).unwrap(), None);
         assert_eq!(db.reply(&Tag::random()).unwrap().map(|_| ()), None);
+    }
+
+    /// A database as schema v1 wrote it: one node with one certificate.
+    fn v1_database(p: &Path) {
+        let c = Connection::open(p).unwrap();
+        c.execute_batch(SCHEMA_V1).unwrap();
+        c.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO tokens (hash, created_at, expires_at, used_at, used_by_node)
+                 VALUES ('t', 1, 2, 1, 'n1');
+             INSERT INTO nodes (id, machine_id, hostname, os, agent_version, registered_at)
+                 VALUES ('n1', 'm', 'old-host', 'linux', '0.1.0', 1);
+             INSERT INTO certificates (serial_hex, node_id, not_before, not_after)
+                 VALUES ('01', 'n1', 0, 9000000000000);",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_v1_database_is_migrated_and_its_certificates_attributed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        v1_database(&p);
+        let db = Db::open(&p).unwrap();
+        let v: i64 = db
+            .with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        // Existing rows are kept; their issuer is unknown until attributed.
+        assert_eq!(db.cert("01").unwrap().unwrap().node_id, "n1");
+        assert!(db.cert_holders(1000).unwrap().is_empty());
+        assert_eq!(db.attribute_certs("aaaa").unwrap(), 1);
+        assert_eq!(db.attribute_certs("bbbb").unwrap(), 0, "attributed once");
+        assert_eq!(
+            db.cert_holders(1000).unwrap(),
+            vec![("aaaa".to_string(), 1)]
+        );
+        // New rows carry their issuer.
+        db.renew_cert(
+            "n1",
+            "01",
+            &NewCert {
+                serial_hex: "02",
+                not_before_ms: 0,
+                not_after_ms: 9_000_000_000_000,
+                ca_sha256: "bbbb",
+            },
+        )
+        .unwrap();
+        let mut holders = db.cert_holders(1000).unwrap();
+        holders.sort();
+        assert_eq!(
+            holders,
+            vec![("aaaa".to_string(), 1), ("bbbb".to_string(), 1)]
+        );
+        drop(db);
+        // Opening again is a no-op.
+        let db = Db::open(&p).unwrap();
+        assert_eq!(db.cert_holders(1000).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn cutover_blockers_are_recent_unrevoked_nodes_with_only_old_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        let day = 86_400_000;
+        let now = 100 * day;
+        let enrol = |id: &str, ca: &str, not_after: i64| {
+            let token = format!("t-{id}");
+            db.insert_token(&token, 0, i64::MAX).unwrap();
+            db.enrol(
+                &token,
+                now - 50 * day,
+                &node(id),
+                &NewCert {
+                    serial_hex: &format!("s-{id}"),
+                    not_before_ms: 0,
+                    not_after_ms: not_after,
+                    ca_sha256: ca,
+                },
+            )
+            .unwrap()
+            .unwrap();
+        };
+        // Seen recently, only an old certificate: blocks.
+        enrol("blocker", "old", now + day);
+        db.touch("blocker", now - day).unwrap();
+        // Renewed to the new CA: does not block.
+        enrol("renewed", "old", now + day);
+        db.touch("renewed", now - day).unwrap();
+        db.renew_cert(
+            "renewed",
+            "s-renewed",
+            &NewCert {
+                serial_hex: "s-renewed-2",
+                not_before_ms: 0,
+                not_after_ms: now + 30 * day,
+                ca_sha256: "new",
+            },
+        )
+        .unwrap();
+        // Not seen for long: does not block.
+        enrol("stale", "old", now + day);
+        db.touch("stale", now - 40 * day).unwrap();
+        // Its old certificate has expired: cannot connect anyway.
+        enrol("expired", "old", now - 1);
+        db.touch("expired", now - day).unwrap();
+        // Revoked.
+        enrol("revoked", "old", now + day);
+        db.touch("revoked", now - day).unwrap();
+        db.revoke("revoked", now).unwrap();
+
+        let (total, rows) = db
+            .cutover_blockers("old", "new", now, now - 30 * day, 10)
+            .unwrap();
+        assert_eq!(total, 1);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id, "blocker");
+        assert_eq!(rows[0].cert_not_after, now + day);
+        assert_eq!(rows[0].last_seen_at, Some(now - day));
+        // A longer window includes the stale node; the limit bounds the list, not the total.
+        let (total, rows) = db
+            .cutover_blockers("old", "new", now, now - 45 * day, 1)
+            .unwrap();
+        assert_eq!((total, rows.len()), (2, 1));
+        assert_eq!(rows[0].id, "blocker", "most recently seen first");
+        let mut holders = db.cert_holders(now).unwrap();
+        holders.sort();
+        assert_eq!(
+            holders,
+            vec![("new".to_string(), 1), ("old".to_string(), 3)]
+        );
     }
 
     #[test]

@@ -61,6 +61,14 @@ pub enum Error {
     /// The certificate authority's files are unusable, or signing failed.
     #[error("certificate authority: {0}")]
     Ca(String),
+    /// The CA is not in the phase the operation needs: `ca rotate` while a rotation is in
+    /// progress, `ca cutover` without one.
+    #[error("{0}")]
+    CaPhase(String),
+    /// `ca cutover` would lock out recently seen nodes that hold only certificates of the
+    /// outgoing CA.
+    #[error("{0}")]
+    CutoverBlocked(String),
     /// A TLS configuration could not be built.
     #[error("TLS configuration: {0}")]
     Tls(#[from] runos_transport::tls::TlsConfigError),
@@ -111,6 +119,8 @@ impl Error {
             Error::Timeout => "timeout",
             Error::BadRequest(_) => "bad_request",
             Error::ShuttingDown => "shutting_down",
+            Error::CaPhase(_) => "ca_phase",
+            Error::CutoverBlocked(_) => "cutover_blocked",
             Error::AdminUnreachable { .. } => "unreachable",
             Error::AdminProtocol(_) => "admin_protocol",
             Error::Remote { .. } => "remote",

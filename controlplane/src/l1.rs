@@ -22,12 +22,7 @@ const MAX_CONNECTIONS: usize = 128;
 /// Upper bound of one whole enrolment connection.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 
-pub(crate) async fn run(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    shared: Arc<Shared>,
-) {
-    let acceptor = TlsAcceptor::from(tls);
+pub(crate) async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
     let mut conns = listen::accept_loop(
         listener,
@@ -35,7 +30,8 @@ pub(crate) async fn run(
         MAX_CONNECTIONS,
         shutdown,
         |stream, peer| {
-            let acceptor = acceptor.clone();
+            // The current TLS configuration: a CA cutover replaces it for later connections.
+            let acceptor = TlsAcceptor::from(shared.l1_tls());
             let shared = shared.clone();
             async move {
                 if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, acceptor, &shared))
@@ -158,10 +154,9 @@ fn register(shared: &Shared, env: &Envelope) -> Result<Envelope, Error> {
         return Ok(token_error(tag, p, &req.hostname));
     }
     let node_id = uuid::Uuid::new_v4().hyphenated().to_string();
-    let issued = match shared
-        .ca()
-        .sign_csr(&req.csr_pem, &node_id, shared.opts.cert_validity)?
-    {
+    // One snapshot: the bundle sent is the one of the CA that signs.
+    let ca = shared.ca();
+    let issued = match ca.sign_csr(&req.csr_pem, &node_id, shared.opts.cert_validity)? {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(hostname = %req.hostname, error = %e, "enrolment refused: bad CSR");
@@ -179,6 +174,7 @@ fn register(shared: &Shared, env: &Envelope) -> Result<Envelope, Error> {
         serial_hex: &issued.serial_hex,
         not_before_ms: issued.not_before_ms,
         not_after_ms: issued.not_after_ms,
+        ca_sha256: &issued.ca_sha256,
     };
     if let Err(p) = shared.db.enrol(&hash, now, &node, &cert)? {
         return Ok(token_error(tag, p, &req.hostname));
@@ -196,7 +192,7 @@ fn register(shared: &Shared, env: &Envelope) -> Result<Envelope, Error> {
         &Registered {
             node_id,
             certificate_pem: issued.pem,
-            ca_pem: shared.ca().bundle_pem(),
+            ca_pem: ca.bundle_pem(),
         },
     ))
 }

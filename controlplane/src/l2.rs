@@ -158,19 +158,16 @@ impl Sessions {
     }
 }
 
-pub(crate) async fn run(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    shared: Arc<Shared>,
-) {
-    let acceptor = TlsAcceptor::from(tls);
+pub(crate) async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
     let mut conns = listen::accept_loop(
         listener,
         "L2Sec",
         MAX_CONNECTIONS,
         shutdown,
-        |stream, _peer| handle(stream, acceptor.clone(), shared.clone()),
+        // The current TLS configuration (server certificate, trusted client CAs): a CA rotation
+        // replaces it for later connections; live sessions keep theirs.
+        |stream, _peer| handle(stream, TlsAcceptor::from(shared.l2_tls()), shared.clone()),
     )
     .await;
     // Sessions see the shutdown signal themselves; give them a moment to close cleanly.
@@ -832,6 +829,7 @@ impl Session {
             serial_hex: &issued.serial_hex,
             not_before_ms: issued.not_before_ms,
             not_after_ms: issued.not_after_ms,
+            ca_sha256: &issued.ca_sha256,
         };
         match self.shared.db.renew_cert(&self.node, &self.serial, &cert) {
             Ok(true) => {}
@@ -854,6 +852,7 @@ impl Session {
             session = %self.session_id,
             old_serial = %self.serial,
             serial = %issued.serial_hex,
+            ca_sha256 = %issued.ca_sha256,
             expires = %util::rfc3339_ms(issued.not_after_ms),
             "certificate renewed"
         );

@@ -121,6 +121,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The certificate authority: status, rotation with overlap, cutover.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Revoke a node: its session is closed at once and later sessions are refused.
     Revoke {
         #[command(flatten)]
@@ -155,9 +160,51 @@ enum TokenCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Show the active CA, the incoming one during a rotation, how many nodes hold a current
+    /// certificate from each, and the nodes that block a cutover.
+    Status {
+        #[command(flatten)]
+        loc: Locator,
+        /// Nodes seen (or enrolled) this recently count as blocking a cutover.
+        #[arg(long, value_parser = duration, default_value = "30d")]
+        seen_within: Duration,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a rotation: create an incoming CA; both are trusted, new node certificates are
+    /// issued by the incoming one, agents receive both when they enrol or renew.
+    Rotate {
+        #[command(flatten)]
+        loc: Locator,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish a rotation: the incoming CA becomes the only one (server certificate, trust);
+    /// the old CA is archived and its key destroyed. Refused (exit 7) while nodes seen within
+    /// --seen-within hold only certificates of the old CA, unless --force.
+    Cutover {
+        #[command(flatten)]
+        loc: Locator,
+        /// Cut over even though the listed nodes would be locked out.
+        #[arg(long)]
+        force: bool,
+        /// Nodes seen (or enrolled) this recently count as blocking.
+        #[arg(long, value_parser = duration, default_value = "30d")]
+        seen_within: Duration,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Data directory (created 0700): state.db, ca.pem, ca.key, server.pem, endpoints.json.
+    /// Data directory (created 0700): state.db, ca.pem, ca.key (and ca-next.* during a CA
+    /// rotation), server.pem, endpoints.json.
     #[arg(long, env = "RUNOS_CP_DATA_DIR", default_value = cli::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// L1Sec (enrolment) listen address.
@@ -329,6 +376,20 @@ async fn run(command: Command) -> Result<u8, Error> {
             .await
         }
         Command::Revoke { loc, node } => cli::revoke(&loc.client(), node).await,
+        Command::Ca { command } => match command {
+            CaCommand::Status {
+                loc,
+                seen_within,
+                json,
+            } => cli::ca_status(&loc.client(), seen_within, json).await,
+            CaCommand::Rotate { loc, json } => cli::ca_rotate(&loc.client(), json).await,
+            CaCommand::Cutover {
+                loc,
+                force,
+                seen_within,
+                json,
+            } => cli::ca_cutover(&loc.client(), force, seen_within, json).await,
+        },
         Command::Demo { agent_bin, keep } => demo::run(demo::DemoOptions { agent_bin, keep }).await,
     }
 }

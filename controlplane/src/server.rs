@@ -132,12 +132,49 @@ impl Endpoints {
     }
 }
 
+/// The TLS configurations of the listeners, built from one [`Ca`].
+#[derive(Debug, Clone)]
+pub(crate) struct TlsConfigs {
+    /// L1Sec: the server certificate, no client authentication.
+    pub l1: Arc<rustls::ServerConfig>,
+    /// L2Sec: the server certificate, client certificates from the trusted CAs.
+    pub l2: Arc<rustls::ServerConfig>,
+}
+
+impl TlsConfigs {
+    /// The configurations for `ca`: its server certificate, and on L2Sec client certificates
+    /// from its trusted CAs (both during a rotation). New configurations come with new (empty)
+    /// session caches, so no TLS session from before a cutover can be resumed past the check
+    /// of the client certificate.
+    pub fn new(ca: &Ca) -> Result<TlsConfigs, Error> {
+        let (chain, key) = ca.server_identity()?;
+        let l1 = runos_transport::tls::server_config(
+            chain.clone(),
+            key.clone_key(),
+            runos_protocol::ALPN_L1SEC,
+            None,
+        )?;
+        let l2 = runos_transport::tls::server_config(
+            chain,
+            key,
+            runos_protocol::ALPN_L2SEC,
+            Some(&ca.client_roots()),
+        )?;
+        Ok(TlsConfigs { l1, l2 })
+    }
+}
+
 /// State shared by every task of a running control plane.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub db: Db,
     /// The CA; replaced as a whole when it is rotated.
     pub ca: std::sync::RwLock<Arc<Ca>>,
+    /// The listeners' TLS configurations; replaced with the CA. Each connection takes the
+    /// current one when it is accepted.
+    pub tls: std::sync::RwLock<TlsConfigs>,
+    /// Serialises CA rotations and cutovers.
+    pub ca_ops: Arc<tokio::sync::Mutex<()>>,
     pub opts: ServeOptions,
     pub sessions: Sessions,
     /// Bumped whenever a final reply is stored; waiters re-check the database.
@@ -150,6 +187,34 @@ impl Shared {
     /// The current CA (a snapshot: a rotation replaces it as a whole).
     pub fn ca(&self) -> Arc<Ca> {
         self.ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The current L1Sec TLS configuration.
+    pub fn l1_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .l1
+            .clone()
+    }
+
+    /// The current L2Sec TLS configuration.
+    pub fn l2_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .l2
+            .clone()
+    }
+
+    /// Put `ca` in service: first the TLS configurations (so that L2Sec trusts a new CA before
+    /// any certificate of it is handed out), then the CA itself. Live connections keep the
+    /// configuration they were accepted with.
+    pub fn install_ca(&self, ca: Ca) -> Result<(), Error> {
+        let tls = TlsConfigs::new(&ca)?;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ca);
+        Ok(())
     }
 }
 
@@ -189,7 +254,8 @@ impl ServerHandle {
     pub fn ca_pem(&self) -> String {
         self.shared.ca().bundle_pem()
     }
-    /// The CA pin: lowercase hex sha256 of the CA certificate's DER.
+    /// The CA pin: lowercase hex sha256 of the active CA certificate's DER (the CA that signs
+    /// the server certificate; enrolment tokens carry it).
     pub fn ca_sha256(&self) -> String {
         self.shared.ca().ca_sha256()
     }
@@ -236,19 +302,16 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
     let db = Db::open(&opts.data_dir.join(DB_FILE))?;
     // The write lock makes concurrent first starts on one data directory create one CA.
     let ca = db.with_write_lock(|| Ca::load_or_create(&opts.data_dir, &opts.hostnames))?;
-    let (chain, key) = ca.server_identity()?;
-    let l1_tls = runos_transport::tls::server_config(
-        chain.clone(),
-        key.clone_key(),
-        runos_protocol::ALPN_L1SEC,
-        None,
-    )?;
-    let l2_tls = runos_transport::tls::server_config(
-        chain,
-        key,
-        runos_protocol::ALPN_L2SEC,
-        Some(std::slice::from_ref(ca.ca_der())),
-    )?;
+    // Certificates recorded by schema v1 were all issued by the one CA it knew: the active one.
+    let attributed = db.attribute_certs(&ca.ca_sha256())?;
+    if attributed > 0 {
+        tracing::info!(
+            certificates = attributed,
+            ca_sha256 = %ca.ca_sha256(),
+            "recorded the issuing CA of certificates from an older database"
+        );
+    }
+    let tls = TlsConfigs::new(&ca)?;
 
     let (l1_listener, l1_addr) = bind_tcp(&opts.l1_addr).await?;
     let (l2_listener, l2_addr) = bind_tcp(&opts.l2_addr).await?;
@@ -263,6 +326,8 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
     let shared = Arc::new(Shared {
         db,
         ca: std::sync::RwLock::new(Arc::new(ca)),
+        tls: std::sync::RwLock::new(tls),
+        ca_ops: Arc::new(tokio::sync::Mutex::new(())),
         opts: opts.clone(),
         sessions: Sessions::default(),
         replies,
@@ -270,8 +335,8 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
     });
 
     let tasks = vec![
-        tokio::spawn(l1::run(l1_listener, l1_tls, shared.clone())),
-        tokio::spawn(l2::run(l2_listener, l2_tls, shared.clone())),
+        tokio::spawn(l1::run(l1_listener, shared.clone())),
+        tokio::spawn(l2::run(l2_listener, shared.clone())),
         tokio::spawn(admin::run(admin_listener, shared.clone())),
     ];
 
@@ -299,6 +364,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         l2 = %l2_addr,
         admin = %endpoints.admin_socket,
         ca_sha256 = %handle.ca_sha256(),
+        incoming_ca_sha256 = handle.shared.ca().incoming().map(|i| i.sha256.as_str()).unwrap_or("-"),
         "control plane listening"
     );
     Ok(handle)

@@ -36,11 +36,32 @@ pub async fn start_with(f: impl FnOnce(&mut ServeOptions)) -> Cp {
 }
 
 impl Cp {
+    /// The active CA (the first of the bundle): it signs the server certificate.
     pub fn ca_der(&self) -> CertificateDer<'static> {
         runos_transport::pem::certificates(self.server.ca_pem().as_bytes())
             .unwrap()
             .remove(0)
     }
+
+    /// Stop the control plane and start it again on the same data directory (new ports).
+    pub async fn restart(self) -> Cp {
+        let data = self.server.data_dir().to_path_buf();
+        self.server.shutdown().await;
+        let server = serve(ServeOptions::ephemeral(data)).await.unwrap();
+        Cp {
+            dir: self.dir,
+            server,
+        }
+    }
+}
+
+/// The pins of the certificates in a PEM bundle, in order.
+pub fn pins(bundle_pem: &str) -> Vec<String> {
+    runos_transport::pem::certificates(bundle_pem.as_bytes())
+        .unwrap()
+        .iter()
+        .map(|c| runos_transport::pem::der_sha256(c))
+        .collect()
 }
 
 pub fn csr() -> (KeyPair, String) {
@@ -155,12 +176,18 @@ pub async fn l2_tls(
     cp: &Cp,
     identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 ) -> Result<TlsStream<TcpStream>, String> {
-    let cfg = runos_transport::tls::client_config(
-        &[cp.ca_der()],
-        runos_protocol::ALPN_L2SEC,
-        Some(identity),
-    )
-    .unwrap();
+    l2_tls_trusting(cp, &[cp.ca_der()], identity).await
+}
+
+/// The TLS stream of an L2Sec connection whose client trusts only `roots`.
+pub async fn l2_tls_trusting(
+    cp: &Cp,
+    roots: &[CertificateDer<'static>],
+    identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> Result<TlsStream<TcpStream>, String> {
+    let cfg =
+        runos_transport::tls::client_config(roots, runos_protocol::ALPN_L2SEC, Some(identity))
+            .unwrap();
     let tcp = TcpStream::connect(cp.server.l2_addr())
         .await
         .map_err(|e| e.to_string())?;
@@ -225,7 +252,22 @@ impl Conn {
 
 /// Connect and complete the handshake; the WELCOME.
 pub async fn session(cp: &Cp, node: &Node) -> (Conn, control::Welcome) {
-    let mut c = l2_connect(cp, node.identity()).await.unwrap();
+    session_trusting(cp, &[cp.ca_der()], node).await
+}
+
+/// Connect trusting only `roots` for the server certificate and complete the handshake; the
+/// WELCOME.
+pub async fn session_trusting(
+    cp: &Cp,
+    roots: &[CertificateDer<'static>],
+    node: &Node,
+) -> (Conn, control::Welcome) {
+    let tls = l2_tls_trusting(cp, roots, node.identity()).await.unwrap();
+    let (r, w) = tokio::io::split(tls);
+    let mut c = Conn {
+        reader: FrameReader::new(r, 16 * 1024 * 1024),
+        writer: FrameWriter::new(w, 16 * 1024 * 1024),
+    };
     let hello = hello_env(&node.id, runos_protocol::PROTOCOL_VERSION);
     c.send(&hello).await;
     let w = c.next().await.unwrap().expect("WELCOME");
