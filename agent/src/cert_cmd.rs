@@ -205,7 +205,12 @@ async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, Stri
 }
 
 /// Run `runos certificate renew`: through the daemon when it answers, else directly.
-pub fn renew(cfg: &Config, json_out: bool, rt: &tokio::runtime::Runtime) -> Exit {
+pub fn renew(
+    cfg: &Config,
+    config_path: &Path,
+    json_out: bool,
+    rt: &tokio::runtime::Runtime,
+) -> Exit {
     let socket = crate::admin::socket_path(&cfg.paths.run_dir);
     let wait = crate::admin::RENEW_WAIT + std::time::Duration::from_secs(5);
     // Directly only when no agent listens at all: an agent that stops answering midway may
@@ -229,10 +234,11 @@ pub fn renew(cfg: &Config, json_out: bool, rt: &tokio::runtime::Runtime) -> Exit
         };
         (r, "agent")
     } else {
-        (
-            rt.block_on(renew_direct(cfg)).map(|o| o.to_json()),
-            "direct",
-        )
+        let r = rt.block_on(renew_direct(cfg)).map(|o| o.to_json());
+        if r.is_ok() {
+            crate::renew::follow_ca_logged(config_path);
+        }
+        (r, "direct")
     };
     match result {
         Ok(mut v) => {

@@ -286,7 +286,7 @@ pub fn run(cli: Cli) -> Exit {
                         cli.log_level.unwrap_or(cfg.log.level).as_str(),
                         config::LogFormat::Text,
                     );
-                    crate::cert_cmd::renew(&cfg, json, &rt)
+                    crate::cert_cmd::renew(&cfg, &cli.config, json, &rt)
                 }
                 Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
             }

@@ -89,6 +89,7 @@ pub async fn run(
 
     // Signals: handled in one task for the life of the daemon.
     let reconnect_sig = reconnect_tx.clone();
+    let config_file = config_path.clone();
     tokio::spawn(async move {
         let reconnect_tx = reconnect_sig;
         loop {
@@ -187,7 +188,16 @@ pub async fn run(
                         drain_disconnected(&mut link, ctl.grace).await;
                         break;
                     }
-                    SessionEnd::Reconnect | SessionEnd::Renewed => {
+                    SessionEnd::Renewed => {
+                        let path = config_file.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            crate::renew::follow_ca_logged(&path)
+                        })
+                        .await;
+                        backoff.reset();
+                        continue;
+                    }
+                    SessionEnd::Reconnect => {
                         backoff.reset();
                         continue;
                     }

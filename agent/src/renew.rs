@@ -478,6 +478,54 @@ pub async fn switch_to(
     }
 }
 
+/// After a renewal: keep the L1Sec trust (`paths.l1_ca` and `server.l1_ca_sha256`, used by a
+/// later `register --force`) in step with a CA rotation. When the pinned L1Sec CA is no longer
+/// in the L2Sec bundle the control plane just sent over mTLS, and that bundle holds exactly one
+/// CA (the control plane has cut over), that CA becomes the L1Sec CA and its digest the pin.
+/// During the overlap (two CAs) nothing changes. Returns the new pin when it changed.
+pub fn follow_ca(config_path: &std::path::Path) -> Result<Option<String>, String> {
+    let (cfg, _) = crate::config::load(config_path).map_err(|e| e.to_string())?;
+    let Some(pin) = cfg.server.l1_ca_sha256.clone() else {
+        return Ok(None);
+    };
+    let Some(host) = cfg.server.host.clone() else {
+        return Ok(None);
+    };
+    let bundle = crate::fsutil::read_capped(&cfg.paths.ca, identity::MAX_PEM_FILE)
+        .map_err(|e| format!("{}: {e}", cfg.paths.ca.display()))?;
+    let cas = runos_transport::pem::certificates(&bundle).map_err(|e| e.to_string())?;
+    let digests: Vec<String> = cas
+        .iter()
+        .map(|c| runos_transport::pem::der_sha256(c))
+        .collect();
+    if digests.contains(&pin) || cas.len() != 1 {
+        return Ok(None);
+    }
+    crate::fsutil::write_atomic(&cfg.paths.l1_ca, &bundle, crate::fsutil::Mode::Exact(0o644))
+        .map_err(|e| e.to_string())?;
+    crate::config::update_server(
+        config_path,
+        &host,
+        cfg.server.l1_port,
+        cfg.server.l2_port,
+        Some(&digests[0]),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Some(digests[0].clone()))
+}
+
+/// [`follow_ca`], logging its outcome.
+pub fn follow_ca_logged(config_path: &std::path::Path) {
+    match follow_ca(config_path) {
+        Ok(Some(pin)) => tracing::info!(
+            ca_sha256 = %pin,
+            "the control plane's CA changed (rotation cut over): the L1Sec CA and pin follow it"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot update the L1Sec CA after a CA rotation: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -403,3 +403,72 @@ fn a_skewed_clock_is_detected_and_reported() {
     let c = agent.certificate();
     assert_eq!(c["judgedBy"], "server", "{c}");
 }
+
+fn ca_status(cp: &ControlPlane) -> Value {
+    let out = cp.cli(&["ca", "status", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn bundle_len(a: &Agent) -> usize {
+    std::fs::read_to_string(a.dir.join("etc/ca.pem"))
+        .unwrap()
+        .matches("BEGIN CERTIFICATE")
+        .count()
+}
+
+/// CA rotation with overlap, with the real agent. After `ca rotate` the agent's renewal brings
+/// it the bundle [A, B] and a certificate from B; a cutover is refused while the node holds
+/// only A's certificates, and allowed once it renewed. After the cutover the node still
+/// connects (the server certificate is now B's), and its next renewal leaves it trusting B
+/// alone, with its L1Sec pin following B.
+#[test]
+fn ca_rotation_with_overlap_keeps_the_node_connected() {
+    let mut s = Stack::up("");
+    let a = ca_status(&s.cp)["active"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.cp.cli(&["ca", "rotate", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let b = ca_status(&s.cp)["incoming"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(a, b);
+    let out = s.cp.cli(&["ca", "cutover", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the node holds only A's certificate: {}",
+        describe(&out)
+    );
+
+    let out = s.agent.cli(&["certificate", "renew", "--json"], "");
+    assert!(out.status.success(), "{}\n{}", describe(&out), s.logs());
+    assert_eq!(bundle_len(&s.agent), 2, "the overlap bundle holds A and B");
+    round_trip(&s.cp, &s.node, &s.agent);
+
+    let out = s.cp.cli(&["ca", "cutover", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(ca_status(&s.cp)["active"]["sha256"], json!(b));
+    // The live session survives the cutover; a new one verifies B's server certificate.
+    round_trip(&s.cp, &s.node, &s.agent);
+    s.agent.stop();
+    s.agent.start();
+    round_trip(&s.cp, &s.node, &s.agent);
+
+    let out = s.agent.cli(&["certificate", "renew", "--json"], "");
+    assert!(out.status.success(), "{}\n{}", describe(&out), s.logs());
+    assert_eq!(
+        bundle_len(&s.agent),
+        1,
+        "after the cutover only B is trusted"
+    );
+    wait_until(DEADLINE, "the L1Sec pin to follow B", || {
+        std::fs::read_to_string(&s.agent.config)
+            .unwrap()
+            .contains(&b)
+    });
+    round_trip(&s.cp, &s.node, &s.agent);
+}
