@@ -80,6 +80,17 @@ pub(crate) fn sanitize(text: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The agent keeps a root for its lifetime and verifies from a blocking task.
+    #[test]
+    fn public_types_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::TrustedRoot>();
+        check::<super::Policy>();
+        check::<super::Verified>();
+        check::<super::AttestError>();
+        check::<super::RootError>();
+    }
+
     #[test]
     fn sanitize_escapes_and_bounds() {
         assert_eq!(super::sanitize("a\u{1b}[2Jb\n", 100), "a\\u{1b}[2Jb\\n");
