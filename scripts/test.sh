@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # System packages the tests use. Installed only when missing, and only as root (CI is root).
-packages=(ca-certificates gcc libc6-dev pkg-config procps iproute2 faketime)
+packages=(ca-certificates gcc libc6-dev pkg-config procps iproute2 faketime shellcheck curl)
 if [ "${RUNOS_SKIP_INSTALL:-0}" != 1 ]; then
   missing=()
   for p in "${packages[@]}"; do
@@ -30,6 +30,13 @@ fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "shellcheck"
+if command -v shellcheck >/dev/null; then
+  shellcheck -s sh installer/install.sh
+else
+  echo "warning: shellcheck is not installed; skipping (run as root to install it)" >&2
+fi
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
