@@ -67,6 +67,57 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify an artifact's checksum and build-provenance attestation exactly as the updater
+    /// does (exit 0 verified, 2 usage, 10 verification failed).
+    ///
+    /// Computes FILE's sha256, checks it against --checksums when given, then verifies the
+    /// Sigstore bundle offline: signed by the workflow --workflow of --repo at --version's tag
+    /// (or --ref), issued by GitHub Actions, on a GitHub-hosted runner, logged in Rekor, with
+    /// exactly one subject named --asset whose sha256 is FILE's. Prints what was verified
+    /// (identity, issuer, repository, ref, commit, runner, log index, time) or what failed.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Verify(VerifyArgs),
+    /// Download, verify and install another runos release, then restart into it with a health
+    /// gate and automatic rollback (exit 0 updated or nothing to do; see the codes below).
+    ///
+    /// Downloads `<release_base>/download/<vX.Y.Z>/` `nodeagent-linux-<arch>`, `checksums.txt`
+    /// and the attestation bundle, verifies them as `runos verify` does, installs the binary
+    /// side by side in `<install_dir>/<vX.Y.Z>/runos` and swaps `bin_link` atomically. When the
+    /// agent daemon runs, launches the restart hand-off and waits for the health gate: the new
+    /// agent must report the new version and be connected within `update.health_timeout_secs`,
+    /// else the link is swapped back, the old agent restarted and the version refused for
+    /// automatic updates. Any failure before the swap leaves the running binary and the link
+    /// untouched.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Update {
+        /// The release to install, exactly `vX.Y.Z` (default: the version the control plane
+        /// advertises, asked from the running agent).
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+        /// Allow a version older than the running one or the highest ever installed.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Install and swap the link, but do not restart the agent (no health gate).
+        #[arg(long)]
+        no_restart: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: the update hand-off (restart, health gate, rollback), launched by the agent
+    /// or `runos update` outside the agent's cgroup.
+    #[command(hide = true)]
+    UpdateFinish {
+        /// The version that was running.
+        #[arg(long, value_name = "V")]
+        from: String,
+        /// The version installed.
+        #[arg(long, value_name = "V")]
+        to: String,
+        /// The previous binary (`bin_link`'s target before the swap).
+        #[arg(long, value_name = "PATH")]
+        previous: String,
+    },
     /// Inspect the node certificate.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Certificate(CertificateCommand),
@@ -89,6 +140,45 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `runos verify` arguments.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("ref_source").required(true).args(["version", "git_ref"]))]
+pub struct VerifyArgs {
+    /// The artifact to verify (a release binary, any attested file).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Its Sigstore bundle (`<asset>.sigstore.json`, or `gh attestation download` output).
+    #[arg(long, value_name = "FILE")]
+    pub bundle: PathBuf,
+    /// The repository that must have built it, `owner/name` (default: `update.repo`,
+    /// `runos-dev/runos`).
+    #[arg(long, value_name = "OWNER/REPO")]
+    pub repo: Option<String>,
+    /// The workflow that must have signed it (default: `update.workflow`,
+    /// `.github/workflows/release.yml`).
+    #[arg(long, value_name = "PATH")]
+    pub workflow: Option<String>,
+    /// The release tag it must come from (`vX.Y.Z`; the ref is `refs/tags/vX.Y.Z`).
+    #[arg(long, value_name = "V")]
+    pub version: Option<String>,
+    /// The git ref it must come from (instead of --version), e.g. `refs/heads/main`.
+    #[arg(long = "ref", value_name = "REF")]
+    pub git_ref: Option<String>,
+    /// The attested subject name (default: FILE's file name).
+    #[arg(long, value_name = "NAME")]
+    pub asset: Option<String>,
+    /// A Sigstore trusted_root.json (default: `update.trusted_root`, else the public-good root
+    /// built in).
+    #[arg(long, value_name = "FILE")]
+    pub trusted_root: Option<PathBuf>,
+    /// A checksums.txt that must list the asset with FILE's sha256.
+    #[arg(long, value_name = "FILE")]
+    pub checksums: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `runos certificate` subcommands.
@@ -200,12 +290,12 @@ pub fn run(cli: Cli) -> Exit {
             if json {
                 println!(
                     "{}",
-                    json!({"agentVersion": crate::AGENT_VERSION, "protocolVersion": runos_protocol::PROTOCOL_VERSION})
+                    json!({"agentVersion": crate::agent_version(), "protocolVersion": runos_protocol::PROTOCOL_VERSION})
                 );
             } else {
                 println!(
                     "runos {} (protocol {})",
-                    crate::AGENT_VERSION,
+                    crate::agent_version(),
                     runos_protocol::PROTOCOL_VERSION
                 );
             }
@@ -289,6 +379,72 @@ pub fn run(cli: Cli) -> Exit {
                     crate::cert_cmd::renew(&cfg, &cli.config, json, &rt)
                 }
                 Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+            }
+        }
+        Command::Verify(a) => match config::load(&cli.config) {
+            Ok((cfg, _)) => crate::update::commands::verify_cmd(
+                &cfg,
+                &crate::update::commands::VerifyOptions {
+                    file: a.file,
+                    bundle: a.bundle,
+                    repo: a.repo,
+                    workflow: a.workflow,
+                    version: a.version,
+                    git_ref: a.git_ref,
+                    asset: a.asset,
+                    trusted_root: a.trusted_root,
+                    checksums: a.checksums,
+                    json: a.json,
+                },
+            ),
+            Err(e) => report_error(a.json, Exit::NotRegistered, &e.to_string()),
+        },
+        Command::Update {
+            version,
+            allow_downgrade,
+            no_restart,
+            json,
+        } => match config::load(&cli.config) {
+            Ok((cfg, _)) => {
+                logging::init(
+                    cli.log_level.unwrap_or(LogLevel::Warn).as_str(),
+                    config::LogFormat::Text,
+                );
+                crate::update::commands::update_cmd(
+                    &cfg,
+                    &cli.config,
+                    &crate::update::commands::UpdateOptions {
+                        version,
+                        allow_downgrade,
+                        no_restart,
+                        json,
+                    },
+                    &rt,
+                )
+            }
+            Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+        },
+        Command::UpdateFinish { from, to, previous } => {
+            let cfg = match config::load(&cli.config) {
+                Ok((c, _)) => c,
+                Err(e) => return report_error(false, Exit::NotRegistered, &e.to_string()),
+            };
+            logging::init(
+                cli.log_level.unwrap_or(cfg.log.level).as_str(),
+                cfg.log.format,
+            );
+            let parsed = (
+                crate::update::version::Version::parse_tag(&from),
+                crate::update::version::Version::parse_tag(&to),
+                crate::update::handoff::previous_path(&previous),
+            );
+            match parsed {
+                (Ok(from), Ok(to), Ok(previous)) => {
+                    crate::update::handoff::finish(&cfg, from, to, &previous, rt.handle())
+                }
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    report_error(false, Exit::Usage, &e)
+                }
             }
         }
         Command::Journal { tag, limit, json } => match config::load(&cli.config) {

@@ -83,6 +83,8 @@ pub struct RawConfig {
     pub log: RawLog,
     /// `[agent]`
     pub agent: RawAgent,
+    /// `[update]`
+    pub update: RawUpdate,
 }
 
 /// `[server]` as written.
@@ -230,6 +232,124 @@ impl Default for RawAgent {
     }
 }
 
+/// `[update]` as written (docs/update.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpdate {
+    /// The GitHub repository releases come from and are attested by (`owner/name`).
+    pub repo: String,
+    /// The workflow that must have attested a release.
+    pub workflow: String,
+    /// A Sigstore `trusted_root.json`; default: the public-good root compiled in.
+    pub trusted_root: Option<PathBuf>,
+    /// Where releases are downloaded from (`<release_base>/download/<vX.Y.Z>/<asset>`);
+    /// default `https://github.com/<repo>/releases`. https only.
+    pub release_base: Option<String>,
+    /// A PEM CA bundle that replaces the compiled-in web roots for release downloads (a mirror).
+    pub release_ca_file: Option<PathBuf>,
+    /// Versions are installed side by side in `<install_dir>/<vX.Y.Z>/runos`.
+    pub install_dir: PathBuf,
+    /// The symlink the service runs (`ExecStart=`), swapped atomically.
+    pub bin_link: PathBuf,
+    /// Largest binary downloaded.
+    pub max_download_bytes: u64,
+    /// TCP connect and TLS handshake bound.
+    pub connect_timeout_secs: u64,
+    /// Bound on one whole download (each file).
+    pub download_timeout_secs: u64,
+    /// How long the restarted agent has to report the new version and connect.
+    pub health_timeout_secs: u64,
+    /// The hand-off command (argv) that restarts the service from outside the agent's cgroup.
+    /// `{runos}` (the running binary), `{config}`, `{from}`, `{to}`, `{previous}` (the
+    /// previous binary) and `{ts}` are replaced in each argument.
+    pub restart_command: Vec<String>,
+    /// The command (argv) `runos update-finish` runs to restart the service.
+    pub service_restart_command: Vec<String>,
+    /// Install the control plane's advertised version on its own.
+    pub auto: bool,
+}
+
+/// The repository releases come from unless `[update] repo` says otherwise.
+pub const DEFAULT_UPDATE_REPO: &str = "runos-dev/runos";
+
+impl Default for RawUpdate {
+    fn default() -> Self {
+        RawUpdate {
+            repo: DEFAULT_UPDATE_REPO.into(),
+            workflow: runos_attest::DEFAULT_WORKFLOW.into(),
+            trusted_root: None,
+            release_base: None,
+            release_ca_file: None,
+            install_dir: "/usr/local/lib/runos".into(),
+            bin_link: "/usr/local/bin/runos".into(),
+            max_download_bytes: 256 * 1024 * 1024,
+            connect_timeout_secs: 10,
+            download_timeout_secs: 600,
+            health_timeout_secs: 120,
+            restart_command: [
+                "systemd-run",
+                "--unit=runos-update-{ts}",
+                "--collect",
+                "--quiet",
+                "--",
+                "{runos}",
+                "--config",
+                "{config}",
+                "update-finish",
+                "--from",
+                "{from}",
+                "--to",
+                "{to}",
+                "--previous",
+                "{previous}",
+            ]
+            .map(String::from)
+            .to_vec(),
+            service_restart_command: ["systemctl", "restart", "runos.service"]
+                .map(String::from)
+                .to_vec(),
+            auto: false,
+        }
+    }
+}
+
+/// Validated `[update]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateSettings {
+    /// `owner/name`.
+    pub repo: String,
+    /// Workflow path.
+    pub workflow: String,
+    /// Trusted root file, or `None` for the compiled-in public-good root.
+    pub trusted_root: Option<PathBuf>,
+    /// Release base URL (https, no trailing slash).
+    pub release_base: String,
+    /// CA bundle for downloads, replacing the compiled-in roots.
+    pub release_ca_file: Option<PathBuf>,
+    /// Install directory.
+    pub install_dir: PathBuf,
+    /// The swapped symlink.
+    pub bin_link: PathBuf,
+    /// Download cap.
+    pub max_download_bytes: u64,
+    /// Connect bound.
+    #[serde(serialize_with = "ser_secs")]
+    pub connect_timeout: Duration,
+    /// Whole-download bound.
+    #[serde(serialize_with = "ser_secs")]
+    pub download_timeout: Duration,
+    /// Health gate bound.
+    #[serde(serialize_with = "ser_secs")]
+    pub health_timeout: Duration,
+    /// Hand-off argv (templated).
+    pub restart_command: Vec<String>,
+    /// Service restart argv.
+    pub service_restart_command: Vec<String>,
+    /// Automatic updates on.
+    pub auto: bool,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -242,6 +362,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Daemon limits and timings.
     pub agent: AgentSettings,
+    /// Self-update.
+    pub update: UpdateSettings,
 }
 
 /// Validated `[server]`.
@@ -432,6 +554,7 @@ impl RawConfig {
             3_600_000,
         )?;
         range("agent.stable_after_secs", a.stable_after_secs, 1, 86_400)?;
+        let update = self.update.validate(path)?;
 
         Ok(Config {
             server: ServerConfig {
@@ -455,6 +578,134 @@ impl RawConfig {
                 stable_after: Duration::from_secs(a.stable_after_secs),
                 journal_fsync: a.journal_fsync,
             },
+            update,
+        })
+    }
+}
+
+impl RawUpdate {
+    fn validate(&self, path: &Path) -> Result<UpdateSettings, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        // The policy constructor is the one check of repository and workflow syntax.
+        runos_attest::Policy::new(&self.repo, &self.workflow, "refs/tags/v0.0.0", "runos")
+            .map_err(|e| match e {
+                runos_attest::PolicyError::Workflow(_) => invalid("update.workflow", e.to_string()),
+                _ => invalid("update.repo", e.to_string()),
+            })?;
+        let release_base = match &self.release_base {
+            None => format!("https://github.com/{}/releases", self.repo),
+            Some(b) => {
+                let b = b.trim_end_matches('/');
+                let rest = b.strip_prefix("https://").ok_or_else(|| {
+                    invalid(
+                        "update.release_base",
+                        format!("must be an https:// URL, got {b:?}"),
+                    )
+                })?;
+                if rest.is_empty()
+                    || b.len() > 2048
+                    || b.chars().any(|c| c.is_whitespace() || c.is_control())
+                    || rest.contains(['?', '#'])
+                {
+                    return Err(invalid(
+                        "update.release_base",
+                        "must be an https:// URL without spaces, query or fragment".into(),
+                    ));
+                }
+                b.to_string()
+            }
+        };
+        let abs = |key: &'static str, p: &PathBuf| -> Result<PathBuf, ConfigError> {
+            if p.is_absolute() {
+                Ok(p.clone())
+            } else {
+                Err(invalid(
+                    key,
+                    format!(
+                        "must be an absolute path, got {:?}",
+                        p.display().to_string()
+                    ),
+                ))
+            }
+        };
+        let range = |key: &'static str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                Err(invalid(
+                    key,
+                    format!("must be between {lo} and {hi}, got {v}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "update.max_download_bytes",
+            self.max_download_bytes,
+            1024 * 1024,
+            4 * 1024 * 1024 * 1024,
+        )?;
+        range(
+            "update.connect_timeout_secs",
+            self.connect_timeout_secs,
+            1,
+            300,
+        )?;
+        range(
+            "update.download_timeout_secs",
+            self.download_timeout_secs,
+            1,
+            86_400,
+        )?;
+        range(
+            "update.health_timeout_secs",
+            self.health_timeout_secs,
+            1,
+            3600,
+        )?;
+        let argv = |key: &'static str, v: &Vec<String>| -> Result<Vec<String>, ConfigError> {
+            if v.is_empty()
+                || v.len() > 64
+                || v.iter().any(|a| a.contains('\0') || a.len() > 4096)
+                || v[0].is_empty()
+            {
+                Err(invalid(
+                    key,
+                    "must be an argv array of 1 to 64 non-empty strings without NUL".into(),
+                ))
+            } else {
+                Ok(v.clone())
+            }
+        };
+        Ok(UpdateSettings {
+            repo: self.repo.clone(),
+            workflow: self.workflow.clone(),
+            trusted_root: self
+                .trusted_root
+                .as_ref()
+                .map(|p| abs("update.trusted_root", p))
+                .transpose()?,
+            release_base,
+            release_ca_file: self
+                .release_ca_file
+                .as_ref()
+                .map(|p| abs("update.release_ca_file", p))
+                .transpose()?,
+            install_dir: abs("update.install_dir", &self.install_dir)?,
+            bin_link: abs("update.bin_link", &self.bin_link)?,
+            max_download_bytes: self.max_download_bytes,
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs),
+            download_timeout: Duration::from_secs(self.download_timeout_secs),
+            health_timeout: Duration::from_secs(self.health_timeout_secs),
+            restart_command: argv("update.restart_command", &self.restart_command)?,
+            service_restart_command: argv(
+                "update.service_restart_command",
+                &self.service_restart_command,
+            )?,
+            auto: self.auto,
         })
     }
 }
@@ -681,6 +932,57 @@ journal_fsync = false
             let e = parse_validate(toml).unwrap_err();
             assert_eq!(e.key(), Some(key), "{toml}: {e}");
             assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn update_section() {
+        let c = parse_validate("").unwrap();
+        assert_eq!(c.update.repo, "runos-dev/runos");
+        assert_eq!(c.update.workflow, ".github/workflows/release.yml");
+        assert_eq!(
+            c.update.release_base,
+            "https://github.com/runos-dev/runos/releases"
+        );
+        assert_eq!(c.update.install_dir, PathBuf::from("/usr/local/lib/runos"));
+        assert_eq!(c.update.bin_link, PathBuf::from("/usr/local/bin/runos"));
+        assert_eq!(c.update.max_download_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.update.health_timeout, Duration::from_secs(120));
+        assert!(!c.update.auto);
+        let c = parse_validate(
+            "[update]\nrepo = \"me/fork\"\nrelease_base = \"https://mirror.example/r/\"\nauto = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.update.release_base, "https://mirror.example/r");
+        assert!(c.update.auto);
+        for (toml, key) in [
+            ("[update]\nrepo = \"nope\"\n", "update.repo"),
+            ("[update]\nworkflow = \"release.yml\"\n", "update.workflow"),
+            (
+                "[update]\nrelease_base = \"http://x\"\n",
+                "update.release_base",
+            ),
+            (
+                "[update]\nrelease_base = \"https://x y\"\n",
+                "update.release_base",
+            ),
+            ("[update]\ninstall_dir = \"lib\"\n", "update.install_dir"),
+            (
+                "[update]\ntrusted_root = \"root.json\"\n",
+                "update.trusted_root",
+            ),
+            (
+                "[update]\nmax_download_bytes = 5\n",
+                "update.max_download_bytes",
+            ),
+            (
+                "[update]\nhealth_timeout_secs = 0\n",
+                "update.health_timeout_secs",
+            ),
+            ("[update]\nrestart_command = []\n", "update.restart_command"),
+        ] {
+            let e = parse_validate(toml).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{toml}: {e}");
         }
     }
 

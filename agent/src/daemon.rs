@@ -143,7 +143,7 @@ pub async fn run(
             reconnect: Some(reconnect_tx.clone()),
         },
     );
-    tracing::info!(version = crate::AGENT_VERSION, types = ?catalog.types(), "agent started");
+    tracing::info!(version = crate::agent_version(), types = ?catalog.types(), "agent started");
     notify::ready();
 
     let mut backoff = Backoff::new(cfg.agent.reconnect_initial, cfg.agent.reconnect_max);

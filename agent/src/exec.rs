@@ -17,7 +17,7 @@ use crate::{process, sysinfo};
 pub async fn node_status(ctx: ExecCtx, _req: GetNodeStatus) -> Result<NodeStatus, ErrorPayload> {
     Ok(NodeStatus {
         node_is_ready: false,
-        agent_version: crate::AGENT_VERSION.to_string(),
+        agent_version: crate::agent_version().to_string(),
         agent_uptime_secs: ctx.agent_started.elapsed().as_secs(),
         system_uptime_secs: sysinfo::system_uptime_secs(),
         hostname: sysinfo::hostname(),

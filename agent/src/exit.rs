@@ -29,6 +29,20 @@ pub enum Exit {
     /// `runos status`, `runos journal`: the agent daemon is not running (no answer on the admin
     /// socket).
     NotRunning = 9,
+    /// `runos verify`, `runos update`: the artifact failed verification (checksum or
+    /// attestation); nothing was installed.
+    VerifyFailed = 10,
+    /// `runos update`: a release file could not be downloaded (network, HTTP status, size cap,
+    /// truncated); nothing was installed.
+    DownloadFailed = 11,
+    /// `runos update`: refused by policy (a downgrade without `--allow-downgrade`, a version
+    /// refused after a failed health gate, no target version known).
+    UpdateRefused = 12,
+    /// `runos update`: the verified release could not be installed (disk full, permissions,
+    /// `bin_link` not a symlink, the new binary does not run); the previous one is untouched.
+    InstallFailed = 13,
+    /// `runos update`: the new version failed its health gate and was rolled back.
+    RolledBack = 14,
 }
 
 impl Exit {
@@ -57,7 +71,12 @@ Exit codes:
   7  another runos agent is running (instance lock held)
   8  runos status: degraded (disconnected > 5 min, revoked, or certificate expired);
      runos certificate status: the certificate expired
-  9  runos status, runos journal: the agent daemon is not running (admin socket absent or refusing)";
+  9  runos status, runos journal: the agent daemon is not running (admin socket absent or refusing)
+ 10  runos verify, runos update: verification failed (checksum or attestation)
+ 11  runos update: a release file could not be downloaded
+ 12  runos update: refused (downgrade without --allow-downgrade, refused version, no target)
+ 13  runos update: the verified release could not be installed (previous one untouched)
+ 14  runos update: the new version failed its health gate and was rolled back";
 
 #[cfg(test)]
 mod tests {
@@ -76,10 +95,15 @@ mod tests {
             (Exit::Locked, 7),
             (Exit::Degraded, 8),
             (Exit::NotRunning, 9),
+            (Exit::VerifyFailed, 10),
+            (Exit::DownloadFailed, 11),
+            (Exit::UpdateRefused, 12),
+            (Exit::InstallFailed, 13),
+            (Exit::RolledBack, 14),
         ];
         for (e, n) in all {
             assert_eq!(e.code(), n);
-            assert!(EXIT_CODES_HELP.contains(&format!("  {n}  ")), "{n}");
+            assert!(EXIT_CODES_HELP.contains(&format!("\n{n:>3}  ")), "{n}");
         }
     }
 }

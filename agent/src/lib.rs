@@ -52,6 +52,39 @@ pub mod session;
 pub mod status;
 pub mod status_cmd;
 pub mod sysinfo;
+pub mod update;
 
 /// The agent's version (the crate version).
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The environment variable of the debug-only version hook (see [`agent_version`]).
+#[cfg(debug_assertions)]
+pub const DEBUG_VERSION_FROM_DIR_ENV: &str = "RUNOS_DEBUG_VERSION_FROM_DIR";
+
+/// The version this agent reports (`runos version`, HELLO, status, `GET_NODE_STATUS`).
+///
+/// In release builds this is always [`AGENT_VERSION`]. Debug builds only (`#[cfg(debug_assertions)]`,
+/// for the end-to-end update tests, which can build one binary but must install "another
+/// version"): when `RUNOS_DEBUG_VERSION_FROM_DIR=1` and the running executable sits in a
+/// directory named `vX.Y.Z` (the updater's layout, `<install_dir>/vX.Y.Z/runos`), the agent
+/// reports `X.Y.Z` instead. Documented in docs/update.md.
+pub fn agent_version() -> &'static str {
+    #[cfg(debug_assertions)]
+    {
+        static FROM_DIR: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        if let Some(v) = FROM_DIR.get_or_init(debug_version_from_dir) {
+            return v;
+        }
+    }
+    AGENT_VERSION
+}
+
+#[cfg(debug_assertions)]
+fn debug_version_from_dir() -> Option<String> {
+    if std::env::var_os(DEBUG_VERSION_FROM_DIR_ENV).is_none_or(|v| v != "1") {
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.file_name()?.to_str()?;
+    Some(update::version::Version::parse_tag(dir).ok()?.to_string())
+}

@@ -210,7 +210,7 @@ pub(crate) fn hello(
 ) -> Hello {
     Hello {
         protocol_version: runos_protocol::PROTOCOL_VERSION,
-        agent_version: crate::AGENT_VERSION.to_string(),
+        agent_version: crate::agent_version().to_string(),
         node_id: id.node_id.clone(),
         hostname: crate::sysinfo::hostname(),
         boot_id: crate::sysinfo::boot_id(),

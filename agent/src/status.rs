@@ -342,7 +342,7 @@ impl StatusHandle {
             conn["lastError"] = json!(e);
         }
         json!({
-            "agentVersion": crate::AGENT_VERSION,
+            "agentVersion": crate::agent_version(),
             "pid": std::process::id(),
             "startedAt": rfc3339(self.started_at),
             "uptimeSecs": secs_since(self.started_at, now),

@@ -314,7 +314,7 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
         }
         Err(e) => (
             json!({
-                "agentVersion": crate::AGENT_VERSION,
+                "agentVersion": crate::agent_version(),
                 "running": false,
                 "reason": e,
                 "connection": null,

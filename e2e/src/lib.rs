@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod release;
+
 /// How long the harness waits for anything (a process to come up, a node to connect).
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

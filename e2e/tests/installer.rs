@@ -8,41 +8,17 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use runos_e2e::release::{ReleaseServer, asset, sha256_hex};
 use runos_e2e::{ControlPlane, DEADLINE, bin, wait_exit};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The installer under test.
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../installer/install.sh")
-}
-
-/// The release's name for this machine's CPU.
-fn arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => panic!("no runos release for {other}"),
-    }
-}
-
-fn asset() -> String {
-    format!("nodeagent-linux-{}", arch())
-}
-
-fn other_asset() -> String {
-    let other = if arch() == "amd64" { "arm64" } else { "amd64" };
-    format!("nodeagent-linux-{other}")
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    runos_transport::pem::der_sha256(bytes)
 }
 
 fn mode(path: &Path) -> u32 {
@@ -61,184 +37,6 @@ fn agent_tag() -> String {
         .unwrap_or_else(|e| panic!("runos version: {e}"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     format!("v{}", v["agentVersion"].as_str().unwrap())
-}
-
-// --- the release server ---------------------------------------------------------------------
-
-/// An HTTPS server on loopback serving `<dir>/download/<version>/<asset>` at
-/// `/download/<version>/<asset>`, recording every requested path.
-struct ReleaseServer {
-    rt: Option<tokio::runtime::Runtime>,
-    addr: SocketAddr,
-    dir: PathBuf,
-    ca_file: PathBuf,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-impl ReleaseServer {
-    fn start(dir: &Path) -> ReleaseServer {
-        fs::create_dir_all(dir.join("download")).unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        // Distinct names: OpenSSL (curl) takes a leaf whose issuer is its own subject for a
-        // self-signed certificate.
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "runos test release CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        leaf_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "runos test release server");
-        let leaf = leaf_params.signed_by(&key, &issuer).unwrap();
-        let ca_file = dir.join("ca.pem");
-        fs::write(&ca_file, ca.pem()).unwrap();
-        let chain = runos_transport::pem::certificates(leaf.pem().as_bytes()).unwrap();
-        let key = runos_transport::pem::private_key(key.serialize_pem().as_bytes()).unwrap();
-        let tls = runos_transport::tls::server_config(chain, key, b"http/1.1", None).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let (root, log) = (dir.to_path_buf(), requests.clone());
-        rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (acceptor, root, log) = (acceptor.clone(), root.clone(), log.clone());
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(30),
-                        serve(acceptor, tcp, root, log),
-                    )
-                    .await;
-                });
-            }
-        });
-        ReleaseServer {
-            rt: Some(rt),
-            addr,
-            dir: dir.to_path_buf(),
-            ca_file,
-            requests,
-        }
-    }
-
-    /// The release base URL (`--base`).
-    fn base(&self) -> String {
-        format!("https://127.0.0.1:{}", self.addr.port())
-    }
-
-    /// Publish `version` with `binary` as this machine's asset and `checksums` as its
-    /// checksums.txt.
-    fn publish_raw(&self, version: &str, binary: &[u8], checksums: &str) {
-        let d = self.dir.join("download").join(version);
-        fs::create_dir_all(&d).unwrap();
-        fs::write(d.join(asset()), binary).unwrap();
-        fs::write(d.join(other_asset()), b"the other architecture's binary").unwrap();
-        fs::write(d.join("checksums.txt"), checksums).unwrap();
-    }
-
-    /// The checksums.txt a release of `binary` has (both architectures, sorted by name).
-    fn checksums(binary: &[u8]) -> String {
-        let mut lines = [
-            format!("{}  {}", sha256_hex(binary), asset()),
-            format!(
-                "{}  {}",
-                sha256_hex(b"the other architecture's binary"),
-                other_asset()
-            ),
-        ];
-        lines.sort_by(|a, b| a[66..].cmp(&b[66..]));
-        format!("{}\n{}\n", lines[0], lines[1])
-    }
-
-    /// Publish a well-formed release of `binary` as `version`.
-    fn publish(&self, version: &str, binary: &[u8]) {
-        self.publish_raw(version, binary, &Self::checksums(binary));
-    }
-
-    /// How many times `path` was requested.
-    fn hits(&self, path: &str) -> usize {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|p| *p == path)
-            .count()
-    }
-}
-
-impl Drop for ReleaseServer {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// One HTTP/1.1 exchange: `GET /download/<version>/<asset>`, answered 200 with the file or 404.
-async fn serve(
-    acceptor: tokio_rustls::TlsAcceptor,
-    tcp: tokio::net::TcpStream,
-    root: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
-) -> std::io::Result<()> {
-    let mut tls = acceptor.accept(tcp).await?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tls.read(&mut buf).await?;
-        if n == 0 || head.len() > 16 * 1024 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut first = head.lines().next().unwrap_or("").split(' ');
-    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-    log.lock().unwrap().push(path.to_string());
-    let file = path
-        .strip_prefix("/download/")
-        .map(|rest| rest.split('/').collect::<Vec<_>>())
-        .filter(|parts| {
-            method == "GET"
-                && parts.len() == 2
-                && parts
-                    .iter()
-                    .all(|p| !p.is_empty() && !p.starts_with('.') && !p.contains('\\'))
-        })
-        .and_then(|parts| fs::read(root.join("download").join(parts[0]).join(parts[1])).ok());
-    let response = match file {
-        Some(body) => {
-            let mut r = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .into_bytes();
-            r.extend_from_slice(&body);
-            r
-        }
-        None => {
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n"
-                .to_vec()
-        }
-    };
-    tls.write_all(&response).await?;
-    tls.shutdown().await
 }
 
 // --- running the installer -----------------------------------------------------------------

@@ -1,0 +1,297 @@
+//! After the link swap: restart the service from outside the agent's own cgroup, hold the
+//! health gate, roll back on failure.
+//!
+//! The agent (or `runos update`) launches `[update] restart_command`, by default
+//! `systemd-run --unit=runos-update-<ts> --collect --quiet -- <runos> --config <config>
+//! update-finish --from A --to B --previous <A's binary>`: a transient unit, so neither the
+//! restart of `runos.service` nor the rollback is killed with the agent. `<runos>` is the
+//! binary that is running now (version A, known to work), not the new one: the rollback must
+//! not depend on the binary under test. `update-finish` ([`finish`]) runs
+//! `service_restart_command`, then waits up to `health_timeout` for the agent on the admin
+//! socket to report `agentVersion` B and connection state `connected`. Otherwise it points
+//! `bin_link` back at A, restarts again, records B as refused for automatic updates, and
+//! records the outcome (`update.json` `last`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+
+use super::state::{self, LastUpdate, Outcome, UpdateState};
+use super::version::Version;
+use super::{Swap, install};
+use crate::config::Config;
+use crate::exit::Exit;
+
+/// Bound on the hand-off launcher (`systemd-run` returns once the unit started).
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one service restart command.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
+/// Poll interval of the health gate.
+const POLL: Duration = Duration::from_millis(250);
+
+/// What happened after the install.
+#[derive(Debug, Clone)]
+pub enum AfterInstall {
+    /// No restart (asked, or no agent running): the message says what happens next.
+    NotRestarted(String),
+    /// The hand-off finished with this record.
+    Finished(LastUpdate),
+    /// The hand-off was launched but its outcome is not known (or it could not be launched).
+    Unknown(String),
+}
+
+/// The hand-off argv: `template` with `{runos}`, `{config}`, `{from}`, `{to}`, `{previous}`
+/// and `{ts}` replaced in each argument.
+pub fn handoff_argv(
+    template: &[String],
+    runos: &Path,
+    config: &Path,
+    from: Version,
+    to: Version,
+    previous: &Path,
+) -> Vec<String> {
+    let ts = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+        .to_string();
+    template
+        .iter()
+        .map(|a| {
+            a.replace("{runos}", &runos.display().to_string())
+                .replace("{config}", &config.display().to_string())
+                .replace("{from}", &from.tag())
+                .replace("{to}", &to.tag())
+                .replace("{previous}", &previous.display().to_string())
+                .replace("{ts}", &ts)
+        })
+        .collect()
+}
+
+/// Run `argv` with a timeout, process-group kill and capped output; `Err` says why it failed.
+fn run(argv: Vec<String>, timeout: Duration, rt: &tokio::runtime::Handle) -> Result<(), String> {
+    let shown = argv.join(" ");
+    let spec = crate::process::Spec {
+        argv,
+        env: Default::default(),
+        cwd: "/".into(),
+        stdin: None,
+        timeout,
+        output_cap: 16 * 1024,
+    };
+    let out = rt
+        .block_on(crate::process::run(spec))
+        .map_err(|e| format!("`{shown}` could not be started: {e}"))?;
+    if out.exit_code == Some(0) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{shown}` failed (exit {:?}{}): {}",
+            out.exit_code,
+            if out.timed_out { ", timed out" } else { "" },
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .chars()
+                .take(300)
+                .collect::<String>()
+        ))
+    }
+}
+
+/// The running agent's status, when its admin socket answers.
+fn agent_status(cfg: &Config) -> Option<Value> {
+    crate::status_cmd::request(
+        &crate::admin::socket_path(&cfg.paths.run_dir),
+        &json!({"op": "status"}),
+    )
+    .ok()
+}
+
+/// Launch the hand-off for `swap` (never waits for it).
+pub fn launch(
+    cfg: &Config,
+    config_path: &Path,
+    swap: &Swap,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), String> {
+    let runos =
+        std::env::current_exe().map_err(|e| format!("cannot find the running binary: {e}"))?;
+    let argv = handoff_argv(
+        &cfg.update.restart_command,
+        &runos,
+        config_path,
+        swap.from,
+        swap.to,
+        &swap.previous_target,
+    );
+    tracing::info!(argv = ?argv, "launching the update hand-off");
+    run(argv, LAUNCH_TIMEOUT, rt)
+}
+
+/// `runos update` after a successful install: launch the hand-off when an agent runs and
+/// wait for its outcome.
+pub fn after_install(
+    cfg: &Config,
+    config_path: &Path,
+    swap: &Swap,
+    no_restart: bool,
+    rt: &tokio::runtime::Runtime,
+) -> AfterInstall {
+    if no_restart {
+        return AfterInstall::NotRestarted(format!(
+            "not restarted (--no-restart): the agent runs {} until it restarts (systemctl restart runos); no health gate and no automatic rollback",
+            swap.from.tag()
+        ));
+    }
+    if agent_status(cfg).is_none() {
+        state::record(&cfg.paths.state_dir, |st| {
+            st.last = Some(LastUpdate::now(
+                swap.from,
+                swap.to,
+                Outcome::Ok,
+                "installed; the agent was not running",
+            ));
+        });
+        return AfterInstall::NotRestarted(format!(
+            "the agent is not running: it runs {} when it is started (systemctl start runos)",
+            swap.to.tag()
+        ));
+    }
+    let started = crate::status::rfc3339(SystemTime::now());
+    if let Err(e) = launch(cfg, config_path, swap, rt.handle()) {
+        return AfterInstall::Unknown(format!(
+            "{e}; {} is installed and linked, but the agent was not restarted: restart it (systemctl restart runos), or roll back with `runos update --version {} --allow-downgrade`",
+            swap.to.tag(),
+            swap.from.tag()
+        ));
+    }
+    // Restart, gate, maybe rollback and a second restart.
+    let deadline = Instant::now() + cfg.update.health_timeout * 2 + RESTART_TIMEOUT * 2;
+    while Instant::now() < deadline {
+        if let Ok(st) = UpdateState::load(&cfg.paths.state_dir)
+            && let Some(last) = st.last
+            && last.to == swap.to
+            && last.from == swap.from
+            && last.time >= started
+        {
+            return AfterInstall::Finished(last);
+        }
+        std::thread::sleep(POLL);
+    }
+    AfterInstall::Unknown(
+        "the update hand-off did not report within its bounds; see `runos status` and the journal of the runos-update-* unit"
+            .to_string(),
+    )
+}
+
+/// Whether the agent reports `version` and is connected.
+fn healthy(cfg: &Config, version: Version) -> bool {
+    agent_status(cfg).is_some_and(|s| {
+        s.get("agentVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|v| Version::parse_loose(v) == Ok(version))
+            && s.pointer("/connection/state").and_then(Value::as_str) == Some("connected")
+    })
+}
+
+fn wait_healthy(cfg: &Config, version: Version) -> bool {
+    let end = Instant::now() + cfg.update.health_timeout;
+    loop {
+        if healthy(cfg, version) {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `runos update-finish`: restart, health gate, rollback. Returns the exit code (0 healthy,
+/// 14 rolled back, 1 when even the rollback did not bring the old version back).
+pub fn finish(
+    cfg: &Config,
+    from: Version,
+    to: Version,
+    previous: &Path,
+    rt: &tokio::runtime::Handle,
+) -> Exit {
+    let u = &cfg.update;
+    let restart = || run(u.service_restart_command.clone(), RESTART_TIMEOUT, rt);
+    let new_binary = install::version_binary(&u.install_dir, to);
+    let mut problem = match restart() {
+        Ok(()) => None,
+        Err(e) => Some(format!("restarting the service failed: {e}")),
+    };
+    if problem.is_none() {
+        if wait_healthy(cfg, to) {
+            let msg = format!("{} is running and connected", to.tag());
+            tracing::info!(from = %from.tag(), to = %to.tag(), "update healthy");
+            state::record(&cfg.paths.state_dir, |st| {
+                st.last = Some(LastUpdate::now(from, to, Outcome::Ok, &msg));
+            });
+            return Exit::Ok;
+        }
+        problem = Some(format!(
+            "{} did not report version {} and connected within {}s",
+            u.bin_link.display(),
+            to.tag(),
+            u.health_timeout.as_secs()
+        ));
+    }
+    let problem = problem.unwrap_or_default();
+    tracing::error!(from = %from.tag(), to = %to.tag(), %problem, "health gate failed; rolling back");
+    // Roll back only if the link still points at the new version (nobody changed it since).
+    let link_now = install::link_target(&u.bin_link).ok();
+    let mut message = format!("{problem}; ");
+    let mut exit = Exit::RolledBack;
+    if link_now.as_deref() == Some(new_binary.as_path()) {
+        match install::swap_link(&u.bin_link, previous) {
+            Ok(()) => {
+                let back = restart().is_ok() && wait_healthy(cfg, from);
+                if back {
+                    message.push_str(&format!(
+                        "rolled back to {} (running and connected); {} is refused for automatic updates",
+                        from.tag(),
+                        to.tag()
+                    ));
+                } else {
+                    message.push_str(&format!(
+                        "rolled back the link to {}, but it did not report connected within {}s either",
+                        from.tag(),
+                        u.health_timeout.as_secs()
+                    ));
+                    exit = Exit::Failure;
+                }
+            }
+            Err(e) => {
+                message.push_str(&format!("the rollback failed: {e}"));
+                exit = Exit::Failure;
+            }
+        }
+    } else {
+        message.push_str(&format!(
+            "{} no longer points at {}; not rolled back",
+            u.bin_link.display(),
+            new_binary.display()
+        ));
+        exit = Exit::Failure;
+    }
+    state::record(&cfg.paths.state_dir, |st| {
+        st.refuse(to);
+        st.last = Some(LastUpdate::now(from, to, Outcome::RolledBack, &message));
+    });
+    eprintln!("runos: error: {message}");
+    exit
+}
+
+/// The previous binary given to `update-finish`, checked to be in the install layout.
+pub fn previous_path(p: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(p);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err("--previous must be an absolute path".into())
+    }
+}

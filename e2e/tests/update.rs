@@ -1,0 +1,749 @@
+//! `runos verify` and `runos update`, end to end: the real `runos` binary against a local HTTPS
+//! release server (`runos_e2e::release`, its own CA given as `update.release_ca_file`) and a
+//! TEST-ONLY Sigstore world (`runos-testsign`, its root given as `update.trusted_root`).
+//!
+//! The "new release" is the freshly built `runos` itself (stripped, to keep downloads small),
+//! published under another tag. Debug builds report the version of the `vX.Y.Z` directory they
+//! run from when `RUNOS_DEBUG_VERSION_FROM_DIR=1` (`runos_agent::agent_version`), so the same
+//! binary installed as `v9.9.9/runos` reports 9.9.9, as a real release would.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use runos_e2e::release::{Fault, ReleaseServer, asset, sha256_hex};
+use runos_e2e::{bin, describe};
+use runos_testsign::{AttestOptions, World};
+use serde_json::Value;
+
+const REPO: &str = "runos-dev/runos";
+const VERSION_ENV: &str = "RUNOS_DEBUG_VERSION_FROM_DIR";
+
+/// The freshly built `runos`, stripped of debug info (once per test process).
+fn release_binary() -> &'static [u8] {
+    static BIN: OnceLock<Vec<u8>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("runos-stripped-{}", std::process::id()));
+        let stripped = Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&out)
+            .arg(bin("runos"))
+            .status()
+            .is_ok_and(|s| s.success());
+        let bytes = fs::read(if stripped { out.clone() } else { bin("runos") }).unwrap();
+        let _ = fs::remove_file(&out);
+        bytes
+    })
+}
+
+fn json_of(out: &Output) -> Value {
+    let line = String::from_utf8_lossy(&out.stdout);
+    let line = line.lines().last().unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(out)))
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn world() -> &'static World {
+    static W: OnceLock<World> = OnceLock::new();
+    W.get_or_init(|| World::generate().unwrap())
+}
+
+fn opts(tag: &str) -> AttestOptions {
+    AttestOptions::new(REPO, format!("refs/tags/{tag}"))
+}
+
+// --- runos verify -------------------------------------------------------------------------------
+
+struct VerifyRig {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    root: PathBuf,
+    config: PathBuf,
+}
+
+impl VerifyRig {
+    fn new() -> VerifyRig {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().to_path_buf();
+        let root = dir.join("trusted_root.json");
+        fs::write(&root, world().trusted_root_json()).unwrap();
+        VerifyRig {
+            _dir: d,
+            config: dir.join("absent.toml"),
+            dir,
+            root,
+        }
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.dir.join(name);
+        fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn verify(&self, args: &[&str]) -> Output {
+        Command::new(bin("runos"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("verify")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn verify_accepts_a_release_and_reports_what_was_verified() {
+    let r = VerifyRig::new();
+    let bytes = b"a runos release binary".to_vec();
+    let file = r.file("nodeagent-linux-amd64", &bytes);
+    let bundle = world()
+        .attest(&bytes, "nodeagent-linux-amd64", &opts("v1.2.3"))
+        .unwrap();
+    let b = r.file("b.sigstore.json", &bundle);
+    let (f, b, root) = (
+        file.to_str().unwrap(),
+        b.to_str().unwrap(),
+        r.root.to_str().unwrap(),
+    );
+
+    let out = r.verify(&[
+        f,
+        "--bundle",
+        b,
+        "--version",
+        "v1.2.3",
+        "--trusted-root",
+        root,
+        "--json",
+    ]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    let v = json_of(&out);
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["sha256"], sha256_hex(&bytes));
+    assert_eq!(v["asset"], "nodeagent-linux-amd64");
+    assert_eq!(
+        v["identity"],
+        "https://github.com/runos-dev/runos/.github/workflows/release.yml@refs/tags/v1.2.3"
+    );
+    assert_eq!(v["issuer"], "https://token.actions.githubusercontent.com");
+    assert_eq!(v["repository"], "https://github.com/runos-dev/runos");
+    assert_eq!(v["ref"], "refs/tags/v1.2.3");
+    assert_eq!(v["runner"], "github-hosted");
+    assert!(v["commit"].as_str().is_some_and(|c| c.len() == 40), "{v}");
+    assert!(v["logIndex"].is_u64(), "{v}");
+    assert!(v["signedAt"].is_string(), "{v}");
+    assert_eq!(v["checksums"], false);
+
+    // Text output, with a matching checksums.txt.
+    let sums = r.file(
+        "checksums.txt",
+        format!("{}  nodeagent-linux-amd64\n", sha256_hex(&bytes)).as_bytes(),
+    );
+    let out = r.verify(&[
+        f,
+        "--bundle",
+        b,
+        "--version",
+        "v1.2.3",
+        "--trusted-root",
+        root,
+        "--checksums",
+        sums.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "identity:",
+        "issuer:",
+        "repository:",
+        "ref:",
+        "commit:",
+        "runner:",
+        "log index:",
+        "signed at:",
+        "checksums:",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+
+    // The same with --ref and an explicit --asset for a file under another name.
+    let other = r.file("downloaded.bin", &bytes);
+    let out = r.verify(&[
+        other.to_str().unwrap(),
+        "--bundle",
+        b,
+        "--ref",
+        "refs/tags/v1.2.3",
+        "--asset",
+        "nodeagent-linux-amd64",
+        "--trusted-root",
+        root,
+    ]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+}
+
+#[test]
+fn verify_refuses_what_does_not_match() {
+    let r = VerifyRig::new();
+    let bytes = b"a runos release binary".to_vec();
+    let file = r.file("nodeagent-linux-amd64", &bytes);
+    let bundle = world()
+        .attest(&bytes, "nodeagent-linux-amd64", &opts("v1.2.3"))
+        .unwrap();
+    let b = r.file("b.sigstore.json", &bundle);
+    let (f, b, root) = (
+        file.to_str().unwrap(),
+        b.to_str().unwrap(),
+        r.root.to_str().unwrap(),
+    );
+    let tampered = r.file("tampered", b"a runos release binarY");
+    let bad_sums = r.file(
+        "checksums.txt",
+        format!("{}  nodeagent-linux-amd64\n", sha256_hex(b"another binary")).as_bytes(),
+    );
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                f,
+                "--bundle",
+                b,
+                "--version",
+                "v1.2.4",
+                "--trusted-root",
+                root,
+            ],
+            "refs/tags/v1.2.4",
+        ),
+        (
+            vec![
+                f,
+                "--bundle",
+                b,
+                "--version",
+                "v1.2.3",
+                "--repo",
+                "someone/else",
+                "--trusted-root",
+                root,
+            ],
+            "someone/else",
+        ),
+        (
+            vec![
+                f,
+                "--bundle",
+                b,
+                "--version",
+                "v1.2.3",
+                "--workflow",
+                ".github/workflows/other.yml",
+                "--trusted-root",
+                root,
+            ],
+            "other.yml",
+        ),
+        (
+            vec![
+                f,
+                "--bundle",
+                b,
+                "--version",
+                "v1.2.3",
+                "--asset",
+                "nodeagent-linux-arm64",
+                "--trusted-root",
+                root,
+            ],
+            "nodeagent-linux-arm64",
+        ),
+        (
+            vec![
+                tampered.to_str().unwrap(),
+                "--bundle",
+                b,
+                "--version",
+                "v1.2.3",
+                "--asset",
+                "nodeagent-linux-amd64",
+                "--trusted-root",
+                root,
+            ],
+            "verification failed",
+        ),
+        (
+            vec![
+                f,
+                "--bundle",
+                b,
+                "--version",
+                "v1.2.3",
+                "--trusted-root",
+                root,
+                "--checksums",
+                bad_sums.to_str().unwrap(),
+            ],
+            "sha256 mismatch",
+        ),
+        // The public-good root does not trust the test world.
+        (
+            vec![f, "--bundle", b, "--version", "v1.2.3"],
+            "verification failed",
+        ),
+        // Not a bundle at all.
+        (
+            vec![
+                f,
+                "--bundle",
+                f,
+                "--version",
+                "v1.2.3",
+                "--trusted-root",
+                root,
+            ],
+            "verification failed",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut with_json = args.clone();
+        with_json.push("--json");
+        let out = r.verify(&with_json);
+        assert_eq!(code(&out), 10, "{args:?}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("runos: error: ") && err.contains(want),
+            "{args:?}: {want}: {err}"
+        );
+        let v = json_of(&out);
+        assert_eq!(v["verified"], false, "{v}");
+        assert_eq!(v["exitCode"], 10, "{v}");
+    }
+
+    // Usage errors: exit 2.
+    for args in [
+        vec![f, "--bundle", b, "--trusted-root", root],
+        vec![f, "--bundle", b, "--version", "1.2", "--trusted-root", root],
+        vec![
+            f,
+            "--bundle",
+            b,
+            "--version",
+            "v1.2.3",
+            "--ref",
+            "refs/tags/v1.2.3",
+        ],
+        vec![
+            "/nonexistent/file",
+            "--bundle",
+            b,
+            "--version",
+            "v1.2.3",
+            "--trusted-root",
+            root,
+        ],
+        vec![
+            f,
+            "--bundle",
+            "/nonexistent/bundle",
+            "--version",
+            "v1.2.3",
+            "--trusted-root",
+            root,
+        ],
+        vec![
+            f,
+            "--bundle",
+            b,
+            "--version",
+            "v1.2.3",
+            "--repo",
+            "not a repo",
+        ],
+        vec![f, "--version", "v1.2.3"],
+    ] {
+        let out = r.verify(&args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", describe(&out));
+    }
+}
+
+/// The real GitHub Actions bundle of the attest crate's tests: valid under its own identity and
+/// the public-good root, refused as a runos release and under another root.
+#[test]
+fn verify_real_github_bundle() {
+    let r = VerifyRig::new();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../attest/tests/data/conformance");
+    let file = data.join("a.txt");
+    let bundle = data.join("happy-path-intoto-in-dsse-v3/bundle.sigstore.json");
+    let (f, b) = (file.to_str().unwrap(), bundle.to_str().unwrap());
+    let own = [
+        f,
+        "--bundle",
+        b,
+        "--repo",
+        "sigstore-conformance/extremely-dangerous-public-oidc-beacon",
+        "--workflow",
+        ".github/workflows/extremely-dangerous-oidc-beacon.yml",
+        "--ref",
+        "refs/heads/main",
+        "--json",
+    ];
+    let out = r.verify(&own);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    let v = json_of(&out);
+    assert_eq!(v["trustedRoot"], "public-good");
+    assert_eq!(v["runner"], "github-hosted");
+
+    // As a runos release: wrong identity.
+    let out = r.verify(&[f, "--bundle", b, "--version", "v0.1.0"]);
+    assert_eq!(code(&out), 10, "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("runos-dev/runos"),
+        "{}",
+        describe(&out)
+    );
+
+    // Under the test world's root instead of public-good.
+    let mut args = own.to_vec();
+    args.extend(["--trusted-root", r.root.to_str().unwrap()]);
+    let out = r.verify(&args);
+    assert_eq!(code(&out), 10, "{}", describe(&out));
+}
+
+// --- runos update -------------------------------------------------------------------------------
+
+/// A node with runos v0.1.0 installed by the installer's layout, a release server and a config
+/// that points the updater at both.
+struct Node {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    srv: ReleaseServer,
+    config: PathBuf,
+    install_dir: PathBuf,
+    link: PathBuf,
+    state_dir: PathBuf,
+    old: PathBuf,
+}
+
+impl Node {
+    fn new() -> Node {
+        Self::with_install_dir(None)
+    }
+
+    /// `install_dir`: where new versions go (default `<dir>/lib/runos`, which also holds
+    /// v0.1.0).
+    fn with_install_dir(install_dir: Option<PathBuf>) -> Node {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().to_path_buf();
+        let srv = ReleaseServer::start(&dir.join("release"));
+        let old = dir.join("lib/runos/v0.1.0/runos");
+        fs::create_dir_all(old.parent().unwrap()).unwrap();
+        fs::write(&old, release_binary()).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.join("bin/runos");
+        fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&old, &link).unwrap();
+        let install_dir = install_dir.unwrap_or_else(|| dir.join("lib/runos"));
+        let root = dir.join("trusted_root.json");
+        fs::write(&root, world().trusted_root_json()).unwrap();
+        let config = dir.join("config.toml");
+        let p = |s: &str| dir.join(s).display().to_string();
+        fs::write(
+            &config,
+            format!(
+                "[paths]\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nkey = \"{}\"\ncertificate = \"{}\"\n\n\
+                 [update]\nrelease_base = \"{}\"\nrelease_ca_file = \"{}\"\ntrusted_root = \"{}\"\n\
+                 install_dir = \"{}\"\nbin_link = \"{}\"\n",
+                p("state"),
+                p("run"),
+                p("node.key"),
+                p("node.crt"),
+                srv.base(),
+                srv.ca_file.display(),
+                root.display(),
+                install_dir.display(),
+                link.display(),
+            ),
+        )
+        .unwrap();
+        Node {
+            _dir: d,
+            state_dir: dir.join("state"),
+            dir,
+            srv,
+            config,
+            install_dir,
+            link,
+            old,
+        }
+    }
+
+    /// Publish `binary` as release `tag`, attested for `attested_tag`.
+    fn publish(&self, tag: &str, binary: &[u8], attested_tag: &str) {
+        self.srv.publish(tag, binary);
+        let bundle = world()
+            .attest(binary, &asset(), &opts(attested_tag))
+            .unwrap();
+        self.srv
+            .publish_file(tag, &format!("{}.sigstore.json", asset()), &bundle);
+    }
+
+    /// Run `<exe> --config C ARGS` with the debug version hook on.
+    fn run(&self, exe: &Path, args: &[&str]) -> Output {
+        Command::new(exe)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env(VERSION_ENV, "1")
+            .output()
+            .unwrap()
+    }
+
+    /// `runos update ARGS --json` through the link, as an operator runs it.
+    fn update(&self, args: &[&str]) -> Output {
+        let mut a = vec!["update"];
+        a.extend(args);
+        a.push("--json");
+        self.run(&self.link, &a)
+    }
+
+    fn target(&self) -> PathBuf {
+        fs::read_link(&self.link).unwrap()
+    }
+
+    fn state(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.state_dir.join("update.json")).unwrap()).unwrap()
+    }
+
+    /// A refused update: the exit code, the message, and nothing changed on disk.
+    fn assert_refused(&self, out: &Output, exit: i32, want: &str) {
+        assert_eq!(code(out), exit, "{}", describe(out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("runos: error: ") && err.contains(want),
+            "{want}: {}",
+            describe(out)
+        );
+        assert_eq!(json_of(out)["exitCode"], exit);
+        assert_eq!(
+            self.target(),
+            self.old,
+            "the link still points at the old version"
+        );
+        assert_eq!(
+            fs::read(&self.old).unwrap(),
+            release_binary(),
+            "old binary untouched"
+        );
+        self.assert_no_leftovers();
+        let st = self.state();
+        assert_eq!(st["last"]["outcome"], "failed", "{st}");
+    }
+
+    fn assert_no_leftovers(&self) {
+        let mut names = Vec::new();
+        if let Ok(rd) = fs::read_dir(&self.install_dir) {
+            for e in rd {
+                names.push(e.unwrap().file_name().to_string_lossy().into_owned());
+            }
+        }
+        assert!(
+            names.iter().all(|n| n == "v0.1.0"),
+            "install dir holds only the old version: {names:?}"
+        );
+        let bin_dir: Vec<_> = fs::read_dir(self.link.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(bin_dir.len(), 1, "{bin_dir:?}");
+    }
+}
+
+#[test]
+fn update_installs_side_by_side_and_swaps_the_link() {
+    let n = Node::new();
+    let binary = release_binary();
+    n.publish("v9.9.9", binary, "v9.9.9");
+    let out = n.update(&["--version", "v9.9.9"]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    let v = json_of(&out);
+    assert_eq!(v["from"], "v0.1.0");
+    assert_eq!(v["to"], "v9.9.9");
+    assert_eq!(v["restart"], false, "no agent runs: {v}");
+    assert_eq!(v["verified"]["ref"], "refs/tags/v9.9.9");
+    let new = n.install_dir.join("v9.9.9/runos");
+    assert_eq!(n.target(), new);
+    assert_eq!(fs::read(&new).unwrap(), binary);
+    assert_eq!(
+        fs::metadata(&new).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    assert_eq!(fs::read(&n.old).unwrap(), binary, "previous version kept");
+    let names: Vec<_> = fs::read_dir(&n.install_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "no partial files: {names:?}");
+    let st = n.state();
+    assert_eq!(st["highestInstalled"], "v9.9.9");
+    assert_eq!(
+        fs::metadata(n.state_dir.join("update.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        json_of(&n.run(&n.link, &["version", "--json"]))["agentVersion"],
+        "9.9.9"
+    );
+    assert!(n.srv.hits(&format!("/download/v9.9.9/{}", asset())) == 1);
+
+    // Again, through the new link: nothing to do.
+    let out = n.update(&["--version", "v9.9.9"]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    assert_eq!(json_of(&out)["outcome"], "already_current");
+    assert_eq!(n.srv.hits(&format!("/download/v9.9.9/{}", asset())), 1);
+
+    // The old binary may not go below the highest version installed before.
+    n.publish("v5.0.0", binary, "v5.0.0");
+    let out = n.run(&n.old, &["update", "--version", "v5.0.0"]);
+    assert_eq!(code(&out), 12, "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("highest version installed"));
+    assert_eq!(n.target(), new);
+}
+
+#[test]
+fn update_refuses_a_tampered_binary() {
+    let n = Node::new();
+    let binary = release_binary();
+    let mut tampered = binary.to_vec();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 1;
+    // checksums.txt and the bundle describe the genuine binary; the server sends another.
+    n.publish("v9.9.9", binary, "v9.9.9");
+    n.srv
+        .publish_raw("v9.9.9", &tampered, &ReleaseServer::checksums(binary));
+    n.assert_refused(&n.update(&["--version", "v9.9.9"]), 10, "sha256 mismatch");
+
+    // checksums.txt rewritten to match the tampered binary: the attestation still refuses it.
+    n.srv
+        .publish_raw("v9.9.9", &tampered, &ReleaseServer::checksums(&tampered));
+    n.assert_refused(
+        &n.update(&["--version", "v9.9.9"]),
+        10,
+        "attestation rejected",
+    );
+}
+
+#[test]
+fn update_refuses_swapped_checksums() {
+    let n = Node::new();
+    let binary = release_binary();
+    n.publish("v9.9.9", binary, "v9.9.9");
+    n.srv.publish_raw(
+        "v9.9.9",
+        binary,
+        &ReleaseServer::checksums(b"another binary entirely"),
+    );
+    n.assert_refused(&n.update(&["--version", "v9.9.9"]), 10, "sha256 mismatch");
+}
+
+#[test]
+fn update_refuses_a_bundle_for_another_version() {
+    let n = Node::new();
+    n.publish("v9.9.9", release_binary(), "v9.9.8");
+    n.assert_refused(&n.update(&["--version", "v9.9.9"]), 10, "refs/tags/v9.9.9");
+}
+
+#[test]
+fn update_refuses_downgrades_unless_allowed() {
+    let n = Node::new();
+    n.publish("v0.0.9", release_binary(), "v0.0.9");
+    n.assert_refused(&n.update(&["--version", "v0.0.9"]), 12, "--allow-downgrade");
+    assert_eq!(n.srv.hits(&format!("/download/v0.0.9/{}", asset())), 0);
+    let out = n.update(&["--version", "v0.0.9", "--allow-downgrade"]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    assert_eq!(n.target(), n.install_dir.join("v0.0.9/runos"));
+}
+
+#[test]
+fn update_refuses_truncated_and_missing_downloads() {
+    let n = Node::new();
+    let binary = release_binary();
+    n.publish("v9.9.9", binary, "v9.9.9");
+    n.srv.fault(
+        &format!("/download/v9.9.9/{}", asset()),
+        Fault::Truncate {
+            send: binary.len() / 2,
+        },
+    );
+    n.assert_refused(&n.update(&["--version", "v9.9.9"]), 11, "truncated");
+    n.assert_refused(&n.update(&["--version", "v9.9.7"]), 11, "404");
+}
+
+#[test]
+fn update_usage_errors() {
+    let n = Node::new();
+    for v in ["9.9.9", "v9.9", "v9.9.9-rc.1", "latest"] {
+        let out = n.update(&["--version", v]);
+        assert_eq!(code(&out), 2, "{v}: {}", describe(&out));
+    }
+    // No --version and no running agent to ask for the advertised one.
+    let out = n.update(&[]);
+    assert_eq!(code(&out), 12, "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--version"));
+    assert_eq!(n.target(), n.old);
+}
+
+/// The install directory is a tmpfs too small for the binary: the download fails with ENOSPC,
+/// nothing is left behind, the link is untouched. Needs root (mount).
+#[test]
+fn update_survives_a_full_disk() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIP update_survives_a_full_disk: needs root to mount a tmpfs");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let small = scratch.path().join("small");
+    fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP update_survives_a_full_disk: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let n = Node::with_install_dir(Some(small.clone()));
+    n.publish("v9.9.9", release_binary(), "v9.9.9");
+    let out = n.update(&["--version", "v9.9.9"]);
+    assert_eq!(code(&out), 13, "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No space left"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(n.target(), n.old);
+    assert_eq!(
+        fs::read_dir(&small).unwrap().count(),
+        0,
+        "nothing left in the full file system"
+    );
+    let _ = &n.dir;
+}
