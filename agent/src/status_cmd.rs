@@ -292,6 +292,16 @@ fn human(v: &Value) -> String {
             );
         }
     }
+    if let Some(u) = v["lastUpdate"].as_object() {
+        o += &format!(
+            "last update:    {} -> {}: {} at {} ({})\n",
+            s(&u["from"]),
+            s(&u["to"]),
+            s(&u["outcome"]),
+            s(&u["time"]),
+            s(&u["message"])
+        );
+    }
     for w in v["warnings"].as_array().into_iter().flatten() {
         o += &format!("warning:        {}\n", s(w));
     }
@@ -299,6 +309,15 @@ fn human(v: &Value) -> String {
         o += &format!("DEGRADED:       {}\n", s(d));
     }
     o
+}
+
+/// The last update's outcome from `<state_dir>/update.json` (`null` when none; an object with
+/// `error` when the file is unreadable).
+pub fn last_update(state_dir: &Path) -> Value {
+    match crate::update::state::UpdateState::load(state_dir) {
+        Ok(st) => st.last.map_or(Value::Null, |l| json!(l)),
+        Err(e) => json!({"error": e}),
+    }
 }
 
 /// Run `runos status`; prints the report and returns the exit code.
@@ -329,6 +348,7 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
             Exit::NotRunning,
         ),
     };
+    v["lastUpdate"] = last_update(&cfg.paths.state_dir);
     let (degraded, warnings) = judge(&v);
     let exit = match exit {
         Exit::Ok if !degraded.is_empty() => Exit::Degraded,

@@ -747,3 +747,162 @@ fn update_survives_a_full_disk() {
     );
     let _ = &n.dir;
 }
+
+// --- restart, health gate, rollback -------------------------------------------------------------
+
+/// A registered node whose agent runs under a supervisor stand-in (a shell loop that runs
+/// `bin_link` again whenever the agent exits, as systemd's `Restart=always` does). The
+/// service restart command SIGTERMs the agent; the hand-off is detached with `setsid`, as
+/// `systemd-run` detaches it from the agent's cgroup.
+struct Supervised {
+    node: Node,
+    _cp: runos_e2e::ControlPlane,
+    _agent: runos_e2e::Agent,
+    supervisor: std::process::Child,
+    stop: PathBuf,
+}
+
+impl Supervised {
+    fn start(health_timeout_secs: u64) -> Supervised {
+        let mut node = Node::new();
+        let cp = runos_e2e::ControlPlane::start(&node.dir.join("cp"), &[]);
+        let mut agent = runos_e2e::Agent::new(&node.dir.join("agent"), &cp, "");
+        agent.register(&cp);
+        let d = |s: &str| node.dir.join(s).display().to_string();
+        let handoff = format!(
+            "setsid -f \"$0\" \"$@\" >> {} 2>&1 < /dev/null",
+            d("handoff.log")
+        );
+        let mut config = fs::read_to_string(&agent.config).unwrap();
+        config.push_str(&format!(
+            "\n[update]\nrelease_base = \"{}\"\nrelease_ca_file = \"{}\"\ntrusted_root = \"{}\"\n\
+             install_dir = \"{}\"\nbin_link = \"{}\"\nhealth_timeout_secs = {health_timeout_secs}\n\
+             restart_command = [\"sh\", \"-c\", {:?}, \"{{runos}}\", \"--config\", \"{{config}}\", \
+             \"update-finish\", \"--from\", \"{{from}}\", \"--to\", \"{{to}}\", \"--previous\", \"{{previous}}\"]\n\
+             service_restart_command = [\"sh\", \"-c\", \"kill -TERM $(cat {})\"]\n",
+            node.srv.base(),
+            node.srv.ca_file.display(),
+            d("trusted_root.json"),
+            node.install_dir.display(),
+            node.link.display(),
+            handoff,
+            d("agent.pid"),
+        ));
+        fs::write(&agent.config, config).unwrap();
+        node.config = agent.config.clone();
+        node.state_dir = agent.dir.join("state");
+        let stop = node.dir.join("stop");
+        let script = "while [ ! -e \"$4\" ]; do \"$1\" --config \"$2\" agent >> \"$5\" 2>&1 & \
+                      echo $! > \"$3\"; wait $!; sleep 0.2; done";
+        let supervisor = Command::new("sh")
+            .args(["-c", script, "supervisor"])
+            .arg(&node.link)
+            .arg(&agent.config)
+            .arg(node.dir.join("agent.pid"))
+            .arg(&stop)
+            .arg(agent.log_path())
+            .env(VERSION_ENV, "1")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Supervised {
+            node,
+            _cp: cp,
+            _agent: agent,
+            supervisor,
+            stop,
+        };
+        s.wait_running("0.1.0");
+        s
+    }
+
+    fn status(&self) -> Value {
+        let out = self.node.run(&self.node.link, &["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn wait_running(&self, version: &str) {
+        runos_e2e::wait_until(
+            runos_e2e::DEADLINE,
+            &format!("agent {version} connected"),
+            || {
+                let s = self.status();
+                s["agentVersion"] == version && s["connection"]["state"] == "connected"
+            },
+        );
+    }
+
+    fn update(&self, args: &[&str]) -> Output {
+        self.node.update(args)
+    }
+
+    fn state(&self) -> Value {
+        self.node.state()
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.stop, b"");
+        if let Ok(pid) = fs::read_to_string(self.node.dir.join("agent.pid")) {
+            if let Ok(pid) = pid.trim().parse::<u32>() {
+                runos_e2e::signal(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let _ = runos_e2e::wait_exit(&mut self.supervisor, runos_e2e::DEADLINE, "supervisor");
+    }
+}
+
+#[test]
+fn update_restarts_into_the_new_version() {
+    let s = Supervised::start(30);
+    s.node.publish("v9.9.9", release_binary(), "v9.9.9");
+    let out = s.update(&["--version", "v9.9.9"]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    let v = json_of(&out);
+    assert_eq!(v["restart"], true, "{v}");
+    assert_eq!(v["outcome"], "ok", "{v}");
+    s.wait_running("9.9.9");
+    let st = s.state();
+    assert_eq!(st["last"]["outcome"], "ok", "{st}");
+    assert_eq!(st["last"]["to"], "v9.9.9", "{st}");
+    let status = s.status();
+    assert_eq!(status["lastUpdate"]["outcome"], "ok", "{status}");
+    assert_eq!(s.node.target(), s.node.install_dir.join("v9.9.9/runos"));
+}
+
+/// The new version never connects (a script that answers `version` and then only sleeps): the
+/// hand-off rolls back to the old binary, which runs and connects again, and refuses the
+/// version for automatic updates.
+#[test]
+fn update_rolls_back_a_version_that_never_connects() {
+    let s = Supervised::start(4);
+    let bad = b"#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = version ]; then echo '{\"agentVersion\":\"9.9.9\",\"protocolVersion\":1}'; exit 0; fi\ndone\nexec sleep 3600\n";
+    s.node.publish("v9.9.9", bad, "v9.9.9");
+    let out = s.update(&["--version", "v9.9.9"]);
+    assert_eq!(code(&out), 14, "{}", describe(&out));
+    let v = json_of(&out);
+    assert_eq!(v["outcome"], "rolled_back", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rolled back to v0.1.0"),
+        "{v}"
+    );
+    assert_eq!(s.node.target(), s.node.old);
+    s.wait_running("0.1.0");
+    let st = s.state();
+    assert_eq!(st["last"]["outcome"], "rolled_back", "{st}");
+    assert_eq!(st["refused"], serde_json::json!(["v9.9.9"]), "{st}");
+    let status = s.status();
+    assert_eq!(status["lastUpdate"]["outcome"], "rolled_back", "{status}");
+    let text = s.node.run(&s.node.link, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains("last update:    v0.1.0 -> v9.9.9: rolled_back"),
+        "{}",
+        describe(&text)
+    );
+}

@@ -12,6 +12,7 @@
 //! `bin_link` back at A, restarts again, records B as refused for automatic updates, and
 //! records the outcome (`update.json` `last`).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -158,7 +159,9 @@ pub fn after_install(
             swap.to.tag()
         ));
     }
-    let started = crate::status::rfc3339(SystemTime::now());
+    let before = UpdateState::load(&cfg.paths.state_dir)
+        .ok()
+        .and_then(|st| st.last);
     if let Err(e) = launch(cfg, config_path, swap, rt.handle()) {
         return AfterInstall::Unknown(format!(
             "{e}; {} is installed and linked, but the agent was not restarted: restart it (systemctl restart runos), or roll back with `runos update --version {} --allow-downgrade`",
@@ -173,7 +176,7 @@ pub fn after_install(
             && let Some(last) = st.last
             && last.to == swap.to
             && last.from == swap.from
-            && last.time >= started
+            && Some(&last) != before.as_ref()
         {
             return AfterInstall::Finished(last);
         }
@@ -282,7 +285,8 @@ pub fn finish(
         st.refuse(to);
         st.last = Some(LastUpdate::now(from, to, Outcome::RolledBack, &message));
     });
-    eprintln!("runos: error: {message}");
+    // The hand-off's stderr may be gone (a detached unit): never panic on a failed write.
+    let _ = writeln!(std::io::stderr(), "runos: error: {message}");
     exit
 }
 
