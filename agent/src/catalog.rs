@@ -158,6 +158,18 @@ impl Catalog {
         c
     }
 
+    /// [`Catalog::standard`] plus `UPDATE_AGENT`, which reads the configuration at
+    /// `config_path` when it runs (the daemon's catalog).
+    pub fn with_updates(config_path: std::path::PathBuf) -> Self {
+        let mut c = Catalog::standard();
+        c.register::<instructions::UpdateAgent, _, _>(
+            Duration::from_secs(900),
+            Duration::from_secs(3600),
+            move |ctx, p| crate::update::daemon_side::update_agent(config_path.clone(), ctx, p),
+        );
+        c
+    }
+
     /// Add a typed executor for `I`.
     pub fn register<I, F, Fut>(&mut self, default_timeout: Duration, max_timeout: Duration, f: F)
     where

@@ -87,6 +87,7 @@ pub async fn run(
     let (renew_tx, renew_rx) = tokio::sync::mpsc::channel(8);
     let (cfg_tx, cfg_rx) = watch::channel(cfg.clone());
 
+    let update_config = config_path.clone();
     // Signals: handled in one task for the life of the daemon.
     let reconnect_sig = reconnect_tx.clone();
     let config_file = config_path.clone();
@@ -117,7 +118,10 @@ pub async fn run(
 
     // After the lock: one process at a time owns the journal.
     let (journal, audit) = open_journal(&cfg.paths.state_dir, cfg.agent.journal_fsync)?;
-    let catalog = Arc::new(Catalog::standard());
+    let catalog = Arc::new(Catalog::with_updates(update_config.clone()));
+    // `[update] auto`: follow the version the control plane advertises (docs/update.md).
+    let _auto =
+        crate::update::daemon_side::spawn_auto(update_config, cfg_rx.clone(), shutdown_rx.clone());
     let (mut link, dispatcher) = dispatch::spawn_with_audit(
         catalog.clone(),
         DispatchConfig::from_settings(&cfg.agent),

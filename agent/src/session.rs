@@ -142,7 +142,8 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     // Handshake.
     let pending_replies = pending_tags(link).await;
     let hello_tag = Tag::random();
-    let hello = hello(id, p.instruction_types.clone(), pending_replies, false);
+    let mut hello = hello(id, p.instruction_types.clone(), pending_replies, false);
+    hello.last_update = crate::update::state::report(&p.paths.state_dir);
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();
     if let Err(e) = writer
@@ -196,6 +197,14 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     );
     notify::status(&format!("connected to {addr}"));
     crate::status::global().connected(&addr, &welcome.session_id); // `runos status`
+    // Bounded and printable before it reaches status or the updater (which parses it strictly).
+    crate::status::global().set_advertised_version(
+        welcome
+            .advertised_agent_version
+            .as_deref()
+            .filter(|v| v.len() <= 32 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_string),
+    );
     crate::status::global().observe_clock_offset(offset_ms);
     let end = serve(p, reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
@@ -217,6 +226,7 @@ pub(crate) fn hello(
         instruction_types,
         pending_replies,
         probe,
+        last_update: None,
     }
 }
 

@@ -130,6 +130,8 @@ struct Inner {
     clock_offset: Option<(i64, SystemTime)>,
     /// Whether the offset is currently beyond [`MAX_CLOCK_OFFSET`] (warned once per crossing).
     clock_off_bound: bool,
+    /// The agent version the control plane advertised in the last WELCOME.
+    advertised_version: Option<String>,
 }
 
 /// A shared handle on the daemon's status. Cloning is cheap; every update takes a short lock.
@@ -165,6 +167,7 @@ impl StatusHandle {
                 last_round_trip: None,
                 clock_offset: None,
                 clock_off_bound: false,
+                advertised_version: None,
             })),
             started_at: now,
         }
@@ -309,6 +312,16 @@ impl StatusHandle {
         self.set(ConnState::Stopping);
     }
 
+    /// The agent version the control plane advertised in WELCOME (`None`: none advertised).
+    pub fn set_advertised_version(&self, v: Option<String>) {
+        self.lock().advertised_version = v;
+    }
+
+    /// The agent version the control plane advertised in the last WELCOME.
+    pub fn advertised_version(&self) -> Option<String> {
+        self.lock().advertised_version.clone()
+    }
+
     /// The current connection state.
     pub fn state(&self) -> ConnState {
         self.lock().state.clone()
@@ -343,6 +356,7 @@ impl StatusHandle {
         }
         json!({
             "agentVersion": crate::agent_version(),
+            "advertisedAgentVersion": g.advertised_version,
             "pid": std::process::id(),
             "startedAt": rfc3339(self.started_at),
             "uptimeSecs": secs_since(self.started_at, now),

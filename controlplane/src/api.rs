@@ -147,6 +147,9 @@ pub struct NodeInfo {
     pub pending: u32,
     /// The instruction types it announced.
     pub instruction_types: Vec<String>,
+    /// The outcome of its last self-update, as its agent reported it in HELLO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<runos_protocol::control::UpdateReport>,
 }
 
 /// An instruction to send.
@@ -275,6 +278,10 @@ impl Api {
                 revoked: n.revoked_at.is_some(),
                 pending: n.pending,
                 instruction_types: n.instruction_types,
+                last_update: n
+                    .last_update
+                    .as_deref()
+                    .and_then(|j| serde_json::from_str(j).ok()),
             })
             .collect())
     }

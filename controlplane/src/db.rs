@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use crate::Error;
 
 /// The schema version this binary writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tokens (
@@ -69,6 +69,12 @@ ALTER TABLE certificates ADD COLUMN ca_sha256 TEXT;
 CREATE INDEX certificates_ca ON certificates(ca_sha256, not_after);
 ";
 
+/// v2 → v3: the outcome of each node's last self-update, as its agent reported it in HELLO
+/// (JSON of `UpdateReport`).
+const MIGRATE_V3: &str = "
+ALTER TABLE nodes ADD COLUMN last_update TEXT;
+";
+
 /// Why a token could not be consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TokenProblem {
@@ -121,6 +127,8 @@ pub(crate) struct NodeRow {
     pub instruction_types: Vec<String>,
     pub cert_not_after: Option<i64>,
     pub pending: u32,
+    /// JSON of the agent's last `UpdateReport`.
+    pub last_update: Option<String>,
 }
 
 /// A certificate row.
@@ -176,6 +184,9 @@ impl Db {
                 }
                 if v < 2 {
                     tx.execute_batch(MIGRATE_V2)?;
+                }
+                if v < 3 {
+                    tx.execute_batch(MIGRATE_V3)?;
                 }
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
             }
@@ -360,7 +371,8 @@ impl Db {
     const NODE_SELECT: &'static str = "SELECT n.id, n.machine_id, n.hostname, n.os, \
         n.agent_version, n.registered_at, n.last_seen_at, n.revoked_at, n.instruction_types, \
         (SELECT MAX(not_after) FROM certificates c WHERE c.node_id = n.id AND c.revoked_at IS NULL), \
-        (SELECT COUNT(*) FROM instructions i WHERE i.node_id = n.id AND i.replied_at IS NULL) \
+        (SELECT COUNT(*) FROM instructions i WHERE i.node_id = n.id AND i.replied_at IS NULL), \
+        n.last_update \
         FROM nodes n";
 
     fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
@@ -378,6 +390,7 @@ impl Db {
             instruction_types: serde_json::from_str(&types).unwrap_or_default(),
             cert_not_after: r.get(9)?,
             pending: u32::try_from(pending).unwrap_or(u32::MAX),
+            last_update: r.get(11)?,
         })
     }
 
@@ -405,6 +418,7 @@ impl Db {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // one column each; a HELLO is recorded in one place
     pub fn update_hello(
         &self,
         id: &str,
@@ -412,14 +426,24 @@ impl Db {
         agent_version: &str,
         boot_id: &str,
         instruction_types: &[String],
+        last_update: Option<&str>,
         now: i64,
     ) -> Result<(), Error> {
         let types = serde_json::to_string(instruction_types).unwrap_or_else(|_| "[]".into());
         self.with(|c| {
             c.execute(
                 "UPDATE nodes SET hostname = ?2, agent_version = ?3, boot_id = ?4, \
-                 instruction_types = ?5, last_seen_at = ?6 WHERE id = ?1",
-                params![id, hostname, agent_version, boot_id, types, now],
+                 instruction_types = ?5, last_seen_at = ?6, \
+                 last_update = COALESCE(?7, last_update) WHERE id = ?1",
+                params![
+                    id,
+                    hostname,
+                    agent_version,
+                    boot_id,
+                    types,
+                    now,
+                    last_update
+                ],
             )
         })?;
         Ok(())

@@ -362,12 +362,28 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let node = accepted.node;
     let hello = accepted.hello;
     let now = util::now_ms();
+    // The agent's last self-update: logged and stored when well formed, dropped otherwise.
+    let last_update = match &hello.last_update {
+        Some(u) if u.is_valid() => {
+            tracing::info!(
+                node = %node, from = %u.from, to = %u.to, outcome = %u.outcome,
+                message = %u.message, at = %u.time, "agent reports its last update"
+            );
+            serde_json::to_string(u).ok()
+        }
+        Some(_) => {
+            tracing::warn!(node = %node, "HELLO: lastUpdate out of bounds; ignored");
+            None
+        }
+        None => None,
+    };
     if let Err(e) = shared.db.update_hello(
         &node,
         &hello.hostname,
         &hello.agent_version,
         &hello.boot_id,
         &hello.instruction_types,
+        last_update.as_deref(),
         now,
     ) {
         tracing::error!(node = %node, error = %e, "L2Sec: cannot record HELLO");
@@ -402,7 +418,7 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
             server_time_ms: u64::try_from(now).unwrap_or(0),
             heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
             max_frame_bytes: max,
-            advertised_agent_version: None,
+            advertised_agent_version: shared.opts.advertise_version.clone(),
             session_id: session_id.clone(),
         },
     );

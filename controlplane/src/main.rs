@@ -219,6 +219,10 @@ struct ServeArgs {
     /// Extra server certificate name (DNS name or IP); repeatable.
     #[arg(long = "hostname", value_name = "NAME")]
     hostnames: Vec<String>,
+    /// The agent release advertised to agents in WELCOME (`vX.Y.Z`): agents with
+    /// `[update] auto = true` install it; `runos update` without --version targets it.
+    #[arg(long, value_name = "vX.Y.Z")]
+    advertise_version: Option<String>,
     /// Heartbeat interval advertised to agents (min 1s); silent sessions close after 3x.
     #[arg(long, value_parser = duration, default_value = "15s")]
     heartbeat_interval: Duration,
@@ -318,6 +322,7 @@ async fn run(command: Command) -> Result<u8, Error> {
                 max_frame_bytes: a.max_frame_bytes,
                 cert_validity: a.cert_validity,
                 max_in_flight: a.max_in_flight,
+                advertise_version: a.advertise_version,
             };
             server::run_until_signal(opts).await?;
             Ok(exit::OK)

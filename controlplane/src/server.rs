@@ -57,6 +57,23 @@ pub struct ServeOptions {
     /// Instructions per session sent but not yet finally answered (1..=4096). Instructions
     /// waiting to be resent after `busy` or `shutting_down` count too.
     pub max_in_flight: u32,
+    /// The agent version advertised in WELCOME (`vX.Y.Z`), if any: agents with
+    /// `[update] auto = true` install it, `runos update` without `--version` targets it.
+    pub advertise_version: Option<String>,
+}
+
+/// `vMAJOR.MINOR.PATCH`: decimal, 1-9 digits each, no leading zeros, no suffix.
+pub fn is_release_version(v: &str) -> bool {
+    let Some(rest) = v.strip_prefix('v') else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            (1..=9).contains(&p.len())
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && !(p.len() > 1 && p.starts_with('0'))
+        })
 }
 
 impl ServeOptions {
@@ -73,6 +90,7 @@ impl ServeOptions {
             max_frame_bytes: runos_protocol::DEFAULT_MAX_FRAME_BYTES,
             cert_validity: crate::ca::DEFAULT_NODE_CERT_VALIDITY,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            advertise_version: None,
         }
     }
 
@@ -101,6 +119,14 @@ impl ServeOptions {
             return Err(Error::BadRequest(
                 "--cert-validity must be at least 1m".into(),
             ));
+        }
+        if let Some(v) = &self.advertise_version
+            && !is_release_version(v)
+        {
+            return Err(Error::BadRequest(format!(
+                "--advertise-version must be vMAJOR.MINOR.PATCH (e.g. v0.2.0), got {:?}",
+                v.chars().take(40).collect::<String>()
+            )));
         }
         if !(1..=MAX_MAX_IN_FLIGHT).contains(&self.max_in_flight) {
             return Err(Error::BadRequest(format!(
@@ -385,4 +411,25 @@ pub async fn run_until_signal(opts: ServeOptions) -> Result<(), Error> {
     tracing::info!(signal = name, "shutting down");
     handle.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod advertise_tests {
+    #[test]
+    fn release_versions() {
+        for ok in ["v0.2.0", "v10.0.1", "v0.0.0"] {
+            assert!(super::is_release_version(ok), "{ok}");
+        }
+        for bad in [
+            "0.2.0",
+            "v0.2",
+            "v01.2.0",
+            "v0.2.0-rc.1",
+            "v0.2.0 ",
+            "",
+            "v1234567890.0.0",
+        ] {
+            assert!(!super::is_release_version(bad), "{bad}");
+        }
+    }
 }

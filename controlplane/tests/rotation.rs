@@ -271,6 +271,7 @@ async fn certificates_from_a_v1_database_count_for_the_active_ca() {
         c.execute_batch(
             "DROP INDEX certificates_ca;
              ALTER TABLE certificates DROP COLUMN ca_sha256;
+             ALTER TABLE nodes DROP COLUMN last_update;
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -289,7 +290,7 @@ async fn certificates_from_a_v1_database_count_for_the_active_ca() {
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 2);
+        assert_eq!(v, 3);
     }
     // The migrated certificate is A's: it blocks a cutover.
     api.ca_rotate().await.unwrap();

@@ -342,6 +342,7 @@ fn hello_for(node: &str) -> Envelope {
             instruction_types: vec![],
             pending_replies: vec![],
             probe: false,
+            last_update: None,
         },
     )
 }

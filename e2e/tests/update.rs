@@ -756,7 +756,8 @@ fn update_survives_a_full_disk() {
 /// `systemd-run` detaches it from the agent's cgroup.
 struct Supervised {
     node: Node,
-    _cp: runos_e2e::ControlPlane,
+    cp: runos_e2e::ControlPlane,
+    node_id: String,
     _agent: runos_e2e::Agent,
     supervisor: std::process::Child,
     stop: PathBuf,
@@ -764,10 +765,15 @@ struct Supervised {
 
 impl Supervised {
     fn start(health_timeout_secs: u64) -> Supervised {
+        Self::start_with(health_timeout_secs, &[], "")
+    }
+
+    /// `cp_args`: extra `serve` flags; `update_extra`: extra `[update]` lines.
+    fn start_with(health_timeout_secs: u64, cp_args: &[&str], update_extra: &str) -> Supervised {
         let mut node = Node::new();
-        let cp = runos_e2e::ControlPlane::start(&node.dir.join("cp"), &[]);
+        let cp = runos_e2e::ControlPlane::start(&node.dir.join("cp"), cp_args);
         let mut agent = runos_e2e::Agent::new(&node.dir.join("agent"), &cp, "");
-        agent.register(&cp);
+        let node_id = agent.register(&cp);
         let d = |s: &str| node.dir.join(s).display().to_string();
         let handoff = format!(
             "setsid -f \"$0\" \"$@\" >> {} 2>&1 < /dev/null",
@@ -779,7 +785,7 @@ impl Supervised {
              install_dir = \"{}\"\nbin_link = \"{}\"\nhealth_timeout_secs = {health_timeout_secs}\n\
              restart_command = [\"sh\", \"-c\", {:?}, \"{{runos}}\", \"--config\", \"{{config}}\", \
              \"update-finish\", \"--from\", \"{{from}}\", \"--to\", \"{{to}}\", \"--previous\", \"{{previous}}\"]\n\
-             service_restart_command = [\"sh\", \"-c\", \"kill -TERM $(cat {})\"]\n",
+             service_restart_command = [\"sh\", \"-c\", \"kill -TERM $(cat {})\"]\n{update_extra}\n",
             node.srv.base(),
             node.srv.ca_file.display(),
             d("trusted_root.json"),
@@ -808,7 +814,8 @@ impl Supervised {
             .unwrap();
         let s = Supervised {
             node,
-            _cp: cp,
+            cp,
+            node_id,
             _agent: agent,
             supervisor,
             stop,
@@ -905,4 +912,64 @@ fn update_rolls_back_a_version_that_never_connects() {
         "{}",
         describe(&text)
     );
+}
+
+// --- control plane integration ------------------------------------------------------------------
+
+#[test]
+fn update_agent_instruction_and_advertised_version() {
+    let s = Supervised::start_with(30, &["--advertise-version", "v9.9.9"], "");
+    s.node.publish("v9.9.9", release_binary(), "v9.9.9");
+    // WELCOME's advertised version reaches `runos status`.
+    runos_e2e::wait_until(runos_e2e::DEADLINE, "advertised version in status", || {
+        s.status()["advertisedAgentVersion"] == "v9.9.9"
+    });
+    // A downgrade without allowDowngrade is refused with the reason.
+    s.node.publish("v0.0.9", release_binary(), "v0.0.9");
+    let r =
+        s.cp.send(&s.node_id, "UPDATE_AGENT", r#"{"version": "v0.0.9"}"#);
+    assert_eq!(r.error_code(), Some("failed"), "{r:?}");
+    assert!(
+        r.payload["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--allow-downgrade"),
+        "{r:?}"
+    );
+
+    let r =
+        s.cp.send(&s.node_id, "UPDATE_AGENT", r#"{"version": "9.9.9"}"#);
+    assert_eq!(r.kind, "UPDATE_AGENT_RESPONSE", "{r:?}");
+    assert_eq!(r.payload["previousVersion"], "0.1.0");
+    assert_eq!(r.payload["newVersion"], "9.9.9");
+    assert_eq!(r.payload["restart"], true);
+    s.wait_running("9.9.9");
+    runos_e2e::wait_until(runos_e2e::DEADLINE, "lastUpdate ok in nodes --json", || {
+        s.cp.node(&s.node_id).is_some_and(|n| {
+            n["lastUpdate"]["outcome"] == "ok" && n["lastUpdate"]["to"] == "v9.9.9"
+        })
+    });
+    assert_eq!(s.cp.node(&s.node_id).unwrap()["agentVersion"], "9.9.9");
+
+    // Already running: nothing to do.
+    let r =
+        s.cp.send(&s.node_id, "UPDATE_AGENT", r#"{"version": "v9.9.9"}"#);
+    assert_eq!(r.kind, "UPDATE_AGENT_RESPONSE", "{r:?}");
+    assert_eq!(r.payload["restart"], false, "{r:?}");
+
+    // `runos update` without --version targets the advertised version (already running).
+    let out = s.update(&[]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    assert_eq!(json_of(&out)["outcome"], "already_current");
+}
+
+#[test]
+fn auto_update_follows_the_advertised_version() {
+    let s = Supervised::start_with(30, &["--advertise-version", "v9.9.9"], "auto = true");
+    s.node.publish("v9.9.9", release_binary(), "v9.9.9");
+    s.wait_running("9.9.9");
+    runos_e2e::wait_until(runos_e2e::DEADLINE, "update recorded", || {
+        s.state()["last"]["outcome"] == "ok"
+    });
+    assert_eq!(s.node.target(), s.node.install_dir.join("v9.9.9/runos"));
 }

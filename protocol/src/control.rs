@@ -144,6 +144,41 @@ pub struct Hello {
     /// Omitted when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub probe: bool,
+    /// The outcome of the agent's last self-update (runos), if it has one. Omitted when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<UpdateReport>,
+}
+
+/// Longest [`UpdateReport::message`] a control plane accepts (characters).
+pub const MAX_UPDATE_MESSAGE: usize = 1024;
+
+/// The outcome of an agent's last self-update, reported in HELLO (runos).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateReport {
+    /// The version that was running (`vX.Y.Z`).
+    pub from: String,
+    /// The version asked for (`vX.Y.Z`).
+    pub to: String,
+    /// `ok`, `rolled_back` or `failed`.
+    pub outcome: String,
+    /// What happened, in words (at most [`MAX_UPDATE_MESSAGE`] characters).
+    pub message: String,
+    /// When (RFC 3339).
+    pub time: String,
+}
+
+impl UpdateReport {
+    /// Whether every field is within its bounds (a control plane drops a report that is not).
+    pub fn is_valid(&self) -> bool {
+        let short =
+            |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
+        short(&self.from)
+            && short(&self.to)
+            && short(&self.time)
+            && ["ok", "rolled_back", "failed"].contains(&self.outcome.as_str())
+            && self.message.chars().count() <= MAX_UPDATE_MESSAGE
+    }
 }
 
 /// `WELCOME`: the control plane's answer to HELLO.

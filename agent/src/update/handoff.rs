@@ -211,6 +211,15 @@ fn wait_healthy(cfg: &Config, version: Version) -> bool {
     }
 }
 
+/// The outcome goes to the control plane in HELLO (`lastUpdate`): ask the agent to reconnect
+/// now that it is recorded (best effort).
+fn report_to_control_plane(cfg: &Config) {
+    let _ = crate::status_cmd::request(
+        &crate::admin::socket_path(&cfg.paths.run_dir),
+        &json!({"op": "reconnect"}),
+    );
+}
+
 /// `runos update-finish`: restart, health gate, rollback. Returns the exit code (0 healthy,
 /// 14 rolled back, 1 when even the rollback did not bring the old version back).
 pub fn finish(
@@ -234,6 +243,7 @@ pub fn finish(
             state::record(&cfg.paths.state_dir, |st| {
                 st.last = Some(LastUpdate::now(from, to, Outcome::Ok, &msg));
             });
+            report_to_control_plane(cfg);
             return Exit::Ok;
         }
         problem = Some(format!(
@@ -285,6 +295,7 @@ pub fn finish(
         st.refuse(to);
         st.last = Some(LastUpdate::now(from, to, Outcome::RolledBack, &message));
     });
+    report_to_control_plane(cfg);
     // The hand-off's stderr may be gone (a detached unit): never panic on a failed write.
     let _ = writeln!(std::io::stderr(), "runos: error: {message}");
     exit

@@ -8,6 +8,7 @@
 //! leaves both as they were.
 
 pub mod commands;
+pub mod daemon_side;
 pub mod fetch;
 pub mod handoff;
 pub mod install;

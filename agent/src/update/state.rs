@@ -133,6 +133,18 @@ impl UpdateState {
     }
 }
 
+/// The last update, for HELLO (`None` when there is none or the state is unreadable).
+pub fn report(state_dir: &Path) -> Option<runos_protocol::control::UpdateReport> {
+    let last = UpdateState::load(state_dir).ok()?.last?;
+    Some(runos_protocol::control::UpdateReport {
+        from: last.from.tag(),
+        to: last.to.tag(),
+        outcome: last.outcome.as_str().to_string(),
+        message: last.message,
+        time: last.time,
+    })
+}
+
 /// Load, change and save the state, best effort: a failure is logged, never fatal (the state
 /// is bookkeeping; the install itself already succeeded or failed).
 pub fn record(state_dir: &Path, f: impl FnOnce(&mut UpdateState)) {

@@ -211,6 +211,7 @@ pub fn hello_env(node_id: &str, version: u32) -> Envelope {
             instruction_types: vec!["RUN_COMMAND".into(), "GET_NODE_STATUS".into()],
             pending_replies: vec![],
             probe: false,
+            last_update: None,
         },
     )
 }

@@ -1,0 +1,192 @@
+//! The daemon's side of updating: the `UPDATE_AGENT` executor and automatic updates to the
+//! version the control plane advertises in WELCOME (`[update] auto = true`).
+//!
+//! Both run [`apply`] on a blocking thread: the configuration is read afresh from the file
+//! (so a SIGHUP-reloaded `[update]` applies), then [`super::install_release`], then the
+//! hand-off ([`super::handoff::launch`]), which restarts the service from outside the agent's
+//! cgroup. The agent itself never stops here: a failure leaves it running the old version.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use runos_protocol::control::LogLevel;
+use runos_protocol::instructions::{UpdateAgent, UpdateAgentResponse};
+use runos_protocol::{ErrorCode, ErrorPayload};
+use tokio::sync::watch;
+
+use super::version::Version;
+use super::{Installed, Request, UpdateError, handoff};
+use crate::catalog::ExecCtx;
+use crate::config::{self, Config};
+use crate::exit::Exit;
+
+/// How often the automatic updater looks at the advertised version (in memory, no I/O).
+const AUTO_POLL: Duration = Duration::from_secs(2);
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The running version.
+    pub from: Version,
+    /// The version now installed.
+    pub to: Version,
+    /// Whether the hand-off (restart, health gate) was launched.
+    pub restart: bool,
+}
+
+/// Install `req` with the configuration at `config_path` and launch the hand-off. Blocking.
+pub fn apply(
+    config_path: &Path,
+    req: &Request,
+    rt: &tokio::runtime::Handle,
+) -> Result<Applied, UpdateError> {
+    let (cfg, _) = config::load(config_path).map_err(|e| UpdateError {
+        exit: Exit::NotRegistered,
+        message: e.to_string(),
+    })?;
+    match super::install_release(&cfg, req, rt)? {
+        Installed::AlreadyCurrent(v) => Ok(Applied {
+            from: v,
+            to: v,
+            restart: false,
+        }),
+        Installed::Swapped(s) => {
+            handoff::launch(&cfg, config_path, &s, rt).map_err(|e| {
+                let message = format!(
+                    "{e}; {} is installed and linked, but the agent was not restarted",
+                    s.to.tag()
+                );
+                super::state::record(&cfg.paths.state_dir, |st| {
+                    st.last = Some(super::state::LastUpdate::now(
+                        s.from,
+                        s.to,
+                        super::state::Outcome::Failed,
+                        &message,
+                    ));
+                });
+                UpdateError {
+                    exit: Exit::Failure,
+                    message,
+                }
+            })?;
+            Ok(Applied {
+                from: s.from,
+                to: s.to,
+                restart: true,
+            })
+        }
+    }
+}
+
+/// The `UPDATE_AGENT` executor.
+pub async fn update_agent(
+    config_path: PathBuf,
+    ctx: ExecCtx,
+    p: UpdateAgent,
+) -> Result<UpdateAgentResponse, ErrorPayload> {
+    let target = Version::parse_loose(&p.version)
+        .map_err(|e| ErrorPayload::new(ErrorCode::BadPayload, format!("version: {e}")))?;
+    ctx.log(
+        LogLevel::Info,
+        &format!("downloading and verifying runos {}", target.tag()),
+    );
+    let req = Request {
+        target,
+        allow_downgrade: p.allow_downgrade,
+        automatic: false,
+        progress: false,
+    };
+    let rt = tokio::runtime::Handle::current();
+    let result = tokio::task::spawn_blocking(move || apply(&config_path, &req, &rt))
+        .await
+        .map_err(|e| ErrorPayload::new(ErrorCode::Internal, format!("the updater failed: {e}")))?;
+    match result {
+        Ok(a) => {
+            if a.restart {
+                ctx.log(
+                    LogLevel::Info,
+                    &format!(
+                        "runos {} verified and installed; restarting into it",
+                        a.to.tag()
+                    ),
+                );
+            }
+            Ok(UpdateAgentResponse {
+                previous_version: a.from.to_string(),
+                new_version: a.to.to_string(),
+                restart: a.restart,
+            })
+        }
+        Err(e) => Err(ErrorPayload::new(ErrorCode::Failed, e.message)),
+    }
+}
+
+/// Automatic updates: while `[update] auto` is on and the agent is connected, a newer version
+/// advertised by the control plane (and not refused after a failed health gate) is installed
+/// once per agent run; failures are logged and recorded in `update.json`.
+pub fn spawn_auto(
+    config_path: PathBuf,
+    cfg_rx: watch::Receiver<Config>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    static TRIED: Mutex<BTreeSet<Version>> = Mutex::new(BTreeSet::new());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(AUTO_POLL) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() || !cfg_rx.borrow().update.auto {
+                continue;
+            }
+            let status = crate::status::global();
+            if !matches!(status.state(), crate::status::ConnState::Connected { .. }) {
+                continue;
+            }
+            let (Some(adv), Ok(current)) = (
+                status
+                    .advertised_version()
+                    .and_then(|v| Version::parse_loose(&v).ok()),
+                Version::current(),
+            ) else {
+                continue;
+            };
+            if adv <= current {
+                continue;
+            }
+            {
+                let mut tried = TRIED.lock().unwrap_or_else(|p| p.into_inner());
+                if !tried.insert(adv) {
+                    continue;
+                }
+            }
+            // A version that failed its health gate is not retried automatically (and the
+            // rolled_back record stays the last outcome).
+            let state_dir = cfg_rx.borrow().paths.state_dir.clone();
+            if super::state::UpdateState::load(&state_dir).is_ok_and(|st| st.is_refused(adv)) {
+                tracing::info!(version = %adv.tag(), "advertised version was refused after a failed health gate; not installing it automatically");
+                continue;
+            }
+            tracing::info!(from = %current.tag(), to = %adv.tag(), "automatic update to the advertised version");
+            let req = Request {
+                target: adv,
+                allow_downgrade: false,
+                automatic: true,
+                progress: false,
+            };
+            let rt = tokio::runtime::Handle::current();
+            let path = config_path.clone();
+            match tokio::task::spawn_blocking(move || apply(&path, &req, &rt)).await {
+                Ok(Ok(a)) => {
+                    tracing::info!(to = %a.to.tag(), restart = a.restart, "automatic update installed")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(to = %adv.tag(), error = %e.message, "automatic update failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "automatic updater failed"),
+            }
+        }
+    })
+}
