@@ -884,7 +884,7 @@ fn update_restarts_into_the_new_version() {
 /// version for automatic updates.
 #[test]
 fn update_rolls_back_a_version_that_never_connects() {
-    let s = Supervised::start(4);
+    let s = Supervised::start(10);
     let bad = b"#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = version ]; then echo '{\"agentVersion\":\"9.9.9\",\"protocolVersion\":1}'; exit 0; fi\ndone\nexec sleep 3600\n";
     s.node.publish("v9.9.9", bad, "v9.9.9");
     let out = s.update(&["--version", "v9.9.9"]);

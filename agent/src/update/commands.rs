@@ -271,7 +271,7 @@ pub fn update_cmd(
             swap.previous_target.display()
         );
     }
-    let restart = super::handoff::after_install(cfg, config_path, &swap, o.no_restart, rt);
+    let restart = super::handoff::after_install(cfg, config_path, &swap, o.no_restart);
     let exit = match &restart {
         super::handoff::AfterInstall::NotRestarted(why) => {
             if !j {

@@ -53,7 +53,7 @@ pub fn apply(
             restart: false,
         }),
         Installed::Swapped(s) => {
-            handoff::launch(&cfg, config_path, &s, rt).map_err(|e| {
+            handoff::launch(&cfg, config_path, &s).map_err(|e| {
                 let message = format!(
                     "{e}; {} is installed and linked, but the agent was not restarted",
                     s.to.tag()

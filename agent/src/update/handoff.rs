@@ -110,12 +110,7 @@ fn agent_status(cfg: &Config) -> Option<Value> {
 }
 
 /// Launch the hand-off for `swap` (never waits for it).
-pub fn launch(
-    cfg: &Config,
-    config_path: &Path,
-    swap: &Swap,
-    rt: &tokio::runtime::Handle,
-) -> Result<(), String> {
+pub fn launch(cfg: &Config, config_path: &Path, swap: &Swap) -> Result<(), String> {
     let runos =
         std::env::current_exe().map_err(|e| format!("cannot find the running binary: {e}"))?;
     let argv = handoff_argv(
@@ -127,7 +122,81 @@ pub fn launch(
         &swap.previous_target,
     );
     tracing::info!(argv = ?argv, "launching the update hand-off");
-    run(argv, LAUNCH_TIMEOUT, rt)
+    launch_detached(
+        argv,
+        LAUNCH_TIMEOUT,
+        &cfg.paths.state_dir.join("update-handoff.log"),
+    )
+}
+
+/// Run the launcher `argv` and wait (at most `timeout`) for it to exit 0. Unlike
+/// [`crate::process::run`], its process group is killed only on timeout: what the launcher
+/// detaches (a `systemd-run` unit is not our child at all; a `setsid -f` child may still be
+/// in the group for a moment after the launcher exits) must outlive it. Its output goes to
+/// `log` (0600, truncated), whose tail is in the error.
+fn launch_detached(argv: Vec<String>, timeout: Duration, log: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    let shown = argv.join(" ");
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| "update.restart_command is empty".to_string())?;
+    let _ = crate::fsutil::ensure_dir(log.parent().unwrap_or_else(|| Path::new("/")), 0o700);
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(log)
+        .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", crate::process::DEFAULT_PATH)
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("`{shown}` could not be started: {e}"))?;
+    let end = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                crate::process::GroupGuard::new(Some(child.id())).kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "`{shown}` did not finish within {}s",
+                    timeout.as_secs()
+                ));
+            }
+        }
+    };
+    if status.success() {
+        Ok(())
+    } else {
+        let tail = crate::fsutil::read_capped(log, 64 * 1024)
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .trim()
+                    .chars()
+                    .rev()
+                    .take(300)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<String>()
+            })
+            .unwrap_or_default();
+        Err(format!("`{shown}` failed ({status}): {tail}"))
+    }
 }
 
 /// `runos update` after a successful install: launch the hand-off when an agent runs and
@@ -137,7 +206,6 @@ pub fn after_install(
     config_path: &Path,
     swap: &Swap,
     no_restart: bool,
-    rt: &tokio::runtime::Runtime,
 ) -> AfterInstall {
     if no_restart {
         return AfterInstall::NotRestarted(format!(
@@ -162,7 +230,7 @@ pub fn after_install(
     let before = UpdateState::load(&cfg.paths.state_dir)
         .ok()
         .and_then(|st| st.last);
-    if let Err(e) = launch(cfg, config_path, swap, rt.handle()) {
+    if let Err(e) = launch(cfg, config_path, swap) {
         return AfterInstall::Unknown(format!(
             "{e}; {} is installed and linked, but the agent was not restarted: restart it (systemctl restart runos), or roll back with `runos update --version {} --allow-downgrade`",
             swap.to.tag(),
