@@ -141,11 +141,25 @@ fn install_locked(
         return Ok(Installed::AlreadyCurrent(to));
     }
     if previous_target == new_binary {
-        // Installed and linked by an earlier update whose restart has not happened yet.
+        // Installed and linked by an earlier update whose restart has not happened yet; a
+        // rollback returns to the running version's binary, which must exist.
+        let running = install::version_binary(&u.install_dir, from);
+        if !running.is_file() {
+            return Err(UpdateError::new(
+                Exit::InstallFailed,
+                format!(
+                    "{} already points at {} (installed earlier), but the running version's binary {} is missing, so there is nothing to roll back to; restart the agent to run {}",
+                    u.bin_link.display(),
+                    new_binary.display(),
+                    running.display(),
+                    to.tag()
+                ),
+            ));
+        }
         return Ok(Installed::Swapped(Box::new(Swap {
             from,
             to,
-            previous_target: install::version_binary(&u.install_dir, from),
+            previous_target: running,
             binary: new_binary,
             verified: None,
         })));
