@@ -245,6 +245,9 @@ pub struct RawUpdate {
     /// Where releases are downloaded from (`<release_base>/download/<vX.Y.Z>/<asset>`);
     /// default `https://github.com/<repo>/releases`. https only.
     pub release_base: Option<String>,
+    /// The GitHub API asked for the attestation (`<api>/repos/<repo>/attestations/sha256:<hex>`)
+    /// when the release has no `<asset>.sigstore.json`; `""` turns the fallback off.
+    pub attestations_api: String,
     /// A PEM CA bundle that replaces the compiled-in web roots for release downloads (a mirror).
     pub release_ca_file: Option<PathBuf>,
     /// Versions are installed side by side in `<install_dir>/<vX.Y.Z>/runos`.
@@ -279,6 +282,7 @@ impl Default for RawUpdate {
             workflow: runos_attest::DEFAULT_WORKFLOW.into(),
             trusted_root: None,
             release_base: None,
+            attestations_api: "https://api.github.com".into(),
             release_ca_file: None,
             install_dir: "/usr/local/lib/runos".into(),
             bin_link: "/usr/local/bin/runos".into(),
@@ -325,6 +329,8 @@ pub struct UpdateSettings {
     pub trusted_root: Option<PathBuf>,
     /// Release base URL (https, no trailing slash).
     pub release_base: String,
+    /// GitHub API base for the attestation fallback (https, no trailing slash), if on.
+    pub attestations_api: Option<String>,
     /// CA bundle for downloads, replacing the compiled-in roots.
     pub release_ca_file: Option<PathBuf>,
     /// Install directory.
@@ -596,28 +602,30 @@ impl RawUpdate {
                 runos_attest::PolicyError::Workflow(_) => invalid("update.workflow", e.to_string()),
                 _ => invalid("update.repo", e.to_string()),
             })?;
+        let https_url = |key: &'static str, b: &str| -> Result<String, ConfigError> {
+            let b = b.trim_end_matches('/');
+            let rest = b
+                .strip_prefix("https://")
+                .ok_or_else(|| invalid(key, format!("must be an https:// URL, got {b:?}")))?;
+            if rest.is_empty()
+                || b.len() > 2048
+                || b.chars().any(|c| c.is_whitespace() || c.is_control())
+                || rest.contains(['?', '#'])
+            {
+                return Err(invalid(
+                    key,
+                    "must be an https:// URL without spaces, query or fragment".into(),
+                ));
+            }
+            Ok(b.to_string())
+        };
         let release_base = match &self.release_base {
             None => format!("https://github.com/{}/releases", self.repo),
-            Some(b) => {
-                let b = b.trim_end_matches('/');
-                let rest = b.strip_prefix("https://").ok_or_else(|| {
-                    invalid(
-                        "update.release_base",
-                        format!("must be an https:// URL, got {b:?}"),
-                    )
-                })?;
-                if rest.is_empty()
-                    || b.len() > 2048
-                    || b.chars().any(|c| c.is_whitespace() || c.is_control())
-                    || rest.contains(['?', '#'])
-                {
-                    return Err(invalid(
-                        "update.release_base",
-                        "must be an https:// URL without spaces, query or fragment".into(),
-                    ));
-                }
-                b.to_string()
-            }
+            Some(b) => https_url("update.release_base", b)?,
+        };
+        let attestations_api = match self.attestations_api.as_str() {
+            "" => None,
+            b => Some(https_url("update.attestations_api", b)?),
         };
         let abs = |key: &'static str, p: &PathBuf| -> Result<PathBuf, ConfigError> {
             if p.is_absolute() {
@@ -689,6 +697,7 @@ impl RawUpdate {
                 .map(|p| abs("update.trusted_root", p))
                 .transpose()?,
             release_base,
+            attestations_api,
             release_ca_file: self
                 .release_ca_file
                 .as_ref()
@@ -954,6 +963,21 @@ journal_fsync = false
         )
         .unwrap();
         assert_eq!(c.update.release_base, "https://mirror.example/r");
+        assert_eq!(
+            parse_validate("")
+                .unwrap()
+                .update
+                .attestations_api
+                .as_deref(),
+            Some("https://api.github.com")
+        );
+        assert_eq!(
+            parse_validate("[update]\nattestations_api = \"\"\n")
+                .unwrap()
+                .update
+                .attestations_api,
+            None
+        );
         assert!(c.update.auto);
         for (toml, key) in [
             ("[update]\nrepo = \"nope\"\n", "update.repo"),
@@ -961,6 +985,10 @@ journal_fsync = false
             (
                 "[update]\nrelease_base = \"http://x\"\n",
                 "update.release_base",
+            ),
+            (
+                "[update]\nattestations_api = \"http://api\"\n",
+                "update.attestations_api",
             ),
             (
                 "[update]\nrelease_base = \"https://x y\"\n",

@@ -23,6 +23,7 @@ pub enum Fault {
 }
 
 type Faults = Arc<Mutex<HashMap<String, Fault>>>;
+type Routes = Arc<Mutex<HashMap<String, Vec<u8>>>>;
 
 /// The release's name for this machine's CPU.
 pub fn arch() -> &'static str {
@@ -57,6 +58,7 @@ pub struct ReleaseServer {
     pub ca_file: PathBuf,
     requests: Arc<Mutex<Vec<String>>>,
     faults: Faults,
+    routes: Routes,
 }
 
 impl ReleaseServer {
@@ -95,19 +97,30 @@ impl ReleaseServer {
         let addr = std_listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let faults: Faults = Arc::new(Mutex::new(HashMap::new()));
-        let (root, log, f) = (dir.to_path_buf(), requests.clone(), faults.clone());
+        let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
+        let (root, log, f, r) = (
+            dir.to_path_buf(),
+            requests.clone(),
+            faults.clone(),
+            routes.clone(),
+        );
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (acceptor, root, log, f) =
-                    (acceptor.clone(), root.clone(), log.clone(), f.clone());
+                let (acceptor, root, log, f, r) = (
+                    acceptor.clone(),
+                    root.clone(),
+                    log.clone(),
+                    f.clone(),
+                    r.clone(),
+                );
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(30),
-                        serve(acceptor, tcp, root, log, f),
+                        serve(acceptor, tcp, root, log, f, r),
                     )
                     .await;
                 });
@@ -120,6 +133,7 @@ impl ReleaseServer {
             ca_file,
             requests,
             faults,
+            routes,
         }
     }
 
@@ -164,6 +178,11 @@ impl ReleaseServer {
         fs::write(d.join(name), bytes).unwrap();
     }
 
+    /// Answer `GET path` (any path, e.g. a GitHub API one) with `body`.
+    pub fn route(&self, path: &str, body: Vec<u8>) {
+        self.routes.lock().unwrap().insert(path.to_string(), body);
+    }
+
     /// Answer requests for `path` with `fault`.
     pub fn fault(&self, path: &str, fault: Fault) {
         self.faults.lock().unwrap().insert(path.to_string(), fault);
@@ -195,6 +214,7 @@ async fn serve(
     root: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     faults: Faults,
+    routes: Routes,
 ) -> std::io::Result<()> {
     let mut tls = acceptor.accept(tcp).await?;
     let mut head = Vec::new();
@@ -210,17 +230,19 @@ async fn serve(
     let mut first = head.lines().next().unwrap_or("").split(' ');
     let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
     log.lock().unwrap().push(path.to_string());
-    let file = path
-        .strip_prefix("/download/")
-        .map(|rest| rest.split('/').collect::<Vec<_>>())
-        .filter(|parts| {
-            method == "GET"
-                && parts.len() == 2
-                && parts
-                    .iter()
-                    .all(|p| !p.is_empty() && !p.starts_with('.') && !p.contains('\\'))
-        })
-        .and_then(|parts| fs::read(root.join("download").join(parts[0]).join(parts[1])).ok());
+    let routed = routes.lock().unwrap().get(path).cloned();
+    let file = routed.or_else(|| {
+        path.strip_prefix("/download/")
+            .map(|rest| rest.split('/').collect::<Vec<_>>())
+            .filter(|parts| {
+                method == "GET"
+                    && parts.len() == 2
+                    && parts
+                        .iter()
+                        .all(|p| !p.is_empty() && !p.starts_with('.') && !p.contains('\\'))
+            })
+            .and_then(|parts| fs::read(root.join("download").join(parts[0]).join(parts[1])).ok())
+    });
     let response = match file {
         Some(body) => {
             let send = match faults.lock().unwrap().get(path) {

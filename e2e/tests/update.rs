@@ -458,12 +458,13 @@ impl Node {
             &config,
             format!(
                 "[paths]\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nkey = \"{}\"\ncertificate = \"{}\"\n\n\
-                 [update]\nrelease_base = \"{}\"\nrelease_ca_file = \"{}\"\ntrusted_root = \"{}\"\n\
-                 install_dir = \"{}\"\nbin_link = \"{}\"\n",
+                 [update]\nrelease_base = \"{}\"\nattestations_api = \"{}\"\nrelease_ca_file = \"{}\"\n\
+                 trusted_root = \"{}\"\ninstall_dir = \"{}\"\nbin_link = \"{}\"\n",
                 p("state"),
                 p("run"),
                 p("node.key"),
                 p("node.crt"),
+                srv.base(),
                 srv.base(),
                 srv.ca_file.display(),
                 root.display(),
@@ -689,6 +690,34 @@ fn update_refuses_truncated_and_missing_downloads() {
     n.assert_refused(&n.update(&["--version", "v9.9.7"]), 11, "404");
 }
 
+/// A release without `<asset>.sigstore.json`: the bundle comes from the attestations API
+/// (`update.attestations_api`, here the test server), looked up by the binary's digest.
+#[test]
+fn update_falls_back_to_the_attestations_api() {
+    let n = Node::new();
+    let binary = release_binary();
+    n.srv.publish("v9.9.9", binary);
+    let api_path = format!("/repos/{REPO}/attestations/sha256:{}", sha256_hex(binary));
+    // Only an attestation for another tag: refused.
+    let other: Value =
+        serde_json::from_slice(&world().attest(binary, &asset(), &opts("v9.9.8")).unwrap())
+            .unwrap();
+    let answer = serde_json::json!({"attestations": [{"bundle": other, "repository_id": 1}]});
+    n.srv.route(&api_path, serde_json::to_vec(&answer).unwrap());
+    n.assert_refused(&n.update(&["--version", "v9.9.9"]), 10, "refs/tags/v9.9.9");
+    assert_eq!(n.srv.hits(&api_path), 1);
+
+    // The right one among others: installed.
+    let good: Value =
+        serde_json::from_slice(&world().attest(binary, &asset(), &opts("v9.9.9")).unwrap())
+            .unwrap();
+    let answer = serde_json::json!({"attestations": [{"bundle": other}, {"bundle": good}]});
+    n.srv.route(&api_path, serde_json::to_vec(&answer).unwrap());
+    let out = n.update(&["--version", "v9.9.9"]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    assert_eq!(n.target(), n.install_dir.join("v9.9.9/runos"));
+}
+
 #[test]
 fn update_usage_errors() {
     let n = Node::new();
@@ -781,11 +810,12 @@ impl Supervised {
         );
         let mut config = fs::read_to_string(&agent.config).unwrap();
         config.push_str(&format!(
-            "\n[update]\nrelease_base = \"{}\"\nrelease_ca_file = \"{}\"\ntrusted_root = \"{}\"\n\
+            "\n[update]\nrelease_base = \"{}\"\nattestations_api = \"{}\"\nrelease_ca_file = \"{}\"\ntrusted_root = \"{}\"\n\
              install_dir = \"{}\"\nbin_link = \"{}\"\nhealth_timeout_secs = {health_timeout_secs}\n\
              restart_command = [\"sh\", \"-c\", {:?}, \"{{runos}}\", \"--config\", \"{{config}}\", \
              \"update-finish\", \"--from\", \"{{from}}\", \"--to\", \"{{to}}\", \"--previous\", \"{{previous}}\"]\n\
              service_restart_command = [\"sh\", \"-c\", \"kill -TERM $(cat {})\"]\n{update_extra}\n",
+            node.srv.base(),
             node.srv.base(),
             node.srv.ca_file.display(),
             d("trusted_root.json"),

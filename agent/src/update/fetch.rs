@@ -135,8 +135,17 @@ impl Fetcher {
         })
     }
 
-    fn get(&self, url: &str, cap: u64) -> Result<(ureq::Body, Option<u64>), FetchError> {
-        let resp = self.agent.get(url).call().map_err(|e| match e {
+    fn get(
+        &self,
+        url: &str,
+        cap: u64,
+        accept: Option<&str>,
+    ) -> Result<(ureq::Body, Option<u64>), FetchError> {
+        let mut req = self.agent.get(url);
+        if let Some(a) = accept {
+            req = req.header("Accept", a);
+        }
+        let resp = req.call().map_err(|e| match e {
             ureq::Error::StatusCode(status) => FetchError::Status {
                 url: url.to_string(),
                 status,
@@ -159,8 +168,18 @@ impl Fetcher {
 
     /// Download `url` into memory, at most `cap` bytes.
     pub fn get_bytes(&self, url: &str, cap: u64) -> Result<Vec<u8>, FetchError> {
+        self.get_bytes_accept(url, cap, None)
+    }
+
+    /// [`Fetcher::get_bytes`] with an `Accept` header.
+    pub fn get_bytes_accept(
+        &self,
+        url: &str,
+        cap: u64,
+        accept: Option<&str>,
+    ) -> Result<Vec<u8>, FetchError> {
         let mut out = Vec::new();
-        self.download(url, cap, None, |chunk| {
+        self.download(url, cap, None, accept, |chunk| {
             out.extend_from_slice(chunk);
             Ok(())
         })?;
@@ -182,7 +201,7 @@ impl Fetcher {
             path: path.display().to_string(),
             source,
         };
-        let size = self.download(url, cap, Some(label), |chunk| {
+        let size = self.download(url, cap, Some(label), None, |chunk| {
             hasher.update(chunk);
             file.write_all(chunk)
         });
@@ -199,9 +218,10 @@ impl Fetcher {
         url: &str,
         cap: u64,
         label: Option<&str>,
+        accept: Option<&str>,
         mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<u64, DownloadError> {
-        let (body, len) = self.get(url, cap)?;
+        let (body, len) = self.get(url, cap, accept)?;
         // One byte over the cap tells "exactly cap" from "more".
         let mut reader = body
             .into_with_config()
@@ -310,4 +330,69 @@ fn progress_line(label: &str, got: u64, len: Option<u64>) {
         _ => write!(err, "\r{label}: {:.1} MiB", mib(got)),
     };
     let _ = err.flush();
+}
+
+/// Largest answer read from the GitHub attestations API.
+pub const MAX_API_BYTES: u64 = 4 * 1024 * 1024;
+/// Attestations tried from one API answer.
+pub const MAX_API_ATTESTATIONS: usize = 16;
+
+/// The bundles in a GitHub attestations API answer
+/// (`{"attestations": [{"bundle": {...}}, ...]}`), re-serialised, at most
+/// [`MAX_API_ATTESTATIONS`]. Entries without an inline bundle are skipped.
+pub fn api_bundles(answer: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        attestations: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        bundle: Option<serde_json::Value>,
+    }
+    let a: Answer = serde_json::from_slice(answer)
+        .map_err(|e| format!("the attestations API answer is not what GitHub sends: {e}"))?;
+    Ok(a.attestations
+        .into_iter()
+        .filter_map(|e| e.bundle)
+        .filter(|b| b.is_object())
+        .take(MAX_API_ATTESTATIONS)
+        .filter_map(|b| serde_json::to_vec(&b).ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_process_default_crypto_provider_is_installed() {
+        let settings = crate::config::RawConfig::default()
+            .validate(Path::new("/x.toml"))
+            .unwrap()
+            .update;
+        let _f = Fetcher::new(&settings, false).unwrap();
+        assert!(rustls::crypto::CryptoProvider::get_default().is_none());
+    }
+
+    #[test]
+    fn api_answers() {
+        let two = br#"{"attestations": [{"bundle": {"a": 1}, "repository_id": 1}, {"bundle_url": "x"}, {"bundle": {"b": 2}}]}"#;
+        assert_eq!(
+            api_bundles(two).unwrap(),
+            vec![br#"{"a":1}"#.to_vec(), br#"{"b":2}"#.to_vec()]
+        );
+        assert!(api_bundles(br#"{"attestations": []}"#).unwrap().is_empty());
+        for bad in [&b"[]"[..], b"{}", b"{\"attestations\": 5}", b"\xff"] {
+            assert!(api_bundles(bad).is_err());
+        }
+        let many = format!(
+            "{{\"attestations\": [{}]}}",
+            vec![r#"{"bundle": {}}"#; 100].join(",")
+        );
+        assert_eq!(
+            api_bundles(many.as_bytes()).unwrap().len(),
+            MAX_API_ATTESTATIONS
+        );
+    }
 }

@@ -217,12 +217,16 @@ fn install_locked(
     let checksums = fetcher
         .get_bytes(&format!("{base}/checksums.txt"), MAX_CHECKSUMS_BYTES)
         .map_err(fetch_err)?;
-    let bundle = fetcher
-        .get_bytes(
-            &format!("{base}/{asset}.sigstore.json"),
-            runos_attest::MAX_BUNDLE_BYTES as u64,
-        )
-        .map_err(fetch_err)?;
+    // The bundle published with the release; without one, GitHub's attestations API (after
+    // the download, since it is looked up by the binary's digest).
+    let bundle = match fetcher.get_bytes(
+        &format!("{base}/{asset}.sigstore.json"),
+        runos_attest::MAX_BUNDLE_BYTES as u64,
+    ) {
+        Ok(b) => Some(b),
+        Err(fetch::FetchError::Status { status: 404, .. }) if u.attestations_api.is_some() => None,
+        Err(e) => return Err(fetch_err(e)),
+    };
     let mut tmp = install::TempFile::create(&u.install_dir, &asset).map_err(|e| {
         UpdateError::new(
             Exit::InstallFailed,
@@ -241,7 +245,27 @@ fn install_locked(
             )
             .map_err(fetch_err)?
     };
-    let verified = verify::check(&digest, Some(&checksums), &bundle, &policy, &root).map_err(|e| {
+    let bundles = match (bundle, &u.attestations_api) {
+        (Some(b), _) => vec![b],
+        (None, Some(api)) => {
+            let url = format!(
+                "{api}/repos/{}/attestations/sha256:{}",
+                u.repo,
+                digest.to_hex()
+            );
+            tracing::info!(%url, "the release has no attestation bundle; asking the GitHub API");
+            let answer = fetcher
+                .get_bytes_accept(
+                    &url,
+                    fetch::MAX_API_BYTES,
+                    Some("application/vnd.github+json"),
+                )
+                .map_err(fetch_err)?;
+            fetch::api_bundles(&answer).map_err(|e| UpdateError::new(Exit::DownloadFailed, e))?
+        }
+        (None, None) => Vec::new(),
+    };
+    let failed = |e: String| {
         UpdateError::new(
             Exit::VerifyFailed,
             format!(
@@ -251,7 +275,19 @@ fn install_locked(
                 digest.to_hex()
             ),
         )
-    })?;
+    };
+    let mut verified = None;
+    let mut last_error = "no attestation was found for it".to_string();
+    for b in &bundles {
+        match verify::check(&digest, Some(&checksums), b, &policy, &root) {
+            Ok(v) => {
+                verified = Some(v);
+                break;
+            }
+            Err(e) => last_error = e.to_string(),
+        }
+    }
+    let verified = verified.ok_or_else(|| failed(last_error))?;
     tracing::info!(
         version = %to.tag(), sha256 = %digest.to_hex(), identity = %verified.identity,
         commit = ?verified.commit, log_index = verified.log_index,
