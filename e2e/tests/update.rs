@@ -1003,3 +1003,31 @@ fn auto_update_follows_the_advertised_version() {
     });
     assert_eq!(s.node.target(), s.node.install_dir.join("v9.9.9/runos"));
 }
+
+/// An automatic update to a version that fails its health gate is rolled back, and the
+/// restarted old agent does not try that version again.
+#[test]
+fn auto_update_does_not_retry_a_refused_version() {
+    let s = Supervised::start_with(10, &["--advertise-version", "v9.9.9"], "auto = true");
+    let bad = b"#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = version ]; then echo '{\"agentVersion\":\"9.9.9\",\"protocolVersion\":1}'; exit 0; fi\ndone\nexec sleep 3600\n";
+    s.node.publish("v9.9.9", bad, "v9.9.9");
+    runos_e2e::wait_until(
+        runos_e2e::DEADLINE * 2,
+        "automatic update rolled back",
+        || {
+            s.node.state_dir.join("update.json").exists()
+                && s.state()["last"]["outcome"] == "rolled_back"
+        },
+    );
+    s.wait_running("0.1.0");
+    let log = s.node.dir.join("agent/agent.log");
+    runos_e2e::wait_until(runos_e2e::DEADLINE, "the refused version skipped", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("refused after a failed health gate; not installing it automatically")
+    });
+    assert_eq!(s.node.srv.hits(&format!("/download/v9.9.9/{}", asset())), 1);
+    assert_eq!(s.state()["last"]["outcome"], "rolled_back");
+    assert_eq!(s.state()["refused"], serde_json::json!(["v9.9.9"]));
+    assert_eq!(s.node.target(), s.node.old);
+}
