@@ -320,15 +320,26 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         .ca_file
         .clone()
         .unwrap_or_else(|| cfg.paths.l1_ca.clone());
-    let ca_pem = fsutil::read_capped(&ca_path, crate::identity::MAX_PEM_FILE).map_err(|e| {
-        fail(
-            Exit::Tls,
-            format!(
-                "cannot read the L1Sec CA file {}: {e}; pass --ca-file with the control plane's ca.pem",
-                ca_path.display()
-            ),
-        )
-    })?;
+    let mut fetched = false;
+    let ca_pem = match fsutil::read_capped(&ca_path, crate::identity::MAX_PEM_FILE) {
+        Ok(b) => b,
+        // No CA file but a pin: learn the CA from the server and keep it only if it matches
+        // the pin (as k3s does with the CA hash in its tokens).
+        Err(fsutil::ReadError::NotFound) if opts.ca_file.is_none() && pin.is_some() => {
+            let pin = pin.as_deref().unwrap_or_default();
+            fetched = true;
+            fetch_ca(&opts.server, l1_port, pin).await?
+        }
+        Err(e) => {
+            return Err(fail(
+                Exit::Tls,
+                format!(
+                    "cannot read the L1Sec CA file {}: {e}; pass --ca-file with the control plane's ca.pem",
+                    ca_path.display()
+                ),
+            ));
+        }
+    };
     let cas = runos_transport::pem::certificates(&ca_pem).map_err(|e| {
         fail(
             Exit::Tls,
@@ -513,7 +524,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         &opts.server,
         l1_port,
         l2_port,
-        &ca_path,
+        (&ca_path, fetched),
         certs_to_pem(&cas).as_bytes(),
         pin.as_deref(),
     )?;
@@ -542,6 +553,49 @@ fn ensure_parents(cfg: &Config) -> Result<(), fsutil::FsError> {
     Ok(())
 }
 
+/// Learn the control plane's CA from the chain its L1Sec server presents, keeping only the
+/// certificate whose sha256 is `pin`. Nothing is sent on that connection. Returns the CA as PEM.
+async fn fetch_ca(host: &str, port: u16, pin: &str) -> Result<Vec<u8>, RegisterError> {
+    let (tls, captured) = runos_transport::tls::chain_capture_config(runos_protocol::ALPN_L1SEC)
+        .map_err(|e| fail(Exit::Failure, format!("TLS setup: {e}")))?;
+    let stream = net::connect_tls(host, port, tls, runos_protocol::ALPN_L1SEC)
+        .await
+        .map_err(|e| match e {
+            net::ConnectError::Unreachable { .. } => fail(
+                Exit::Unreachable,
+                format!("{e}; check the host name, the L1Sec port (--l1-port) and the firewall"),
+            ),
+            net::ConnectError::Tls { .. } => fail(Exit::Tls, e.to_string()),
+        })?;
+    drop(stream);
+    let certs = captured.certs();
+    let digests: Vec<String> = certs
+        .iter()
+        .map(|c| runos_transport::pem::der_sha256(c))
+        .collect();
+    match digests.iter().position(|d| d == pin) {
+        Some(i) => {
+            eprintln!(
+                "runos: no CA file given: using the control plane's CA from {}, which matches the pin {pin}",
+                net::addr(host, port)
+            );
+            Ok(certs_to_pem(&certs[i..=i]).into_bytes())
+        }
+        None => Err(fail(
+            Exit::Tls,
+            format!(
+                "the server at {} presented no CA matching the pin {pin} (it presented {}); it may not be the control plane the token is for: get its CA file (--ca-file) or pin from its operator",
+                net::addr(host, port),
+                if digests.is_empty() {
+                    "no certificates".to_string()
+                } else {
+                    digests.join(", ")
+                }
+            ),
+        )),
+    }
+}
+
 /// PEM text of `certs`: what `register` keeps as the L1Sec CA (with a pin, only the pinned one).
 fn certs_to_pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
     use base64::Engine as _;
@@ -567,7 +621,7 @@ fn store(
     host: &str,
     l1_port: u16,
     l2_port: u16,
-    ca_path: &Path,
+    (ca_path, fetched): (&Path, bool),
     ca_pem: &[u8],
     pin: Option<&str>,
 ) -> Result<(), RegisterError> {
@@ -579,7 +633,7 @@ fn store(
     };
     let p = &cfg.paths;
     ensure_parents(cfg).map_err(write_err)?;
-    if ca_path != p.l1_ca {
+    if ca_path != p.l1_ca || fetched {
         // Only the trusted certificates (the pinned one when there is a pin).
         fsutil::write_atomic(&p.l1_ca, ca_pem, Mode::Exact(0o644)).map_err(write_err)?;
     }
