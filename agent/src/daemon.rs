@@ -70,6 +70,20 @@ pub async fn run(
         lock::LockError::Held(_) => fail(Exit::Locked, e.to_string()),
         lock::LockError::Io { .. } => fail(Exit::Failure, e.to_string()),
     })?;
+    // Process groups of instructions that a crash (kill -9) of the previous run cut short:
+    // kill them now, before anything new runs. Only the lock holder does this.
+    let groups = cfg.paths.run_dir.join("groups");
+    for pgid in crate::process::reap_leftover_groups(&groups) {
+        tracing::warn!(
+            pgid,
+            "killed the leftover process group of an instruction that a crash of the previous run cut short"
+        );
+    }
+    if let Err(e) = crate::process::set_group_registry(groups) {
+        tracing::warn!(
+            "cannot record process groups ({e}); after a crash, instruction processes would not be killed at the next start"
+        );
+    }
     let signal_err = |e: std::io::Error| {
         fail(
             Exit::Failure,
