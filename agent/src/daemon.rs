@@ -102,29 +102,37 @@ pub async fn run(
     let (cfg_tx, cfg_rx) = watch::channel(cfg.clone());
 
     // Signals: handled in one task for the life of the daemon.
+    // The admin socket's `reconnect` (sent by `register --force`): reload the configuration
+    // (the server may have changed) and reconnect whatever changed.
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(4);
     let reconnect_sig = reconnect_tx.clone();
     let config_file = config_path.clone();
     tokio::spawn(async move {
         let reconnect_tx = reconnect_sig;
+        let reload = |why: &str, force: bool| match config::load(&config_path) {
+            Ok((new, _)) => {
+                log.set_level(level_of(&new, cli_level));
+                let old = cfg_tx.borrow().clone();
+                let reconnect = force || needs_reconnect(&old, &new);
+                cfg_tx.send_replace(new);
+                tracing::info!(reconnect, "{why}: configuration reloaded");
+                if reconnect {
+                    reconnect_tx.send_modify(|g| *g += 1);
+                }
+            }
+            Err(e) => {
+                tracing::error!("{why}: the new configuration is invalid and was ignored: {e}");
+                if force {
+                    reconnect_tx.send_modify(|g| *g += 1);
+                }
+            }
+        };
         loop {
             tokio::select! {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); let _ = shutdown_tx.send(true); }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); let _ = shutdown_tx.send(true); }
-                _ = sighup.recv() => {
-                    match config::load(&config_path) {
-                        Ok((new, _)) => {
-                            log.set_level(level_of(&new, cli_level));
-                            let old = cfg_tx.borrow().clone();
-                            let reconnect = needs_reconnect(&old, &new);
-                            cfg_tx.send_replace(new);
-                            tracing::info!(reconnect, "SIGHUP: configuration reloaded");
-                            if reconnect {
-                                reconnect_tx.send_modify(|g| *g += 1);
-                            }
-                        }
-                        Err(e) => tracing::error!("SIGHUP: the new configuration is invalid and was ignored: {e}"),
-                    }
-                }
+                _ = sighup.recv() => reload("SIGHUP", false),
+                Some(()) = reload_rx.recv() => reload("reconnect requested", true),
             }
         }
     });
@@ -154,7 +162,7 @@ pub async fn run(
             status: status.clone(),
             dispatcher: link.inbound.downgrade(),
             renew: Some(renew_tx),
-            reconnect: Some(reconnect_tx.clone()),
+            reconnect: Some(reload_tx),
         },
     );
     tracing::info!(version = crate::AGENT_VERSION, types = ?catalog.types(), "agent started");

@@ -286,8 +286,12 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         )
     })?;
     config::validate_host(&opts.server).map_err(|m| fail(Exit::Usage, format!("--server {m}")))?;
+    // Hold the credential switch lock from before the token is spent until the new identity is
+    // in place, so a renewal by the running agent can neither make this fail after the token
+    // was used nor overwrite the new identity afterwards.
+    let _switch = wait_switch_lock(&cfg).await?;
     // Finish (or undo) a switch a crash interrupted, then look at what is there.
-    crate::credentials::recover(&cfg.paths).map_err(|e| {
+    crate::credentials::recover_unlocked(&cfg.paths).map_err(|e| {
         fail(
             Exit::Failure,
             format!("cannot finish an interrupted credential switch: {e}"),
@@ -308,10 +312,18 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let l1_port = opts.l1_port.unwrap_or(cfg.server.l1_port);
     let l2_port = opts.l2_port.unwrap_or(cfg.server.l2_port);
     let token = read_token(&opts.token)?;
+    // Re-enrolling (--force) with a pin given now (flag or token): that pin supersedes the one
+    // stored by the previous enrolment, which may be for another control plane or a CA that
+    // has been rotated out.
+    let stored_pin = if opts.force && (opts.ca_sha256.is_some() || token.ca_sha256().is_some()) {
+        None
+    } else {
+        cfg.server.l1_ca_sha256.as_deref()
+    };
     let pin = resolve_pin(
         opts.ca_sha256.as_deref(),
         token.ca_sha256(),
-        cfg.server.l1_ca_sha256.as_deref(),
+        stored_pin,
         opts.insecure_skip_pin,
     )?;
 
@@ -321,7 +333,20 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         .clone()
         .unwrap_or_else(|| cfg.paths.l1_ca.clone());
     let mut fetched = false;
+    let holds_pin = |pem: &[u8]| {
+        runos_transport::pem::certificates(pem).is_ok_and(|cs| {
+            cs.iter()
+                .any(|c| Some(runos_transport::pem::der_sha256(c)) == pin)
+        })
+    };
     let ca_pem = match fsutil::read_capped(&ca_path, crate::identity::MAX_PEM_FILE) {
+        // Re-enrolling, and the stored L1Sec CA of the earlier enrolment does not match the pin
+        // given now (another control plane, a rotated CA): learn the CA as if there were none.
+        Ok(b) if opts.force && opts.ca_file.is_none() && pin.is_some() && !holds_pin(&b) => {
+            let pin = pin.as_deref().unwrap_or_default();
+            fetched = true;
+            fetch_ca(&opts.server, l1_port, pin).await?
+        }
         Ok(b) => b,
         // No CA file but a pin: learn the CA from the server and keep it only if it matches
         // the pin (as k3s does with the CA hash in its tokens).
@@ -478,7 +503,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let (l2_verified, l2_error) = match &existing {
         Some(old) => {
             // Replace only once the new identity has carried an L2Sec session.
-            crate::renew::switch_to(
+            crate::renew::switch_locked(
                 set,
                 cfg.paths.clone(),
                 opts.server.clone(),
@@ -492,7 +517,9 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
                         crate::renew::RenewError::Unreachable(_) => Exit::Unreachable,
                         crate::renew::RenewError::Tls(_) => Exit::Tls,
                         crate::renew::RenewError::Revoked(_) => Exit::Refused,
-                        crate::renew::RenewError::Failed(_) => Exit::Failure,
+                        crate::renew::RenewError::Failed(_) | crate::renew::RenewError::Busy(_) => {
+                            Exit::Failure
+                        }
                     },
                     format!(
                         "the new identity (node id {node_id}) did not work on L2Sec, so node {old} keeps its current identity: {e}"
@@ -534,6 +561,40 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         l2_verified,
         l2_error,
     })
+}
+
+/// Bound on waiting for another credential switch (a renewal) to finish.
+const SWITCH_WAIT: Duration = Duration::from_secs(60);
+
+async fn wait_switch_lock(cfg: &Config) -> Result<crate::lock::InstanceLock, RegisterError> {
+    let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
+    loop {
+        match crate::credentials::switch_lock(&cfg.paths) {
+            Ok(Some(l)) => return Ok(l),
+            Ok(None) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(None) => {
+                return Err(fail(
+                    Exit::Locked,
+                    format!(
+                        "another credential switch (a renewal) has held {} for {} s; nothing was sent (the token is unused): try again",
+                        cfg.paths
+                            .run_dir
+                            .join(crate::credentials::SWITCH_LOCK)
+                            .display(),
+                        SWITCH_WAIT.as_secs()
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(fail(
+                    Exit::Failure,
+                    format!("{e}; run register as root or point [paths] at a writable directory"),
+                ));
+            }
+        }
+    }
 }
 
 /// The node id of the identity on disk, if there is a readable certificate with one.

@@ -176,7 +176,7 @@ pub(crate) struct Shared {
     /// Serialises CA rotations and cutovers.
     pub ca_ops: Arc<tokio::sync::Mutex<()>>,
     pub opts: ServeOptions,
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
     /// Bumped whenever a final reply is stored; waiters re-check the database.
     pub replies: watch::Sender<u64>,
     pub shutdown: watch::Receiver<bool>,
@@ -329,7 +329,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         tls: std::sync::RwLock::new(tls),
         ca_ops: Arc::new(tokio::sync::Mutex::new(())),
         opts: opts.clone(),
-        sessions: Sessions::default(),
+        sessions: Arc::new(Sessions::default()),
         replies,
         shutdown: shutdown_rx,
     });

@@ -59,8 +59,9 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// A server configuration presenting `chain`/`key`, speaking only `alpn`, TLS 1.3 only. With
-/// `client_cas`, a client certificate chaining to one of them is required.
+/// A server configuration presenting `chain`/`key`, speaking only `alpn`, TLS 1.3 only, with
+/// session resumption disabled. With `client_cas`, a client certificate chaining to one of them
+/// is required (and checked in every handshake).
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -80,6 +81,10 @@ pub fn server_config(
     };
     let mut cfg = builder.with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![alpn.to_vec()];
+    // No session resumption: a resumed TLS 1.3 session restores the client certificate
+    // without checking it again (expiry included), and every connection is long-lived anyway.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
