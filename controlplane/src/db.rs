@@ -535,6 +535,16 @@ impl Db {
         })
     }
 
+    /// Delete certificates that expired before `before` (ms). The number deleted.
+    pub fn prune_certs(&self, before: i64) -> Result<usize, Error> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM certificates WHERE not_after < ?1",
+                params![before],
+            )
+        })
+    }
+
     /// Record that the certificate `serial_hex` carried an admitted session (first use only).
     pub fn mark_used(&self, serial_hex: &str, now: i64) -> Result<(), Error> {
         self.with(|c| {
@@ -1093,6 +1103,10 @@ mod tests {
             Renewal::Recorded
         );
         assert_eq!(db.cert("s2").unwrap().unwrap().not_after, 300_000);
+        // Pruning removes only certificates that expired before the bound.
+        assert_eq!(db.prune_certs(200_000).unwrap(), 1);
+        assert!(db.cert("s1").unwrap().is_none());
+        assert!(db.cert("s2").unwrap().is_some());
     }
 
     #[test]

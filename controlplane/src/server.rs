@@ -218,6 +218,29 @@ impl Shared {
     }
 }
 
+/// How long an expired node certificate's row is kept (for `nodes` and audits).
+const EXPIRED_CERT_RETENTION: Duration = Duration::from_secs(30 * 86400);
+/// How often expired certificate rows are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Delete the rows of node certificates that expired more than [`EXPIRED_CERT_RETENTION`] ago,
+/// at start and then every [`PRUNE_EVERY`], so renewals do not grow the database forever.
+async fn prune_certificates(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let before = util::now_ms().saturating_sub(util::ms(EXPIRED_CERT_RETENTION));
+        match shared.db.prune_certs(before) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned expired node certificates"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune expired node certificates"),
+        }
+        tokio::select! {
+            () = shutdown_signalled(&mut shutdown) => return,
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+    }
+}
+
 pub(crate) async fn shutdown_signalled(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
@@ -338,6 +361,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         tokio::spawn(l1::run(l1_listener, shared.clone())),
         tokio::spawn(l2::run(l2_listener, shared.clone())),
         tokio::spawn(admin::run(admin_listener, shared.clone())),
+        tokio::spawn(prune_certificates(shared.clone())),
     ];
 
     let endpoints = Endpoints {
