@@ -49,8 +49,8 @@ Registration (needed unless the node is already registered):
                         default 9191; an IPv6 address with a port is written [addr]:port
   --token-file FILE     file holding the one-time enrolment token (mode 0600); the token is
                         never put on a command line or printed
-  --ca-file FILE        the control plane's CA certificate (its ca.pem); default
-                        /etc/runos/l1sec-ca.pem
+  --ca-file FILE        the control plane's CA certificate (its ca.pem); optional: without
+                        it, the CA the server presents is used if it matches the token's pin
   --ca-sha256 HEX       pin of that CA (sha256 of its DER); the token normally carries it
   --l2-port PORT        the control plane's L2Sec port, when not 9192
   --force-register      enrol again although the node is registered (a new node identity)

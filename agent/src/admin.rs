@@ -59,8 +59,9 @@ pub struct AdminState {
     pub dispatcher: mpsc::WeakSender<Inbound>,
     /// Where `renew` requests go (the daemon's session).
     pub renew: Option<mpsc::Sender<crate::session::RenewRequest>>,
-    /// Bumped by `reconnect`: the session reconnects, reloading the credentials.
-    pub reconnect: Option<Arc<tokio::sync::watch::Sender<u64>>>,
+    /// `reconnect`: the daemon reloads its configuration and reconnects (with the credentials
+    /// and server now on disk).
+    pub reconnect: Option<mpsc::Sender<()>>,
 }
 
 /// A running admin socket; dropping it stops serving and removes the socket file.
@@ -210,11 +211,8 @@ async fn answer(line: &[u8], state: &AdminState) -> Value {
         Some("journal") => journal(&req, state).await,
         Some("renew") => renew(state).await,
         Some("reconnect") => match &state.reconnect {
-            Some(tx) => {
-                tx.send_modify(|g| *g = g.wrapping_add(1));
-                json!({"reconnecting": true})
-            }
-            None => json!({"error": "reconnect is not available"}),
+            Some(tx) if tx.send(()).await.is_ok() => json!({"reconnecting": true}),
+            _ => json!({"error": "reconnect is not available"}),
         },
         _ => json!({"error": "unknown op; supported: status, journal, renew, reconnect"}),
     }
@@ -277,7 +275,7 @@ async fn renew(state: &AdminState) -> Value {
                 RenewError::Unreachable(_) => "unreachable",
                 RenewError::Tls(_) => "tls",
                 RenewError::Revoked(_) => "revoked",
-                RenewError::Failed(_) => "failed",
+                RenewError::Failed(_) | RenewError::Busy(_) => "failed",
             };
             json!({"error": e.to_string(), "code": code})
         }

@@ -157,7 +157,7 @@ pub fn renew_exit(e: &crate::renew::RenewError) -> Exit {
         RenewError::Unreachable(_) => Exit::Unreachable,
         RenewError::Tls(_) => Exit::Tls,
         RenewError::Revoked(_) => Exit::Refused,
-        RenewError::Failed(_) => Exit::Failure,
+        RenewError::Failed(_) | RenewError::Busy(_) => Exit::Failure,
     }
 }
 
@@ -199,9 +199,16 @@ async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, Stri
     probe.close().await;
     let set = renew::check_renewed(&answer.map_err(err)?, &id.node_id, key_pem, &public_key)
         .map_err(err)?;
-    renew::switch_to(set, cfg.paths.clone(), id.host.clone(), id.port, max_frame)
-        .await
-        .map_err(err)
+    renew::switch_to(
+        set,
+        cfg.paths.clone(),
+        id.host.clone(),
+        id.port,
+        max_frame,
+        Some(id.serial_hex.clone()),
+    )
+    .await
+    .map_err(err)
 }
 
 /// Run `runos certificate renew`: through the daemon when it answers, else directly.

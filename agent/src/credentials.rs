@@ -116,6 +116,15 @@ fn ensure_parents(p: &Paths) -> Result<(), FsError> {
 /// replaced.
 pub fn stage(p: &Paths, set: &CredentialSet) -> Result<(), FsError> {
     ensure_parents(p)?;
+    // An unfinished promotion must be finished (by `recover`) first: dropping its marker would
+    // leave a mixed current set that nothing can repair.
+    if read_marker(p).as_deref() == Some(PROMOTING) {
+        return Err(FsError {
+            action: "stage over an unfinished promotion",
+            path: marker(p),
+            source: std::io::Error::other("a promotion is unfinished; recover it first"),
+        });
+    }
     // An older staged set is dropped first, so the marker never describes a mix.
     remove(&marker(p))?;
     sync_dir(&marker(p));
@@ -202,7 +211,8 @@ pub fn recover(p: &Paths) -> Result<Recovery, FsError> {
     recover_unlocked(p)
 }
 
-fn recover_unlocked(p: &Paths) -> Result<Recovery, FsError> {
+/// [`recover`] for a caller that holds the switch lock.
+pub fn recover_unlocked(p: &Paths) -> Result<Recovery, FsError> {
     match read_marker(p).as_deref() {
         Some(PROMOTING) => {
             finish_promotion(p)?;
@@ -340,6 +350,25 @@ mod tests {
         std::fs::write(next_path(&p.ca), "ca3").unwrap();
         assert_eq!(recover(&p).unwrap(), Recovery::Discarded);
         assert_eq!(current(&p), is(3));
+    }
+
+    #[test]
+    fn a_new_switch_never_destroys_an_unfinished_promotion() {
+        let d = tempfile::tempdir().unwrap();
+        let p = paths(d.path());
+        install(&p, &set(1)).unwrap();
+        stage(&p, &set(2)).unwrap();
+        // A promotion that failed after replacing the key (disk full, say).
+        std::fs::write(marker(&p), PROMOTING).unwrap();
+        std::fs::write(&p.key, "key2").unwrap();
+        // Staging over it is refused; recovering first finishes it.
+        assert!(stage(&p, &set(3)).is_err());
+        assert_eq!(current(&p).0, "key2");
+        assert_eq!(recover_unlocked(&p).unwrap(), Recovery::Promoted);
+        assert_eq!(current(&p), is(2));
+        stage(&p, &set(3)).unwrap();
+        discard(&p).unwrap();
+        assert_eq!(current(&p), is(2), "a discarded switch leaves a whole set");
     }
 
     #[test]

@@ -70,6 +70,20 @@ pub async fn run(
         lock::LockError::Held(_) => fail(Exit::Locked, e.to_string()),
         lock::LockError::Io { .. } => fail(Exit::Failure, e.to_string()),
     })?;
+    // Process groups of instructions that a crash (kill -9) of the previous run cut short:
+    // kill them now, before anything new runs. Only the lock holder does this.
+    let groups = cfg.paths.run_dir.join("groups");
+    for pgid in crate::process::reap_leftover_groups(&groups) {
+        tracing::warn!(
+            pgid,
+            "killed the leftover process group of an instruction that a crash of the previous run cut short"
+        );
+    }
+    if let Err(e) = crate::process::set_group_registry(groups) {
+        tracing::warn!(
+            "cannot record process groups ({e}); after a crash, instruction processes would not be killed at the next start"
+        );
+    }
     let signal_err = |e: std::io::Error| {
         fail(
             Exit::Failure,
@@ -89,29 +103,37 @@ pub async fn run(
 
     let update_config = config_path.clone();
     // Signals: handled in one task for the life of the daemon.
+    // The admin socket's `reconnect` (sent by `register --force`): reload the configuration
+    // (the server may have changed) and reconnect whatever changed.
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(4);
     let reconnect_sig = reconnect_tx.clone();
     let config_file = config_path.clone();
     tokio::spawn(async move {
         let reconnect_tx = reconnect_sig;
+        let reload = |why: &str, force: bool| match config::load(&config_path) {
+            Ok((new, _)) => {
+                log.set_level(level_of(&new, cli_level));
+                let old = cfg_tx.borrow().clone();
+                let reconnect = force || needs_reconnect(&old, &new);
+                cfg_tx.send_replace(new);
+                tracing::info!(reconnect, "{why}: configuration reloaded");
+                if reconnect {
+                    reconnect_tx.send_modify(|g| *g += 1);
+                }
+            }
+            Err(e) => {
+                tracing::error!("{why}: the new configuration is invalid and was ignored: {e}");
+                if force {
+                    reconnect_tx.send_modify(|g| *g += 1);
+                }
+            }
+        };
         loop {
             tokio::select! {
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); let _ = shutdown_tx.send(true); }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); let _ = shutdown_tx.send(true); }
-                _ = sighup.recv() => {
-                    match config::load(&config_path) {
-                        Ok((new, _)) => {
-                            log.set_level(level_of(&new, cli_level));
-                            let old = cfg_tx.borrow().clone();
-                            let reconnect = needs_reconnect(&old, &new);
-                            cfg_tx.send_replace(new);
-                            tracing::info!(reconnect, "SIGHUP: configuration reloaded");
-                            if reconnect {
-                                reconnect_tx.send_modify(|g| *g += 1);
-                            }
-                        }
-                        Err(e) => tracing::error!("SIGHUP: the new configuration is invalid and was ignored: {e}"),
-                    }
-                }
+                _ = sighup.recv() => reload("SIGHUP", false),
+                Some(()) = reload_rx.recv() => reload("reconnect requested", true),
             }
         }
     });
@@ -144,7 +166,7 @@ pub async fn run(
             status: status.clone(),
             dispatcher: link.inbound.downgrade(),
             renew: Some(renew_tx),
-            reconnect: Some(reconnect_tx.clone()),
+            reconnect: Some(reload_tx),
         },
     );
     tracing::info!(version = crate::agent_version(), types = ?catalog.types(), "agent started");

@@ -4,6 +4,14 @@
 //! group whose id is the child's pid. A [`GroupGuard`] kills that whole group with SIGKILL when
 //! it is dropped: on timeout, on cancellation, and when the future running the command is
 //! dropped (for example at the dispatcher's deadline). The group never outlives the command.
+//!
+//! A `kill -9` of the agent (or a crash) skips the guard. So that its groups do not outlive it
+//! either, the daemon names a registry directory ([`set_group_registry`], `<run_dir>/groups`):
+//! each guarded group is recorded there as a file named after its pgid holding the leader's
+//! start time, removed when the group is killed. At the next start [`reap_leftover_groups`]
+//! kills every group still recorded, unless its pgid now belongs to another process (checked
+//! with the leader's start time; Linux never reuses a pid while it is a live process group's
+//! id, so a group that still has members is ours).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
@@ -78,20 +86,92 @@ pub enum SpawnError {
     Wait(std::io::Error),
 }
 
+static REGISTRY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Record guarded process groups in `dir` (created 0700), so that [`reap_leftover_groups`] can
+/// kill them after a crash. Set once, by the daemon; later calls are ignored.
+pub fn set_group_registry(dir: PathBuf) -> Result<(), crate::fsutil::FsError> {
+    crate::fsutil::ensure_dir(&dir, 0o700)?;
+    let _ = REGISTRY.set(dir);
+    Ok(())
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat`, for n ≥ 3.
+fn stat_field(pid: i32, n: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// The start time (clock ticks since boot) of process `pid`.
+fn start_time(pid: i32) -> Option<u64> {
+    stat_field(pid, 22)
+}
+
+/// Whether any process is in process group `pgid`.
+fn group_alive(pgid: i32) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .any(|pid| stat_field(pid, 5) == Some(u64::try_from(pgid).unwrap_or(0)))
+}
+
+/// Kill the process groups a crashed agent left behind (see the module docs) and clear the
+/// registry. Returns the pgids killed.
+pub fn reap_leftover_groups(dir: &std::path::Path) -> Vec<i32> {
+    let mut killed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return killed;
+    };
+    for e in entries.flatten().take(100_000) {
+        let path = e.path();
+        let pgid = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok());
+        let recorded = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        if let (Some(pgid), Some(recorded)) = (pgid, recorded)
+            && pgid > 1
+        {
+            // The leader still running under another start time means the pid was reused.
+            let reused = start_time(pgid).is_some_and(|t| t != recorded);
+            if !reused
+                && group_alive(pgid)
+                && let Some(pg) = Pid::from_raw(pgid)
+                && kill_process_group(pg, Signal::KILL).is_ok()
+            {
+                killed.push(pgid);
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    killed
+}
+
 /// Kills a process group with SIGKILL when dropped (unless disarmed).
 #[derive(Debug)]
 pub struct GroupGuard {
     pgid: Option<Pid>,
+    record: Option<PathBuf>,
 }
 
 impl GroupGuard {
-    /// Guard the group `pgid` (a child started with `process_group(0)` has pgid == pid).
+    /// Guard the group `pgid` (a child started with `process_group(0)` has pgid == pid), and
+    /// record it in the registry when one is set.
     pub fn new(pid: Option<u32>) -> Self {
-        GroupGuard {
-            pgid: pid
-                .and_then(|p| i32::try_from(p).ok())
-                .and_then(Pid::from_raw),
-        }
+        let pgid = pid
+            .and_then(|p| i32::try_from(p).ok())
+            .and_then(Pid::from_raw);
+        let record = match (pgid, REGISTRY.get()) {
+            (Some(pg), Some(dir)) => start_time(pg.as_raw_nonzero().get()).and_then(|t| {
+                let path = dir.join(pg.as_raw_nonzero().get().to_string());
+                std::fs::write(&path, format!("{t}\n")).ok().map(|()| path)
+            }),
+            _ => None,
+        };
+        GroupGuard { pgid, record }
     }
 
     /// Kill the group now (idempotent; errors such as "no such group" are ignored).
@@ -105,6 +185,9 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.kill();
+        if let Some(path) = self.record.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -259,6 +342,41 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt as _;
+
+    #[test]
+    fn proc_stat_fields_are_read_past_the_command_name() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        assert!(start_time(me).is_some());
+        // Our own process group is alive.
+        let pg = i32::try_from(stat_field(me, 5).unwrap()).unwrap();
+        assert!(group_alive(pg));
+        assert_eq!(stat_field(-1, 5), None);
+    }
+
+    #[test]
+    fn leftover_groups_are_killed_and_reused_pids_spared() {
+        let dir = tempfile::tempdir().unwrap();
+        // A group that escaped its guard: a leader with a child, both in their own group.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 60 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = i32::try_from(child.id()).unwrap();
+        let t = start_time(pgid).unwrap();
+        std::fs::write(dir.path().join(pgid.to_string()), format!("{t}\n")).unwrap();
+        // Our own pid, recorded with a wrong start time: a reused pid, never killed.
+        let me = i32::try_from(std::process::id()).unwrap();
+        std::fs::write(dir.path().join(me.to_string()), "1\n").unwrap();
+        // Garbage entries are removed.
+        std::fs::write(dir.path().join("junk"), "x").unwrap();
+        let killed = reap_leftover_groups(dir.path());
+        assert_eq!(killed, vec![pgid]);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn tail_buffer_keeps_the_tail() {

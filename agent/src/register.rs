@@ -286,8 +286,12 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         )
     })?;
     config::validate_host(&opts.server).map_err(|m| fail(Exit::Usage, format!("--server {m}")))?;
+    // Hold the credential switch lock from before the token is spent until the new identity is
+    // in place, so a renewal by the running agent can neither make this fail after the token
+    // was used nor overwrite the new identity afterwards.
+    let _switch = wait_switch_lock(&cfg).await?;
     // Finish (or undo) a switch a crash interrupted, then look at what is there.
-    crate::credentials::recover(&cfg.paths).map_err(|e| {
+    crate::credentials::recover_unlocked(&cfg.paths).map_err(|e| {
         fail(
             Exit::Failure,
             format!("cannot finish an interrupted credential switch: {e}"),
@@ -308,10 +312,18 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let l1_port = opts.l1_port.unwrap_or(cfg.server.l1_port);
     let l2_port = opts.l2_port.unwrap_or(cfg.server.l2_port);
     let token = read_token(&opts.token)?;
+    // Re-enrolling (--force) with a pin given now (flag or token): that pin supersedes the one
+    // stored by the previous enrolment, which may be for another control plane or a CA that
+    // has been rotated out.
+    let stored_pin = if opts.force && (opts.ca_sha256.is_some() || token.ca_sha256().is_some()) {
+        None
+    } else {
+        cfg.server.l1_ca_sha256.as_deref()
+    };
     let pin = resolve_pin(
         opts.ca_sha256.as_deref(),
         token.ca_sha256(),
-        cfg.server.l1_ca_sha256.as_deref(),
+        stored_pin,
         opts.insecure_skip_pin,
     )?;
 
@@ -320,15 +332,39 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         .ca_file
         .clone()
         .unwrap_or_else(|| cfg.paths.l1_ca.clone());
-    let ca_pem = fsutil::read_capped(&ca_path, crate::identity::MAX_PEM_FILE).map_err(|e| {
-        fail(
-            Exit::Tls,
-            format!(
-                "cannot read the L1Sec CA file {}: {e}; pass --ca-file with the control plane's ca.pem",
-                ca_path.display()
-            ),
-        )
-    })?;
+    let mut fetched = false;
+    let holds_pin = |pem: &[u8]| {
+        runos_transport::pem::certificates(pem).is_ok_and(|cs| {
+            cs.iter()
+                .any(|c| Some(runos_transport::pem::der_sha256(c)) == pin)
+        })
+    };
+    let ca_pem = match fsutil::read_capped(&ca_path, crate::identity::MAX_PEM_FILE) {
+        // Re-enrolling, and the stored L1Sec CA of the earlier enrolment does not match the pin
+        // given now (another control plane, a rotated CA): learn the CA as if there were none.
+        Ok(b) if opts.force && opts.ca_file.is_none() && pin.is_some() && !holds_pin(&b) => {
+            let pin = pin.as_deref().unwrap_or_default();
+            fetched = true;
+            fetch_ca(&opts.server, l1_port, pin).await?
+        }
+        Ok(b) => b,
+        // No CA file but a pin: learn the CA from the server and keep it only if it matches
+        // the pin (as k3s does with the CA hash in its tokens).
+        Err(fsutil::ReadError::NotFound) if opts.ca_file.is_none() && pin.is_some() => {
+            let pin = pin.as_deref().unwrap_or_default();
+            fetched = true;
+            fetch_ca(&opts.server, l1_port, pin).await?
+        }
+        Err(e) => {
+            return Err(fail(
+                Exit::Tls,
+                format!(
+                    "cannot read the L1Sec CA file {}: {e}; pass --ca-file with the control plane's ca.pem",
+                    ca_path.display()
+                ),
+            ));
+        }
+    };
     let cas = runos_transport::pem::certificates(&ca_pem).map_err(|e| {
         fail(
             Exit::Tls,
@@ -467,7 +503,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let (l2_verified, l2_error) = match &existing {
         Some(old) => {
             // Replace only once the new identity has carried an L2Sec session.
-            crate::renew::switch_to(
+            crate::renew::switch_locked(
                 set,
                 cfg.paths.clone(),
                 opts.server.clone(),
@@ -481,7 +517,9 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
                         crate::renew::RenewError::Unreachable(_) => Exit::Unreachable,
                         crate::renew::RenewError::Tls(_) => Exit::Tls,
                         crate::renew::RenewError::Revoked(_) => Exit::Refused,
-                        crate::renew::RenewError::Failed(_) => Exit::Failure,
+                        crate::renew::RenewError::Failed(_) | crate::renew::RenewError::Busy(_) => {
+                            Exit::Failure
+                        }
                     },
                     format!(
                         "the new identity (node id {node_id}) did not work on L2Sec, so node {old} keeps its current identity: {e}"
@@ -513,7 +551,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         &opts.server,
         l1_port,
         l2_port,
-        &ca_path,
+        (&ca_path, fetched),
         certs_to_pem(&cas).as_bytes(),
         pin.as_deref(),
     )?;
@@ -523,6 +561,40 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
         l2_verified,
         l2_error,
     })
+}
+
+/// Bound on waiting for another credential switch (a renewal) to finish.
+const SWITCH_WAIT: Duration = Duration::from_secs(60);
+
+async fn wait_switch_lock(cfg: &Config) -> Result<crate::lock::InstanceLock, RegisterError> {
+    let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
+    loop {
+        match crate::credentials::switch_lock(&cfg.paths) {
+            Ok(Some(l)) => return Ok(l),
+            Ok(None) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(None) => {
+                return Err(fail(
+                    Exit::Locked,
+                    format!(
+                        "another credential switch (a renewal) has held {} for {} s; nothing was sent (the token is unused): try again",
+                        cfg.paths
+                            .run_dir
+                            .join(crate::credentials::SWITCH_LOCK)
+                            .display(),
+                        SWITCH_WAIT.as_secs()
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(fail(
+                    Exit::Failure,
+                    format!("{e}; run register as root or point [paths] at a writable directory"),
+                ));
+            }
+        }
+    }
 }
 
 /// The node id of the identity on disk, if there is a readable certificate with one.
@@ -540,6 +612,49 @@ fn ensure_parents(cfg: &Config) -> Result<(), fsutil::FsError> {
         }
     }
     Ok(())
+}
+
+/// Learn the control plane's CA from the chain its L1Sec server presents, keeping only the
+/// certificate whose sha256 is `pin`. Nothing is sent on that connection. Returns the CA as PEM.
+async fn fetch_ca(host: &str, port: u16, pin: &str) -> Result<Vec<u8>, RegisterError> {
+    let (tls, captured) = runos_transport::tls::chain_capture_config(runos_protocol::ALPN_L1SEC)
+        .map_err(|e| fail(Exit::Failure, format!("TLS setup: {e}")))?;
+    let stream = net::connect_tls(host, port, tls, runos_protocol::ALPN_L1SEC)
+        .await
+        .map_err(|e| match e {
+            net::ConnectError::Unreachable { .. } => fail(
+                Exit::Unreachable,
+                format!("{e}; check the host name, the L1Sec port (--l1-port) and the firewall"),
+            ),
+            net::ConnectError::Tls { .. } => fail(Exit::Tls, e.to_string()),
+        })?;
+    drop(stream);
+    let certs = captured.certs();
+    let digests: Vec<String> = certs
+        .iter()
+        .map(|c| runos_transport::pem::der_sha256(c))
+        .collect();
+    match digests.iter().position(|d| d == pin) {
+        Some(i) => {
+            eprintln!(
+                "runos: no CA file given: using the control plane's CA from {}, which matches the pin {pin}",
+                net::addr(host, port)
+            );
+            Ok(certs_to_pem(&certs[i..=i]).into_bytes())
+        }
+        None => Err(fail(
+            Exit::Tls,
+            format!(
+                "the server at {} presented no CA matching the pin {pin} (it presented {}); it may not be the control plane the token is for: get its CA file (--ca-file) or pin from its operator",
+                net::addr(host, port),
+                if digests.is_empty() {
+                    "no certificates".to_string()
+                } else {
+                    digests.join(", ")
+                }
+            ),
+        )),
+    }
 }
 
 /// PEM text of `certs`: what `register` keeps as the L1Sec CA (with a pin, only the pinned one).
@@ -567,7 +682,7 @@ fn store(
     host: &str,
     l1_port: u16,
     l2_port: u16,
-    ca_path: &Path,
+    (ca_path, fetched): (&Path, bool),
     ca_pem: &[u8],
     pin: Option<&str>,
 ) -> Result<(), RegisterError> {
@@ -579,7 +694,7 @@ fn store(
     };
     let p = &cfg.paths;
     ensure_parents(cfg).map_err(write_err)?;
-    if ca_path != p.l1_ca {
+    if ca_path != p.l1_ca || fetched {
         // Only the trusted certificates (the pinned one when there is a pin).
         fsutil::write_atomic(&p.l1_ca, ca_pem, Mode::Exact(0o644)).map_err(write_err)?;
     }

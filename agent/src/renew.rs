@@ -33,6 +33,10 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(25);
 pub const RENEW_FRACTION: f64 = 2.0 / 3.0;
 /// Jitter of [`RENEW_FRACTION`], either way.
 pub const RENEW_JITTER: f64 = 0.05;
+/// Delay before asking again after a `busy` answer to RENEW.
+pub const BUSY_RETRY: Duration = Duration::from_secs(2);
+/// Most `busy` answers accepted in a row before the renewal counts as failed.
+pub const BUSY_RETRIES: u32 = 10;
 /// Most CA certificates accepted in a bundle.
 pub const MAX_CA_BUNDLE: usize = 16;
 
@@ -49,6 +53,9 @@ pub enum RenewError {
     /// The node is revoked.
     #[error("the node is revoked: {0}")]
     Revoked(String),
+    /// The control plane asks to try again in a moment (a renewal moments ago).
+    #[error("the control plane is busy: {0}")]
+    Busy(String),
     /// Any other failure.
     #[error("{0}")]
     Failed(String),
@@ -324,8 +331,23 @@ impl Probe {
             })
     }
 
-    /// Send `RENEW` and wait for its answer.
+    /// Send `RENEW` and wait for its answer; a `busy` answer is retried every
+    /// [`BUSY_RETRY`], up to [`BUSY_RETRIES`] times.
     pub async fn renew(&mut self, csr_pem: String) -> Result<Renewed, RenewError> {
+        let mut tries = 0;
+        loop {
+            match self.renew_once(csr_pem.clone()).await {
+                Err(RenewError::Busy(m)) if tries < BUSY_RETRIES => {
+                    tries += 1;
+                    tracing::debug!("renewal: control plane busy ({m}); trying again");
+                    tokio::time::sleep(BUSY_RETRY).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn renew_once(&mut self, csr_pem: String) -> Result<Renewed, RenewError> {
         let tag = Tag::random();
         self.writer
             .write(&Envelope::with_type(
@@ -375,6 +397,7 @@ pub fn renew_answer(env: &Envelope) -> Result<Renewed, RenewError> {
         });
         return Err(match e.code {
             ErrorCode::Revoked => RenewError::Revoked(e.message),
+            ErrorCode::Busy => RenewError::Busy(e.message),
             _ => RenewError::Failed(format!(
                 "the control plane refused the renewal ({}): {}",
                 e.code, e.message
@@ -428,18 +451,44 @@ pub async fn switch_to(
     host: String,
     port: u16,
     max_frame: u32,
+    renewing: Option<String>,
 ) -> Result<Outcome, RenewError> {
-    let id = identity_of(&set, &paths, &host, port)?;
     // One switch at a time (the daemon's renewal, `certificate renew`, `register --force`).
     let _switch = match credentials::switch_lock(&paths) {
         Ok(Some(l)) => l,
         Ok(None) => {
-            return Err(RenewError::Failed(
-                "another credential switch is in progress (renewal or re-registration); try again shortly".into(),
+            return Err(RenewError::Busy(
+                "another credential switch is in progress (renewal or re-registration)".into(),
             ));
         }
         Err(e) => return Err(RenewError::Failed(e.to_string())),
     };
+    // A renewal replaces only the identity it renewed: if the current certificate is another
+    // one now (`register --force` meanwhile), the renewed set is stale and dropped.
+    if let Some(serial) = renewing {
+        let current = crate::status_cmd::read_certificate(&paths.certificate).ok();
+        if current.as_ref().map(|i| i.serial_hex.as_str()) != Some(serial.as_str()) {
+            return Err(RenewError::Failed(
+                "the node's identity changed during the renewal (re-registered?); the renewed certificate is dropped".into(),
+            ));
+        }
+    }
+    switch_locked(set, paths, host, port, max_frame).await
+}
+
+/// [`switch_to`] for a caller that holds the switch lock ([`credentials::switch_lock`]).
+pub async fn switch_locked(
+    set: CredentialSet,
+    paths: Paths,
+    host: String,
+    port: u16,
+    max_frame: u32,
+) -> Result<Outcome, RenewError> {
+    let id = identity_of(&set, &paths, &host, port)?;
+    // Finish a switch that failed halfway (a promotion cut short by a full disk, say) before
+    // starting another: staging over it would lose it.
+    let p = paths.clone();
+    blocking(move || credentials::recover_unlocked(&p).map(|_| ())).await?;
     let p = paths.clone();
     blocking(move || credentials::stage(&p, &set)).await?;
     tracing::debug!(serial = %id.serial_hex, "new credentials staged; proving them");
@@ -472,7 +521,7 @@ pub async fn switch_to(
                 RenewError::Revoked(m) => RenewError::Revoked(m),
                 RenewError::Unreachable(m) => RenewError::Unreachable(why(m)),
                 RenewError::Tls(m) => RenewError::Tls(why(m)),
-                RenewError::Failed(m) => RenewError::Failed(why(m)),
+                RenewError::Failed(m) | RenewError::Busy(m) => RenewError::Failed(why(m)),
             })
         }
     }
@@ -587,7 +636,7 @@ mod tests {
             t,
             &ErrorPayload::new(ErrorCode::Busy, "later"),
         );
-        assert!(matches!(renew_answer(&busy), Err(RenewError::Failed(_))));
+        assert!(matches!(renew_answer(&busy), Err(RenewError::Busy(_))));
         let other = Envelope::with_type(types::WELCOME, t, &serde_json::json!({}));
         assert!(renew_answer(&other).is_err());
     }

@@ -623,6 +623,8 @@ struct Renewal {
     phase: RenewPhase,
     /// `runos certificate renew` callers waiting for the outcome.
     waiters: Vec<oneshot::Sender<Result<renew::Outcome, renew::RenewError>>>,
+    /// `busy` answers in a row for the current renewal.
+    busy: u32,
     /// Whether the request channel is still open.
     requests_open: bool,
 }
@@ -656,6 +658,7 @@ impl Renewal {
             timer: tokio::time::Instant::now() + due,
             phase: RenewPhase::Idle,
             waiters: Vec::new(),
+            busy: 0,
             requests_open: true,
         }
     }
@@ -739,8 +742,16 @@ impl Renewal {
                     self.identity.host.clone(),
                     self.identity.port,
                     self.max_frame,
+                    Some(self.identity.serial_hex.clone()),
                 );
                 self.phase = RenewPhase::Proving(tokio::spawn(task));
+                None
+            }
+            // Asked to come back in a moment: not a failure; the callers keep waiting.
+            Err(renew::RenewError::Busy(m)) if self.busy < renew::BUSY_RETRIES => {
+                self.busy += 1;
+                tracing::debug!("renewal: control plane busy ({m}); trying again");
+                self.timer = tokio::time::Instant::now() + renew::BUSY_RETRY;
                 None
             }
             Err(e) => self.fail(e),
@@ -763,6 +774,7 @@ impl Renewal {
     /// The proving task finished.
     fn proven(&mut self, res: Result<renew::Outcome, renew::RenewError>) -> Option<SessionEnd> {
         self.phase = RenewPhase::Idle;
+        self.busy = 0;
         match res {
             Ok(out) => {
                 renew::global().succeeded();
@@ -784,6 +796,7 @@ impl Renewal {
     /// node ends the session.
     fn fail(&mut self, e: renew::RenewError) -> Option<SessionEnd> {
         self.phase = RenewPhase::Idle;
+        self.busy = 0;
         let delay = renew::global().failed(&e.to_string(), self.lifetime());
         self.timer = tokio::time::Instant::now() + delay;
         tracing::warn!(

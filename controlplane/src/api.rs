@@ -546,7 +546,10 @@ impl Api {
                 named.push(format!("and {more} more"));
             }
             return Err(Error::CutoverBlocked(format!(
-                "cutover refused: {total} node(s) seen within {} hold only certificates of the                  outgoing CA (sha256 {}) and would be locked out: {}. Wait until they renew                  (agents renew at two thirds of a certificate's lifetime), revoke them, or use                  --force",
+                "cutover refused: {total} node(s) seen within {} hold only certificates of the \
+                 outgoing CA (sha256 {}) and would be locked out: {}. Wait until they renew \
+                 (agents renew at two thirds of a certificate's lifetime; `runos certificate \
+                 renew` on a node does it now), revoke them, or use --force",
                 describe_window(seen_within),
                 ca.ca_sha256(),
                 named.join(", ")

@@ -64,7 +64,7 @@ const BACKDATE: Duration = Duration::from_secs(300);
 /// Backdating of node certificates. Only the control plane verifies them, with the clock that
 /// issued them; a short backdate keeps "two thirds of the lifetime" meaningful for
 /// minute-long certificates.
-const NODE_BACKDATE: Duration = Duration::from_secs(30);
+pub(crate) const NODE_BACKDATE: Duration = Duration::from_secs(30);
 /// Largest CA file read (a PEM certificate or key is a few hundred bytes).
 const MAX_CA_FILE: u64 = 64 * 1024;
 /// Common name of the first CA; rotated CAs add their creation time.

@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use crate::Error;
 
 /// The schema version this binary writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tokens (
@@ -69,9 +69,15 @@ ALTER TABLE certificates ADD COLUMN ca_sha256 TEXT;
 CREATE INDEX certificates_ca ON certificates(ca_sha256, not_after);
 ";
 
-/// v2 → v3: the outcome of each node's last self-update, as its agent reported it in HELLO
-/// (JSON of `UpdateReport`).
+/// v3: when a certificate first carried an admitted session (or probe session). A certificate
+/// that was issued but never used (its RENEWED lost, its switch failed) does not count as held.
 const MIGRATE_V3: &str = "
+ALTER TABLE certificates ADD COLUMN used_at INTEGER;
+";
+
+/// v3 → v4: the outcome of each node's last self-update, as its agent reported it in HELLO
+/// (JSON of `UpdateReport`).
+const MIGRATE_V4: &str = "
 ALTER TABLE nodes ADD COLUMN last_update TEXT;
 ";
 
@@ -136,6 +142,18 @@ pub(crate) struct NodeRow {
 pub(crate) struct CertRow {
     pub node_id: String,
     pub revoked_at: Option<i64>,
+    pub not_after: i64,
+}
+
+/// The outcome of [`Db::renew_cert`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// The new certificate is recorded.
+    Recorded,
+    /// The node, or the certificate the request came with, is revoked, expired or unknown.
+    Refused,
+    /// The node got a certificate moments ago (any session): try again later.
+    TooSoon,
 }
 
 /// A stored final reply.
@@ -187,6 +205,11 @@ impl Db {
                 }
                 if v < 3 {
                     tx.execute_batch(MIGRATE_V3)?;
+                    // Certificates from before v3 are taken to be in use.
+                    tx.execute_batch("UPDATE certificates SET used_at = not_before")?;
+                }
+                if v < 4 {
+                    tx.execute_batch(MIGRATE_V4)?;
                 }
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
             }
@@ -479,14 +502,17 @@ impl Db {
     // ---- certificates ----
 
     /// Record a renewed certificate of `node_id`, in one transaction with the checks that the
-    /// node and the certificate the request came with are still unrevoked. `Ok(false)` when
-    /// either is revoked (or unknown): nothing is recorded.
+    /// node and the certificate the request came with are still unrevoked and unexpired at
+    /// `now`, and that the node got no certificate issued after `too_soon_since` (a per-node
+    /// rate limit, across sessions). Nothing is recorded unless [`Renewal::Recorded`].
     pub fn renew_cert(
         &self,
         node_id: &str,
         presented_serial: &str,
         cert: &NewCert<'_>,
-    ) -> Result<bool, Error> {
+        now: i64,
+        too_soon_since: i64,
+    ) -> Result<Renewal, Error> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let node_ok: Option<i64> = tx
@@ -499,13 +525,23 @@ impl Db {
             let cert_ok: Option<i64> = tx
                 .query_row(
                     "SELECT 1 FROM certificates WHERE serial_hex = ?1 AND node_id = ?2 \
-                     AND revoked_at IS NULL",
-                    params![presented_serial, node_id],
+                     AND revoked_at IS NULL AND not_after > ?3",
+                    params![presented_serial, node_id, now],
                     |r| r.get(0),
                 )
                 .optional()?;
             if node_ok.is_none() || cert_ok.is_none() {
-                return Ok(false);
+                return Ok(Renewal::Refused);
+            }
+            // not_before is backdated by the same amount for every node certificate, so the
+            // newest one tells when the node last got one.
+            let newest: Option<i64> = tx.query_row(
+                "SELECT MAX(not_before) FROM certificates WHERE node_id = ?1",
+                params![node_id],
+                |r| r.get(0),
+            )?;
+            if newest.is_some_and(|t| t > too_soon_since) {
+                return Ok(Renewal::TooSoon);
             }
             tx.execute(
                 "INSERT INTO certificates (serial_hex, node_id, not_before, not_after, ca_sha256) \
@@ -519,8 +555,29 @@ impl Db {
                 ],
             )?;
             tx.commit()?;
-            Ok(true)
+            Ok(Renewal::Recorded)
         })
+    }
+
+    /// Delete certificates that expired before `before` (ms). The number deleted.
+    pub fn prune_certs(&self, before: i64) -> Result<usize, Error> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM certificates WHERE not_after < ?1",
+                params![before],
+            )
+        })
+    }
+
+    /// Record that the certificate `serial_hex` carried an admitted session (first use only).
+    pub fn mark_used(&self, serial_hex: &str, now: i64) -> Result<(), Error> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE certificates SET used_at = ?2 WHERE serial_hex = ?1 AND used_at IS NULL",
+                params![serial_hex, now],
+            )
+        })?;
+        Ok(())
     }
 
     /// Assign certificates recorded without an issuer (by schema v1) to `ca_sha256`, the CA
@@ -570,7 +627,8 @@ impl Db {
              WHERE n.revoked_at IS NULL AND c.revoked_at IS NULL AND c.not_after > ?3 \
              AND c.ca_sha256 = ?1 AND COALESCE(n.last_seen_at, n.registered_at) >= ?4 \
              AND NOT EXISTS (SELECT 1 FROM certificates c2 WHERE c2.node_id = n.id \
-                 AND c2.revoked_at IS NULL AND c2.not_after > ?3 AND c2.ca_sha256 = ?2)";
+                 AND c2.revoked_at IS NULL AND c2.not_after > ?3 AND c2.ca_sha256 = ?2 \
+                 AND c2.used_at IS NOT NULL)";
         self.with(|c| {
             let total: i64 = c.query_row(
                 &format!("SELECT COUNT(DISTINCT n.id) {FROM}"),
@@ -599,12 +657,13 @@ impl Db {
     pub fn cert(&self, serial_hex: &str) -> Result<Option<CertRow>, Error> {
         self.with(|c| {
             c.query_row(
-                "SELECT node_id, revoked_at FROM certificates WHERE serial_hex = ?1",
+                "SELECT node_id, revoked_at, not_after FROM certificates WHERE serial_hex = ?1",
                 params![serial_hex],
                 |r| {
                     Ok(CertRow {
                         node_id: r.get(0)?,
                         revoked_at: r.get(1)?,
+                        not_after: r.get(2)?,
                     })
                 },
             )
@@ -923,6 +982,8 @@ mod tests {
                 not_after_ms: 9_000_000_000_000,
                 ca_sha256: "bbbb",
             },
+            1000,
+            i64::MAX,
         )
         .unwrap();
         let mut holders = db.cert_holders(1000).unwrap();
@@ -975,8 +1036,31 @@ mod tests {
                 not_after_ms: now + 30 * day,
                 ca_sha256: "new",
             },
+            now,
+            i64::MAX,
         )
         .unwrap();
+        db.mark_used("s-renewed-2", now).unwrap();
+        // Issued a certificate from the new CA that never carried a session (its RENEWED was
+        // lost): still blocks.
+        enrol("unproven", "old", now + day);
+        db.touch("unproven", now - day).unwrap();
+        assert_eq!(
+            db.renew_cert(
+                "unproven",
+                "s-unproven",
+                &NewCert {
+                    serial_hex: "s-unproven-2",
+                    not_before_ms: 0,
+                    not_after_ms: now + 30 * day,
+                    ca_sha256: "new",
+                },
+                now,
+                i64::MAX,
+            )
+            .unwrap(),
+            Renewal::Recorded
+        );
         // Not seen for long: does not block.
         enrol("stale", "old", now + day);
         db.touch("stale", now - 40 * day).unwrap();
@@ -991,23 +1075,62 @@ mod tests {
         let (total, rows) = db
             .cutover_blockers("old", "new", now, now - 30 * day, 10)
             .unwrap();
-        assert_eq!(total, 1);
-        assert_eq!(rows.len(), 1);
+        assert_eq!(total, 2);
+        assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].id, "blocker");
+        assert_eq!(rows[1].id, "unproven");
         assert_eq!(rows[0].cert_not_after, now + day);
         assert_eq!(rows[0].last_seen_at, Some(now - day));
         // A longer window includes the stale node; the limit bounds the list, not the total.
         let (total, rows) = db
             .cutover_blockers("old", "new", now, now - 45 * day, 1)
             .unwrap();
-        assert_eq!((total, rows.len()), (2, 1));
+        assert_eq!((total, rows.len()), (3, 1));
         assert_eq!(rows[0].id, "blocker", "most recently seen first");
         let mut holders = db.cert_holders(now).unwrap();
         holders.sort();
         assert_eq!(
             holders,
-            vec![("new".to_string(), 1), ("old".to_string(), 3)]
+            vec![("new".to_string(), 2), ("old".to_string(), 4)]
         );
+    }
+
+    #[test]
+    fn renewal_needs_an_unexpired_certificate_and_is_rate_limited_per_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        db.insert_token("t", 0, i64::MAX).unwrap();
+        let cert = |serial: &'static str, not_before_ms: i64, not_after_ms: i64| NewCert {
+            serial_hex: serial,
+            not_before_ms,
+            not_after_ms,
+            ca_sha256: "ca",
+        };
+        db.enrol("t", 0, &node("n"), &cert("s1", 1_000, 100_000))
+            .unwrap()
+            .unwrap();
+        // Expired presented certificate: refused.
+        assert_eq!(
+            db.renew_cert("n", "s1", &cert("s2", 200_000, 300_000), 100_000, i64::MAX)
+                .unwrap(),
+            Renewal::Refused
+        );
+        // The node's newest certificate is newer than the bound: too soon.
+        assert_eq!(
+            db.renew_cert("n", "s1", &cert("s2", 50_000, 300_000), 50_000, 500)
+                .unwrap(),
+            Renewal::TooSoon
+        );
+        assert_eq!(
+            db.renew_cert("n", "s1", &cert("s2", 50_000, 300_000), 50_000, 1_000)
+                .unwrap(),
+            Renewal::Recorded
+        );
+        assert_eq!(db.cert("s2").unwrap().unwrap().not_after, 300_000);
+        // Pruning removes only certificates that expired before the bound.
+        assert_eq!(db.prune_certs(200_000).unwrap(), 1);
+        assert!(db.cert("s1").unwrap().is_none());
+        assert!(db.cert("s2").unwrap().is_some());
     }
 
     #[test]

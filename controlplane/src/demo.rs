@@ -233,7 +233,6 @@ async fn run_in(root: &Path, agent_bin: &Path) -> Result<u8, Error> {
         &api,
         root,
         &agent_dir,
-        &cp_dir,
         server.l1_addr().port(),
         server.l2_addr().port(),
         &server.ca_sha256(),
@@ -261,7 +260,6 @@ async fn drive(
     api: &Api,
     root: &Path,
     agent_dir: &Path,
-    cp_dir: &Path,
     l1_port: u16,
     l2_port: u16,
     pin: &str,
@@ -286,9 +284,9 @@ async fn drive(
         .arg(&config)
         .args(["register", "--server", "127.0.0.1", "--token-file"])
         .arg(&token_file)
-        .arg("--ca-file")
-        .arg(cp_dir.join(crate::ca::CA_CERT_FILE))
-        // No --ca-sha256: the token carries the CA pin, and register writes it to the config.
+        // No --ca-file and no --ca-sha256: the token carries the CA pin; register learns the
+        // CA from the chain the server presents, keeps it because it matches the pin, and
+        // writes the pin to the config.
         .arg("--json")
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -321,7 +319,10 @@ async fn drive(
         );
         return Ok(false);
     }
-    println!("the CA pin from the token is now server.l1_ca_sha256 in the configuration");
+    println!(
+        "no CA file was given: register took the CA the server presented because it matches the \
+         token's pin, which is now server.l1_ca_sha256 in the configuration"
+    );
 
     let log_path = agent_dir.join("agent.log");
     let log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
@@ -386,6 +387,80 @@ async fn drive(
         }
     }
 
+    // Online certificate renewal: through the running agent, on its live session.
+    let serial = || -> Option<String> {
+        let cert = std::fs::read(agent_dir.join("node.crt")).ok()?;
+        let der = runos_transport::pem::certificates(&cert)
+            .ok()?
+            .into_iter()
+            .next()?;
+        runos_transport::identity::cert_info(&der)
+            .ok()
+            .map(|i| i.serial_hex)
+    };
+    let before = serial();
+    println!(
+        "$ runos --config {} certificate renew --json",
+        config.display()
+    );
+    let renew = Command::new(agent_bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["certificate", "renew", "--json"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let renewed = match tokio::time::timeout(REGISTER_DEADLINE, renew).await {
+        Ok(Ok(out)) if out.status.success() => {
+            let after = serial();
+            let status_ok = api
+                .send_and_wait(
+                    &SendRequest {
+                        node: node_id.clone(),
+                        kind: "GET_NODE_STATUS".into(),
+                        payload: Some(json!({})),
+                        raw_b64: None,
+                        timeout_ms: None,
+                    },
+                    REPLY_DEADLINE,
+                )
+                .await
+                .is_ok_and(|r| r.kind == "NODE_STATUS");
+            println!(
+                "    certificate serial {} -> {}; the agent reconnected with the new key{}",
+                before.as_deref().unwrap_or("?"),
+                after.as_deref().unwrap_or("?"),
+                if status_ok {
+                    " and answers instructions"
+                } else {
+                    ", but GET_NODE_STATUS failed"
+                }
+            );
+            let ok = status_ok && after.is_some() && after != before;
+            println!(
+                "    {}\n",
+                if ok {
+                    "ok: renewed online"
+                } else {
+                    "UNEXPECTED: wanted a new serial and a working session"
+                }
+            );
+            ok
+        }
+        Ok(Ok(out)) => {
+            println!(
+                "    UNEXPECTED: renew failed ({}): {}\n",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            false
+        }
+        _ => {
+            println!("    UNEXPECTED: renew did not finish in time\n");
+            false
+        }
+    };
+
     let mut stopped_ok = false;
     match agent.id() {
         Some(pid) if sigterm(pid).await => {
@@ -407,13 +482,18 @@ async fn drive(
         }
     }
     println!(
-        "\nsummary: {passed}/{} replies as expected; agent {}",
+        "\nsummary: {passed}/{} replies as expected; certificate {}; agent {}",
         all.len(),
+        if renewed {
+            "renewed online"
+        } else {
+            "NOT renewed"
+        },
         if stopped_ok {
             "exited cleanly"
         } else {
             "did NOT exit cleanly"
         }
     );
-    Ok(passed == all.len() && stopped_ok)
+    Ok(passed == all.len() && renewed && stopped_ok)
 }

@@ -45,8 +45,13 @@ const READS_BEFORE_SEND: usize = 64;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest delay before resending a refused instruction.
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Most probe sessions a node may have open at once.
+pub(crate) const MAX_PROBES_PER_NODE: usize = 2;
 /// Longest life of a probe session.
 const PROBE_MAX: Duration = Duration::from_secs(60);
+/// Shortest time between two certificates of one node, whatever the sessions (enrolment
+/// included).
+const RENEW_NODE_INTERVAL: Duration = Duration::from_secs(2);
 /// Shortest time between two renewals on one session.
 const RENEW_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -73,6 +78,8 @@ struct Entry {
 pub(crate) struct Sessions {
     inner: Mutex<HashMap<String, Entry>>,
     next: AtomicU64,
+    /// Live probe sessions per node.
+    probes: Mutex<HashMap<String, usize>>,
 }
 
 struct Registration {
@@ -81,6 +88,30 @@ struct Registration {
     wake: Arc<Notify>,
     /// A detached registration keeps its own sender, since a dropped sender reads as closed.
     _detached: Option<watch::Sender<Option<CloseReason>>>,
+    /// A probe session's slot in the per-node count, released on drop.
+    _probe: Option<ProbeSlot>,
+}
+
+/// One probe session of a node, counted while it lives.
+struct ProbeSlot {
+    sessions: Arc<Sessions>,
+    node: String,
+}
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        let mut probes = self
+            .sessions
+            .probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = probes.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                probes.remove(&self.node);
+            }
+        }
+    }
 }
 
 impl Sessions {
@@ -108,20 +139,34 @@ impl Sessions {
             close: rx,
             wake,
             _detached: None,
+            _probe: None,
         }
     }
 
     /// A registration that is not in the registry (probe sessions): nothing replaces or
-    /// wakes it; it closes on shutdown only.
-    fn detached(&self) -> Registration {
+    /// wakes it; it closes on shutdown, and its session checks revocation on every frame.
+    /// `None` when the node already has [`MAX_PROBES_PER_NODE`] probe sessions.
+    fn detached(self: &Arc<Self>, node: &str) -> Option<Registration> {
+        {
+            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let n = probes.entry(node.to_string()).or_insert(0);
+            if *n >= MAX_PROBES_PER_NODE {
+                return None;
+            }
+            *n += 1;
+        }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
-        Registration {
+        Some(Registration {
             id,
             close: rx,
             wake: Arc::new(Notify::new()),
             _detached: Some(tx),
-        }
+            _probe: Some(ProbeSlot {
+                sessions: self.clone(),
+                node: node.to_string(),
+            }),
+        })
     }
 
     fn deregister(&self, node: &str, id: u64) {
@@ -223,9 +268,10 @@ fn check_ident(name: &str, v: &str) -> Result<(), ErrorPayload> {
 /// Whether the node and the certificate serial are still known and unrevoked (a database
 /// failure counts as no).
 fn still_admitted(shared: &Shared, node: &str, serial: &str) -> bool {
+    let now = util::now_ms();
     let cert_ok = matches!(
         shared.db.cert(serial),
-        Ok(Some(c)) if c.node_id == node && c.revoked_at.is_none()
+        Ok(Some(c)) if c.node_id == node && c.revoked_at.is_none() && c.not_after > now
     );
     let node_ok = matches!(shared.db.node(node), Ok(Some(n)) if n.revoked_at.is_none());
     cert_ok && node_ok
@@ -259,6 +305,10 @@ fn check_hello(
         None => return Err(revoked("unknown certificate")),
         Some(c) if c.node_id != node => return Err(revoked("unknown certificate")),
         Some(c) if c.revoked_at.is_some() => return Err(revoked("the certificate is revoked")),
+        // rustls checks validity in a full handshake; this also holds for anything else.
+        Some(c) if c.not_after <= util::now_ms() => {
+            return Err(revoked("the certificate has expired; enrol the node again"));
+        }
         Some(_) => {}
     }
     match shared.db.node(node).map_err(internal)? {
@@ -377,15 +427,21 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         }
         None => None,
     };
-    if let Err(e) = shared.db.update_hello(
-        &node,
-        &hello.hostname,
-        &hello.agent_version,
-        &hello.boot_id,
-        &hello.instruction_types,
-        last_update.as_deref(),
-        now,
-    ) {
+    // A probe's HELLO says nothing about what the node runs: only touch last-seen.
+    let recorded = if hello.probe {
+        shared.db.touch(&node, now)
+    } else {
+        shared.db.update_hello(
+            &node,
+            &hello.hostname,
+            &hello.agent_version,
+            &hello.boot_id,
+            &hello.instruction_types,
+            last_update.as_deref(),
+            now,
+        )
+    };
+    if let Err(e) = recorded {
         tracing::error!(node = %node, error = %e, "L2Sec: cannot record HELLO");
         let env = error_env(first.tag, ErrorCode::Internal, "internal error");
         send_and_close(&mut writer, Some(&env)).await;
@@ -395,7 +451,19 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     // registered: it must not replace the node's live session, and it is sent no instructions.
     let probe = hello.probe;
     let reg = if probe {
-        shared.sessions.detached()
+        match shared.sessions.detached(&node) {
+            Some(r) => r,
+            None => {
+                tracing::info!(node = %node, "L2Sec: too many probe sessions for the node; refused");
+                let env = error_env(
+                    first.tag,
+                    ErrorCode::Busy,
+                    format!("at most {MAX_PROBES_PER_NODE} probe sessions per node at a time"),
+                );
+                send_and_close(&mut writer, Some(&env)).await;
+                return;
+            }
+        }
     } else {
         shared.sessions.register(&node)
     };
@@ -407,6 +475,9 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         let env = error_env(first.tag, ErrorCode::Revoked, "the node is revoked");
         send_and_close(&mut writer, Some(&env)).await;
         return;
+    }
+    if let Err(e) = shared.db.mark_used(&serial, now) {
+        tracing::warn!(node = %node, error = %e, "L2Sec: cannot record the certificate's first use");
     }
     let session_id = uuid::Uuid::new_v4().hyphenated().to_string();
     let interval = shared.opts.heartbeat_interval;
@@ -753,6 +824,17 @@ impl Session {
     async fn inbound(&mut self, env: Envelope) -> Result<(), End> {
         self.touch();
         let kind = env.kind.as_str();
+        if self.probe {
+            // Revocation cannot reach a probe through the registry: look on every frame.
+            if !still_admitted(&self.shared, &self.node, &self.serial) {
+                return Err(End::Closed(CloseReason::Revoked));
+            }
+            // A probe proves a credential or carries a renewal, nothing else.
+            if kind != types::HEARTBEAT && kind != types::RENEW {
+                tracing::warn!(node = %self.node, tag = %env.tag, kind = %kind, "probe session: only HEARTBEAT and RENEW are accepted; dropped");
+                return Ok(());
+            }
+        }
         match kind {
             types::HEARTBEAT => {
                 let reply = Envelope::with_type(
@@ -847,11 +929,29 @@ impl Session {
             not_after_ms: issued.not_after_ms,
             ca_sha256: &issued.ca_sha256,
         };
-        match self.shared.db.renew_cert(&self.node, &self.serial, &cert) {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!(node = %self.node, "renewal refused: the node is revoked");
-                let env = error_env(tag, ErrorCode::Revoked, "the node has been revoked");
+        let now = util::now_ms();
+        let too_soon_since =
+            now.saturating_sub(util::ms(crate::ca::NODE_BACKDATE + RENEW_NODE_INTERVAL));
+        match self
+            .shared
+            .db
+            .renew_cert(&self.node, &self.serial, &cert, now, too_soon_since)
+        {
+            Ok(crate::db::Renewal::Recorded) => {}
+            Ok(crate::db::Renewal::TooSoon) => {
+                let msg = format!(
+                    "this node got a certificate moments ago; try again in {} s",
+                    RENEW_NODE_INTERVAL.as_secs()
+                );
+                return self.send(&error_env(tag, ErrorCode::Busy, msg)).await;
+            }
+            Ok(crate::db::Renewal::Refused) => {
+                tracing::info!(node = %self.node, "renewal refused: the node or its certificate is revoked or expired");
+                let env = error_env(
+                    tag,
+                    ErrorCode::Revoked,
+                    "the node or the certificate of this session is revoked or expired",
+                );
                 let _ = self.send(&env).await;
                 return Err(End::Closed(CloseReason::Revoked));
             }

@@ -202,7 +202,7 @@ pub(crate) struct Shared {
     /// Serialises CA rotations and cutovers.
     pub ca_ops: Arc<tokio::sync::Mutex<()>>,
     pub opts: ServeOptions,
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
     /// Bumped whenever a final reply is stored; waiters re-check the database.
     pub replies: watch::Sender<u64>,
     pub shutdown: watch::Receiver<bool>,
@@ -241,6 +241,29 @@ impl Shared {
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
         *self.ca.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ca);
         Ok(())
+    }
+}
+
+/// How long an expired node certificate's row is kept (for `nodes` and audits).
+const EXPIRED_CERT_RETENTION: Duration = Duration::from_secs(30 * 86400);
+/// How often expired certificate rows are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Delete the rows of node certificates that expired more than [`EXPIRED_CERT_RETENTION`] ago,
+/// at start and then every [`PRUNE_EVERY`], so renewals do not grow the database forever.
+async fn prune_certificates(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let before = util::now_ms().saturating_sub(util::ms(EXPIRED_CERT_RETENTION));
+        match shared.db.prune_certs(before) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned expired node certificates"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune expired node certificates"),
+        }
+        tokio::select! {
+            () = shutdown_signalled(&mut shutdown) => return,
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
     }
 }
 
@@ -355,7 +378,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         tls: std::sync::RwLock::new(tls),
         ca_ops: Arc::new(tokio::sync::Mutex::new(())),
         opts: opts.clone(),
-        sessions: Sessions::default(),
+        sessions: Arc::new(Sessions::default()),
         replies,
         shutdown: shutdown_rx,
     });
@@ -364,6 +387,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         tokio::spawn(l1::run(l1_listener, shared.clone())),
         tokio::spawn(l2::run(l2_listener, shared.clone())),
         tokio::spawn(admin::run(admin_listener, shared.clone())),
+        tokio::spawn(prune_certificates(shared.clone())),
     ];
 
     let endpoints = Endpoints {

@@ -472,3 +472,43 @@ fn ca_rotation_with_overlap_keeps_the_node_connected() {
     });
     round_trip(&s.cp, &s.node, &s.agent);
 }
+
+/// Moving a running node to another control plane: `register --force` with that control
+/// plane's token (and its ports) succeeds although the configuration pins the old CA (the
+/// token's pin supersedes it; the new CA is learnt from the server and checked against the
+/// pin), and the running agent reloads its configuration and reaches the new control plane.
+#[test]
+fn register_force_moves_a_running_node_to_another_control_plane() {
+    let s = Stack::up("");
+    let cp2 = ControlPlane::start(&s.tmp.path().join("cp2"), &[]);
+    let (token, _) = cp2.token("10m");
+    let l1 = cp2.endpoints.l1.port().to_string();
+    let l2 = cp2.endpoints.l2.port().to_string();
+    let out = s.agent.cli(
+        &[
+            "register",
+            "--server",
+            "127.0.0.1",
+            "--token",
+            "-",
+            "--l1-port",
+            &l1,
+            "--l2-port",
+            &l2,
+            "--force",
+            "--json",
+        ],
+        &token,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new_node = v["nodeId"].as_str().unwrap().to_string();
+    assert_eq!(v["agentReconnected"], true, "{v}");
+    wait_until(DEADLINE, "the node on the new control plane", || {
+        cp2.is_online(&new_node)
+    });
+    round_trip(&cp2, &new_node, &s.agent);
+    wait_until(DEADLINE, "the old control plane to lose the node", || {
+        !s.cp.is_online(&s.node)
+    });
+}

@@ -48,7 +48,8 @@ fn kill_leftovers(marker: &str) {
 }
 
 /// Fault test 1: `kill -9` of the agent while a RUN_COMMAND runs, then a restart: the
-/// instruction is answered `interrupted` and its command ran once, not again.
+/// instruction is answered `interrupted`, its command ran once, not again, and the process
+/// group the crash left behind is killed at the restart.
 #[test]
 fn an_instruction_cut_short_by_kill_9_is_answered_interrupted_and_never_rerun() {
     let mut s = Stack::up("");
@@ -61,7 +62,22 @@ fn an_instruction_cut_short_by_kill_9_is_answered_interrupted_and_never_rerun() 
             file_lines(&counter).len() == 1
         });
         s.agent.kill();
+        assert!(
+            !pids_with(&marker).is_empty(),
+            "the command outlives the kill -9 of the agent"
+        );
         s.agent.start();
+        // The restarted agent kills the process group the crash left behind.
+        wait_until(
+            Duration::from_secs(20),
+            "the leftover process group to die",
+            || pids_with(&marker).is_empty(),
+        );
+        assert!(
+            s.agent.log().contains("killed the leftover process group"),
+            "{}",
+            s.agent.log()
+        );
         let r = s.reply_of(&tag, "60s");
         assert_eq!(
             (r.kind.as_str(), r.error_code()),

@@ -232,3 +232,55 @@ fn a_token_pin_that_does_not_match_the_ca_file_is_refused() {
     let out = register(&cp.ca_file());
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+/// Without a CA file, a token that carries the pin is enough: `register` learns the CA from the
+/// chain the L1Sec server presents (sending nothing on that connection), keeps it only because it
+/// matches the pin, and stores it as the L1Sec CA. A server whose CA does not match the token's
+/// pin (another control plane) is refused with exit 6 before the token is sent.
+#[test]
+fn without_a_ca_file_the_token_pin_checks_the_ca_the_server_presents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&tmp.path().join("cp"), &[]);
+    let other = ControlPlane::start(&tmp.path().join("other"), &[]);
+    let mut agent = Agent::new(&tmp.path().join("node"), &cp, "");
+    let register = |agent: &Agent, token: &str| {
+        agent.cli(
+            &[
+                "register",
+                "--server",
+                "127.0.0.1",
+                "--token",
+                "-",
+                "--json",
+            ],
+            token,
+        )
+    };
+
+    // A token of the other control plane, against this one: its pin matches nothing here.
+    let (foreign, _) = other.token("10m");
+    let out = register(&agent, &foreign);
+    assert_eq!(out.status.code(), Some(6), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("presented no CA matching the pin"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!agent.dir.join("etc/node.key").exists());
+    assert!(
+        !other.log().contains("enrolment refused"),
+        "the token must not have been sent anywhere"
+    );
+
+    let (token, pin) = cp.token("10m");
+    let out = register(&agent, &token);
+    assert!(out.status.success(), "{}", describe(&out));
+    let l1_ca = std::fs::read(agent.dir.join("etc/l1sec-ca.pem")).unwrap();
+    let certs = runos_transport::pem::certificates(&l1_ca).unwrap();
+    assert_eq!(certs.len(), 1);
+    assert_eq!(runos_transport::pem::der_sha256(&certs[0]), pin);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    agent.node_id = v["nodeId"].as_str().map(str::to_string);
+    agent.start();
+    cp.wait_online(agent.node_id.as_deref().unwrap());
+}

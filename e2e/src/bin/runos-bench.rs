@@ -134,6 +134,61 @@ async fn measure(
     })
 }
 
+/// Renewals on demand (`runos certificate renew`, through the running agent) while one
+/// `GET_NODE_STATUS` after another runs: how long a renewal takes (RENEW, staging, the probe
+/// session, promotion, answered), and the slowest instruction round trip around the switch
+/// (which includes the reconnect).
+async fn renewals(
+    api: &Api,
+    agent: &Agent,
+    node: &str,
+    n: usize,
+) -> Result<(Vec<Duration>, Duration), String> {
+    let req = SendRequest {
+        node: node.to_string(),
+        kind: "GET_NODE_STATUS".into(),
+        payload: Some(json!({})),
+        raw_b64: None,
+        timeout_ms: None,
+    };
+    let mut took = Vec::with_capacity(n);
+    let mut worst = Duration::ZERO;
+    for _ in 0..n {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let api2 = api.clone();
+        let req2 = req.clone();
+        let load = tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = api2.send_and_wait(&req2, Duration::from_secs(60)).await;
+                if !matches!(&r, Ok(r) if !r.is_error()) {
+                    return Err(format!("an instruction failed during a renewal: {r:?}"));
+                }
+                worst = worst.max(t.elapsed());
+            }
+            Ok(worst)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        let out =
+            tokio::task::block_in_place(|| agent.cli(&["certificate", "renew", "--json"], ""));
+        if !out.status.success() {
+            return Err(format!("certificate renew failed: {}", describe(&out)));
+        }
+        took.push(t.elapsed());
+        // Let the load run past the reconnect, then stop it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        worst = worst.max(load.await.map_err(|e| e.to_string())??);
+        // The control plane accepts one renewal per session every 5 s; each renewal starts a new
+        // session, so no wait is needed.
+    }
+    took.sort_unstable();
+    Ok((took, worst))
+}
+
 /// Stop the agent (if running), start it again (it reads its config anew) and wait until it is
 /// connected.
 async fn restart(agent: &mut Agent, api: &Api, node: &str) -> Result<(), String> {
@@ -218,6 +273,9 @@ async fn run(quick: bool) -> Result<(), String> {
     // With the journal synced (the default), then with `journal_fsync = false`.
     let synced = measure(&api, &node, n_lat, n_cmd, n_tp).await?;
 
+    let (renew_took, renew_worst) =
+        renewals(&api, &agent, &node, if quick { 3 } else { 10 }).await?;
+
     // Idle memory: let the agent settle after the load, then read its RSS.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss, hwm) = rss_kib(agent.pid()).ok_or("cannot read the agent's /proc status")?;
@@ -283,5 +341,15 @@ async fn run(quick: bool) -> Result<(), String> {
         fresh_rss
     );
     println!("| idle agent RSS after the synced runs above | {rss} KiB (peak {hwm} KiB) |");
+    println!(
+        "| `runos certificate renew` through the agent ({} renewals): p50 / max | {} / {} |",
+        renew_took.len(),
+        ms(percentile(&renew_took, 0.5)),
+        ms(percentile(&renew_took, 1.0))
+    );
+    println!(
+        "| slowest `GET_NODE_STATUS` round trip while renewing (includes the reconnect) | {} |",
+        ms(renew_worst)
+    );
     Ok(())
 }
