@@ -20,6 +20,11 @@ pub enum Fault {
         /// Bytes sent.
         send: usize,
     },
+    /// Wait `ms` milliseconds, then answer normally (a slow mirror).
+    Delay {
+        /// The delay.
+        ms: u64,
+    },
 }
 
 type Faults = Arc<Mutex<HashMap<String, Fault>>>;
@@ -245,8 +250,13 @@ async fn serve(
     });
     let response = match file {
         Some(body) => {
-            let send = match faults.lock().unwrap().get(path) {
-                Some(Fault::Truncate { send }) => (*send).min(body.len()),
+            let fault = faults.lock().unwrap().get(path).copied();
+            let send = match fault {
+                Some(Fault::Truncate { send }) => send.min(body.len()),
+                Some(Fault::Delay { ms }) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    body.len()
+                }
                 None => body.len(),
             };
             let mut r = format!(

@@ -1031,3 +1031,124 @@ fn auto_update_does_not_retry_a_refused_version() {
     assert_eq!(s.state()["refused"], serde_json::json!(["v9.9.9"]));
     assert_eq!(s.node.target(), s.node.old);
 }
+
+/// An update.json written by a newer version (an unknown field) keeps its downgrade floor, and a
+/// refusal never rewrites the state: a second attempt to install an older version is refused
+/// too. (Regression test from the updater review: the floor used to be silently reset.)
+#[test]
+fn a_damaged_or_newer_update_state_keeps_the_downgrade_floor() {
+    let n = Node::new();
+    let binary = release_binary();
+    n.publish("v9.9.9", binary, "v9.9.9");
+    let out = n.update(&["--version", "v9.9.9"]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    assert_eq!(n.state()["highestInstalled"], "v9.9.9");
+    let path = n.state_dir.join("update.json");
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replacen('{', "{\n  \"pending\": null,", 1);
+    fs::write(&path, &text).unwrap();
+    n.publish("v5.0.0", binary, "v5.0.0");
+    let first = n.run(&n.old, &["update", "--version", "v5.0.0", "--json"]);
+    eprintln!("first attempt: {}", describe(&first));
+    assert_eq!(code(&first), 12, "{}", describe(&first));
+    eprintln!(
+        "update.json after the refusal: {}",
+        fs::read_to_string(&path).unwrap()
+    );
+    let second = n.run(&n.old, &["update", "--version", "v5.0.0", "--json"]);
+    assert_eq!(
+        code(&second),
+        12,
+        "v5.0.0 is below the highest version ever installed (v9.9.9): must be refused without --allow-downgrade; link now {}: {}",
+        n.target().display(),
+        describe(&second)
+    );
+}
+
+/// The dispatcher's deadline (or a CANCEL) stops an UPDATE_AGENT whose download stalls: the
+/// control plane is told `timeout`, and the blocking updater stops at its next step, installing
+/// and linking nothing. (Regression test from the updater review.)
+#[test]
+fn an_update_agent_past_its_deadline_installs_nothing() {
+    let s = Supervised::start(30);
+    s.node.publish("v9.9.9", release_binary(), "v9.9.9");
+    s.node.srv.fault(
+        &format!("/download/v9.9.9/{}", asset()),
+        Fault::Delay { ms: 6000 },
+    );
+    let r = s.cp.send_with(
+        &s.node_id,
+        "UPDATE_AGENT",
+        r#"{"version": "v9.9.9"}"#,
+        &["--instruction-timeout", "2s"],
+    );
+    assert_eq!(r.error_code(), Some("timeout"), "{r:?}");
+    // The blocking updater notices the cancellation once the stalled download moves again.
+    runos_e2e::wait_until(
+        std::time::Duration::from_secs(60),
+        "the updater to stop",
+        || {
+            fs::read_to_string(s.node.state_dir.join("update.json"))
+                .unwrap_or_default()
+                .contains("cancelled")
+        },
+    );
+    assert_eq!(
+        s.node.target(),
+        s.node.old,
+        "the control plane was told the update timed out and was killed, but the link was swapped to {} (agent now {:?})",
+        s.node.target().display(),
+        s.status()["agentVersion"]
+    );
+}
+
+/// When the hand-off cannot be launched (no systemd-run, a unit name clash, a timeout), the
+/// update is reported failed and the link is set back, so no restart (a crash, a reboot) can
+/// run a version that was never health-gated. (Regression test from the updater review.)
+#[test]
+fn a_hand_off_that_cannot_launch_sets_the_link_back() {
+    let s = Supervised::start(10);
+    let bad = b"#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = version ]; then echo '{\"agentVersion\":\"9.9.9\",\"protocolVersion\":1}'; exit 0; fi\ndone\nexec sleep 3600\n";
+    s.node.publish("v9.9.9", bad, "v9.9.9");
+    let cfg: Vec<String> = fs::read_to_string(&s.node.config)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("restart_command") {
+                "restart_command = [\"/nonexistent/systemd-run\"]".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    fs::write(&s.node.config, cfg.join("\n") + "\n").unwrap();
+    let r =
+        s.cp.send(&s.node_id, "UPDATE_AGENT", r#"{"version": "v9.9.9"}"#);
+    assert_eq!(r.error_code(), Some("failed"), "{r:?}");
+    assert_eq!(
+        s.node.target(),
+        s.node.old,
+        "the update failed, yet bin_link points at the un-gated new version: {r:?}"
+    );
+}
+
+/// `runos update` judges "the running version" by the agent's admin socket, not by its own
+/// binary: after `--no-restart`, running it again restarts the agent into the installed
+/// version instead of saying there is nothing to do. (Regression test from the updater review.)
+#[test]
+fn runos_update_judges_by_the_running_agent_not_its_own_binary() {
+    let s = Supervised::start(30);
+    s.node.publish("v9.9.9", release_binary(), "v9.9.9");
+    let out = s.update(&["--version", "v9.9.9", "--no-restart"]);
+    assert_eq!(code(&out), 0, "{}", describe(&out));
+    assert_eq!(s.status()["agentVersion"], "0.1.0", "--no-restart");
+    let out = s.update(&["--version", "v9.9.9"]);
+    assert_ne!(
+        json_of(&out)["outcome"],
+        "already_current",
+        "the agent ran 0.1.0, yet: {}",
+        describe(&out)
+    );
+    s.wait_running("9.9.9");
+}

@@ -201,6 +201,17 @@ fn advertised(cfg: &Config) -> Result<Version, String> {
     }
 }
 
+/// The version the running agent reports on its admin socket, if one answers: this command's
+/// own binary (reached through `bin_link`) may already be a newer, not yet started version.
+fn running_agent(cfg: &Config) -> Option<Version> {
+    let status = crate::status_cmd::request(
+        &crate::admin::socket_path(&cfg.paths.run_dir),
+        &json!({"op": "status"}),
+    )
+    .ok()?;
+    Version::parse_loose(status.get("agentVersion")?.as_str()?).ok()
+}
+
 /// `runos update`.
 pub fn update_cmd(
     cfg: &Config,
@@ -231,6 +242,8 @@ pub fn update_cmd(
         allow_downgrade: o.allow_downgrade,
         automatic: false,
         progress: !j,
+        cancel: None,
+        running: running_agent(cfg),
     };
     let swap = match super::install_release(cfg, &req, rt.handle()) {
         Err(e) => return fail(j, e.exit, &e.message, json!({"to": target.tag()})),

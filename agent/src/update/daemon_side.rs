@@ -53,11 +53,28 @@ pub fn apply(
             restart: false,
         }),
         Installed::Swapped(s) => {
-            handoff::launch(&cfg, config_path, &s).map_err(|e| {
-                let message = format!(
-                    "{e}; {} is installed and linked, but the agent was not restarted",
-                    s.to.tag()
-                );
+            let launched = if req.cancelled() {
+                Err("the update was cancelled (the instruction's deadline passed, or it was cancelled) before the restart".to_string())
+            } else {
+                handoff::launch(&cfg, config_path, &s).map_err(|e| e.to_string())
+            };
+            launched.map_err(|e| {
+                // Never leave the link on a version that was not health-gated: the next restart
+                // (a crash, a reboot) would run it with no gate and no rollback.
+                let reverted = handoff::revert_link(&cfg, &s);
+                let message = if reverted {
+                    format!(
+                        "{e}; {} stays installed but the link was set back to {}: the agent keeps running {}",
+                        s.to.tag(),
+                        s.previous_target.display(),
+                        s.from.tag()
+                    )
+                } else {
+                    format!(
+                        "{e}; {} is installed and linked, but the agent was not restarted",
+                        s.to.tag()
+                    )
+                };
                 super::state::record(&cfg.paths.state_dir, |st| {
                     st.last = Some(super::state::LastUpdate::now(
                         s.from,
@@ -92,16 +109,24 @@ pub async fn update_agent(
         LogLevel::Info,
         &format!("downloading and verifying runos {}", target.tag()),
     );
+    // Dropping this future (the instruction's deadline, a CANCEL) sets the flag: the blocking
+    // updater stops at its next step instead of installing and restarting anyway.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut guard = CancelOnDrop(Some(cancel.clone()));
     let req = Request {
         target,
         allow_downgrade: p.allow_downgrade,
         automatic: false,
         progress: false,
+        cancel: Some(cancel),
+        running: None,
     };
     let rt = tokio::runtime::Handle::current();
     let result = tokio::task::spawn_blocking(move || apply(&config_path, &req, &rt))
         .await
-        .map_err(|e| ErrorPayload::new(ErrorCode::Internal, format!("the updater failed: {e}")))?;
+        .map_err(|e| ErrorPayload::new(ErrorCode::Internal, format!("the updater failed: {e}")));
+    guard.0 = None;
+    let result = result?;
     match result {
         Ok(a) => {
             if a.restart {
@@ -120,6 +145,17 @@ pub async fn update_agent(
             })
         }
         Err(e) => Err(ErrorPayload::new(ErrorCode::Failed, e.message)),
+    }
+}
+
+/// Sets its flag when dropped (unless disarmed by taking it).
+struct CancelOnDrop(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 
@@ -175,6 +211,8 @@ pub fn spawn_auto(
                 allow_downgrade: false,
                 automatic: true,
                 progress: false,
+                cancel: None,
+                running: None,
             };
             let rt = tokio::runtime::Handle::current();
             let path = config_path.clone();

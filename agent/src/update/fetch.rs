@@ -80,6 +80,7 @@ pub enum FetchError {
 pub struct Fetcher {
     agent: ureq::Agent,
     progress: bool,
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Fetcher {
@@ -132,7 +133,20 @@ impl Fetcher {
         Ok(Fetcher {
             agent: config.into(),
             progress: progress && std::io::stderr().is_terminal(),
+            cancel: None,
         })
+    }
+
+    /// Stop a download (with [`FetchError::Http`] "cancelled") once `cancel` is set.
+    pub fn with_cancel(mut self, cancel: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     fn get(
@@ -232,6 +246,13 @@ impl Fetcher {
         let mut shown = Instant::now();
         let show = self.progress && label.is_some();
         loop {
+            if self.cancelled() {
+                return Err(FetchError::Http {
+                    url: url.to_string(),
+                    message: "the update was cancelled".into(),
+                }
+                .into());
+            }
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,

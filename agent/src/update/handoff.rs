@@ -110,6 +110,13 @@ fn agent_status(cfg: &Config) -> Option<Value> {
 }
 
 /// Launch the hand-off for `swap` (never waits for it).
+/// Point `bin_link` back at the swap's previous target, if it still points at the new binary.
+/// Whether it did.
+pub fn revert_link(cfg: &Config, swap: &Swap) -> bool {
+    install::link_target(&cfg.update.bin_link).is_ok_and(|t| t == swap.binary)
+        && install::swap_link(&cfg.update.bin_link, &swap.previous_target).is_ok()
+}
+
 pub fn launch(cfg: &Config, config_path: &Path, swap: &Swap) -> Result<(), String> {
     let runos =
         std::env::current_exe().map_err(|e| format!("cannot find the running binary: {e}"))?;
@@ -231,6 +238,15 @@ pub fn after_install(
         .ok()
         .and_then(|st| st.last);
     if let Err(e) = launch(cfg, config_path, swap) {
+        // Never leave the link on a version that was not health-gated.
+        if revert_link(cfg, swap) {
+            return AfterInstall::Unknown(format!(
+                "{e}; {} stays installed, but the link was set back to {}, so the agent keeps running {}: fix the hand-off (update.restart_command) and run the update again",
+                swap.to.tag(),
+                swap.previous_target.display(),
+                swap.from.tag()
+            ));
+        }
         return AfterInstall::Unknown(format!(
             "{e}; {} is installed and linked, but the agent was not restarted: restart it (systemctl restart runos), or roll back with `runos update --version {} --allow-downgrade`",
             swap.to.tag(),
@@ -256,21 +272,44 @@ pub fn after_install(
     )
 }
 
-/// Whether the agent reports `version` and is connected.
-fn healthy(cfg: &Config, version: Version) -> bool {
-    agent_status(cfg).is_some_and(|s| {
-        s.get("agentVersion")
-            .and_then(Value::as_str)
-            .is_some_and(|v| Version::parse_loose(v) == Ok(version))
-            && s.pointer("/connection/state").and_then(Value::as_str) == Some("connected")
-    })
+/// The pid of the agent if it reports `version` and is connected.
+fn healthy(cfg: &Config, version: Version) -> Option<u64> {
+    let s = agent_status(cfg)?;
+    let ok = s
+        .get("agentVersion")
+        .and_then(Value::as_str)
+        .is_some_and(|v| Version::parse_loose(v) == Ok(version))
+        && s.pointer("/connection/state").and_then(Value::as_str) == Some("connected");
+    if ok {
+        s.get("pid").and_then(Value::as_u64).or(Some(0))
+    } else {
+        None
+    }
 }
 
-fn wait_healthy(cfg: &Config, version: Version) -> bool {
+/// How long the new agent must stay connected, as the same process, to pass the gate: a
+/// version that crashes right after WELCOME must not pass.
+const STAY_CONNECTED: Duration = Duration::from_secs(3);
+
+/// Wait until the agent reports `version` and connected, and has stayed so (same pid) for
+/// `stay`.
+fn wait_healthy(cfg: &Config, version: Version, stay: Duration) -> bool {
     let end = Instant::now() + cfg.update.health_timeout;
+    let mut since: Option<(u64, Instant)> = None;
     loop {
-        if healthy(cfg, version) {
-            return true;
+        match (healthy(cfg, version), since) {
+            (Some(pid), Some((p, t))) if pid == p => {
+                if t.elapsed() >= stay {
+                    return true;
+                }
+            }
+            (Some(pid), _) => {
+                if stay.is_zero() {
+                    return true;
+                }
+                since = Some((pid, Instant::now()));
+            }
+            (None, _) => since = None,
         }
         if Instant::now() >= end {
             return false;
@@ -305,7 +344,7 @@ pub fn finish(
         Err(e) => Some(format!("restarting the service failed: {e}")),
     };
     if problem.is_none() {
-        if wait_healthy(cfg, to) {
+        if wait_healthy(cfg, to, STAY_CONNECTED) {
             let msg = format!("{} is running and connected", to.tag());
             tracing::info!(from = %from.tag(), to = %to.tag(), "update healthy");
             state::record(&cfg.paths.state_dir, |st| {
@@ -327,10 +366,14 @@ pub fn finish(
     let link_now = install::link_target(&u.bin_link).ok();
     let mut message = format!("{problem}; ");
     let mut exit = Exit::RolledBack;
+    // Refused before anything restarts: the restarted (old) agent must not try the same version
+    // again automatically while this gate is still finishing.
+    state::record(&cfg.paths.state_dir, |st| st.refuse(to));
     if link_now.as_deref() == Some(new_binary.as_path()) {
         match install::swap_link(&u.bin_link, previous) {
             Ok(()) => {
-                let back = restart().is_ok() && wait_healthy(cfg, from);
+                // The old version is known to work: connected once is enough.
+                let back = restart().is_ok() && wait_healthy(cfg, from, Duration::ZERO);
                 if back {
                     message.push_str(&format!(
                         "rolled back to {} (running and connected); {} is refused for automatic updates",

@@ -17,6 +17,30 @@ pub fn asset_name() -> Result<String, String> {
     }
 }
 
+/// Refuse a directory that another user could change between verification and installation
+/// (as sshd's `StrictModes` does): it must be owned by root or by this process's user, and not
+/// writable by group or others.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let md = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if md.uid() != 0 && md.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, not root: another user could swap the verified binary; fix its owner",
+            dir.display(),
+            md.uid()
+        ));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {:o}): another user could swap the verified binary; chmod go-w it",
+            dir.display(),
+            md.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// Where version `v` is installed.
 pub fn version_binary(install_dir: &Path, v: Version) -> PathBuf {
     install_dir.join(v.tag()).join("runos")
@@ -34,6 +58,7 @@ impl TempFile {
     /// A new empty file (0600) in `dir`, which is created (0755) when missing.
     pub fn create(dir: &Path, what: &str) -> Result<TempFile, String> {
         crate::fsutil::ensure_dir(dir, 0o755).map_err(|e| e.to_string())?;
+        check_dir(dir)?;
         let path = dir.join(format!(
             ".{what}.{}.{:08x}.partial",
             std::process::id(),
@@ -126,6 +151,7 @@ pub fn link_target(bin_link: &Path) -> Result<PathBuf, String> {
 /// directory, renamed over the link, then the directory synced.
 pub fn swap_link(bin_link: &Path, target: &Path) -> Result<(), String> {
     let dir = bin_link.parent().unwrap_or_else(|| Path::new("/"));
+    check_dir(dir)?;
     let tmp = dir.join(format!(
         ".runos.link.{}.{:08x}",
         std::process::id(),

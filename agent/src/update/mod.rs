@@ -66,6 +66,34 @@ pub struct Request {
     pub automatic: bool,
     /// Show download progress (only when stderr is a terminal).
     pub progress: bool,
+    /// Set when whoever asked gave up (the `UPDATE_AGENT` deadline passed, or it was
+    /// cancelled): the update stops at the next step, and nothing is installed or linked.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The version the running agent reports, when this is not the agent itself (`runos
+    /// update`): the version updated from, and whose binary a rollback returns to. `None`: this
+    /// process's own version.
+    pub running: Option<Version>,
+}
+
+impl Request {
+    /// Whether the requester gave up.
+    pub fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn check_cancelled(&self, step: &str) -> Result<(), UpdateError> {
+        if self.cancelled() {
+            return Err(UpdateError::new(
+                Exit::Failure,
+                format!(
+                    "the update was cancelled (the instruction's deadline passed, or it was cancelled) {step}; nothing was installed or linked"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A successful [`install_release`].
@@ -101,8 +129,12 @@ pub fn install_release(
     req: &Request,
     rt: &tokio::runtime::Handle,
 ) -> Result<Installed, UpdateError> {
-    let from = Version::current()
-        .map_err(|e| UpdateError::new(Exit::Failure, format!("this agent's own version: {e}")))?;
+    let from = match req.running {
+        Some(v) => v,
+        None => Version::current().map_err(|e| {
+            UpdateError::new(Exit::Failure, format!("this agent's own version: {e}"))
+        })?,
+    };
     let _lock = crate::lock::acquire(&cfg.paths.state_dir.join("update.lock")).map_err(|e| {
         UpdateError::new(
             Exit::UpdateRefused,
@@ -134,13 +166,22 @@ fn install_locked(
     let st =
         UpdateState::load(&cfg.paths.state_dir).map_err(|e| UpdateError::new(Exit::Failure, e))?;
     let new_binary = install::version_binary(&u.install_dir, to);
-    let previous_target =
+    let linked =
         install::link_target(&u.bin_link).map_err(|e| UpdateError::new(Exit::InstallFailed, e))?;
+    // A rollback returns to the binary of the version that runs, when it is in the install
+    // layout; the link may point at a newer one installed earlier and never started.
+    let running_binary = install::version_binary(&u.install_dir, from);
+    let previous_target =
+        if req.running.is_some() && running_binary.is_file() && linked != new_binary {
+            running_binary
+        } else {
+            linked.clone()
+        };
 
-    if to == from && previous_target == new_binary {
+    if to == from && linked == new_binary {
         return Ok(Installed::AlreadyCurrent(to));
     }
-    if previous_target == new_binary {
+    if linked == new_binary {
         // Installed and linked by an earlier update whose restart has not happened yet; a
         // rollback returns to the running version's binary, which must exist.
         let running = install::version_binary(&u.install_dir, from);
@@ -197,7 +238,8 @@ fn install_locked(
     let policy = verify::release_policy(&u.repo, &u.workflow, &to.tag(), &asset)
         .map_err(|e| UpdateError::new(Exit::NotRegistered, format!("update: {e}")))?;
     let fetcher = fetch::Fetcher::new(u, req.progress)
-        .map_err(|e| UpdateError::new(Exit::NotRegistered, e.to_string()))?;
+        .map_err(|e| UpdateError::new(Exit::NotRegistered, e.to_string()))?
+        .with_cancel(req.cancel.clone());
     let base = format!("{}/download/{}", u.release_base, to.tag());
     let fetch_err = |e: fetch::FetchError| match e {
         fetch::FetchError::Write { .. } => UpdateError::new(
@@ -288,6 +330,7 @@ fn install_locked(
         }
     }
     let verified = verified.ok_or_else(|| failed(last_error))?;
+    req.check_cancelled("after the download")?;
     tracing::info!(
         version = %to.tag(), sha256 = %digest.to_hex(), identity = %verified.identity,
         commit = ?verified.commit, log_index = verified.log_index,
@@ -300,6 +343,7 @@ fn install_locked(
     let dir_existed = dir.is_dir();
     crate::fsutil::ensure_dir(&dir, 0o755)
         .map_err(|e| UpdateError::new(Exit::InstallFailed, e.to_string()))?;
+    install::check_dir(&dir).map_err(|e| UpdateError::new(Exit::InstallFailed, e))?;
     let placed = tmp.persist(&new_binary, 0o755);
     if let Err(e) = placed {
         if !dir_existed {
@@ -308,13 +352,20 @@ fn install_locked(
         return Err(UpdateError::new(Exit::InstallFailed, e));
     }
     if let Err(e) = preflight(&new_binary, to, rt) {
-        if new_binary != previous_target {
+        // Only what this update created is removed: a version directory that existed may hold
+        // the binary of the running agent (reinstalled in place with the same verified release).
+        if !dir_existed {
             let _ = std::fs::remove_file(&new_binary);
-            if !dir_existed {
-                let _ = std::fs::remove_dir(&dir);
-            }
+            let _ = std::fs::remove_dir(&dir);
         }
         return Err(UpdateError::new(Exit::InstallFailed, e));
+    }
+    if let Err(e) = req.check_cancelled("before the link swap") {
+        if new_binary != previous_target && !dir_existed {
+            let _ = std::fs::remove_file(&new_binary);
+            let _ = std::fs::remove_dir(&dir);
+        }
+        return Err(e);
     }
     install::swap_link(&u.bin_link, &new_binary)
         .map_err(|e| UpdateError::new(Exit::InstallFailed, e))?;

@@ -41,7 +41,7 @@ impl Outcome {
 
 /// The last update attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct LastUpdate {
     /// The version that was running.
     pub from: Version,
@@ -70,7 +70,9 @@ impl LastUpdate {
 
 /// The whole state file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+// Unknown fields are ignored (not refused): a state written by a newer version must still be
+// read after a rollback, or the downgrade floor and the refused list would be lost.
+#[serde(rename_all = "camelCase", default)]
 pub struct UpdateState {
     /// The highest version ever installed by the updater.
     pub highest_installed: Option<Version>,
@@ -146,13 +148,15 @@ pub fn report(state_dir: &Path) -> Option<runos_protocol::control::UpdateReport>
 }
 
 /// Load, change and save the state, best effort: a failure is logged, never fatal (the state
-/// is bookkeeping; the install itself already succeeded or failed).
+/// is bookkeeping; the install itself already succeeded or failed). A file that cannot be read
+/// is never replaced: it holds the downgrade floor and the refused versions, and updates keep
+/// refusing until an operator moves it away.
 pub fn record(state_dir: &Path, f: impl FnOnce(&mut UpdateState)) {
     let mut st = match UpdateState::load(state_dir) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "update state unreadable; starting a new one");
-            UpdateState::default()
+            tracing::warn!(error = %e, "update state unreadable; left as it is and not updated");
+            return;
         }
     };
     f(&mut st);
@@ -165,6 +169,30 @@ pub fn record(state_dir: &Path, f: impl FnOnce(&mut UpdateState)) {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn an_unreadable_state_is_never_replaced_and_unknown_fields_are_kept_readable() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let mut s = UpdateState::default();
+        s.installed(Version::new(9, 9, 9));
+        s.save(dir).unwrap();
+        // A newer version's field: still readable, the floor kept.
+        let path = UpdateState::path(dir);
+        let text =
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .replacen('{', "{\n  \"pending\": null,", 1);
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(
+            UpdateState::load(dir).unwrap().highest_installed,
+            Some(Version::new(9, 9, 9))
+        );
+        // A damaged file is left alone by `record`.
+        std::fs::write(&path, "{not json").unwrap();
+        record(dir, |st| st.installed(Version::new(1, 0, 0)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{not json");
+    }
 
     #[test]
     fn round_trip_mode_and_bounds() {
@@ -204,12 +232,7 @@ mod tests {
     #[test]
     fn hostile_state_is_an_error_naming_the_file() {
         let d = tempfile::tempdir().unwrap();
-        for bad in [
-            &b"{"[..],
-            b"{\"refused\": [\"1.0\"]}",
-            b"{\"x\": 1}",
-            b"\xff",
-        ] {
+        for bad in [&b"{"[..], b"{\"refused\": [\"1.0\"]}", b"[1]", b"\xff"] {
             std::fs::write(UpdateState::path(d.path()), bad).unwrap();
             let e = UpdateState::load(d.path()).unwrap_err();
             assert!(e.contains("update.json"), "{e}");
