@@ -528,16 +528,7 @@ impl RawConfig {
         };
 
         let a = &self.agent;
-        let range = |key: &'static str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
-            if v < lo || v > hi {
-                Err(invalid(
-                    key,
-                    format!("must be between {lo} and {hi}, got {v}"),
-                ))
-            } else {
-                Ok(())
-            }
-        };
+        let range = |key: &'static str, v: u64, lo: u64, hi: u64| check_range(path, key, v, lo, hi);
         range(
             "agent.max_frame_bytes",
             u64::from(a.max_frame_bytes),
@@ -586,6 +577,25 @@ impl RawConfig {
             },
             update,
         })
+    }
+}
+
+/// `v` must lie in `lo..=hi`; the error names `key` and the bounds.
+fn check_range(
+    path: &Path,
+    key: &'static str,
+    v: u64,
+    lo: u64,
+    hi: u64,
+) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message: format!("must be between {lo} and {hi}, got {v}"),
+        })
+    } else {
+        Ok(())
     }
 }
 
@@ -640,16 +650,7 @@ impl RawUpdate {
                 ))
             }
         };
-        let range = |key: &'static str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
-            if v < lo || v > hi {
-                Err(invalid(
-                    key,
-                    format!("must be between {lo} and {hi}, got {v}"),
-                ))
-            } else {
-                Ok(())
-            }
-        };
+        let range = |key: &'static str, v: u64, lo: u64, hi: u64| check_range(path, key, v, lo, hi);
         range(
             "update.max_download_bytes",
             self.max_download_bytes,

@@ -259,21 +259,8 @@ fn check_registered(r: &Registered, public_key_der: &[u8]) -> Result<String, Reg
     if !runos_transport::identity::is_valid_node_id(&r.node_id) {
         return Err(bad("the node id is malformed".into()));
     }
-    let chain = runos_transport::pem::certificates(r.certificate_pem.as_bytes())
-        .map_err(|e| bad(format!("certificate: {e}")))?;
     runos_transport::pem::certificates(r.ca_pem.as_bytes()).map_err(|e| bad(format!("CA: {e}")))?;
-    let info = runos_transport::identity::cert_info(&chain[0]).map_err(|e| bad(e.to_string()))?;
-    if info.node_id.as_deref() != Some(r.node_id.as_str()) {
-        return Err(bad("the certificate does not name the node id".into()));
-    }
-    use x509_parser::prelude::FromDer as _;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
-        .map_err(|e| bad(e.to_string()))?;
-    if cert.public_key().subject_public_key.data.as_ref() != public_key_der {
-        return Err(bad(
-            "the certificate is not for the key generated on this node".into(),
-        ));
-    }
+    crate::renew::check_issued(&r.certificate_pem, &r.node_id, public_key_der).map_err(bad)?;
     Ok(r.node_id.clone())
 }
 

@@ -211,8 +211,6 @@ pub fn check_renewed(
     if r.certificate_pem.len() > control::MAX_PEM_LEN || r.ca_pem.len() > control::MAX_PEM_LEN {
         return Err(bad("too large".into()));
     }
-    let chain = runos_transport::pem::certificates(r.certificate_pem.as_bytes())
-        .map_err(|e| bad(format!("certificate: {e}")))?;
     let cas = runos_transport::pem::certificates(r.ca_pem.as_bytes())
         .map_err(|e| bad(format!("CA bundle: {e}")))?;
     if cas.is_empty() || cas.len() > MAX_CA_BUNDLE {
@@ -221,23 +219,31 @@ pub fn check_renewed(
             cas.len()
         )));
     }
-    let info = runos_transport::identity::cert_info(&chain[0]).map_err(|e| bad(e.to_string()))?;
-    if info.node_id.as_deref() != Some(node_id) {
-        return Err(bad("the certificate names another node".into()));
-    }
-    use x509_parser::prelude::FromDer as _;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
-        .map_err(|e| bad(e.to_string()))?;
-    if cert.public_key().subject_public_key.data.as_ref() != public_key_der {
-        return Err(bad(
-            "the certificate is not for the key just generated".into()
-        ));
-    }
+    check_issued(&r.certificate_pem, node_id, public_key_der).map_err(bad)?;
     Ok(CredentialSet {
         key_pem,
         cert_pem: r.certificate_pem.clone(),
         ca_pem: r.ca_pem.clone(),
     })
+}
+
+/// Check a certificate the control plane issued: it parses, names `node_id`, and is for the
+/// key whose public part is `public_key_der` (the one just generated on this node).
+pub fn check_issued(cert_pem: &str, node_id: &str, public_key_der: &[u8]) -> Result<(), String> {
+    let chain = runos_transport::pem::certificates(cert_pem.as_bytes())
+        .map_err(|e| format!("certificate: {e}"))?;
+    let first = chain.first().ok_or("no certificate")?;
+    let info = runos_transport::identity::cert_info(first).map_err(|e| e.to_string())?;
+    if info.node_id.as_deref() != Some(node_id) {
+        return Err("the certificate does not name this node".into());
+    }
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) =
+        x509_parser::certificate::X509Certificate::from_der(first).map_err(|e| e.to_string())?;
+    if cert.public_key().subject_public_key.data.as_ref() != public_key_der {
+        return Err("the certificate is not for the key generated on this node".into());
+    }
+    Ok(())
 }
 
 /// The identity a credential set gives, for `host:port`.
