@@ -15,6 +15,7 @@ pub mod envelope;
 pub mod error;
 pub mod frame;
 pub mod instructions;
+pub mod peertext;
 pub mod validate;
 
 pub use envelope::{Envelope, MessageType, PayloadError, Tag};
