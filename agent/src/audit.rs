@@ -20,9 +20,18 @@
 //!
 //! There is no `fsync` per line, on purpose. The audit log is a record for people, not part of
 //! the delivery guarantee: the journal, which is synced before a reply is sent, already holds
-//! what matters for correctness. A crash of the agent process loses nothing (the `write` has
-//! reached the kernel); only a power loss or kernel crash can lose the last lines still in the
-//! page cache. A sync per line would double the number of syncs per instruction.
+//! what matters for correctness, and is the source of truth for the audit log too.
+//!
+//! # Recovery
+//!
+//! A line is written after the journal's `finished` record, so a crash (a `kill -9`, a power
+//! loss) between the two can lose it. At start, [`AuditLog::backfill`] compares the replies the
+//! journal holds with the tags at the end of the audit files, and writes the missing lines with
+//! `"recovered": true` and the time the reply was stored. Lines are written in the order replies
+//! are stored, so walking the journal's replies newest first, the first one whose tag the audit
+//! log has marks the end of what is missing. At most [`BACKFILL_MAX`] lines are written back; the
+//! journal keeps replies for 24 h after their ACK, so an audit line lost longer ago than that is
+//! lost for good.
 //!
 //! # Rotation
 //!
@@ -72,6 +81,9 @@ pub struct Record {
     pub duration_ms: Option<u64>,
     /// The reply type, or the error code of an `ERROR` reply.
     pub outcome: String,
+    /// Written at start from the journal, because a crash lost the original line.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
 }
 
 impl Record {
@@ -103,9 +115,15 @@ impl Record {
             payload_sha256: view.map(|v| v.payload_sha256.clone()).unwrap_or_default(),
             duration_ms: view.and_then(|v| v.duration_ms),
             outcome,
+            recovered: false,
         }
     }
 }
+
+/// The most audit lines [`AuditLog::backfill`] writes back at one start.
+pub const BACKFILL_MAX: usize = 1024;
+/// Bytes read from the end of each audit file to learn which tags it holds.
+const TAIL_BYTES: u64 = 1024 * 1024;
 
 /// The append-only audit log (opened lazily at the first record).
 #[derive(Debug)]
@@ -157,6 +175,40 @@ impl AuditLog {
         }
     }
 
+    /// Write the lines a crash lost between the journal's `finished` record and the audit write.
+    /// `answered` holds the journal's final replies with their entries, **newest first** (by
+    /// when the reply was stored). Returns how many lines were written.
+    pub fn backfill(&mut self, answered: &[(EntryView, Envelope)]) -> usize {
+        if answered.is_empty() {
+            return 0;
+        }
+        let mut have = std::collections::HashSet::new();
+        for p in [&self.path, &self.old] {
+            tail_tags(p, TAIL_BYTES, &mut have);
+        }
+        let missing: Vec<_> = answered
+            .iter()
+            .take(BACKFILL_MAX)
+            .take_while(|(view, _)| !have.contains(&view.tag.to_string()))
+            .collect();
+        // Oldest first, as they would have been written.
+        for (view, reply) in missing.iter().rev() {
+            let mut rec = Record::for_reply(Some(view), reply);
+            if let Some(ms) = view.finished_ms {
+                rec.time = Record::time_of_ms(ms);
+            }
+            rec.recovered = true;
+            self.record(&rec);
+        }
+        if !missing.is_empty() {
+            tracing::info!(
+                lines = missing.len(),
+                "audit lines a crash lost were written back from the journal"
+            );
+        }
+        missing.len()
+    }
+
     fn try_record(&mut self, rec: &Record) -> io::Result<()> {
         let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
         line.push(b'\n');
@@ -195,6 +247,37 @@ impl AuditLog {
     }
 }
 
+/// Add the tags of the audit lines in the last `max` bytes of `path` to `into` (nothing when the
+/// file is missing or unreadable; lines that are not records are skipped).
+fn tail_tags(path: &Path, max: u64, into: &mut std::collections::HashSet<String>) {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    #[derive(serde::Deserialize)]
+    struct TagOnly {
+        tag: String,
+    }
+    let Ok(mut f) = File::open(path) else { return };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    let start = len.saturating_sub(max);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    if f.take(max).read_to_end(&mut buf).is_err() {
+        return;
+    }
+    let mut lines = buf.split(|b| *b == b'\n');
+    if start > 0 {
+        lines.next(); // Cut mid-line.
+    }
+    for line in lines {
+        if let Ok(r) = serde_json::from_slice::<TagOnly>(line) {
+            into.insert(r.tag);
+        }
+    }
+}
+
 fn open(path: &Path) -> io::Result<File> {
     let f = OpenOptions::new()
         .create(true)
@@ -220,6 +303,7 @@ mod tests {
             payload_sha256: "ab".repeat(32),
             duration_ms: Some(5),
             outcome: "RUN_COMMAND_RESPONSE".into(),
+            recovered: false,
         }
     }
 
@@ -318,5 +402,88 @@ mod tests {
         assert!(!a.failing);
         let text = std::fs::read_to_string(missing.join(FILE)).unwrap();
         assert_eq!(text.lines().count(), 1);
+    }
+
+    fn answered(n: usize) -> Vec<(EntryView, Envelope)> {
+        // Newest first: finished_ms descending.
+        (0..n)
+            .rev()
+            .map(|i| {
+                let tag = runos_protocol::Tag::random();
+                let view = EntryView {
+                    tag,
+                    kind: "RUN_COMMAND".into(),
+                    payload_sha256: "cd".repeat(32),
+                    state: crate::journal::EntryState::Finished,
+                    accepted_ms: 1_700_000_000_000 + i as u64,
+                    started_ms: None,
+                    finished_ms: Some(1_700_000_000_000 + i as u64),
+                    acked_ms: None,
+                    duration_ms: Some(1),
+                    pgid: None,
+                    reply_type: Some("NO_CONTENT".into()),
+                    error_code: None,
+                };
+                let reply = Envelope::with_type("NO_CONTENT", tag, &serde_json::json!({}));
+                (view, reply)
+            })
+            .collect()
+    }
+
+    fn lines(dir: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join(FILE))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn backfill_writes_only_the_lines_a_crash_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = answered(5); // newest first
+        let mut a = AuditLog::new(dir.path(), DEFAULT_MAX_BYTES);
+        // The three oldest were audited; a crash lost the two newest.
+        for (view, reply) in all.iter().skip(2).rev() {
+            a.record(&Record::for_reply(Some(view), reply));
+        }
+        let mut b = AuditLog::new(dir.path(), DEFAULT_MAX_BYTES);
+        assert_eq!(b.backfill(&all), 2);
+        let l = lines(dir.path());
+        assert_eq!(l.len(), 5);
+        // Written oldest first, marked, with the time the reply was stored.
+        assert_eq!(l[3]["tag"], all[1].0.tag.to_string());
+        assert_eq!(l[4]["tag"], all[0].0.tag.to_string());
+        assert_eq!(l[4]["recovered"], true);
+        assert_eq!(l[4]["time"], Record::time_of_ms(1_700_000_000_004));
+        assert!(l[2].get("recovered").is_none());
+        // Nothing is missing any more: a second start writes nothing.
+        assert_eq!(
+            AuditLog::new(dir.path(), DEFAULT_MAX_BYTES).backfill(&all),
+            0
+        );
+        assert_eq!(lines(dir.path()).len(), 5);
+    }
+
+    #[test]
+    fn backfill_finds_lines_in_the_rotated_file_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = answered(3);
+        let mut a = AuditLog::new(dir.path(), DEFAULT_MAX_BYTES);
+        for (view, reply) in all.iter().rev() {
+            a.record(&Record::for_reply(Some(view), reply));
+        }
+        std::fs::rename(dir.path().join(FILE), dir.path().join(OLD_FILE)).unwrap();
+        assert_eq!(
+            AuditLog::new(dir.path(), DEFAULT_MAX_BYTES).backfill(&all),
+            0
+        );
+        // No audit file at all: at most BACKFILL_MAX lines come back.
+        let many = answered(BACKFILL_MAX + 10);
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(
+            AuditLog::new(empty.path(), DEFAULT_MAX_BYTES).backfill(&many),
+            BACKFILL_MAX
+        );
     }
 }

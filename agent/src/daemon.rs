@@ -281,12 +281,12 @@ pub async fn run(
 /// journal itself (the replies wait in it for the next WELCOME); the journal logs a warning for
 /// each (tag and type) and for a torn tail it cut.
 ///
-/// Leftover process groups of those instructions are not killed: the dispatcher does not
-/// record process groups (an executor creates its group after `started` is on disk), so the
-/// journal has none to offer.
+/// Leftover process groups of instructions the previous run left running are killed before
+/// this, from the registry in the run directory (see `process::reap_leftover_groups`).
 ///
-/// Also opens the audit log (see `audit.rs`) and writes the lines of those `interrupted`
-/// replies, which are final replies too.
+/// Also opens the audit log (see `audit.rs`) and writes back, from the journal, the lines a
+/// crash lost: those of the `interrupted` replies just stored, and of any reply whose line a
+/// crash between the journal's `finished` record and the audit write prevented.
 fn open_journal(
     state_dir: &std::path::Path,
     fsync: bool,
@@ -319,13 +319,27 @@ fn open_journal(
         "journal opened"
     );
     let mut audit = AuditLog::new(state_dir, crate::audit::DEFAULT_MAX_BYTES);
-    for cut in &rec.interrupted {
-        if let journal::Lookup::Done(reply) = journal.lookup(&cut.tag) {
-            let view = journal.get(&cut.tag);
-            audit.record(&crate::audit::Record::for_reply(view.as_ref(), &reply));
-        }
-    }
+    audit.backfill(&answered_newest_first(&journal));
     Ok((journal, audit))
+}
+
+/// The journal's final replies with their entries, newest first, as many as the audit log's
+/// recovery looks at.
+fn answered_newest_first(journal: &Journal) -> Vec<(journal::EntryView, runos_protocol::Envelope)> {
+    let mut views: Vec<_> = journal
+        .recent(usize::MAX)
+        .into_iter()
+        .filter(|v| v.finished_ms.is_some())
+        .collect();
+    views.sort_by_key(|v| std::cmp::Reverse(v.finished_ms));
+    views
+        .into_iter()
+        .take(crate::audit::BACKFILL_MAX)
+        .filter_map(|v| match journal.lookup(&v.tag) {
+            journal::Lookup::Done(reply) => Some((v, reply)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Wait `delay` while disconnected: replies produced meanwhile stay in the journal (resent after

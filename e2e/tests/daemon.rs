@@ -190,3 +190,49 @@ fn sd_notify_ready_and_stopping() {
     }
     assert!(seen.contains("STOPPING=1"), "no STOPPING=1; got {seen:?}");
 }
+
+/// A `kill -9` between the journal's `finished` record and the audit write lost the instruction's
+/// audit line for good (issue 10, finding 7). The state such a kill leaves (the reply in the
+/// journal, no audit line) is made exactly: the agent is killed after answering and the line is
+/// cut from `audit.jsonl`. The next start writes it back from the journal, once.
+#[test]
+fn an_audit_line_a_crash_lost_is_written_back_from_the_journal() {
+    let mut s = Stack::up("");
+    let r = s.cp.send(&s.node, "RUN_COMMAND", r#"{"argv":["true"]}"#);
+    assert_eq!(r.kind, "RUN_COMMAND_RESPONSE", "{r:?}\n{}", s.logs());
+    let audit = s.agent.dir.join("state").join("audit.jsonl");
+    let lines_of = |tag: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["tag"] == tag)
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "the audit line", || {
+        lines_of(&r.tag).len() == 1
+    });
+    s.agent.kill();
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.contains(&r.tag))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&audit, kept).unwrap();
+    assert!(lines_of(&r.tag).is_empty());
+
+    s.agent.start();
+    s.cp.wait_online(&s.node);
+    let back = lines_of(&r.tag);
+    assert_eq!(back.len(), 1, "{back:?}\n{}", s.logs());
+    assert_eq!(back[0]["recovered"], true, "{:?}", back[0]);
+    assert_eq!(back[0]["type"], "RUN_COMMAND", "{:?}", back[0]);
+    assert_eq!(back[0]["outcome"], "RUN_COMMAND_RESPONSE", "{:?}", back[0]);
+
+    // A restart with nothing lost writes nothing more.
+    s.agent.stop();
+    s.agent.start();
+    s.cp.wait_online(&s.node);
+    assert_eq!(lines_of(&r.tag).len(), 1);
+}
