@@ -6,10 +6,10 @@
 //! hand-off ([`super::handoff::launch`]), which restarts the service from outside the agent's
 //! cgroup. The agent itself never stops here: a failure leaves it running the old version.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use runos_protocol::control::LogLevel;
 use runos_protocol::instructions::{UpdateAgent, UpdateAgentResponse};
@@ -24,6 +24,26 @@ use crate::exit::Exit;
 
 /// How often the automatic updater looks at the advertised version (in memory, no I/O).
 const AUTO_POLL: Duration = Duration::from_secs(2);
+/// First wait before an automatic update that failed is tried again (a release still being
+/// published, a network fault); it doubles up to [`AUTO_RETRY_MAX`].
+const AUTO_RETRY_FIRST: Duration = Duration::from_secs(5);
+/// Longest wait between attempts at the same advertised version.
+const AUTO_RETRY_MAX: Duration = Duration::from_secs(3600);
+
+/// When the automatic updater may try `version` again after `failures` failed attempts.
+fn auto_retry_after(failures: u32) -> Duration {
+    AUTO_RETRY_FIRST
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(AUTO_RETRY_MAX)
+}
+
+/// One advertised version's attempts.
+#[derive(Debug, Clone, Copy)]
+struct Attempts {
+    failures: u32,
+    /// `None` once installed (never again in this run).
+    next: Option<Instant>,
+}
 
 /// What [`apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,14 +180,17 @@ impl Drop for CancelOnDrop {
 }
 
 /// Automatic updates: while `[update] auto` is on and the agent is connected, a newer version
-/// advertised by the control plane (and not refused after a failed health gate) is installed
-/// once per agent run; failures are logged and recorded in `update.json`.
+/// advertised by the control plane (and not refused after a failed health gate) is installed;
+/// a failed attempt (download, verification, install) is logged, recorded in `update.json` and
+/// tried again after a backoff (5 s doubling, at most 1 h), since a release may still be being
+/// published or the network may be down. Once installed, a version is not tried again in this
+/// run.
 pub fn spawn_auto(
     config_path: PathBuf,
     cfg_rx: watch::Receiver<Config>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    static TRIED: Mutex<BTreeSet<Version>> = Mutex::new(BTreeSet::new());
+    static TRIED: Mutex<BTreeMap<Version, Attempts>> = Mutex::new(BTreeMap::new());
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -193,8 +216,10 @@ pub fn spawn_auto(
                 continue;
             }
             {
-                let mut tried = TRIED.lock().unwrap_or_else(|p| p.into_inner());
-                if !tried.insert(adv) {
+                let tried = TRIED.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(a) = tried.get(&adv)
+                    && a.next.is_none_or(|at| Instant::now() < at)
+                {
                     continue;
                 }
             }
@@ -216,15 +241,46 @@ pub fn spawn_auto(
             };
             let rt = tokio::runtime::Handle::current();
             let path = config_path.clone();
-            match tokio::task::spawn_blocking(move || apply(&path, &req, &rt)).await {
-                Ok(Ok(a)) => {
-                    tracing::info!(to = %a.to.tag(), restart = a.restart, "automatic update installed")
+            let outcome = tokio::task::spawn_blocking(move || apply(&path, &req, &rt)).await;
+            let mut tried = TRIED.lock().unwrap_or_else(|p| p.into_inner());
+            let a = tried.entry(adv).or_insert(Attempts {
+                failures: 0,
+                next: None,
+            });
+            let failed = |a: &mut Attempts| {
+                a.failures = a.failures.saturating_add(1);
+                let wait = auto_retry_after(a.failures);
+                a.next = Some(Instant::now() + wait);
+                wait.as_secs()
+            };
+            match outcome {
+                Ok(Ok(done)) => {
+                    a.next = None;
+                    tracing::info!(to = %done.to.tag(), restart = done.restart, "automatic update installed")
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(to = %adv.tag(), error = %e.message, "automatic update failed")
+                    let retry_secs = failed(a);
+                    tracing::warn!(to = %adv.tag(), error = %e.message, retry_secs, "automatic update failed")
                 }
-                Err(e) => tracing::warn!(error = %e, "automatic updater failed"),
+                Err(e) => {
+                    let retry_secs = failed(a);
+                    tracing::warn!(error = %e, retry_secs, "automatic updater failed")
+                }
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn automatic_retries_back_off_and_are_capped() {
+        assert_eq!(auto_retry_after(1), Duration::from_secs(5));
+        assert_eq!(auto_retry_after(2), Duration::from_secs(10));
+        assert_eq!(auto_retry_after(5), Duration::from_secs(80));
+        assert_eq!(auto_retry_after(30), AUTO_RETRY_MAX);
+        assert_eq!(auto_retry_after(u32::MAX), AUTO_RETRY_MAX);
+    }
 }
