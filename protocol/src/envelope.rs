@@ -334,10 +334,12 @@ impl Envelope {
         String::from_utf8(bytes).map_err(|_| PayloadError::Utf8)
     }
 
-    /// Decode the payload into `T`.
+    /// Decode the payload into `T`. Every struct in `T` must be a JSON object on the wire
+    /// ([`crate::shape`]): this is the one decoder of payloads, for control messages and
+    /// instructions alike.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
         let text = self.payload_text()?;
-        Ok(serde_json::from_str(&text)?)
+        Ok(crate::shape::from_slice(text.as_bytes())?)
     }
 
     /// Whether the envelope's type is `kind`.
