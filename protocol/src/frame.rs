@@ -20,8 +20,12 @@ pub enum DecodeError {
     /// A zero-length frame.
     #[error("empty frame")]
     Empty,
-    /// The frame body is not an envelope.
-    #[error("frame is not a valid envelope: {0}")]
+    /// The frame body is not an envelope. The message never repeats a value from the frame
+    /// (only what was expected, and field names).
+    #[error(
+        "frame is not a valid envelope: {}",
+        crate::envelope::safe_json_message(.0, "envelope")
+    )]
     Envelope(#[from] serde_json::Error),
 }
 
@@ -170,6 +174,17 @@ mod tests {
         assert!(decode_frame(&f, 1024).is_err());
         for body in [&b"[]"[..], b"null", b"\"e30=\"", b"{}"] {
             assert!(decode_body(body).is_err());
+        }
+        // Errors name what was expected, never a value of the frame.
+        for body in [
+            &br#"{"type":"X","tag":"00000000-0000-4000-8000-000000000001","jsonB64":"e30=","timeoutMs":"hunter2"}"#[..],
+            br#"{"type":"hunter2!","tag":"00000000-0000-4000-8000-000000000001","jsonB64":"e30="}"#,
+            br#"{"type":"X","tag":"hunter2","jsonB64":"e30="}"#,
+            br#"["hunter2"]"#,
+        ] {
+            let e = decode_body(body).unwrap_err().to_string();
+            assert!(e.starts_with("frame is not a valid envelope"), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
         }
     }
 
