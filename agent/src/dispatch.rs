@@ -483,12 +483,12 @@ impl Dispatcher {
         } = q;
         let deadline_at = accepted + deadline;
         if tokio::time::Instant::now() >= deadline_at {
-            tracing::warn!(%tag, r#type = %kind, "deadline passed while queued; not started");
+            tracing::warn!(%tag, r#type = %kind, "deadline passed before the start; not started");
             self.answer(error_reply(
                 tag,
                 ErrorCode::Timeout,
                 format!(
-                    "the deadline of {} ms passed while the instruction waited in the queue; nothing was run",
+                    "the deadline of {} ms passed before the instruction started; nothing was run",
                     deadline.as_millis()
                 ),
             ))

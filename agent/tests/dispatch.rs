@@ -309,5 +309,9 @@ async fn deadline_runs_from_acceptance_not_from_start() {
     assert!(replies[&first.tag].is(ctypes::NO_CONTENT));
     let r = &replies[&waiting.tag];
     assert_eq!(code(r), ErrorCode::Timeout);
-    assert!(common::dispatch::error(r).message.contains("queue"));
+    assert!(
+        common::dispatch::error(r)
+            .message
+            .contains("before the instruction started")
+    );
 }

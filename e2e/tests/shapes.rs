@@ -228,9 +228,8 @@ fn shapes_the_contract_refuses_never_run() {
         }
         // 5. A bare argv[0] is found in the agent's PATH, not in the payload's.
         for name in ["id", "true"] {
-            let env = run_command_text(
-                &json!({"argv": [name], "env": {"PATH": planted}}).to_string(),
-            );
+            let env =
+                run_command_text(&json!({"argv": [name], "env": {"PATH": planted}}).to_string());
             let reply = round_trip(&mut r, &mut w, &env).await;
             assert!(reply.is("RUN_COMMAND_RESPONSE"), "{reply:?}");
             let out: serde_json::Value = reply.payload().unwrap();

@@ -27,14 +27,14 @@ impl Version {
     /// Parse a release tag, exactly `vX.Y.Z`.
     pub fn parse_tag(s: &str) -> Result<Self, String> {
         match s.strip_prefix('v') {
-            Some(rest) => Self::parse_plain(rest).map_err(|_| bad(s)),
-            None => Err(bad(s)),
+            Some(rest) => Self::parse_plain(rest).map_err(|()| bad()),
+            None => Err(bad()),
         }
     }
 
     /// Parse `X.Y.Z` or `vX.Y.Z` (an agent's reported version, a protocol payload).
     pub fn parse_loose(s: &str) -> Result<Self, String> {
-        Self::parse_plain(s.strip_prefix('v').unwrap_or(s)).map_err(|_| bad(s))
+        Self::parse_plain(s.strip_prefix('v').unwrap_or(s)).map_err(|()| bad())
     }
 
     fn parse_plain(s: &str) -> Result<Self, ()> {
@@ -70,7 +70,7 @@ impl Version {
 
 /// The error of every parse: it never repeats the text (which may come from a control plane,
 /// protocol.md §7.2); callers say which value it was.
-fn bad(_s: &str) -> String {
+fn bad() -> String {
     "is not a release version: expected vMAJOR.MINOR.PATCH, e.g. v0.2.0".to_string()
 }
 
