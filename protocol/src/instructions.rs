@@ -2026,6 +2026,19 @@ mod tests {
                     refused += 1;
                     let p = err.to_error_payload();
                     assert_eq!(p.code, ErrorCode::BadPayload);
+                    // A validation error names the field that was changed (its top level).
+                    if let DecodeInstructionError::BadPayload(BadPayload::Invalid(v)) = &err {
+                        let top = match &path[0] {
+                            PathPart::Key(k) => k.clone(),
+                            PathPart::Index(_) => "payload".to_string(),
+                        };
+                        assert!(v.field.starts_with(&top), "{kind}: {} for {top}", v.field);
+                        assert!(
+                            p.message.contains(&format!("`{}`", v.field)),
+                            "{}",
+                            p.message
+                        );
+                    }
                     let shown = format!("{} {err} {err:?}", p.message);
                     assert!(!shown.contains(MARKER), "{kind}: {shown}");
                 }
