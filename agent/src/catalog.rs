@@ -1,6 +1,11 @@
-//! The executor catalog: instruction type name → entry (executor, default and maximum deadline).
+//! The executor catalog: instruction type name → entry (how to decode and validate the payload,
+//! the executor, the maximum deadline).
 //!
-//! The dispatcher knows instructions only through this table. Adding an executor is adding an
+//! Payloads are decoded and validated by the protocol crate's rules only
+//! ([`Instruction::from_envelope`]), when the dispatcher receives the instruction and before it
+//! is accepted; default deadlines come from the protocol's catalog
+//! ([`Instruction::default_deadline_secs`]). The dispatcher knows instructions only through
+//! this table. Adding an executor is adding an
 //! entry here (see [`Catalog::standard`]); nothing else changes. The one exception is `CANCEL`,
 //! which the dispatcher handles itself ([`DISPATCHER_TYPES`]): it has no entry, but HELLO still
 //! lists it. Executors are plain async
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use runos_protocol::control::{self, LogLevel, LogLine};
 use runos_protocol::instructions::{self, Instruction};
-use runos_protocol::{Envelope, ErrorCode, ErrorPayload, PayloadError, Tag};
+use runos_protocol::{Envelope, ErrorPayload, Tag};
 use tokio::sync::mpsc;
 
 /// Instruction types the dispatcher handles itself, without an executor, queue or slot. Every
@@ -28,8 +33,34 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// What an executor produces: the final success reply, or an error reply.
 pub type ExecResult = Result<Envelope, ErrorPayload>;
 
-/// A type-erased executor: takes the instruction's envelope, decodes it itself.
+/// A type-erased executor: takes the instruction's envelope, decodes it itself. Only for
+/// [`Catalog::register_raw`] (tests); typed executors get their payload decoded and validated
+/// by the protocol crate before anything is accepted ([`Catalog::register`]).
 pub type ExecFn = Arc<dyn Fn(ExecCtx, Envelope) -> BoxFuture<ExecResult> + Send + Sync>;
+
+/// An instruction whose payload passed the protocol's checks, ready to run once.
+pub type Job = Box<dyn FnOnce(ExecCtx) -> BoxFuture<ExecResult> + Send + Sync>;
+
+/// Decode and validate an envelope into a [`Prepared`] instruction, or the `bad_payload` error.
+type PrepareFn = Arc<dyn Fn(&Envelope) -> Result<Prepared, ErrorPayload> + Send + Sync>;
+
+/// An instruction decoded and validated, with the deadline it gets when the envelope has no
+/// `timeoutMs`.
+pub struct Prepared {
+    /// The deadline without `timeoutMs` (protocol.md §7.3: the catalog's default for the type,
+    /// or what the payload decides, see [`Instruction::default_deadline_secs`]).
+    pub default_deadline: Duration,
+    /// The executor, bound to the decoded payload.
+    pub job: Job,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("default_deadline", &self.default_deadline)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What an executor may use besides its payload.
 #[derive(Debug, Clone)]
@@ -77,35 +108,34 @@ impl ExecCtx {
 pub struct Entry {
     /// The instruction type.
     pub kind: &'static str,
-    /// Deadline when the envelope gives no `timeoutMs`.
-    pub default_timeout: Duration,
-    /// Largest deadline accepted (a larger `timeoutMs` is lowered to this).
+    /// Largest deadline accepted (a larger `timeoutMs`, or a larger payload-derived default,
+    /// is lowered to this).
     pub max_timeout: Duration,
-    exec: ExecFn,
+    prepare: PrepareFn,
 }
 
 impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry")
             .field("kind", &self.kind)
-            .field("default_timeout", &self.default_timeout)
             .field("max_timeout", &self.max_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl Entry {
-    /// The deadline for an instruction whose envelope asks for `timeout_ms`.
-    pub fn deadline(&self, timeout_ms: Option<u64>) -> Duration {
-        match timeout_ms {
-            Some(ms) => Duration::from_millis(ms).min(self.max_timeout),
-            None => self.default_timeout,
-        }
+    /// Decode and validate `env`'s payload (the protocol crate's rules, protocol.md §7.2): the
+    /// instruction ready to run, or the `bad_payload` error to answer with. Nothing runs here.
+    pub fn prepare(&self, env: &Envelope) -> Result<Prepared, ErrorPayload> {
+        (self.prepare)(env)
     }
 
-    /// Start the executor on `env`.
-    pub fn run(&self, ctx: ExecCtx, env: Envelope) -> BoxFuture<ExecResult> {
-        (self.exec)(ctx, env)
+    /// The deadline of an instruction whose envelope asks for `timeout_ms`, and whose default
+    /// (without `timeoutMs`) is `default`; never more than [`Entry::max_timeout`].
+    pub fn deadline(&self, timeout_ms: Option<u64>, default: Duration) -> Duration {
+        timeout_ms
+            .map_or(default, Duration::from_millis)
+            .min(self.max_timeout)
     }
 }
 
@@ -115,26 +145,9 @@ pub struct Catalog {
     entries: BTreeMap<&'static str, Entry>,
 }
 
-/// A `bad_payload` error that never echoes the payload (serde messages can quote values).
-pub fn bad_payload(kind: &str, e: &PayloadError) -> ErrorPayload {
-    let what = match e {
-        PayloadError::Base64(_) => "jsonB64 is not valid standard base64".to_string(),
-        PayloadError::Utf8 => "jsonB64 does not decode to UTF-8 text".to_string(),
-        PayloadError::Json(j) => {
-            let class = match j.classify() {
-                serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                    "is not valid JSON"
-                }
-                _ => "does not match the schema",
-            };
-            format!(
-                "the payload {class} (line {}, column {})",
-                j.line(),
-                j.column()
-            )
-        }
-    };
-    ErrorPayload::new(ErrorCode::BadPayload, format!("{kind}: {what}"))
+/// The catalog's default deadline of `kind` (protocol.md §10), for [`Catalog::register_raw`].
+fn catalog_default(kind: &str) -> Duration {
+    Duration::from_secs(instructions::catalog_entry(kind).map_or(60, |e| e.default_timeout_secs))
 }
 
 impl Catalog {
@@ -143,18 +156,20 @@ impl Catalog {
         Catalog::default()
     }
 
-    /// The executors of this agent version.
+    /// The executors of this agent version. Default deadlines come from the protocol's
+    /// catalog; the maximum (for `timeoutMs`) is this agent's.
     pub fn standard() -> Self {
         let mut c = Catalog::empty();
         c.register::<instructions::GetNodeStatus, _, _>(
-            Duration::from_secs(10),
             Duration::from_secs(60),
             crate::exec::node_status,
         );
-        // RUN_COMMAND enforces its own payload timeout (and reports `timedOut`); the dispatcher
-        // deadline is a backstop above the largest payload timeout unless `timeoutMs` is given.
-        let backstop = Duration::from_secs(instructions::run_command_limits::MAX_TIMEOUT_SECS + 60);
-        c.register::<instructions::RunCommand, _, _>(backstop, backstop, crate::exec::run_command);
+        // RUN_COMMAND enforces its own payload timeout (and reports `timedOut`); its deadline
+        // is that timeout plus a grace period, at most the catalog's value for the largest one.
+        c.register::<instructions::RunCommand, _, _>(
+            catalog_default(instructions::types::RUN_COMMAND),
+            crate::exec::run_command,
+        );
         c
     }
 
@@ -162,35 +177,43 @@ impl Catalog {
     /// `config_path` when it runs (the daemon's catalog).
     pub fn with_updates(config_path: std::path::PathBuf) -> Self {
         let mut c = Catalog::standard();
-        c.register::<instructions::UpdateAgent, _, _>(
-            Duration::from_secs(900),
-            Duration::from_secs(3600),
-            move |ctx, p| crate::update::daemon_side::update_agent(config_path.clone(), ctx, p),
-        );
+        c.register::<instructions::UpdateAgent, _, _>(Duration::from_secs(3600), move |ctx, p| {
+            crate::update::daemon_side::update_agent(config_path.clone(), ctx, p)
+        });
         c
     }
 
-    /// Add a typed executor for `I`.
-    pub fn register<I, F, Fut>(&mut self, default_timeout: Duration, max_timeout: Duration, f: F)
+    /// Add a typed executor for `I`. Its payload is decoded and validated by the protocol crate
+    /// ([`Instruction::from_envelope`]) before the instruction is accepted, so an executor only
+    /// ever sees a payload the contract allows.
+    pub fn register<I, F, Fut>(&mut self, max_timeout: Duration, f: F)
     where
-        I: Instruction + Send + 'static,
+        I: Instruction + Send + Sync + 'static,
         F: Fn(ExecCtx, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<I::Reply, ErrorPayload>> + Send + 'static,
     {
         let f = Arc::new(f);
-        let exec: ExecFn = Arc::new(move |ctx: ExecCtx, env: Envelope| {
+        let prepare: PrepareFn = Arc::new(move |env: &Envelope| {
+            let payload = I::from_envelope(env).map_err(|e| e.to_error_payload())?;
+            let default_deadline = Duration::from_secs(payload.default_deadline_secs());
             let f = f.clone();
-            Box::pin(async move {
-                let payload: I = env.payload().map_err(|e| bad_payload(I::TYPE, &e))?;
-                let tag = ctx.tag;
-                let reply = f(ctx, payload).await?;
-                Ok(Envelope::with_type(I::REPLY_TYPE, tag, &reply))
+            let job: Job = Box::new(move |ctx: ExecCtx| {
+                Box::pin(async move {
+                    let tag = ctx.tag;
+                    let reply = f(ctx, payload).await?;
+                    Ok(Envelope::with_type(I::REPLY_TYPE, tag, &reply))
+                })
+            });
+            Ok(Prepared {
+                default_deadline,
+                job,
             })
         });
-        self.register_raw(I::TYPE, default_timeout, max_timeout, exec);
+        self.insert(I::TYPE, max_timeout, prepare);
     }
 
-    /// Add an untyped executor (tests, or types whose payload needs custom decoding).
+    /// Add an untyped executor that decodes its envelope itself (tests), with the given
+    /// default deadline.
     pub fn register_raw(
         &mut self,
         kind: &'static str,
@@ -198,13 +221,24 @@ impl Catalog {
         max_timeout: Duration,
         exec: ExecFn,
     ) {
+        let prepare: PrepareFn = Arc::new(move |env: &Envelope| {
+            let exec = exec.clone();
+            let env = env.clone();
+            Ok(Prepared {
+                default_deadline: default_timeout,
+                job: Box::new(move |ctx| exec(ctx, env)),
+            })
+        });
+        self.insert(kind, max_timeout.max(default_timeout), prepare);
+    }
+
+    fn insert(&mut self, kind: &'static str, max_timeout: Duration, prepare: PrepareFn) {
         self.entries.insert(
             kind,
             Entry {
                 kind,
-                default_timeout,
-                max_timeout: max_timeout.max(default_timeout),
-                exec,
+                max_timeout,
+                prepare,
             },
         );
     }
@@ -232,6 +266,11 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runos_protocol::{ErrorCode, MessageType};
+
+    fn env(kind: &str, json: &str) -> Envelope {
+        Envelope::from_json_text(MessageType::new(kind).unwrap(), Tag::random(), json)
+    }
 
     #[test]
     fn standard_catalog_covers_only_catalog_types() {
@@ -256,24 +295,76 @@ mod tests {
     }
 
     #[test]
-    fn deadlines_are_clamped() {
+    fn deadlines_follow_the_protocol_catalog_and_are_clamped() {
         let c = Catalog::standard();
         let e = c.get("GET_NODE_STATUS").unwrap();
-        assert_eq!(e.deadline(None), Duration::from_secs(10));
-        assert_eq!(e.deadline(Some(500)), Duration::from_millis(500));
-        assert_eq!(e.deadline(Some(10_000_000)), Duration::from_secs(60));
+        let d = e
+            .prepare(&env("GET_NODE_STATUS", "{}"))
+            .unwrap()
+            .default_deadline;
+        assert_eq!(d, Duration::from_secs(30));
+        assert_eq!(e.deadline(None, d), Duration::from_secs(30));
+        assert_eq!(e.deadline(Some(500), d), Duration::from_millis(500));
+        assert_eq!(e.deadline(Some(10_000_000), d), Duration::from_secs(60));
+        let e = c.get("RUN_COMMAND").unwrap();
+        let run = |json| {
+            e.prepare(&env("RUN_COMMAND", json))
+                .unwrap()
+                .default_deadline
+        };
+        assert_eq!(run(r#"{"argv":["true"]}"#), Duration::from_secs(330));
+        assert_eq!(
+            run(r#"{"argv":["true"],"timeoutSecs":5}"#),
+            Duration::from_secs(35)
+        );
+        let longest = run(r#"{"argv":["true"],"timeoutSecs":86400}"#);
+        assert_eq!(e.deadline(None, longest), Duration::from_secs(86_430));
+        assert_eq!(
+            e.deadline(Some(u64::MAX), longest),
+            Duration::from_secs(86_430)
+        );
+    }
+
+    #[test]
+    fn every_registered_type_is_validated_by_the_protocol_before_it_runs() {
+        let c = Catalog::with_updates("/nonexistent/runos.toml".into());
+        for (kind, json, field) in [
+            (
+                "RUN_COMMAND",
+                r#"{"argv":["../../../../bin/sh"]}"#,
+                "argv[0]",
+            ),
+            (
+                "RUN_COMMAND",
+                r#"{"argv":["true"],"env":{"1X":"v"}}"#,
+                "env",
+            ),
+            ("UPDATE_AGENT", r#"{"version":"../../x"}"#, "version"),
+        ] {
+            let e = c.get(kind).unwrap().prepare(&env(kind, json)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadPayload);
+            assert!(e.message.contains(&format!("`{field}`")), "{}", e.message);
+            assert!(!e.message.contains(".."), "{}", e.message);
+        }
+        for (kind, json) in [
+            ("RUN_COMMAND", r#"[["/bin/true"]]"#),
+            ("GET_NODE_STATUS", "[]"),
+            ("UPDATE_AGENT", r#"["v1.2.3"]"#),
+        ] {
+            let e = c.get(kind).unwrap().prepare(&env(kind, json)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadPayload, "{kind}");
+        }
     }
 
     #[test]
     fn bad_payload_never_echoes_values() {
-        let env = Envelope::from_json_text(
-            runos_protocol::MessageType::new("RUN_COMMAND").unwrap(),
-            Tag::random(),
-            r#"{"argv": "hunter2-secret"}"#,
-        );
-        let e = env.payload::<instructions::RunCommand>().unwrap_err();
-        let p = bad_payload("RUN_COMMAND", &e);
-        assert_eq!(p.code, ErrorCode::BadPayload);
-        assert!(!p.message.contains("hunter2"), "{}", p.message);
+        let c = Catalog::standard();
+        let e = c
+            .get("RUN_COMMAND")
+            .unwrap()
+            .prepare(&env("RUN_COMMAND", r#"{"argv": "hunter2-secret"}"#))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadPayload);
+        assert!(!e.message.contains("hunter2"), "{}", e.message);
     }
 }

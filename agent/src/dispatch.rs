@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use runos_protocol::control::{self, is_control_type};
 use runos_protocol::instructions::is_instruction_type;
@@ -29,7 +29,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument as _;
 
 use crate::audit::AuditLog;
-use crate::catalog::{Catalog, Entry, ExecCtx};
+use crate::catalog::{Catalog, ExecCtx, Job};
 use crate::journal::{Journal, JournalError, Lookup, payload_sha256};
 
 mod cancel;
@@ -174,7 +174,7 @@ struct Dispatcher {
     catalog: Arc<Catalog>,
     cfg: DispatchConfig,
     agent_started: Instant,
-    queue: VecDeque<(Envelope, Entry)>,
+    queue: VecDeque<Queued>,
     running: HashMap<Tag, AbortHandle>,
     tasks: JoinSet<(Tag, Envelope)>,
     journal: Journal,
@@ -185,6 +185,17 @@ struct Dispatcher {
     shutting_down: bool,
     /// Type and start time of running instructions, for `runos status` (see `snapshot.rs`).
     started: snapshot::StartLog,
+}
+
+/// An accepted instruction waiting for a slot: its payload is already decoded and validated.
+struct Queued {
+    tag: Tag,
+    kind: MessageType,
+    /// The instruction's deadline (protocol.md §7.3), measured from `accepted`.
+    deadline: Duration,
+    /// When the dispatcher accepted it (journaled `accepted`).
+    accepted: tokio::time::Instant,
+    job: Job,
 }
 
 /// Aborts a task when dropped, so that dropping an instruction's task drops its executor (and
@@ -292,13 +303,13 @@ impl Dispatcher {
     async fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         let queued: Vec<_> = self.queue.drain(..).collect();
-        for (env, _) in queued {
-            tracing::info!(tag = %env.tag, "not started: the agent is shutting down");
+        for q in queued {
+            tracing::info!(tag = %q.tag, "not started: the agent is shutting down");
             // Not journaled: the control plane redelivers it to the next agent run, where it
             // must be new.
-            self.journal.forget(&env.tag);
+            self.journal.forget(&q.tag);
             self.send(error_reply(
-                env.tag,
+                q.tag,
                 ErrorCode::ShuttingDown,
                 "the agent is shutting down and did not start this instruction",
             ))
@@ -430,44 +441,83 @@ impl Dispatcher {
             .await;
             return;
         }
+        // The protocol's decoding and validation (§7.2), before anything is accepted or run.
+        let prepared = match entry.prepare(&env) {
+            Ok(p) => p,
+            Err(refusal) => {
+                tracing::warn!(%tag, r#type = %kind, error = %refusal.message, "payload refused");
+                let reply = Envelope::with_type(control::types::ERROR, tag, &refusal);
+                self.answer_now(&env, reply).await;
+                return;
+            }
+        };
         if let Err(refusal) = self.accept(&env) {
             self.send(refusal).await;
             return;
         }
+        let q = Queued {
+            tag,
+            kind: env.kind,
+            deadline: entry.deadline(env.timeout_ms, prepared.default_deadline),
+            accepted: tokio::time::Instant::now(),
+            job: prepared.job,
+        };
         if slot_free {
-            self.start(env, entry).await;
+            self.start(q).await;
         } else {
             tracing::debug!(%tag, r#type = %kind, "queued");
-            self.queue.push_back((env, entry));
+            self.queue.push_back(q);
         }
         self.publish();
     }
 
-    /// Start an accepted instruction: `started` on disk first, then the executor.
-    async fn start(&mut self, env: Envelope, entry: Entry) {
-        let tag = env.tag;
+    /// Start an accepted instruction: `started` on disk first, then the executor. Its deadline
+    /// runs from acceptance (§7.3): one that passed in the queue is answered `timeout` unrun.
+    async fn start(&mut self, q: Queued) {
+        let Queued {
+            tag,
+            kind,
+            deadline,
+            accepted,
+            job,
+        } = q;
+        let deadline_at = accepted + deadline;
+        if tokio::time::Instant::now() >= deadline_at {
+            tracing::warn!(%tag, r#type = %kind, "deadline passed before the start; not started");
+            self.answer(error_reply(
+                tag,
+                ErrorCode::Timeout,
+                format!(
+                    "the deadline of {} ms passed before the instruction started; nothing was run",
+                    deadline.as_millis()
+                ),
+            ))
+            .await;
+            return;
+        }
         // The executor's process group is created inside it, so it is not known here: the
         // journal records none (recovery then has no group to kill; see docs/architecture.md).
         if let Err(e) = blocking(|| self.journal.started(tag, None)) {
             // Still queued in the journal (the record was not applied): forget it, so that a
             // redelivery after a restart is new.
             self.journal.forget(&tag);
-            let reply = self.not_recorded(tag, &env.kind, &e);
+            let reply = self.not_recorded(tag, &kind, &e);
             self.send(reply).await;
             return;
         }
-        self.started.note(tag, env.kind.as_str(), &self.running); // status: see `snapshot.rs`
-        let span = tracing::info_span!("instruction", %tag, r#type = %env.kind);
-        let deadline = entry.deadline(env.timeout_ms);
+        self.started.note(tag, kind.as_str(), &self.running); // status: see `snapshot.rs`
+        let span = tracing::info_span!("instruction", %tag, r#type = %kind);
         let ctx = ExecCtx::new(tag, self.agent_started, Some(self.reply_tx.clone()));
         let fut = async move {
-            tracing::info!(deadline_ms = deadline.as_millis() as u64, "started");
+            tracing::info!(
+                deadline_ms = deadline.as_millis() as u64,
+                queued_ms = accepted.elapsed().as_millis() as u64,
+                "started"
+            );
             let started = Instant::now();
-            let exec = entry
-                .run(ctx, env)
-                .instrument(tracing::Span::current());
+            let exec = job(ctx).instrument(tracing::Span::current());
             let mut inner = AbortOnDrop(tokio::spawn(exec));
-            let reply = match tokio::time::timeout(deadline, &mut inner.0).await {
+            let reply = match tokio::time::timeout_at(deadline_at, &mut inner.0).await {
                 Ok(Ok(Ok(reply))) => reply,
                 Ok(Ok(Err(err))) => {
                     Envelope::with_type(control::types::ERROR, tag, &err)
@@ -526,7 +576,7 @@ impl Dispatcher {
         }
         while self.running.len() < self.cfg.max_concurrency {
             match self.queue.pop_front() {
-                Some((env, entry)) => self.start(env, entry).await,
+                Some(q) => self.start(q).await,
                 None => break,
             }
         }

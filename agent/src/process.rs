@@ -73,8 +73,9 @@ pub enum SpawnError {
     /// The argv is empty.
     #[error("argv is empty")]
     EmptyArgv,
-    /// The OS refused to start it (not found, permission, bad cwd).
-    #[error("cannot start {program:?}: {source}")]
+    /// The OS refused to start it (not found, permission, bad cwd). The message does not show
+    /// the program: it may come from a peer (protocol.md §7.2).
+    #[error("cannot start the program (argv[0]): {source}")]
     Spawn {
         /// `argv[0]`.
         program: String,
@@ -243,12 +244,54 @@ async fn read_tail(mut r: impl AsyncRead + Unpin, cap: usize) -> TailBuffer {
     tail
 }
 
+/// The agent's own `PATH` (its environment, or [`DEFAULT_PATH`] when it has none).
+fn agent_path() -> std::ffi::OsString {
+    std::env::var_os("PATH")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_PATH.into())
+}
+
+/// Where `program` (an `argv[0]`) is: an absolute path as it is, a bare name (no `/`) looked
+/// up in the agent's own `PATH` ([`agent_path`]), never in the command's environment: a
+/// `PATH` in a payload's `env` reaches the program, but does not choose it. Only absolute
+/// `PATH` entries are searched, and only executable regular files match. Anything else (a
+/// relative path with a `/`) is refused: it would depend on the working directory.
+pub fn resolve_program(program: &str) -> std::io::Result<PathBuf> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::path::Path::new(program);
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    if program.is_empty() || program.contains('/') || program == "." || program == ".." {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not an absolute path or a program name",
+        ));
+    }
+    std::env::split_paths(&agent_path())
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, "not found in the agent's PATH"))
+}
+
 /// Run `spec` to completion (or timeout) and report how it ended. Dropping the returned future
-/// kills the whole process group.
+/// kills the whole process group. `argv[0]` is resolved with [`resolve_program`] and the
+/// program is started by its absolute path.
 pub async fn run(spec: Spec) -> Result<Outcome, SpawnError> {
     let program = spec.argv.first().ok_or(SpawnError::EmptyArgv)?.clone();
+    let resolved = resolve_program(&program).map_err(|source| SpawnError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let mut cmd = Command::new(&program);
+    let mut cmd = Command::new(&resolved);
+    // The program sees the argv[0] it was given, as from a shell.
+    std::os::unix::process::CommandExt::arg0(cmd.as_std_mut(), &program);
     cmd.args(&spec.argv[1..])
         .env_clear()
         .env("PATH", DEFAULT_PATH)
@@ -376,6 +419,27 @@ mod tests {
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(9));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn programs_resolve_against_the_agents_path_only() {
+        assert_eq!(
+            resolve_program("/bin/sh").unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        let sh = resolve_program("sh").unwrap();
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
+        for bad in ["../../../../bin/sh", "bin/sh", "./sh", ".", "..", ""] {
+            assert_eq!(
+                resolve_program(bad).unwrap_err().kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            resolve_program("runos-no-such-program").unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
     }
 
     #[test]

@@ -292,3 +292,26 @@ async fn audit_lines_and_journal_queries() {
     assert_eq!(one[0].reply_type.as_deref(), Some(ctypes::NO_CONTENT));
     assert!(query(Some(busy.tag), 50).await.is_empty());
 }
+
+/// protocol.md §7.3: the deadline runs from acceptance. An instruction whose deadline passes
+/// while it waits in the queue is answered `timeout` and never started (measured from its
+/// start, it would have run and answered `NO_CONTENT`).
+#[tokio::test]
+async fn deadline_runs_from_acceptance_not_from_start() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(4, 1));
+    let first = instr(types::RUN_COMMAND, serde_json::json!({"ms": 1500}));
+    let waiting =
+        instr(types::RUN_COMMAND, serde_json::json!({"ms": 0})).with_timeout_ms(Some(300));
+    h.send(first.clone()).await;
+    h.send(waiting.clone()).await;
+    let replies: HashMap<Tag, Envelope> =
+        h.replies(2).await.into_iter().map(|r| (r.tag, r)).collect();
+    assert!(replies[&first.tag].is(ctypes::NO_CONTENT));
+    let r = &replies[&waiting.tag];
+    assert_eq!(code(r), ErrorCode::Timeout);
+    assert!(
+        common::dispatch::error(r)
+            .message
+            .contains("before the instruction started")
+    );
+}

@@ -22,9 +22,9 @@ fn counting(runs: Arc<AtomicUsize>) -> Catalog {
         let runs = runs.clone();
         Box::pin(async move {
             let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-            let v: serde_json::Value = env
-                .payload()
-                .map_err(|e| runos_agent::catalog::bad_payload("X", &e))?;
+            let v: serde_json::Value = env.payload().map_err(|e| {
+                runos_protocol::instructions::BadPayload::from(e).to_error_payload()
+            })?;
             let ms = v.get("ms").and_then(|m| m.as_u64()).unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(Envelope::with_type(

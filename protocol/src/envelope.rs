@@ -192,7 +192,7 @@ impl PayloadError {
         match self {
             PayloadError::Base64(_) => "jsonB64 is not valid standard padded base64".to_string(),
             PayloadError::Utf8 => "jsonB64 does not decode to UTF-8 text".to_string(),
-            PayloadError::Json(e) => safe_json_message(e),
+            PayloadError::Json(e) => safe_json_message(e, "payload"),
         }
     }
 }
@@ -224,7 +224,7 @@ const MAX_FIELD_NAME_IN_MESSAGE: usize = 64;
 /// serde quotes values with `` ` `` or `"`; field names in `missing field`, `unknown field`
 /// and `duplicate field` are keys, not values, and are kept when they are short identifiers.
 /// Anything else that still contains a quote is replaced by a generic description.
-fn safe_json_message(e: &serde_json::Error) -> String {
+pub(crate) fn safe_json_message(e: &serde_json::Error, what: &str) -> String {
     use serde_json::error::Category;
     let position = if e.line() == 0 {
         String::new()
@@ -232,20 +232,20 @@ fn safe_json_message(e: &serde_json::Error) -> String {
         format!(" at line {} column {}", e.line(), e.column())
     };
     let what = match e.classify() {
-        Category::Io => "payload could not be read".to_string(),
-        Category::Eof => "payload is not valid JSON (unexpected end)".to_string(),
-        Category::Syntax => "payload is not valid JSON".to_string(),
+        Category::Io => format!("{what} could not be read"),
+        Category::Eof => format!("{what} is not valid JSON (unexpected end)"),
+        Category::Syntax => format!("{what} is not valid JSON"),
         Category::Data => {
             let full = e.to_string();
             let msg = full.strip_suffix(position.as_str()).unwrap_or(&full);
-            safe_data_message(msg)
+            safe_data_message(msg, what)
         }
     };
     format!("{what}{position}")
 }
 
-fn safe_data_message(msg: &str) -> String {
-    const GENERIC: &str = "payload does not match the schema";
+fn safe_data_message(msg: &str, what: &str) -> String {
+    let generic = format!("{what} does not match the schema");
     for prefix in ["missing field `", "unknown field `", "duplicate field `"] {
         if let Some(rest) = msg.strip_prefix(prefix) {
             let name = rest.split('`').next().unwrap_or_default();
@@ -256,9 +256,9 @@ fn safe_data_message(msg: &str) -> String {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             return if printable {
-                format!("{GENERIC}: {label} `{name}`")
+                format!("{generic}: {label} `{name}`")
             } else {
-                format!("{GENERIC}: {label}")
+                format!("{generic}: {label}")
             };
         }
     }
@@ -273,18 +273,18 @@ fn safe_data_message(msg: &str) -> String {
         if msg.starts_with(prefix) {
             return match msg.rsplit_once(", expected ") {
                 Some((_, expected)) if !expected.contains('"') => {
-                    format!("{GENERIC}: {label}, expected {expected}")
+                    format!("{generic}: {label}, expected {expected}")
                 }
-                _ => format!("{GENERIC}: {label}"),
+                _ => format!("{generic}: {label}"),
             };
         }
     }
     // Custom messages from this crate's own deserializers (tags, type names) carry no value;
     // anything quoted might.
     if msg.contains('"') || msg.contains('`') || msg.len() > 200 {
-        GENERIC.to_string()
+        generic
     } else {
-        format!("{GENERIC}: {msg}")
+        format!("{generic}: {msg}")
     }
 }
 
@@ -334,10 +334,12 @@ impl Envelope {
         String::from_utf8(bytes).map_err(|_| PayloadError::Utf8)
     }
 
-    /// Decode the payload into `T`.
+    /// Decode the payload into `T`. Every struct in `T` must be a JSON object on the wire
+    /// ([`crate::shape`]): this is the one decoder of payloads, for control messages and
+    /// instructions alike.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
         let text = self.payload_text()?;
-        Ok(serde_json::from_str(&text)?)
+        Ok(crate::shape::from_slice(text.as_bytes())?)
     }
 
     /// Whether the envelope's type is `kind`.

@@ -20,8 +20,12 @@ pub enum DecodeError {
     /// A zero-length frame.
     #[error("empty frame")]
     Empty,
-    /// The frame body is not an envelope.
-    #[error("frame is not a valid envelope: {0}")]
+    /// The frame body is not an envelope. The message never repeats a value from the frame
+    /// (only what was expected, and field names).
+    #[error(
+        "frame is not a valid envelope: {}",
+        crate::envelope::safe_json_message(.0, "envelope")
+    )]
     Envelope(#[from] serde_json::Error),
 }
 
@@ -50,9 +54,10 @@ pub fn check_len(header: [u8; HEADER_LEN], max: u32) -> Result<usize, DecodeErro
     Ok(len as usize)
 }
 
-/// Decode the body of one frame (the bytes after the length prefix).
+/// Decode the body of one frame (the bytes after the length prefix). The envelope must be a
+/// JSON object ([`crate::shape`]).
 pub fn decode_body(body: &[u8]) -> Result<Envelope, DecodeError> {
-    Ok(serde_json::from_slice(body)?)
+    Ok(crate::shape::from_slice(body)?)
 }
 
 /// Encode one envelope as a complete frame (prefix and body).
@@ -156,6 +161,31 @@ mod tests {
     fn unknown_envelope_fields_are_refused() {
         let body = br#"{"type":"X","tag":"00000000-0000-4000-8000-000000000001","jsonB64":"e30=","extra":1}"#;
         assert!(decode_body(body).is_err());
+    }
+
+    #[test]
+    fn envelopes_are_objects_only() {
+        // serde_json alone reads a struct from an array; an envelope must be an object (§3).
+        let body = br#"["GET_NODE_STATUS","00000000-0000-4000-8000-000000000001","e30="]"#;
+        assert!(serde_json::from_slice::<Envelope>(body).is_ok());
+        assert!(matches!(decode_body(body), Err(DecodeError::Envelope(_))));
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        assert!(decode_frame(&f, 1024).is_err());
+        for body in [&b"[]"[..], b"null", b"\"e30=\"", b"{}"] {
+            assert!(decode_body(body).is_err());
+        }
+        // Errors name what was expected, never a value of the frame.
+        for body in [
+            &br#"{"type":"X","tag":"00000000-0000-4000-8000-000000000001","jsonB64":"e30=","timeoutMs":"hunter2"}"#[..],
+            br#"{"type":"hunter2!","tag":"00000000-0000-4000-8000-000000000001","jsonB64":"e30="}"#,
+            br#"{"type":"X","tag":"hunter2","jsonB64":"e30="}"#,
+            br#"["hunter2"]"#,
+        ] {
+            let e = decode_body(body).unwrap_err().to_string();
+            assert!(e.starts_with("frame is not a valid envelope"), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub trait Instruction: Serialize + DeserializeOwned {
         Ok(())
     }
 
+    /// The deadline, in seconds, of this instruction when its envelope has no `timeoutMs`
+    /// (§7.3): the catalog's default for the type, unless the payload decides it (RUN_COMMAND:
+    /// its `timeoutSecs` plus [`RUN_COMMAND_DEADLINE_GRACE_SECS`]).
+    fn default_deadline_secs(&self) -> u64 {
+        catalog_entry(Self::TYPE).map_or(DEFAULT_DEADLINE_SECS, |e| e.default_timeout_secs)
+    }
+
     /// An envelope carrying this instruction with `tag`.
     fn to_envelope(&self, tag: Tag) -> Envelope {
         Envelope::with_type(Self::TYPE, tag, self)
@@ -265,6 +272,7 @@ impl Instruction for RunCommand {
         };
         validate::count("argv", self.argv.len(), l::MAX_ARGS)?;
         validate::length("argv[0]", program, l::MAX_ARG_LEN)?;
+        validate::program("argv[0]", program)?;
         for (i, a) in self.argv.iter().enumerate() {
             validate::arg(&format!("argv[{i}]"), a, l::MAX_ARG_LEN)?;
         }
@@ -288,6 +296,11 @@ impl Instruction for RunCommand {
             validate::range("timeoutSecs", t, 1, l::MAX_TIMEOUT_SECS)?;
         }
         Ok(())
+    }
+
+    fn default_deadline_secs(&self) -> u64 {
+        self.effective_timeout_secs()
+            .saturating_add(RUN_COMMAND_DEADLINE_GRACE_SECS)
     }
 }
 
@@ -1237,6 +1250,14 @@ macro_rules! catalog {
                 }
             }
 
+            /// Its deadline in seconds when the envelope has no `timeoutMs` (see
+            /// [`Instruction::default_deadline_secs`]).
+            pub fn default_deadline_secs(&self) -> u64 {
+                match self {
+                    $(AnyInstruction::$variant(i) => i.default_deadline_secs(),)*
+                }
+            }
+
             /// An envelope carrying it with `tag`.
             pub fn to_envelope(&self, tag: Tag) -> Envelope {
                 match self {
@@ -1278,6 +1299,9 @@ catalog! {
 /// `RUN_COMMAND_RESPONSE` with `timedOut: true`, fires first). The catalog lists the largest
 /// such deadline.
 pub const RUN_COMMAND_DEADLINE_GRACE_SECS: u64 = 30;
+
+/// The deadline of a type that is not in the catalog (never used by catalog types).
+const DEFAULT_DEADLINE_SECS: u64 = 60;
 
 /// The catalog entry of `kind`.
 pub fn catalog_entry(kind: &str) -> Option<&'static CatalogEntry> {
@@ -1789,6 +1813,32 @@ mod tests {
                 json!({"version": "latest-hunter2"}),
                 "version",
             ),
+            (
+                "UPDATE_AGENT",
+                json!({"version": "../../hunter2"}),
+                "version",
+            ),
+            (
+                "RUN_COMMAND",
+                json!({"argv": ["../../../../bin/hunter2"]}),
+                "argv[0]",
+            ),
+            ("RUN_COMMAND", json!({"argv": ["bin/hunter2"]}), "argv[0]"),
+            (
+                "RUN_COMMAND",
+                json!({"argv": ["true"], "cwd": "/hun\u{0}ter2"}),
+                "cwd",
+            ),
+            (
+                "RUN_COMMAND",
+                json!({"argv": ["true"], "cwd": format!("/hunter2{}", "x".repeat(5000))}),
+                "cwd",
+            ),
+            (
+                "RUN_COMMAND",
+                json!({"argv": ["true"], "env": {"1X": "hunter2"}}),
+                "env",
+            ),
         ];
         for (kind, payload, field) in cases {
             let err = decode(kind, &payload).unwrap_err();
@@ -1874,6 +1924,174 @@ mod tests {
             .unwrap_err()
             .to_error_payload();
         assert_eq!(p.code, ErrorCode::BadPayload);
+    }
+
+    /// A payload of the wrong JSON shape for the type: an array where the type is an object
+    /// (every type but RUN_KUBECTL_COMMAND), an object where it is an array.
+    fn wrong_shapes(kind: &str, example: &Value) -> Vec<Value> {
+        match example {
+            Value::Array(items) => vec![json!({ "args": items }), json!({}), json!("get")],
+            Value::Object(fields) => {
+                let values: Vec<Value> = fields.values().cloned().collect();
+                assert!(kind != types::RUN_KUBECTL_COMMAND);
+                vec![Value::Array(values), json!([]), json!([{}]), json!(7)]
+            }
+            other => panic!("{kind}: example is neither object nor array: {other}"),
+        }
+    }
+
+    #[test]
+    fn every_type_refuses_payloads_of_the_wrong_shape() {
+        for (kind, example) in examples() {
+            for bad in wrong_shapes(kind, &example) {
+                let err = decode(kind, &bad).expect_err(&format!("{kind} accepted {bad}"));
+                assert!(
+                    matches!(
+                        err,
+                        DecodeInstructionError::BadPayload(BadPayload::Payload(_))
+                    ),
+                    "{kind} {bad}: {err}"
+                );
+                assert_eq!(err.to_error_payload().code, ErrorCode::BadPayload);
+            }
+        }
+        // Nested structs are objects too: a peer written as an array is refused.
+        let peer = json!([KEY, "203.0.113.7", "172.24.0.2"]);
+        assert!(decode(types::SET_VPN_PEERS, &json!({ "peers": [peer] })).is_err());
+        // GET_NODE_STATUS: any object, never an array.
+        assert!(decode(types::GET_NODE_STATUS, &json!({"anything": [1]})).is_ok());
+        assert!(decode(types::GET_NODE_STATUS, &json!([])).is_err());
+        assert!(decode(types::RUN_COMMAND, &json!([["/bin/true"]])).is_err());
+    }
+
+    /// Every string in `v` (values, not keys), each path to one, in document order.
+    fn string_paths(v: &Value, path: &mut Vec<PathPart>, out: &mut Vec<Vec<PathPart>>) {
+        match v {
+            Value::String(_) => out.push(path.clone()),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    path.push(PathPart::Index(i));
+                    string_paths(item, path, out);
+                    path.pop();
+                }
+            }
+            Value::Object(fields) => {
+                for (k, item) in fields {
+                    path.push(PathPart::Key(k.clone()));
+                    string_paths(item, path, out);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[derive(Clone)]
+    enum PathPart {
+        Index(usize),
+        Key(String),
+    }
+
+    fn at<'a>(v: &'a mut Value, path: &[PathPart]) -> &'a mut Value {
+        path.iter().fold(v, |v, p| match p {
+            PathPart::Index(i) => &mut v[*i],
+            PathPart::Key(k) => &mut v[k.as_str()],
+        })
+    }
+
+    #[test]
+    fn no_error_message_repeats_a_string_of_the_payload() {
+        const MARKER: &str = "Zq7marker";
+        let markers = [
+            MARKER.to_string(),
+            format!("-{MARKER}"),
+            format!("../../{MARKER}"),
+            format!("/{MARKER}\u{0}"),
+            format!("{MARKER} x\n$(id)"),
+            format!("1{MARKER}"),
+            format!("v1.2.3-{MARKER}"),
+            format!("{MARKER}{}", "x".repeat(9000)),
+        ];
+        let mut refused = 0;
+        for (kind, example) in examples() {
+            let mut paths = Vec::new();
+            string_paths(&example, &mut Vec::new(), &mut paths);
+            for path in &paths {
+                for marker in &markers {
+                    let mut payload = example.clone();
+                    *at(&mut payload, path) = Value::String(marker.clone());
+                    let Err(err) = decode(kind, &payload) else {
+                        continue;
+                    };
+                    refused += 1;
+                    let p = err.to_error_payload();
+                    assert_eq!(p.code, ErrorCode::BadPayload);
+                    // A validation error names the field that was changed (its top level).
+                    if let DecodeInstructionError::BadPayload(BadPayload::Invalid(v)) = &err {
+                        let top = match &path[0] {
+                            PathPart::Key(k) => k.clone(),
+                            PathPart::Index(_) => "payload".to_string(),
+                        };
+                        assert!(v.field.starts_with(&top), "{kind}: {} for {top}", v.field);
+                        assert!(
+                            p.message.contains(&format!("`{}`", v.field)),
+                            "{}",
+                            p.message
+                        );
+                    }
+                    let shown = format!("{} {err} {err:?}", p.message);
+                    assert!(!shown.contains(MARKER), "{kind}: {shown}");
+                }
+                // A marker of the wrong type (a number where a string is expected is fine
+                // for serde; an object is not) must not be echoed either.
+                let mut payload = example.clone();
+                *at(&mut payload, path) = json!({ MARKER: MARKER });
+                if let Err(err) = decode(kind, &payload) {
+                    let shown = format!("{} {err:?}", err.to_error_payload().message);
+                    assert!(!shown.contains(MARKER), "{kind}: {shown}");
+                }
+            }
+        }
+        assert!(refused > 50, "the markers exercise validation ({refused})");
+    }
+
+    #[test]
+    fn default_deadlines_come_from_the_catalog() {
+        for (kind, example) in examples() {
+            let i = decode(kind, &example).unwrap();
+            let entry = catalog_entry(kind).unwrap();
+            if kind == types::RUN_COMMAND {
+                // The example's timeoutSecs is 30.
+                assert_eq!(
+                    i.default_deadline_secs(),
+                    30 + RUN_COMMAND_DEADLINE_GRACE_SECS
+                );
+            } else {
+                assert_eq!(
+                    i.default_deadline_secs(),
+                    entry.default_timeout_secs,
+                    "{kind}"
+                );
+            }
+        }
+        let rc: RunCommand = serde_json::from_str(r#"{"argv":["true"]}"#).unwrap();
+        assert_eq!(rc.default_deadline_secs(), 300 + 30);
+        let rc = RunCommand {
+            timeout_secs: Some(run_command_limits::MAX_TIMEOUT_SECS),
+            ..rc
+        };
+        assert_eq!(
+            rc.default_deadline_secs(),
+            catalog_entry(types::RUN_COMMAND)
+                .unwrap()
+                .default_timeout_secs
+        );
+        assert_eq!(
+            catalog_entry(types::GET_NODE_STATUS)
+                .unwrap()
+                .default_timeout_secs,
+            30
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod error;
 pub mod frame;
 pub mod instructions;
 pub mod peertext;
+pub mod shape;
 pub mod validate;
 
 pub use envelope::{Envelope, MessageType, PayloadError, Tag};

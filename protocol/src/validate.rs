@@ -167,6 +167,10 @@ pub enum Problem {
         /// The required form.
         form: &'static str,
     },
+    /// A program path that is neither absolute nor a bare name (it has a `/` but does not
+    /// start with one, so it would be resolved against the working directory).
+    #[error("must be an absolute path or a program name without '/'")]
+    NotAProgram,
     /// A dnsmasq configuration line uses a directive that is not in
     /// [`DNSMASQ_ALLOWED_DIRECTIVES`], or `log-facility` with a file path.
     #[error("uses a dnsmasq directive or value that is not allowed")]
@@ -477,6 +481,19 @@ pub(crate) fn absolute_path(field: &str, value: &str) -> Checked {
     Ok(())
 }
 
+/// A program to run: an absolute path, or a bare name (no `/`) that the agent looks up in its
+/// own `PATH`. A relative path with a `/` (`bin/x`, `../../bin/sh`) would be resolved against
+/// the working directory and is refused. `.` and `..` are not program names either.
+pub(crate) fn program(field: &str, value: &str) -> Checked {
+    if value.starts_with('/') {
+        return Ok(());
+    }
+    if value.contains('/') || value == "." || value == ".." {
+        return err(field, Problem::NotAProgram);
+    }
+    Ok(())
+}
+
 /// `min <= value <= max`.
 pub(crate) fn range(field: &str, value: u64, min: u64, max: u64) -> Checked {
     if value < min || value > max {
@@ -720,6 +737,18 @@ mod tests {
         assert!(absolute_path("cwd", "tmp").is_err());
         assert!(absolute_path("cwd", "").is_err());
         assert!(absolute_path("cwd", "/a\0b").is_err());
+        assert!(absolute_path("cwd", &format!("/{}", "a".repeat(4095))).is_ok());
+        assert!(absolute_path("cwd", &format!("/{}", "a".repeat(4999))).is_err());
+        for good in ["/bin/sh", "sh", "id", "/", "true.sh"] {
+            assert!(program("argv[0]", good).is_ok(), "{good}");
+        }
+        for bad in ["../../../../bin/sh", "bin/sh", "./x", ".", "..", "x/"] {
+            assert_eq!(
+                program("argv[0]", bad).unwrap_err().problem,
+                Problem::NotAProgram,
+                "{bad}"
+            );
+        }
         assert!(arg("a", "", 3).is_ok());
         assert!(arg("a", "abcd", 3).is_err());
         assert_eq!(arg("a", "a\0", 3).unwrap_err().problem, Problem::Nul);

@@ -41,10 +41,10 @@ impl Dispatcher {
         }
         if target == tag {
             tracing::info!(%tag, cancel_target = %target, "CANCEL names itself; nothing to do");
-        } else if let Some((victim, _)) = self
+        } else if let Some(victim) = self
             .queue
             .iter()
-            .position(|(e, _)| e.tag == target)
+            .position(|q| q.tag == target)
             .and_then(|i| self.queue.remove(i))
         {
             tracing::info!(

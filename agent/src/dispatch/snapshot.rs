@@ -122,9 +122,9 @@ impl Dispatcher {
             .queue
             .iter()
             .take(SNAPSHOT_LIST_MAX)
-            .map(|(env, _)| TaskInfo {
-                tag: env.tag,
-                kind: env.kind.as_str().to_string(),
+            .map(|q| TaskInfo {
+                tag: q.tag,
+                kind: q.kind.as_str().to_string(),
                 started_at: None,
             })
             .collect();

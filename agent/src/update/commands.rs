@@ -196,7 +196,8 @@ fn advertised(cfg: &Config) -> Result<Version, String> {
         format!("cannot ask the running agent which version the control plane advertises ({e})")
     })?;
     match status.get("advertisedAgentVersion").and_then(Value::as_str) {
-        Some(v) => Version::parse_loose(v).map_err(|e| format!("the control plane advertises {e}")),
+        Some(v) => Version::parse_loose(v)
+            .map_err(|e| format!("the control plane advertises a version that {e}")),
         None => Err("the control plane advertises no agent version".into()),
     }
 }
@@ -223,7 +224,7 @@ pub fn update_cmd(
     let target = match &o.version {
         Some(v) => match Version::parse_tag(v) {
             Ok(v) => v,
-            Err(e) => return fail(j, Exit::Usage, &format!("--version: {e}"), json!({})),
+            Err(e) => return fail(j, Exit::Usage, &format!("--version {e}"), json!({})),
         },
         None => match advertised(cfg) {
             Ok(v) => v,

@@ -124,7 +124,7 @@ pub async fn update_agent(
     p: UpdateAgent,
 ) -> Result<UpdateAgentResponse, ErrorPayload> {
     let target = Version::parse_loose(&p.version)
-        .map_err(|e| ErrorPayload::new(ErrorCode::BadPayload, format!("version: {e}")))?;
+        .map_err(|e| ErrorPayload::new(ErrorCode::BadPayload, format!("field `version` {e}")))?;
     ctx.log(
         LogLevel::Info,
         &format!("downloading and verifying runos {}", target.tag()),

@@ -27,14 +27,14 @@ impl Version {
     /// Parse a release tag, exactly `vX.Y.Z`.
     pub fn parse_tag(s: &str) -> Result<Self, String> {
         match s.strip_prefix('v') {
-            Some(rest) => Self::parse_plain(rest).map_err(|_| bad(s)),
-            None => Err(bad(s)),
+            Some(rest) => Self::parse_plain(rest).map_err(|()| bad()),
+            None => Err(bad()),
         }
     }
 
     /// Parse `X.Y.Z` or `vX.Y.Z` (an agent's reported version, a protocol payload).
     pub fn parse_loose(s: &str) -> Result<Self, String> {
-        Self::parse_plain(s.strip_prefix('v').unwrap_or(s)).map_err(|_| bad(s))
+        Self::parse_plain(s.strip_prefix('v').unwrap_or(s)).map_err(|()| bad())
     }
 
     fn parse_plain(s: &str) -> Result<Self, ()> {
@@ -68,9 +68,10 @@ impl Version {
     }
 }
 
-fn bad(s: &str) -> String {
-    let shown: String = s.chars().take(40).flat_map(char::escape_default).collect();
-    format!("{shown:?} is not a release version: expected vMAJOR.MINOR.PATCH, e.g. v0.2.0")
+/// The error of every parse: it never repeats the text (which may come from a control plane,
+/// protocol.md §7.2); callers say which value it was.
+fn bad() -> String {
+    "is not a release version: expected vMAJOR.MINOR.PATCH, e.g. v0.2.0".to_string()
 }
 
 impl fmt::Display for Version {
@@ -128,6 +129,15 @@ mod tests {
             Version::new(0, 1, 0)
         );
         assert!(Version::parse_loose("0.1").is_err());
+    }
+
+    #[test]
+    fn errors_never_repeat_the_text() {
+        for bad in ["../../x", "v1.2.3-hunter2", "hunter2\n\x1b[31m"] {
+            let e = Version::parse_loose(bad).unwrap_err();
+            assert!(!e.contains("hunter2") && !e.contains("../"), "{e}");
+            assert!(!Version::parse_tag(bad).unwrap_err().contains("hunter2"));
+        }
     }
 
     #[test]

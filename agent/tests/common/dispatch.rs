@@ -27,9 +27,9 @@ pub fn cfg(queue: usize, conc: usize) -> DispatchConfig {
 pub fn sleeper() -> ExecFn {
     Arc::new(|ctx, env: Envelope| {
         Box::pin(async move {
-            let v: serde_json::Value = env
-                .payload()
-                .map_err(|e| runos_agent::catalog::bad_payload("X", &e))?;
+            let v: serde_json::Value = env.payload().map_err(|e| {
+                runos_protocol::instructions::BadPayload::from(e).to_error_payload()
+            })?;
             if v.get("panic").is_some() {
                 panic!("executor bug");
             }
