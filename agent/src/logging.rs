@@ -1,6 +1,7 @@
 //! Structured logs to stderr (`tracing`), as text or JSON. The level comes from `RUNOS_LOG`
 //! (an `EnvFilter` directive), else `--log-level`, else the config; it can be changed at run
-//! time (SIGHUP).
+//! time (SIGHUP). Text is coloured only when stderr is a terminal. Warnings a peer can trigger
+//! at will go through a [`RateLimit`].
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -30,7 +31,12 @@ fn filter(level: &str) -> EnvFilter {
 pub fn init(level: &str, format: LogFormat) -> LogHandle {
     let env_override = std::env::var(LOG_ENV).is_ok_and(|s| !s.is_empty());
     let (layer, handle) = reload::Layer::new(filter(level));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or the journal gets plain text, so an escape
+    // byte in it can only be a bug (peer text goes through `runos_protocol::peertext`).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let ok = match format {
         LogFormat::Text => tracing_subscriber::registry()
             .with(layer)

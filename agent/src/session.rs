@@ -1106,6 +1106,84 @@ enum Routed {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_panic_in_the_session_is_caught_as_its_message() {
+        let r = CatchUnwind(Some(Box::pin(async { panic!("boom \n\u{1b}[2J") }))).await;
+        assert_eq!(r, Err::<(), _>("boom \\u{a}\\u{1b}[2J".to_string()));
+        let ok = CatchUnwind(Some(Box::pin(async { 7 }))).await;
+        assert_eq!(ok, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn the_write_outcome_is_taken_once_and_never_awaited_twice() {
+        let mut w = WriteSide {
+            task: Some(tokio::spawn(async { Err(FrameError::Truncated) })),
+        };
+        assert!(w.ended().await.contains("middle of a frame"));
+        // Taken: every later look is pending, never a second await of the handle.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), w.ended())
+                .await
+                .is_err()
+        );
+        assert_eq!(w.lost().await, SessionEnd::Failed("connection lost".into()));
+        w.close(Duration::from_millis(20)).await;
+
+        // A panicking writer is an ended writer, not a panicking session.
+        let mut w = WriteSide {
+            task: Some(tokio::spawn(async { panic!("writer bug") })),
+        };
+        assert!(w.ended().await.contains("panic"));
+
+        // Closing a writer that does not finish aborts it within the grace.
+        let w = WriteSide {
+            task: Some(tokio::spawn(std::future::pending())),
+        };
+        w.close(Duration::from_millis(20)).await;
+    }
+
+    #[test]
+    fn frame_errors_never_quote_the_peer() {
+        // serde_json quotes the offending value: "invalid type: string \"SECRET…\"".
+        let bad = serde_json::from_slice::<Envelope>(
+            br#"{"type": "PING", "tag": "00000000-0000-4000-8000-000000000001", "jsonB64": "", "timeoutMs": "SECRET\n\u001b"}"#,
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("SECRET"), "{bad}");
+        let t = frame_error_text(&FrameError::Decode(DecodeError::Envelope(bad)));
+        assert!(!t.contains("SECRET"), "{t}");
+        assert!(t.contains("not a valid envelope"), "{t}");
+    }
+
+    #[test]
+    fn welcome_fields_are_checked() {
+        let mut w = Welcome {
+            protocol_version: runos_protocol::PROTOCOL_VERSION,
+            server_time_ms: 0,
+            heartbeat_interval_ms: 1000,
+            max_frame_bytes: 65536,
+            advertised_agent_version: Some("v1.2.3".into()),
+            session_id: "abc-123".into(),
+        };
+        assert_eq!(welcome_session_id(&w), Some("abc-123"));
+        assert_eq!(welcome_advertised_version(&w).as_deref(), Some("v1.2.3"));
+        for bad in [
+            "1.2.3",
+            "v1.2",
+            "v01.2.3",
+            "v1.2.3-rc1",
+            "v1.2.3\n",
+            "../../x",
+        ] {
+            w.advertised_agent_version = Some(bad.into());
+            assert_eq!(welcome_advertised_version(&w), None, "{bad:?}");
+        }
+        for bad in ["a\nb", "\u{1b}[31m", &"x".repeat(129), ""] {
+            w.session_id = bad.into();
+            assert_eq!(welcome_session_id(&w), None, "{bad:?}");
+        }
+    }
+
     #[test]
     fn heartbeat_interval_is_clamped() {
         assert_eq!(heartbeat_interval(0), Duration::from_secs(1));
