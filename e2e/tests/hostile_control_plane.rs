@@ -21,7 +21,7 @@ use runos_protocol::control::{HeartbeatReply, Hello, Welcome, types as ct};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
 use runos_transport::{FrameReader, FrameWriter};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -105,7 +105,7 @@ struct ScriptedCp {
 /// One accepted session.
 struct Conn {
     r: FrameReader<ReadHalf<Srv>>,
-    w: FrameWriter<WriteHalf<Srv>>,
+    w: WriteHalf<Srv>,
     hello: Hello,
 }
 
@@ -144,7 +144,7 @@ impl ScriptedCp {
             .unwrap();
         let (r, w_half) = tokio::io::split(tls);
         let mut r = FrameReader::new(r, MAX_FRAME);
-        let mut wr = FrameWriter::new(w_half, MAX_FRAME);
+        let mut wr = w_half;
         let hello_env = tokio::time::timeout(DEADLINE, r.read())
             .await
             .unwrap()
@@ -153,7 +153,8 @@ impl ScriptedCp {
         assert!(hello_env.is(ct::HELLO), "first frame {}", hello_env.kind);
         let hello: Hello = hello_env.payload().unwrap();
         assert_eq!(hello.node_id, NODE);
-        wr.write(&Envelope::with_type(ct::WELCOME, hello_env.tag, w))
+        FrameWriter::new(&mut wr, MAX_FRAME)
+            .write(&Envelope::with_type(ct::WELCOME, hello_env.tag, w))
             .await
             .unwrap();
         Conn { r, w: wr, hello }
@@ -183,7 +184,10 @@ fn instruction(kind: &str, payload: &Value) -> Envelope {
 
 impl Conn {
     async fn send(&mut self, env: &Envelope) {
-        self.w.write(env).await.unwrap();
+        FrameWriter::new(&mut self.w, MAX_FRAME)
+            .write(env)
+            .await
+            .unwrap();
     }
 
     /// Send `RUN_COMMAND` with `argv`; returns its tag.
@@ -432,6 +436,40 @@ async fn a_welcome_below_the_frame_floor_is_refused_and_the_agent_reconnects() {
         l.contains("below the protocol's floor")
     })
     .await;
+    node.assert_alive();
+}
+
+/// A frame above the agent's own limit (the length prefix alone) is a protocol error: the
+/// agent answers ERROR `protocol`, ends the session and reconnects; the instruction running at
+/// that moment is answered on the next session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_above_the_agents_limit_costs_a_reconnect_not_the_process() {
+    let pki = pki();
+    let cp = ScriptedCp::start(&pki).await;
+    let mut node = start_agent(&pki, cp.port(), "max_frame_bytes = 65536");
+    let mut conn = cp.accept(&good_welcome()).await;
+    let slow = conn.run(&["sh", "-c", "sleep 2; echo slow"]).await;
+    node.wait_log("the instruction to start", |l| {
+        l.lines()
+            .any(|x| x.contains(&slow.to_string()) && x.contains("started"))
+    })
+    .await;
+    conn.w.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+    conn.w.flush().await.unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Ok(Some(env))) = tokio::time::timeout(DEADLINE, conn.r.read()).await {
+        seen.push(env);
+    }
+    assert!(
+        seen.iter().any(|e| e.is(ct::ERROR)
+            && e.payload::<ErrorPayload>()
+                .is_ok_and(|p| p.code == ErrorCode::Protocol)),
+        "{seen:?}"
+    );
+    let mut conn = cp.reconnect(&mut node, &good_welcome()).await;
+    let got = conn.collect(&[slow]).await;
+    let p: Value = got[&slow].payload().unwrap();
+    assert_eq!(p["stdout"]["text"], "slow\n", "{p}");
     node.assert_alive();
 }
 
