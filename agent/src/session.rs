@@ -12,7 +12,7 @@
 //!
 //! Nothing a control plane sends and no network condition ends the process: every failure ends
 //! the session ([`SessionEnd::Failed`]) and the daemon reconnects after a backoff. The write
-//! task's outcome has one owner ([`WriteSide`]), and [`run`] catches a panic of the session
+//! task's outcome has one owner (`WriteSide`), and [`run`] catches a panic of the session
 //! itself (a bug) as a failed session, counted in `runos status`. Peer text (WELCOME's
 //! `sessionId`, ERROR messages) reaches logs and status only through
 //! [`runos_protocol::peertext`]; warnings a peer can trigger at will are rate-limited
@@ -217,7 +217,7 @@ async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
 
 /// A frame error as text safe for a log line, a session end and an `ERROR` to the peer: no
 /// peer-supplied value (a JSON error can quote the offending input), on one line.
-pub(crate) fn frame_error_text(e: &FrameError) -> String {
+fn frame_error_text(e: &FrameError) -> String {
     match e {
         FrameError::Decode(DecodeError::Envelope(j)) => format!(
             "protocol error: frame is not a valid envelope ({:?} error at line {}, column {})",
