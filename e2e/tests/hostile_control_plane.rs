@@ -111,6 +111,16 @@ struct Conn {
 
 impl ScriptedCp {
     async fn start(pki: &Pki) -> ScriptedCp {
+        Self::start_with(pki, None).await
+    }
+
+    /// A control plane whose sockets have a small receive buffer, so that a stalled reader
+    /// blocks the agent's writes after a few MB whatever the machine's socket buffer sizes.
+    async fn start_small(pki: &Pki) -> ScriptedCp {
+        Self::start_with(pki, Some(64 * 1024)).await
+    }
+
+    async fn start_with(pki: &Pki, rcvbuf: Option<u32>) -> ScriptedCp {
         let cfg = runos_transport::tls::server_config(
             runos_transport::pem::certificates(pki.server_cert_pem.as_bytes()).unwrap(),
             runos_transport::pem::private_key(pki.server_key_pem.as_bytes()).unwrap(),
@@ -118,8 +128,13 @@ impl ScriptedCp {
             Some(&runos_transport::pem::certificates(pki.ca_pem.as_bytes()).unwrap()),
         )
         .unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(n) = rcvbuf {
+            socket.set_recv_buffer_size(n).unwrap();
+        }
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         ScriptedCp {
-            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            listener: socket.listen(16).unwrap(),
             acceptor: TlsAcceptor::from(cfg),
         }
     }
@@ -347,7 +362,7 @@ async fn check_answered(node: &mut Node, conn: &mut Conn, slow: Tag, big: &[Tag]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_that_stops_reading_costs_a_reconnect_not_the_process() {
     let pki = pki();
-    let cp = ScriptedCp::start(&pki).await;
+    let cp = ScriptedCp::start_small(&pki).await;
     let mut node = start_agent(&pki, cp.port(), "write_timeout_secs = 1");
     // A heartbeat far away: only the write bound can notice the stall.
     let mut stalled = cp.accept(&welcome(MAX_FRAME, 300_000)).await;
@@ -367,7 +382,7 @@ async fn a_control_plane_that_stops_reading_costs_a_reconnect_not_the_process() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_that_reads_very_slowly_costs_a_reconnect_not_the_process() {
     let pki = pki();
-    let cp = ScriptedCp::start(&pki).await;
+    let cp = ScriptedCp::start_small(&pki).await;
     let mut node = start_agent(&pki, cp.port(), "write_timeout_secs = 1");
     let mut trickle = cp.accept(&welcome(MAX_FRAME, 300_000)).await;
     let (slow, big) = load(&mut trickle).await;
@@ -394,7 +409,7 @@ async fn a_control_plane_that_reads_very_slowly_costs_a_reconnect_not_the_proces
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_while_the_agent_is_blocked_writing_costs_a_reconnect_not_the_process() {
     let pki = pki();
-    let cp = ScriptedCp::start(&pki).await;
+    let cp = ScriptedCp::start_small(&pki).await;
     // A long write bound: the reset, not the bound, ends the session.
     let mut node = start_agent(&pki, cp.port(), "write_timeout_secs = 600");
     let mut doomed = cp.accept_with(&welcome(MAX_FRAME, 300_000), true).await;
