@@ -212,6 +212,8 @@ pub struct RawAgent {
     pub reconnect_max_ms: u64,
     /// A session that stayed up this long resets the backoff.
     pub stable_after_secs: u64,
+    /// Bound on writing one frame to the control plane; beyond it the session ends.
+    pub write_timeout_secs: u64,
     /// Whether the journal syncs (`fdatasync`) before an executor starts and before a reply is
     /// sent. `false` gives up durability across power loss and machine crashes: benchmarks only.
     pub journal_fsync: bool,
@@ -227,6 +229,7 @@ impl Default for RawAgent {
             reconnect_initial_ms: 1000,
             reconnect_max_ms: 60_000,
             stable_after_secs: 60,
+            write_timeout_secs: 30,
             journal_fsync: true,
         }
     }
@@ -442,6 +445,9 @@ pub struct AgentSettings {
     /// Stable-session threshold.
     #[serde(serialize_with = "ser_secs")]
     pub stable_after: Duration,
+    /// Bound on writing one frame to the control plane.
+    #[serde(serialize_with = "ser_secs")]
+    pub write_timeout: Duration,
     /// Journal syncs on (see [`RawAgent::journal_fsync`]).
     pub journal_fsync: bool,
 }
@@ -551,6 +557,7 @@ impl RawConfig {
             3_600_000,
         )?;
         range("agent.stable_after_secs", a.stable_after_secs, 1, 86_400)?;
+        range("agent.write_timeout_secs", a.write_timeout_secs, 1, 3600)?;
         let update = self.update.validate(path)?;
 
         Ok(Config {
@@ -573,6 +580,7 @@ impl RawConfig {
                 reconnect_initial: Duration::from_millis(a.reconnect_initial_ms),
                 reconnect_max: Duration::from_millis(a.reconnect_max_ms),
                 stable_after: Duration::from_secs(a.stable_after_secs),
+                write_timeout: Duration::from_secs(a.write_timeout_secs),
                 journal_fsync: a.journal_fsync,
             },
             update,

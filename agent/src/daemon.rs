@@ -203,6 +203,7 @@ pub async fn run(
                     max_frame_bytes: cfg.agent.max_frame_bytes,
                     instruction_types: catalog.types(),
                     paths: cfg.paths.clone(),
+                    write_timeout: cfg.agent.write_timeout,
                 };
                 let rep = session::run(&params, &mut link, &mut ctl).await;
                 status.session_ended(&rep.end); // `runos status`

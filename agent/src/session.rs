@@ -9,23 +9,47 @@
 //! - `ERROR` with `revoked` or `protocol` ends the session; any other control message is logged
 //!   and dropped. None of these is ever dispatched as an instruction.
 //! - Everything else is an instruction and goes to the dispatcher.
+//!
+//! Nothing a control plane sends and no network condition ends the process: every failure ends
+//! the session ([`SessionEnd::Failed`]) and the daemon reconnects after a backoff. The write
+//! task's outcome has one owner (`WriteSide`), and [`run`] catches a panic of the session
+//! itself (a bug) as a failed session, counted in `runos status`. Peer text (WELCOME's
+//! `sessionId`, ERROR messages) reaches logs and status only through
+//! [`runos_protocol::peertext`]; warnings a peer can trigger at will are rate-limited
+//! ([`crate::logging::RateLimit`]).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runos_protocol::control::{self, Heartbeat, HeartbeatReply, Hello, Welcome, types};
+use runos_protocol::frame::{DecodeError, EncodeError};
+use runos_protocol::peertext::{self, PeerText};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dispatch::{DispatchLink, Inbound, error_reply};
 use crate::identity::NodeIdentity;
+use crate::logging::RateLimit;
 use crate::{net, notify, renew};
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on writing one frame.
+/// Default bound on writing one frame (`agent.write_timeout_secs`).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest peer message (an ERROR's) kept in a session end, a log line or the status.
+const MAX_PEER_MESSAGE_CHARS: usize = 200;
+/// Warnings about dropped control frames: at most this many lines per [`DROP_LOG_WINDOW`].
+const DROP_LOG_BURST: u32 = 10;
+/// See [`DROP_LOG_BURST`].
+const DROP_LOG_WINDOW: Duration = Duration::from_secs(60);
+/// Unexpected control frames, unmatched or unwanted `ERROR`s (WARN lines).
+static DROPPED: RateLimit = RateLimit::new(DROP_LOG_BURST, DROP_LOG_WINDOW);
+/// `HEARTBEAT_REPLY`s that match no outstanding heartbeat (DEBUG lines).
+static UNMATCHED: RateLimit = RateLimit::new(DROP_LOG_BURST, DROP_LOG_WINDOW);
 /// Smallest and largest heartbeat interval honoured.
 pub const HEARTBEAT_MIN: Duration = Duration::from_secs(1);
 /// See [`HEARTBEAT_MIN`].
@@ -44,6 +68,8 @@ pub struct SessionParams {
     pub instruction_types: Vec<String>,
     /// Where the credentials live (a renewal stages and promotes there).
     pub paths: crate::config::Paths,
+    /// Bound on writing one frame ([`WRITE_TIMEOUT`] by default); beyond it the session ends.
+    pub write_timeout: Duration,
 }
 
 /// A request to renew the certificate now (`runos certificate renew` through the admin
@@ -117,8 +143,131 @@ pub async fn until_shutdown(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await.is_ok();
 }
 
-/// Connect, handshake and serve one session until it ends.
+/// Connect, handshake and serve one session until it ends. Never panics: a panic inside the
+/// session (a bug) is caught, logged, counted in `runos status` and reported as
+/// [`SessionEnd::Failed`], so it costs a reconnect, not the process.
 pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) -> SessionReport {
+    match CatchUnwind(Some(Box::pin(session(p, link, ctl)))).await {
+        Ok(rep) => rep,
+        Err(msg) => {
+            tracing::error!(
+                "the session failed unexpectedly (a bug in the agent: {msg}); reconnecting"
+            );
+            crate::status::global().session_panicked(&msg); // `runos status`
+            report(
+                SessionEnd::Failed(format!("the session failed unexpectedly: {msg}")),
+                None,
+            )
+        }
+    }
+}
+
+/// A future whose panic is caught and returned as its message (escaped and capped: a panic
+/// message may quote anything). Polled again after it finished, it stays pending.
+struct CatchUnwind<F>(Option<Pin<Box<F>>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(fut) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx)));
+        match res {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => {
+                self.0 = None;
+                Poll::Ready(Ok(v))
+            }
+            Err(payload) => {
+                // Dropping the unwound future may panic again: contain that too.
+                let fut = self.0.take();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(fut)));
+                Poll::Ready(Err(panic_message(payload.as_ref())))
+            }
+        }
+    }
+}
+
+/// The message of a panic payload, escaped and capped.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    peertext::clean(text, MAX_PEER_MESSAGE_CHARS)
+}
+
+/// Bound a frame write by `within`; a timeout is an I/O error that ends the session.
+async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    env: &Envelope,
+    within: Duration,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(within, writer.write(env)).await {
+        Ok(r) => r,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a frame could not be written within {} s", within.as_secs()),
+        ))),
+    }
+}
+
+/// A frame error as text safe for a log line, a session end and an `ERROR` to the peer: no
+/// peer-supplied value (a JSON error can quote the offending input), on one line.
+fn frame_error_text(e: &FrameError) -> String {
+    match e {
+        FrameError::Decode(DecodeError::Envelope(j)) => format!(
+            "protocol error: frame is not a valid envelope ({:?} error at line {}, column {})",
+            j.classify(),
+            j.line(),
+            j.column()
+        ),
+        FrameError::Io(io) => format!(
+            "connection error: {}",
+            PeerText::capped(&io.to_string(), MAX_PEER_MESSAGE_CHARS)
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// WELCOME's `sessionId` if it is clean, printable text of at most
+/// [`crate::status::MAX_SESSION_ID_CHARS`] characters; otherwise it is ignored with a warning
+/// (never logged or shown: it would forge log lines or repaint a terminal).
+fn welcome_session_id(w: &Welcome) -> Option<&str> {
+    let id = w.session_id.as_str();
+    if id.is_empty() {
+        return None;
+    }
+    if peertext::is_clean(id, crate::status::MAX_SESSION_ID_CHARS) {
+        Some(id)
+    } else {
+        tracing::warn!(
+            "WELCOME sessionId is not printable text of at most {} characters; ignored",
+            crate::status::MAX_SESSION_ID_CHARS
+        );
+        None
+    }
+}
+
+/// WELCOME's `advertisedAgentVersion`, parsed strictly as a release tag `vX.Y.Z` (protocol.md
+/// §4); a malformed one is ignored with a warning (not stored, not shown, not installed).
+fn welcome_advertised_version(w: &Welcome) -> Option<String> {
+    let v = w.advertised_agent_version.as_deref()?;
+    match crate::update::version::Version::parse_tag(v) {
+        Ok(v) => Some(v.tag()),
+        Err(_) => {
+            tracing::warn!(
+                "WELCOME advertisedAgentVersion is not a release version vMAJOR.MINOR.PATCH; ignored"
+            );
+            None
+        }
+    }
+}
+
+async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) -> SessionReport {
     let id = &p.identity;
     let addr = net::addr(&id.host, id.port);
     let mut shutdown = ctl.shutdown.clone();
@@ -146,12 +295,10 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     hello.last_update = crate::update::state::report(&p.paths.state_dir);
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();
-    if let Err(e) = writer
-        .write(&Envelope::with_type(types::HELLO, hello_tag, &hello))
-        .await
-    {
+    let hello_env = Envelope::with_type(types::HELLO, hello_tag, &hello);
+    if let Err(e) = write_within(&mut writer, &hello_env, p.write_timeout).await {
         return report(
-            SessionEnd::Failed(format!("sending HELLO to {addr}: {e}")),
+            SessionEnd::Failed(format!("sending HELLO to {addr}: {}", frame_error_text(&e))),
             None,
         );
     }
@@ -165,7 +312,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         }
         Ok(Err(e)) => {
             return report(
-                SessionEnd::Failed(format!("waiting for WELCOME: {e}")),
+                SessionEnd::Failed(format!("waiting for WELCOME: {}", frame_error_text(&e))),
                 None,
             );
         }
@@ -181,30 +328,34 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     };
     let welcome = match handshake_answer(&first, hello_tag) {
         Ok(w) => w,
-        Err(end) => return report(end, None),
+        Err(end) => {
+            if let SessionEnd::Failed(m) = &end
+                && first.is(types::WELCOME)
+            {
+                // A WELCOME we cannot work with: tell the control plane why (best effort).
+                let refusal = error_reply(Tag::random(), ErrorCode::Protocol, m.clone());
+                let _ = write_within(&mut writer, &refusal, Duration::from_secs(2)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), writer.shutdown()).await;
+            }
+            return report(end, None);
+        }
     };
     let welcomed_at = Instant::now();
     let rtt_ms = u64::try_from(hello_sent.elapsed().as_millis()).unwrap_or(u64::MAX);
     let offset_ms = crate::status::clock_offset_ms(welcome.server_time_ms, hello_sent_ms, rtt_ms);
     writer.set_max(welcome.max_frame_bytes);
     let interval = heartbeat_interval(welcome.heartbeat_interval_ms);
+    let session_id = welcome_session_id(&welcome);
     tracing::info!(
-        session = %welcome.session_id,
+        session = session_id.unwrap_or("-"),
         heartbeat_ms = interval.as_millis() as u64,
         clock_offset_ms = offset_ms,
         max_frame = welcome.max_frame_bytes,
         "connected to {addr}"
     );
     notify::status(&format!("connected to {addr}"));
-    crate::status::global().connected(&addr, &welcome.session_id); // `runos status`
-    // Bounded and printable before it reaches status or the updater (which parses it strictly).
-    crate::status::global().set_advertised_version(
-        welcome
-            .advertised_agent_version
-            .as_deref()
-            .filter(|v| v.len() <= 32 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_string),
-    );
+    crate::status::global().connected(&addr, session_id); // `runos status`
+    crate::status::global().set_advertised_version(welcome_advertised_version(&welcome));
     crate::status::global().observe_clock_offset(offset_ms);
     let end = serve(p, reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
@@ -262,12 +413,13 @@ pub(crate) fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome
         let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
             ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
         });
+        let message = peertext::clean(&e.message, MAX_PEER_MESSAGE_CHARS);
         return Err(match e.code {
-            ErrorCode::Revoked => SessionEnd::Revoked(e.message),
-            ErrorCode::VersionMismatch => SessionEnd::Incompatible(e.message),
+            ErrorCode::Revoked => SessionEnd::Revoked(message),
+            ErrorCode::VersionMismatch => SessionEnd::Incompatible(message),
             _ => SessionEnd::Failed(format!(
-                "the control plane refused the session ({}): {}",
-                e.code, e.message
+                "the control plane refused the session ({}): {message}",
+                e.code
             )),
         });
     }
@@ -281,6 +433,13 @@ pub(crate) fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome
         .payload()
         .map_err(|_| SessionEnd::Failed("WELCOME payload is malformed".into()))?;
     control::check_version(w.protocol_version).map_err(|e| SessionEnd::Incompatible(e.message))?;
+    if w.max_frame_bytes < runos_protocol::MIN_MAX_FRAME_BYTES {
+        // Below the floor the agent cannot even send its own heartbeats and ERRORs reliably.
+        return Err(SessionEnd::Failed(format!(
+            "protocol error: WELCOME announces a maximum frame size below the protocol's floor of {} bytes",
+            runos_protocol::MIN_MAX_FRAME_BYTES
+        )));
+    }
     Ok(w)
 }
 
@@ -289,35 +448,35 @@ type Reader =
 type Writer =
     FrameWriter<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
 
+/// Whether `env` is a final reply (as opposed to a `LOG` line or the agent's own control
+/// messages), i.e. something the control plane must get an answer for.
+fn is_final_reply(env: &Envelope) -> bool {
+    !(env.is(types::LOG) || env.is(types::HEARTBEAT) || env.is(types::RENEW))
+}
+
+/// The write task: sends queued frames, each within `within`. Returns when the queue closes
+/// (after closing the stream) or with the error that ends the session.
 async fn write_loop(
     mut writer: Writer,
     mut rx: mpsc::Receiver<Envelope>,
+    within: Duration,
 ) -> Result<(), FrameError> {
     while let Some(env) = rx.recv().await {
-        let res = match tokio::time::timeout(WRITE_TIMEOUT, writer.write(&env)).await {
-            Ok(r) => r,
-            Err(_) => Err(FrameError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "a frame could not be written within {} s",
-                    WRITE_TIMEOUT.as_secs()
-                ),
-            ))),
-        };
-        match res {
+        match write_within(&mut writer, &env, within).await {
             Ok(()) => {}
-            Err(FrameError::Encode(runos_protocol::EncodeError::TooLarge { len, max })) => {
-                // Never send a frame above the peer's maximum: answer the tag with an error.
-                tracing::warn!(tag = %env.tag, r#type = %env.kind, len, max, "reply too large for the control plane");
-                if !env.is(types::LOG) && !env.is(types::ERROR) {
+            Err(FrameError::Encode(EncodeError::TooLarge { len, max })) => {
+                // Never send a frame above the peer's maximum (protocol.md §7.6): a final reply
+                // that cannot fit is answered `internal` under its tag; a LOG line is dropped.
+                tracing::warn!(tag = %env.tag, r#type = %env.kind, len, max, "reply too large for the control plane's maximum frame size");
+                if is_final_reply(&env) {
                     let sub = error_reply(
                         env.tag,
-                        ErrorCode::Failed,
+                        ErrorCode::Internal,
                         format!(
                             "the reply of {len} bytes exceeds the control plane's maximum frame size of {max} bytes"
                         ),
                     );
-                    writer.write(&sub).await?;
+                    write_within(&mut writer, &sub, within).await?;
                 }
             }
             Err(e) => return Err(e),
@@ -344,6 +503,74 @@ async fn read_loop(mut reader: Reader, tx: mpsc::Sender<Result<Envelope, FrameEr
     }
 }
 
+/// The write task of one session and the only owner of its outcome. The task's handle never
+/// leaves this struct: [`WriteSide::ended`] takes the outcome at most once (afterwards it stays
+/// pending) and [`WriteSide::close`] consumes the side, so no path can await the task twice.
+/// Dropped without `close` (a panic unwinding the session), it aborts the task.
+struct WriteSide {
+    task: Option<tokio::task::JoinHandle<Result<(), FrameError>>>,
+}
+
+impl WriteSide {
+    fn spawn(writer: Writer, rx: mpsc::Receiver<Envelope>, within: Duration) -> WriteSide {
+        WriteSide {
+            task: Some(tokio::spawn(write_loop(writer, rx, within))),
+        }
+    }
+
+    /// Resolves when the write task ended on its own, with why; pending once taken. Cancel
+    /// safe: dropped before the task ends, nothing is lost.
+    async fn ended(&mut self) -> String {
+        let Some(task) = self.task.as_mut() else {
+            return std::future::pending().await;
+        };
+        let res = task.await;
+        self.task = None;
+        match res {
+            Ok(Ok(())) => "the writer stopped".into(),
+            Ok(Err(e)) => frame_error_text(&e),
+            Err(e) if e.is_panic() => "the writer failed unexpectedly (panic)".into(),
+            Err(_) => "the writer was stopped".into(),
+        }
+    }
+
+    /// The session ended because a frame could not be queued (the write task is gone or going):
+    /// why, from the task's outcome if it is there within a moment.
+    async fn lost(&mut self) -> SessionEnd {
+        match tokio::time::timeout(Duration::from_secs(1), self.ended()).await {
+            Ok(why) => SessionEnd::Failed(format!("sending failed: {why}")),
+            Err(_) => SessionEnd::Failed("connection lost".into()),
+        }
+    }
+
+    /// The queue's sender is gone: let queued frames out within `grace` (the task then closes
+    /// the stream), else abort the task.
+    async fn close(mut self, grace: Duration) {
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(grace, &mut task).await.is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for WriteSide {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A task aborted when this is dropped (so a session unwinding by panic leaves none behind).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn serve(
     p: &SessionParams,
     reader: Reader,
@@ -354,13 +581,13 @@ async fn serve(
 ) -> SessionEnd {
     let (wtx, wrx) = mpsc::channel::<Envelope>(WRITE_QUEUE);
     let (rtx, mut rrx) = mpsc::channel(WRITE_QUEUE);
-    let mut write_task = tokio::spawn(write_loop(writer, wrx));
-    let read_task = tokio::spawn(read_loop(reader, rtx));
+    let mut write = WriteSide::spawn(writer, wrx, p.write_timeout);
+    let read_task = AbortOnDrop(tokio::spawn(read_loop(reader, rtx)));
     let mut renewal = Renewal::new(p);
     let end = serve_loop(
         &wtx,
         &mut rrx,
-        &mut write_task,
+        &mut write,
         link,
         ctl,
         interval,
@@ -368,22 +595,17 @@ async fn serve(
     )
     .await;
     renewal.session_ended().await;
-    read_task.abort();
+    drop(read_task);
     drop(wtx);
     // Let queued frames out (bounded), then the write task closes the TLS stream.
-    if tokio::time::timeout(Duration::from_secs(5), &mut write_task)
-        .await
-        .is_err()
-    {
-        write_task.abort();
-    }
+    write.close(Duration::from_secs(5)).await;
     end
 }
 
 async fn serve_loop(
     wtx: &mpsc::Sender<Envelope>,
     rrx: &mut mpsc::Receiver<Result<Envelope, FrameError>>,
-    write_task: &mut tokio::task::JoinHandle<Result<(), FrameError>>,
+    write: &mut WriteSide,
     link: &mut DispatchLink,
     ctl: &mut Control,
     interval: Duration,
@@ -401,7 +623,7 @@ async fn serve_loop(
         }
         for env in held {
             if !send(env).await {
-                return SessionEnd::Failed("connection lost while resending replies".into());
+                return write.lost().await;
             }
         }
     }
@@ -431,7 +653,7 @@ async fn serve_loop(
                 pending.insert(tag, Sent { at: tokio::time::Instant::now(), wall_ms: hb.sent_at_ms });
                 tracing::trace!(%tag, "heartbeat");
                 if !send(Envelope::with_type(types::HEARTBEAT, tag, &hb)).await {
-                    return SessionEnd::Failed("connection lost".into());
+                    return write.lost().await;
                 }
             }
             _ = tokio::time::sleep_until(oldest.unwrap_or_else(tokio::time::Instant::now) + dead_after), if oldest.is_some() => {
@@ -462,7 +684,7 @@ async fn serve_loop(
                                     match reply {
                                         Some(env) => {
                                             if !send(env).await {
-                                                return SessionEnd::Failed("connection lost".into());
+                                                return write.lost().await;
                                             }
                                         }
                                         None => return SessionEnd::Failed("dispatcher stopped".into()),
@@ -473,29 +695,24 @@ async fn serve_loop(
                     }
                 },
                 Some(Err(e)) => {
-                    tracing::warn!("closing the session: {e}");
+                    let why = frame_error_text(&e);
+                    tracing::warn!("closing the session: {why}");
                     if matches!(e, FrameError::Decode(_)) {
-                        let _ = send(error_reply(Tag::random(), ErrorCode::Protocol, format!("agent received an invalid frame: {e}"))).await;
+                        let _ = send(error_reply(Tag::random(), ErrorCode::Protocol, format!("agent received an invalid frame: {why}"))).await;
                     }
-                    return SessionEnd::Failed(e.to_string());
+                    return SessionEnd::Failed(why);
                 }
                 None => return SessionEnd::Failed("the control plane closed the connection".into()),
             },
             reply = link.replies.recv() => match reply {
                 Some(env) => {
                     if !send(env).await {
-                        return SessionEnd::Failed("connection lost".into());
+                        return write.lost().await;
                     }
                 }
                 None => return SessionEnd::Failed("dispatcher stopped".into()),
             },
-            res = &mut *write_task => {
-                let msg = match res {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "writer stopped".into(),
-                };
-                return SessionEnd::Failed(format!("sending failed: {msg}"));
-            }
+            why = write.ended() => return SessionEnd::Failed(format!("sending failed: {why}")),
             _ = until_shutdown(&mut ctl.shutdown), if draining.is_none() => {
                 tracing::info!("shutting down: waiting for running instructions (at most {} s)", ctl.grace.as_secs());
                 draining = Some(tokio::time::Instant::now() + ctl.grace);
@@ -506,7 +723,7 @@ async fn serve_loop(
             }
             _ = tokio::time::sleep_until(renewal.timer), if renewal.is_idle() && draining.is_none() => {
                 if let Some(env) = renewal.start() && !send(env).await {
-                    return SessionEnd::Failed("connection lost".into());
+                    return write.lost().await;
                 }
             }
             req = ctl.renew.recv(), if renewal.requests_open => match req {
@@ -516,7 +733,7 @@ async fn serve_loop(
                     } else {
                         renewal.waiters.push(req.respond);
                         if renewal.is_idle() && let Some(env) = renewal.start() && !send(env).await {
-                            return SessionEnd::Failed("connection lost".into());
+                            return write.lost().await;
                         }
                     }
                 }
@@ -583,7 +800,10 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
                 pending.retain(|_, t| t.at > sent.at);
             }
             None => {
-                tracing::debug!(%tag, "HEARTBEAT_REPLY matches no outstanding heartbeat (late or unknown); dropped")
+                let v = UNMATCHED.check();
+                if v.write() {
+                    tracing::debug!(%tag, "HEARTBEAT_REPLY matches no outstanding heartbeat (late or unknown); dropped{v}")
+                }
             }
         },
         types::ACK => return Routed::Forward(Inbound::Ack(tag)),
@@ -591,22 +811,36 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
             let e: Option<ErrorPayload> = env.payload().ok();
             match e {
                 Some(e) if e.code == ErrorCode::Revoked => {
-                    return Routed::End(SessionEnd::Revoked(e.message));
+                    return Routed::End(SessionEnd::Revoked(peertext::clean(
+                        &e.message,
+                        MAX_PEER_MESSAGE_CHARS,
+                    )));
                 }
                 Some(e) if e.code == ErrorCode::Protocol => {
                     return Routed::End(SessionEnd::Failed(format!(
                         "the control plane reported a protocol error: {}",
-                        e.message
+                        PeerText::capped(&e.message, MAX_PEER_MESSAGE_CHARS)
                     )));
                 }
                 Some(e) => {
-                    tracing::warn!(%tag, code = %e.code, "ERROR from the control plane dropped: {}", e.message)
+                    let v = DROPPED.check();
+                    if v.write() {
+                        tracing::warn!(%tag, code = %e.code, "ERROR from the control plane dropped: {}{v}", PeerText::capped(&e.message, MAX_PEER_MESSAGE_CHARS))
+                    }
                 }
-                None => tracing::warn!(%tag, "unreadable ERROR from the control plane dropped"),
+                None => {
+                    let v = DROPPED.check();
+                    if v.write() {
+                        tracing::warn!(%tag, "unreadable ERROR from the control plane dropped{v}")
+                    }
+                }
             }
         }
         k if control::is_control_type(k) => {
-            tracing::warn!(%tag, r#type = k, "unexpected control message after WELCOME; dropped");
+            let v = DROPPED.check();
+            if v.write() {
+                tracing::warn!(%tag, r#type = k, "unexpected control message after WELCOME; dropped{v}");
+            }
         }
         _ => return Routed::Forward(Inbound::Instruction(env)),
     }
@@ -872,6 +1106,84 @@ enum Routed {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_panic_in_the_session_is_caught_as_its_message() {
+        let r = CatchUnwind(Some(Box::pin(async { panic!("boom \n\u{1b}[2J") }))).await;
+        assert_eq!(r, Err::<(), _>("boom \\u{a}\\u{1b}[2J".to_string()));
+        let ok = CatchUnwind(Some(Box::pin(async { 7 }))).await;
+        assert_eq!(ok, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn the_write_outcome_is_taken_once_and_never_awaited_twice() {
+        let mut w = WriteSide {
+            task: Some(tokio::spawn(async { Err(FrameError::Truncated) })),
+        };
+        assert!(w.ended().await.contains("middle of a frame"));
+        // Taken: every later look is pending, never a second await of the handle.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), w.ended())
+                .await
+                .is_err()
+        );
+        assert_eq!(w.lost().await, SessionEnd::Failed("connection lost".into()));
+        w.close(Duration::from_millis(20)).await;
+
+        // A panicking writer is an ended writer, not a panicking session.
+        let mut w = WriteSide {
+            task: Some(tokio::spawn(async { panic!("writer bug") })),
+        };
+        assert!(w.ended().await.contains("panic"));
+
+        // Closing a writer that does not finish aborts it within the grace.
+        let w = WriteSide {
+            task: Some(tokio::spawn(std::future::pending())),
+        };
+        w.close(Duration::from_millis(20)).await;
+    }
+
+    #[test]
+    fn frame_errors_never_quote_the_peer() {
+        // serde_json quotes the offending value: "invalid type: string \"SECRET…\"".
+        let bad = serde_json::from_slice::<Envelope>(
+            br#"{"type": "PING", "tag": "00000000-0000-4000-8000-000000000001", "jsonB64": "", "timeoutMs": "SECRET\n\u001b"}"#,
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("SECRET"), "{bad}");
+        let t = frame_error_text(&FrameError::Decode(DecodeError::Envelope(bad)));
+        assert!(!t.contains("SECRET"), "{t}");
+        assert!(t.contains("not a valid envelope"), "{t}");
+    }
+
+    #[test]
+    fn welcome_fields_are_checked() {
+        let mut w = Welcome {
+            protocol_version: runos_protocol::PROTOCOL_VERSION,
+            server_time_ms: 0,
+            heartbeat_interval_ms: 1000,
+            max_frame_bytes: 65536,
+            advertised_agent_version: Some("v1.2.3".into()),
+            session_id: "abc-123".into(),
+        };
+        assert_eq!(welcome_session_id(&w), Some("abc-123"));
+        assert_eq!(welcome_advertised_version(&w).as_deref(), Some("v1.2.3"));
+        for bad in [
+            "1.2.3",
+            "v1.2",
+            "v01.2.3",
+            "v1.2.3-rc1",
+            "v1.2.3\n",
+            "../../x",
+        ] {
+            w.advertised_agent_version = Some(bad.into());
+            assert_eq!(welcome_advertised_version(&w), None, "{bad:?}");
+        }
+        for bad in ["a\nb", "\u{1b}[31m", &"x".repeat(129), ""] {
+            w.session_id = bad.into();
+            assert_eq!(welcome_session_id(&w), None, "{bad:?}");
+        }
+    }
+
     #[test]
     fn heartbeat_interval_is_clamped() {
         assert_eq!(heartbeat_interval(0), Duration::from_secs(1));
@@ -891,6 +1203,29 @@ mod tests {
             session_id: "s".into(),
         };
         assert!(handshake_answer(&Envelope::with_type(types::WELCOME, t, &w), t).is_ok());
+        // A maximum frame size below the protocol's floor is a protocol error.
+        let mut tiny = w.clone();
+        tiny.max_frame_bytes = runos_protocol::MIN_MAX_FRAME_BYTES - 1;
+        match handshake_answer(&Envelope::with_type(types::WELCOME, t, &tiny), t) {
+            Err(SessionEnd::Failed(m)) => assert!(m.contains("floor"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A peer's message is escaped and capped before it reaches a session end.
+        let forged = Envelope::with_type(
+            types::ERROR,
+            t,
+            &ErrorPayload::new(
+                ErrorCode::Revoked,
+                format!("x\n\u{1b}[31mINFO forged{}", "y".repeat(5000)),
+            ),
+        );
+        match handshake_answer(&forged, t) {
+            Err(SessionEnd::Revoked(m)) => {
+                assert!(!m.contains('\n') && !m.contains('\u{1b}'), "{m}");
+                assert!(m.chars().count() < 300, "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
             handshake_answer(&Envelope::with_type(types::WELCOME, Tag::random(), &w), t).is_err()
         );

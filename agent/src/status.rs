@@ -21,6 +21,8 @@ use crate::session::SessionEnd;
 pub const RECENT_ERRORS: usize = 16;
 /// Longest message kept per event (characters).
 pub const MAX_ERROR_CHARS: usize = 300;
+/// Longest WELCOME `sessionId` kept and shown (characters); a longer one is ignored.
+pub const MAX_SESSION_ID_CHARS: usize = 128;
 /// A clock offset from the control plane larger than this (either way) is warned about.
 pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(30);
 
@@ -90,8 +92,9 @@ pub enum ConnState {
     Connected {
         /// `host:port`.
         server: String,
-        /// The control plane's session id.
-        session_id: String,
+        /// The control plane's session id (`None` when WELCOME's was not clean, printable text
+        /// of at most [`MAX_SESSION_ID_CHARS`] characters: it is then ignored).
+        session_id: Option<String>,
     },
     /// Between attempts.
     Disconnected,
@@ -132,6 +135,10 @@ struct Inner {
     clock_off_bound: bool,
     /// The agent version the control plane advertised in the last WELCOME.
     advertised_version: Option<String>,
+    /// Sessions that ended with a panic (a bug in the agent; the daemon reconnected).
+    session_panics: u64,
+    /// When the last one happened and its panic message.
+    last_session_panic: Option<(SystemTime, String)>,
 }
 
 /// A shared handle on the daemon's status. Cloning is cheap; every update takes a short lock.
@@ -168,6 +175,8 @@ impl StatusHandle {
                 clock_offset: None,
                 clock_off_bound: false,
                 advertised_version: None,
+                session_panics: 0,
+                last_session_panic: None,
             })),
             started_at: now,
         }
@@ -203,13 +212,14 @@ impl StatusHandle {
         }
     }
 
-    /// WELCOME received: connected; WELCOME counts as a successful round trip.
-    pub fn connected(&self, server: &str, session_id: &str) {
+    /// WELCOME received: connected; WELCOME counts as a successful round trip. `session_id`
+    /// is the control plane's, already checked by the session (`None`: none or ignored).
+    pub fn connected(&self, server: &str, session_id: Option<&str>) {
         let now = SystemTime::now();
         let mut g = self.lock();
         g.state = ConnState::Connected {
             server: server.to_string(),
-            session_id: session_id.to_string(),
+            session_id: session_id.map(str::to_string),
         };
         g.state_since = now;
         g.offline_since = None;
@@ -300,6 +310,14 @@ impl StatusHandle {
         }
     }
 
+    /// A session ended with a panic (caught: the daemon reconnects). Counted and kept for
+    /// `runos status`; `message` is the panic's message (the agent's own text).
+    pub fn session_panicked(&self, message: &str) {
+        let mut g = self.lock();
+        g.session_panics = g.session_panics.saturating_add(1);
+        g.last_session_panic = Some((SystemTime::now(), short(message)));
+    }
+
     /// The agent could not even try to connect (e.g. the identity cannot be loaded).
     pub fn cannot_connect(&self, message: &str) {
         let mut g = self.lock();
@@ -365,6 +383,11 @@ impl StatusHandle {
             "clockOffsetMs": g.clock_offset.map(|(o, _)| o),
             "clockOffsetAt": g.clock_offset.map(|(_, t)| rfc3339(t)),
             "renewal": crate::renew::global().to_json(),
+            "sessionPanics": g.session_panics,
+            "lastSessionPanic": g.last_session_panic.as_ref().map(|(at, m)| json!({
+                "at": rfc3339(*at),
+                "message": m,
+            })),
             "recentErrors": recent_errors_json(),
         })
     }
@@ -472,7 +495,7 @@ mod tests {
         assert!(s.to_json()["lastRoundTrip"].is_null());
         s.connecting("h:1");
         assert_eq!(s.to_json()["connection"]["state"], "connecting");
-        s.connected("h:1", "sess");
+        s.connected("h:1", Some("sess"));
         let j = s.to_json();
         assert_eq!(j["connection"]["state"], "connected");
         assert_eq!(j["connection"]["sessionId"], "sess");
@@ -502,11 +525,29 @@ mod tests {
                 message: "gone".into()
             }
         );
-        s.connected("h:1", "s2");
+        s.connected("h:1", None);
+        assert!(s.to_json()["connection"]["sessionId"].is_null());
         assert_eq!(s.state().name(), "connected");
         s.stopping();
         s.session_ended(&SessionEnd::Failed("x".into()));
         assert_eq!(s.state(), ConnState::Stopping);
+    }
+
+    #[test]
+    fn session_panics_are_counted() {
+        let s = StatusHandle::new();
+        let j = s.to_json();
+        assert_eq!(j["sessionPanics"], 0);
+        assert!(j["lastSessionPanic"].is_null());
+        s.session_panicked("first");
+        s.session_panicked("JoinHandle polled after completion");
+        let j = s.to_json();
+        assert_eq!(j["sessionPanics"], 2);
+        assert_eq!(
+            j["lastSessionPanic"]["message"],
+            "JoinHandle polled after completion"
+        );
+        assert!(j["lastSessionPanic"]["at"].is_string());
     }
 
     #[test]

@@ -157,6 +157,14 @@ pub fn judge(v: &Value) -> (Vec<String>, Vec<String>) {
             r["lastError"].as_str().unwrap_or("-")
         ));
     }
+    if let Some(n) = v["sessionPanics"].as_u64()
+        && n > 0
+    {
+        warnings.push(format!(
+            "{n} session(s) ended with a panic, a bug in the agent (it reconnected each time; last: {}); please report it",
+            v["lastSessionPanic"]["message"].as_str().unwrap_or("-")
+        ));
+    }
     let conn = &v["connection"];
     match conn["state"].as_str() {
         Some("revoked") => degraded.push("the control plane revoked this node".into()),
@@ -206,6 +214,16 @@ fn human(v: &Value) -> String {
             Some(off) => format!("clock offset:   {off:+} ms (control plane − node)\n"),
             None => "clock offset:   - (never connected)\n".to_string(),
         };
+        if let Some(n) = v["sessionPanics"].as_u64()
+            && n > 0
+        {
+            let p = &v["lastSessionPanic"];
+            o += &format!(
+                "session panics: {n} (last at {}: {})\n",
+                s(&p["at"]),
+                s(&p["message"])
+            );
+        }
     } else {
         o += &format!(
             "agent:          NOT RUNNING (no answer on the admin socket: {})\n",
@@ -385,6 +403,14 @@ mod tests {
         assert_eq!(judge(&long).0.len(), 1);
         let revoked = json!({"connection": {"state": "revoked"}, "certificate": {"expired": false, "expiresInSecs": 999_999}});
         assert_eq!(judge(&revoked).0.len(), 1);
+        // A caught session panic is a warning, not degraded (the agent reconnected).
+        let panicked = json!({"connection": {"state": "connected"}, "sessionPanics": 1,
+            "lastSessionPanic": {"at": "t", "message": "boom"},
+            "certificate": {"expired": false, "expiresInSecs": 999_999}});
+        let (d, w) = judge(&panicked);
+        assert!(d.is_empty());
+        assert!(w.len() == 1 && w[0].contains("boom"), "{w:?}");
+        assert!(human(&json!({"running": true, "sessionPanics": 1, "lastSessionPanic": {"at": "t", "message": "boom"}})).contains("session panics: 1 (last at t: boom)"));
     }
 
     #[test]

@@ -153,6 +153,7 @@ async fn session_lifecycle() {
         max_frame_bytes: 1 << 20,
         instruction_types: catalog.types(),
         paths: cfg.paths.clone(),
+        write_timeout: session::WRITE_TIMEOUT,
     };
     let (ends_tx, mut ends) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -322,6 +323,7 @@ async fn unreachable_server_is_connect_failed() {
         max_frame_bytes: 1 << 20,
         instruction_types: vec![],
         paths: cfg.paths.clone(),
+        write_timeout: session::WRITE_TIMEOUT,
     };
     let mut ctl = Control {
         shutdown: shutdown_rx,
