@@ -642,8 +642,9 @@ async fn handle(
     };
     drop(handshake);
     session.run(reader).await;
-    shared.sessions.deregister(&node, reg.id);
+    // The slot first: once the node shows offline, its slot is free.
     drop(session_slot);
+    shared.sessions.deregister(&node, reg.id);
 }
 
 /// Wait until the session is closed from our side.
