@@ -599,3 +599,35 @@ mod advertise_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fd_plan_tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_keeps_the_reserve_and_cuts_handshakes_then_sessions() {
+        let opts = ServeOptions::new("/nonexistent");
+        let reserve = fd_reserve();
+        let need = reserve + u64::from(DEFAULT_MAX_SESSIONS) + u64::from(DEFAULT_MAX_HANDSHAKES);
+        let full = fd_plan(&opts, need).unwrap();
+        assert_eq!(
+            (full.sessions, full.handshakes, full.need),
+            (DEFAULT_MAX_SESSIONS, DEFAULT_MAX_HANDSHAKES, need)
+        );
+        // 1024 open files: a quarter of what is left after the reserve for handshakes.
+        let low = fd_plan(&opts, 1024).unwrap();
+        assert_eq!(low.handshakes, 192);
+        assert_eq!(low.sessions, 576);
+        assert_eq!(u64::from(low.sessions + low.handshakes) + reserve, 1024);
+        // Too low to run at all.
+        assert!(fd_plan(&opts, reserve + 1).is_err());
+        // A small --max-sessions fits as asked.
+        let small = ServeOptions {
+            max_sessions: 10,
+            max_handshakes: 4,
+            ..ServeOptions::new("/nonexistent")
+        };
+        let p = fd_plan(&small, 1024).unwrap();
+        assert_eq!((p.sessions, p.handshakes), (10, 4));
+    }
+}
