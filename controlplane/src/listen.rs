@@ -207,6 +207,36 @@ fn is_transient(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
 
+    /// A listener whose every accept fails with `EMFILE`, counting the attempts.
+    struct OutOfFiles(Arc<AtomicU64>);
+
+    impl Accept for OutOfFiles {
+        type Conn = ();
+        async fn accept_conn(&self) -> std::io::Result<((), String)> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Err(std::io::Error::from_raw_os_error(24))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_pause_the_loop_instead_of_spinning() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(
+            OutOfFiles(calls.clone()),
+            "test",
+            Arc::new(Semaphore::new(4)),
+            rx,
+            |(), _peer, _permit| async {},
+        ));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let _ = tx.send(true);
+        drop(task.await.unwrap());
+        // 50 ms doubling to 1 s: 14 attempts in 10 s (a spin would make millions).
+        let n = calls.load(Ordering::Relaxed);
+        assert!((10..=16).contains(&n), "{n} accepts in 10 s");
+    }
+
     #[test]
     fn per_source_slots_are_bounded_and_returned() {
         let t = PerSource::new(2);
