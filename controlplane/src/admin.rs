@@ -2,7 +2,8 @@
 //! request line and one response line at a time.
 //!
 //! Requests: `{"op":"token_create","ttlSecs":3600}`, `{"op":"nodes"}`,
-//! `{"op":"send","node":..,"type":..,"payload":{..}|"rawB64":..,"timeoutMs":..,"waitMs":..}`,
+//! `{"op":"send","node":..,"type":..,"payload":{..}|"rawB64":..,"timeoutMs":..,"waitMs":..,
+//! "tag":..}`,
 //! `{"op":"reply","tag":..,"waitMs":..}`, `{"op":"revoke","node":..}`, `{"op":"ping"}`,
 //! `{"op":"ca_status","seenWithinSecs":..}`, `{"op":"ca_rotate"}`,
 //! `{"op":"ca_cutover","force":..,"seenWithinSecs":..}`.
@@ -27,7 +28,9 @@ const REQUEST_OVERHEAD: usize = 64 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait a client may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
-const MAX_CONNECTIONS: usize = 64;
+/// Concurrent operator connections; more wait in the accept queue. The open-file budget keeps
+/// room for all of them whatever the number of sessions.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// A request on the operator socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +64,11 @@ pub enum Request {
         /// How long to wait for the final reply, in milliseconds.
         #[serde(default)]
         wait_ms: Option<u64>,
+        /// The instruction's tag (a UUID) instead of a fresh one: a retry with the same tag
+        /// and the same instruction answers as the first send; a different instruction with
+        /// it is refused (`tag_conflict`).
+        #[serde(default)]
+        tag: Option<String>,
     },
     /// The final reply of an instruction sent earlier: the stored reply, or
     /// `{"tag","pending":true}` when there is none yet; with `wait_ms`, wait that long for it
@@ -175,9 +183,15 @@ pub(crate) async fn run(listener: UnixListener, shared: Arc<Shared>) {
     let mut conns = listen::accept_loop(
         listener,
         "operator socket",
-        MAX_CONNECTIONS,
+        Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         shutdown,
-        |stream, _peer| connection(stream, shared.clone()),
+        |stream, _peer, slot| {
+            let shared = shared.clone();
+            async move {
+                let _slot = slot;
+                connection(stream, shared).await;
+            }
+        },
     )
     .await;
     conns.shutdown().await;
@@ -253,6 +267,17 @@ async fn write_response(
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
+/// A tag given by the operator; the error shows at most 64 characters of the text.
+fn parse_tag(text: &str) -> Result<runos_protocol::Tag, Error> {
+    runos_protocol::Tag::parse(text).map_err(|_| {
+        let mut shown: String = text.chars().take(64).collect();
+        if shown.len() < text.len() {
+            shown.push_str("...");
+        }
+        Error::MalformedTag(shown)
+    })
+}
+
 async fn handle(api: &Api, req: Request) -> Response {
     match req {
         Request::Ping => Response::ok(serde_json::json!({})),
@@ -273,6 +298,7 @@ async fn handle(api: &Api, req: Request) -> Response {
             raw_b64,
             timeout_ms,
             wait_ms,
+            tag,
         } => {
             let request = SendRequest {
                 node,
@@ -281,7 +307,11 @@ async fn handle(api: &Api, req: Request) -> Response {
                 raw_b64,
                 timeout_ms,
             };
-            let tag = match api.send(&request) {
+            let tag = match tag.as_deref().map(parse_tag).transpose() {
+                Ok(t) => t,
+                Err(e) => return Response::err(&e, None),
+            };
+            let tag = match api.send_with_tag(&request, tag) {
                 Ok(t) => t,
                 Err(e) => return Response::err(&e, None),
             };
@@ -297,15 +327,9 @@ async fn handle(api: &Api, req: Request) -> Response {
             }
         }
         Request::Reply { tag, wait_ms } => {
-            let tag = match runos_protocol::Tag::parse(&tag) {
+            let tag = match parse_tag(&tag) {
                 Ok(t) => t,
-                Err(_) => {
-                    let mut shown: String = tag.chars().take(64).collect();
-                    if shown.len() < tag.len() {
-                        shown.push_str("...");
-                    }
-                    return Response::err(&Error::MalformedTag(shown), None);
-                }
+                Err(e) => return Response::err(&e, None),
             };
             let reply = match wait_ms {
                 None => api.reply(&tag),

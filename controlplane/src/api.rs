@@ -307,6 +307,14 @@ impl Api {
     /// Store an instruction (fresh tag) and deliver it if the node is online; otherwise it is
     /// delivered when the node connects. Returns the tag.
     pub fn send(&self, req: &SendRequest) -> Result<Tag, Error> {
+        self.send_with_tag(req, None)
+    }
+
+    /// [`Api::send`] with the tag chosen by the caller (`None`: a fresh one). Sending again
+    /// with a tag already stored is a retry: when the stored instruction is the same (node,
+    /// type, `jsonB64` byte for byte, `timeoutMs`) nothing new is stored and the tag is
+    /// returned as the first time; otherwise [`Error::TagConflict`].
+    pub fn send_with_tag(&self, req: &SendRequest, tag: Option<Tag>) -> Result<Tag, Error> {
         let kind = MessageType::new(req.kind.clone())
             .map_err(|e| Error::BadRequest(format!("type {:?}: {e}", req.kind)))?;
         if runos_protocol::control::is_control_type(kind.as_str()) {
@@ -323,7 +331,8 @@ impl Api {
         if row.revoked_at.is_some() {
             return Err(Error::Revoked(node));
         }
-        let tag = Tag::random();
+        let chosen = tag.is_some();
+        let tag = tag.unwrap_or_else(Tag::random);
         let env = match (&req.payload, &req.raw_b64) {
             (Some(_), Some(_)) => {
                 return Err(Error::BadRequest(
@@ -348,9 +357,17 @@ impl Api {
             .db
             .insert_instruction(&node, &env, util::now_ms())?
         {
-            return Err(Error::Internal("tag collision".into()));
+            if !chosen {
+                return Err(Error::Internal("tag collision".into()));
+            }
+            if !self.shared.db.instruction_is(&node, &env)? {
+                tracing::info!(node = %node, tag = %tag, "send refused: the tag is used by a different instruction");
+                return Err(Error::TagConflict(tag.to_string()));
+            }
+            tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction already stored under this tag (a retry); nothing new stored");
+        } else {
+            tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction stored");
         }
-        tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction stored");
         self.shared.sessions.wake(&node);
         Ok(tag)
     }

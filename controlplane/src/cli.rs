@@ -37,6 +37,9 @@ pub mod exit {
     pub const CUTOVER_BLOCKED: u8 = 7;
     /// `ca rotate` while a rotation is in progress, or `ca cutover` without one.
     pub const CA_PHASE: u8 = 8;
+    /// `send --tag`: the tag is already used by a different instruction (another node, type,
+    /// payload or instruction timeout).
+    pub const TAG_CONFLICT: u8 = 9;
 }
 
 /// The exit-code table shown in `--help`.
@@ -52,7 +55,8 @@ Exit codes:
   5  the operator socket cannot be reached (is `serve` running?)
   6  serve/demo: data directory, database, CA or listener failure
   7  ca cutover: refused, recently seen nodes hold only certificates of the outgoing CA
-  8  ca rotate: a rotation is already in progress; ca cutover: no rotation in progress";
+  8  ca rotate: a rotation is already in progress; ca cutover: no rotation in progress
+  9  send --tag: the tag is already used by a different instruction";
 
 /// The exit code for an error.
 pub fn exit_code(e: &Error) -> u8 {
@@ -70,9 +74,11 @@ pub fn exit_code(e: &Error) -> u8 {
             "timeout" => exit::TIMEOUT,
             "cutover_blocked" => exit::CUTOVER_BLOCKED,
             "ca_phase" => exit::CA_PHASE,
+            "tag_conflict" => exit::TAG_CONFLICT,
             _ => exit::FAILURE,
         },
         Error::CutoverBlocked(_) => exit::CUTOVER_BLOCKED,
+        Error::TagConflict(_) => exit::TAG_CONFLICT,
         Error::CaPhase(_) => exit::CA_PHASE,
         Error::Io { .. }
         | Error::Bind { .. }
@@ -246,6 +252,8 @@ pub struct SendArgs {
     pub timeout: Duration,
     /// Compact JSON output.
     pub json_out: bool,
+    /// The instruction's tag (a UUID); a fresh one when `None`.
+    pub tag: Option<String>,
 }
 
 /// `send`.
@@ -267,6 +275,7 @@ pub async fn send(client: &Client, a: SendArgs) -> Result<u8, Error> {
         raw_b64: a.raw_b64,
         timeout_ms: a.instruction_timeout_ms,
         wait_ms,
+        tag: a.tag,
     };
     let deadline = if a.wait {
         a.timeout.saturating_add(SHORT)

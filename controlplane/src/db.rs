@@ -698,6 +698,30 @@ impl Db {
         Ok(n == 1)
     }
 
+    /// Whether the instruction stored under `env`'s tag is `env` for `node_id`: same node,
+    /// type, `jsonB64` (byte for byte) and `timeoutMs`.
+    pub fn instruction_is(&self, node_id: &str, env: &Envelope) -> Result<bool, Error> {
+        let timeout = env.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        let row = self.with(|c| {
+            c.query_row(
+                "SELECT node_id, type, json_b64, timeout_ms FROM instructions WHERE tag = ?1",
+                params![env.tag.to_string()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                },
+            )
+            .optional()
+        })?;
+        Ok(row.is_some_and(|(node, kind, json_b64, t)| {
+            node == node_id && kind == env.kind.as_str() && json_b64 == env.json_b64 && t == timeout
+        }))
+    }
+
     /// The node's instructions without a final reply, oldest first.
     #[cfg(test)]
     pub fn pending(&self, node_id: &str) -> Result<Vec<Envelope>, Error> {

@@ -18,6 +18,12 @@ pub enum Error {
     /// The text is not a tag (a hyphenated UUID).
     #[error("{0:?} is not an instruction tag (a hyphenated UUID)")]
     MalformedTag(String),
+    /// `send` with a tag already used by a different instruction.
+    #[error(
+        "tag {0} is already used by a different instruction (another node, type, payload or \
+         instruction timeout); use a fresh tag"
+    )]
+    TagConflict(String),
     /// The node has been revoked.
     #[error("node {0} is revoked")]
     Revoked(String),
@@ -115,6 +121,7 @@ impl Error {
             Error::AmbiguousNode(_) => "ambiguous_node",
             Error::TagNotFound(_) => "tag_not_found",
             Error::MalformedTag(_) => "malformed_tag",
+            Error::TagConflict(_) => "tag_conflict",
             Error::Revoked(_) => "revoked",
             Error::Timeout => "timeout",
             Error::BadRequest(_) => "bad_request",

@@ -11,29 +11,53 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::db::{NewCert, NewNode, TokenProblem};
-use crate::listen;
+use crate::listen::{self, RateLimited};
 use crate::server::{HANDSHAKE_TIMEOUT, Shared};
 use crate::{Error, util};
 
 /// Largest frame on L1Sec, both directions.
 pub const L1_MAX_FRAME: u32 = 256 * 1024;
-/// Concurrent enrolment connections; more wait in the accept queue.
-const MAX_CONNECTIONS: usize = 128;
+/// Concurrent enrolment connections; more wait in the accept queue. A connection lasts at most
+/// [`CONNECTION_DEADLINE`], and one source address holds at most `--max-handshakes-per-source`
+/// of them.
+pub const MAX_CONNECTIONS: usize = 128;
 /// Upper bound of one whole enrolment connection.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 
 pub(crate) async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
+    let source_full = Arc::new(RateLimited::new());
     let mut conns = listen::accept_loop(
         listener,
         "L1Sec",
-        MAX_CONNECTIONS,
+        Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         shutdown,
-        |stream, peer| {
+        |stream, peer, slot| {
             // The current TLS configuration: a CA cutover replaces it for later connections.
             let acceptor = TlsAcceptor::from(shared.l1_tls());
             let shared = shared.clone();
+            let source_full = source_full.clone();
             async move {
+                let _slot = slot;
+                let source = match stream.peer_addr() {
+                    Ok(a) => match shared.l1_sources.try_take(a.ip()) {
+                        Some(s) => Some(s),
+                        None => {
+                            if let Some(suppressed) = source_full.check() {
+                                tracing::warn!(
+                                    source = %a.ip(),
+                                    max = shared.l1_sources.max(),
+                                    closed_since_last_line = suppressed,
+                                    "L1Sec: too many connections from one address; connection \
+                                     closed (--max-handshakes-per-source)"
+                                );
+                            }
+                            return;
+                        }
+                    },
+                    Err(_) => None,
+                };
+                let _source = source;
                 if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, acceptor, &shared))
                     .await
                     .is_err()

@@ -23,17 +23,15 @@ use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::io::{AsyncWrite, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::listen;
-use crate::server::{HANDSHAKE_TIMEOUT, Shared, shutdown_signalled};
+use crate::listen::{self, PerSource, RateLimited, SourceSlot};
+use crate::server::{FdPlan, HANDSHAKE_TIMEOUT, Shared, shutdown_signalled};
 use crate::util;
 
-/// Concurrent L2Sec connections; more are dropped at once.
-const MAX_CONNECTIONS: usize = 4096;
 /// Longest time one frame may take to write before the session is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most instructions written between two looks at the inbound frames.
@@ -203,16 +201,107 @@ impl Sessions {
     }
 }
 
+/// L2Sec capacity. A connection holds a handshake slot from accept until its session is
+/// admitted (WELCOME sent) or refused, and a session slot from its HELLO until the session
+/// ends, so idle handshakes never hold sessions out and sessions never hold handshakes out.
+#[derive(Debug)]
+pub(crate) struct Limits {
+    /// Live sessions (probe sessions included).
+    max_sessions: u32,
+    /// What `--max-sessions` asked for (more than `max_sessions` when the open-file limit cut
+    /// it).
+    asked_sessions: u32,
+    sessions: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    per_source: Arc<PerSource>,
+    full: RateLimited,
+    source_full: RateLimited,
+}
+
+impl Limits {
+    pub(crate) fn new(plan: &FdPlan, asked_sessions: u32, per_source: u32) -> Self {
+        let n = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
+        Limits {
+            max_sessions: plan.sessions,
+            asked_sessions,
+            sessions: Arc::new(Semaphore::new(n(plan.sessions))),
+            handshakes: Arc::new(Semaphore::new(n(plan.handshakes))),
+            per_source: PerSource::new(per_source),
+            full: RateLimited::new(),
+            source_full: RateLimited::new(),
+        }
+    }
+
+    /// A session slot, or `None` at the ceiling (logged at most once per
+    /// [`listen::WARN_EVERY`]).
+    fn session_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.sessions.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        if let Some(suppressed) = self.full.check() {
+            if self.max_sessions < self.asked_sessions {
+                tracing::warn!(
+                    max_sessions = self.max_sessions,
+                    asked = self.asked_sessions,
+                    refused_since_last_line = suppressed,
+                    "L2Sec: session limit reached ({} sessions: --max-sessions {}, lowered by the \
+                     open-file limit); new sessions are refused with ERROR busy; raise the hard \
+                     open-file limit (LimitNOFILE=) to admit more",
+                    self.max_sessions,
+                    self.asked_sessions
+                );
+            } else {
+                tracing::warn!(
+                    max_sessions = self.max_sessions,
+                    refused_since_last_line = suppressed,
+                    "L2Sec: session limit reached ({} sessions); new sessions are refused with \
+                     ERROR busy; raise --max-sessions to admit more",
+                    self.max_sessions
+                );
+            }
+        }
+        None
+    }
+
+    /// A handshake slot of the connection's source address, or `None` when it has too many
+    /// (logged at most once per [`listen::WARN_EVERY`]).
+    fn source_slot(&self, peer: Option<std::net::SocketAddr>) -> Result<Option<SourceSlot>, ()> {
+        let Some(peer) = peer else { return Ok(None) };
+        match self.per_source.try_take(peer.ip()) {
+            Some(s) => Ok(Some(s)),
+            None => {
+                if let Some(suppressed) = self.source_full.check() {
+                    tracing::warn!(
+                        source = %peer.ip(),
+                        max = self.per_source.max(),
+                        closed_since_last_line = suppressed,
+                        "L2Sec: too many handshakes from one address; connection closed \
+                         (--max-handshakes-per-source)"
+                    );
+                }
+                Err(())
+            }
+        }
+    }
+}
+
 pub(crate) async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let shutdown = shared.shutdown.clone();
     let mut conns = listen::accept_loop(
         listener,
         "L2Sec",
-        MAX_CONNECTIONS,
+        shared.l2_limits.handshakes.clone(),
         shutdown,
         // The current TLS configuration (server certificate, trusted client CAs): a CA rotation
         // replaces it for later connections; live sessions keep theirs.
-        |stream, _peer| handle(stream, TlsAcceptor::from(shared.l2_tls()), shared.clone()),
+        |stream, _peer, handshake| {
+            handle(
+                stream,
+                TlsAcceptor::from(shared.l2_tls()),
+                shared.clone(),
+                handshake,
+            )
+        },
     )
     .await;
     // Sessions see the shutdown signal themselves; give them a moment to close cleanly.
@@ -342,12 +431,24 @@ fn check_hello(
     })
 }
 
-async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+async fn handle(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    handshake: OwnedSemaphorePermit,
+) {
     let peer = stream.peer_addr().ok();
+    let Ok(source) = shared.l2_limits.source_slot(peer) else {
+        return;
+    };
+    // Both are returned once the session is admitted (or refused).
+    let handshake = (handshake, source);
+    // The TLS handshake and the HELLO, together.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // Small frames (ACKs, heartbeat replies, instructions sent as slots free up) go out at once
     // instead of waiting for the peer's delayed ACK.
     let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(?peer, error = %e, "L2Sec TLS handshake failed");
@@ -371,7 +472,7 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let max = shared.opts.max_frame_bytes;
     let mut reader = FrameReader::new(r, max);
     let mut writer = FrameWriter::new(w, max);
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.read()).await {
+    let first = match tokio::time::timeout_at(deadline, reader.read()).await {
         Err(_) => {
             tracing::info!(?peer, "L2Sec: no HELLO within the handshake timeout");
             send_and_close(&mut writer, None).await;
@@ -389,6 +490,17 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
             return;
         }
         Ok(Ok(Some(env))) => env,
+    };
+    // At the ceiling the HELLO is answered at once, before any database work: the agent backs
+    // off and tries again.
+    let Some(session_slot) = shared.l2_limits.session_slot() else {
+        let env = error_env(
+            first.tag,
+            ErrorCode::Busy,
+            "the control plane is at its session limit; try again later",
+        );
+        send_and_close(&mut writer, Some(&env)).await;
+        return;
     };
     let (cert_node, serial) = match info {
         Some(Ok(i)) => (i.node_id, i.serial_hex),
@@ -528,7 +640,10 @@ async fn handle(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
         retries: BTreeSet::new(),
         last_touch: now,
     };
+    drop(handshake);
     session.run(reader).await;
+    // The slot first: once the node shows offline, its slot is free.
+    drop(session_slot);
     shared.sessions.deregister(&node, reg.id);
 }
 

@@ -103,6 +103,11 @@ enum Command {
         /// Put TEXT verbatim in jsonB64 (protocol tests).
         #[arg(long, value_name = "TEXT")]
         raw_b64: Option<String>,
+        /// The instruction's tag (a UUID) instead of a fresh one: sending again with the same
+        /// tag and the same instruction stores nothing new and answers as the first send did
+        /// (a safe retry); the same tag with a different instruction is refused (exit 9).
+        #[arg(long, value_name = "UUID")]
+        tag: Option<String>,
     },
     /// Show the final reply of an instruction sent earlier (printed like `send --wait`);
     /// without one yet, say it is pending (exit 4), or with --wait wait for it.
@@ -241,6 +246,34 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(1..=i64::from(server::MAX_MAX_IN_FLIGHT))
     )]
     max_in_flight: u32,
+    /// Live L2Sec sessions (1-1000000); past it a new session is refused at once with ERROR
+    /// busy (the agent backs off). Lowered at start, with a warning, when the hard open-file
+    /// limit cannot hold it.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = server::DEFAULT_MAX_SESSIONS,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(server::MAX_MAX_SESSIONS))
+    )]
+    max_sessions: u32,
+    /// L2Sec connections in their handshake (TLS and HELLO) at once (1-65536); more wait in
+    /// the accept queue.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = server::DEFAULT_MAX_HANDSHAKES,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(server::MAX_MAX_HANDSHAKES))
+    )]
+    max_handshakes: u32,
+    /// Connections in their handshake from one source address, on each of L1Sec and L2Sec
+    /// (1-65536); more are closed at once.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = server::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(server::MAX_MAX_HANDSHAKES))
+    )]
+    max_handshakes_per_source: u32,
 }
 
 /// Largest payload `send -` reads from standard input (the largest frame is 16 MiB).
@@ -323,6 +356,9 @@ async fn run(command: Command) -> Result<u8, Error> {
                 cert_validity: a.cert_validity,
                 max_in_flight: a.max_in_flight,
                 advertise_version: a.advertise_version,
+                max_sessions: a.max_sessions,
+                max_handshakes: a.max_handshakes,
+                max_handshakes_per_source: a.max_handshakes_per_source,
             };
             server::run_until_signal(opts).await?;
             Ok(exit::OK)
@@ -341,6 +377,7 @@ async fn run(command: Command) -> Result<u8, Error> {
             instruction_timeout,
             json,
             raw_b64,
+            tag,
         } => {
             let json_payload = match json_payload.as_deref() {
                 Some("-") => Some(read_stdin_payload()?),
@@ -358,6 +395,7 @@ async fn run(command: Command) -> Result<u8, Error> {
                     wait,
                     timeout,
                     json_out: json,
+                    tag,
                 },
             )
             .await

@@ -32,8 +32,21 @@ pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 128;
 /// Largest accepted `max_in_flight`.
 pub const MAX_MAX_IN_FLIGHT: u32 = 4096;
-/// How long a peer has for the TLS handshake and its first frame.
+/// How long a peer has for the TLS handshake and its first frame, together.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on live L2Sec sessions (probe sessions included).
+pub const DEFAULT_MAX_SESSIONS: u32 = 50_000;
+/// Largest accepted `max_sessions`.
+pub const MAX_MAX_SESSIONS: u32 = 1_000_000;
+/// Default bound on L2Sec connections in their handshake (TLS, HELLO, WELCOME).
+pub const DEFAULT_MAX_HANDSHAKES: u32 = 1024;
+/// Largest accepted `max_handshakes`.
+pub const MAX_MAX_HANDSHAKES: u32 = 65_536;
+/// Default bound on connections in their handshake from one source address, per listener.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 64;
+/// File descriptors kept for everything but connections: the database and its journal files,
+/// the CA and certificate files, the listeners, the standard streams, the runtime.
+pub const FIXED_FDS: u64 = 64;
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -60,6 +73,16 @@ pub struct ServeOptions {
     /// The agent version advertised in WELCOME (`vX.Y.Z`), if any: agents with
     /// `[update] auto = true` install it, `runos update` without `--version` targets it.
     pub advertise_version: Option<String>,
+    /// Live L2Sec sessions (probe sessions included), 1..=1 000 000. Past it a new session is
+    /// refused at once with `ERROR busy`. Lowered at start when the open-file limit cannot
+    /// hold it.
+    pub max_sessions: u32,
+    /// L2Sec connections in their handshake at once (1..=65 536); more wait in the accept
+    /// queue.
+    pub max_handshakes: u32,
+    /// Connections in their handshake from one source address, per listener (1..=65 536);
+    /// more are closed at once.
+    pub max_handshakes_per_source: u32,
 }
 
 /// `vMAJOR.MINOR.PATCH`: decimal, 1-9 digits each, no leading zeros, no suffix.
@@ -91,6 +114,9 @@ impl ServeOptions {
             cert_validity: crate::ca::DEFAULT_NODE_CERT_VALIDITY,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             advertise_version: None,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
         }
     }
 
@@ -131,6 +157,21 @@ impl ServeOptions {
         if !(1..=MAX_MAX_IN_FLIGHT).contains(&self.max_in_flight) {
             return Err(Error::BadRequest(format!(
                 "--max-in-flight must be between 1 and {MAX_MAX_IN_FLIGHT}"
+            )));
+        }
+        if !(1..=MAX_MAX_SESSIONS).contains(&self.max_sessions) {
+            return Err(Error::BadRequest(format!(
+                "--max-sessions must be between 1 and {MAX_MAX_SESSIONS}"
+            )));
+        }
+        if !(1..=MAX_MAX_HANDSHAKES).contains(&self.max_handshakes) {
+            return Err(Error::BadRequest(format!(
+                "--max-handshakes must be between 1 and {MAX_MAX_HANDSHAKES}"
+            )));
+        }
+        if !(1..=MAX_MAX_HANDSHAKES).contains(&self.max_handshakes_per_source) {
+            return Err(Error::BadRequest(format!(
+                "--max-handshakes-per-source must be between 1 and {MAX_MAX_HANDSHAKES}"
             )));
         }
         Ok(())
@@ -206,6 +247,10 @@ pub(crate) struct Shared {
     /// Bumped whenever a final reply is stored; waiters re-check the database.
     pub replies: watch::Sender<u64>,
     pub shutdown: watch::Receiver<bool>,
+    /// L2Sec capacity: session and handshake slots, per-source handshakes.
+    pub l2_limits: l2::Limits,
+    /// L1Sec connections in progress per source address.
+    pub l1_sources: Arc<crate::listen::PerSource>,
 }
 
 /// Wait until `rx` says "shut down" (or its sender is gone).
@@ -343,10 +388,102 @@ async fn bind_tcp(addr: &str) -> Result<(TcpListener, SocketAddr), Error> {
     Ok((l, local))
 }
 
+/// How many L2Sec sessions and handshakes the open-file limit lets the control plane hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FdPlan {
+    /// Live sessions.
+    pub sessions: u32,
+    /// Connections in their handshake.
+    pub handshakes: u32,
+    /// Open files the options need: sessions, handshakes, L1Sec and operator connections,
+    /// [`FIXED_FDS`].
+    pub need: u64,
+}
+
+/// File descriptors kept for everything but L2Sec: L1Sec and operator connections at their
+/// bounds, and [`FIXED_FDS`]. Keeping them out of the L2Sec budget is what lets the operator
+/// socket answer however many nodes connect.
+fn fd_reserve() -> u64 {
+    FIXED_FDS + l1::MAX_CONNECTIONS as u64 + admin::MAX_CONNECTIONS as u64
+}
+
+/// The L2Sec budget within an open-file limit of `limit`: what the options ask for when it
+/// fits, else handshakes cut to a quarter of what is left and sessions to the rest.
+pub(crate) fn fd_plan(opts: &ServeOptions, limit: u64) -> Result<FdPlan, Error> {
+    let reserve = fd_reserve();
+    let need = reserve + u64::from(opts.max_sessions) + u64::from(opts.max_handshakes);
+    if limit >= need {
+        return Ok(FdPlan {
+            sessions: opts.max_sessions,
+            handshakes: opts.max_handshakes,
+            need,
+        });
+    }
+    let budget = limit.saturating_sub(reserve);
+    if budget < 2 {
+        return Err(Error::BadRequest(format!(
+            "the open-file limit ({limit}) is too low: the control plane needs at least {} \
+             (ulimit -n, or LimitNOFILE= in systemd)",
+            reserve + 2
+        )));
+    }
+    let handshakes = u64::from(opts.max_handshakes).min((budget / 4).max(1));
+    let sessions = u64::from(opts.max_sessions).min(budget - handshakes);
+    Ok(FdPlan {
+        sessions: u32::try_from(sessions).unwrap_or(u32::MAX),
+        handshakes: u32::try_from(handshakes).unwrap_or(u32::MAX),
+        need,
+    })
+}
+
+/// Raise the soft open-file limit to the hard one; the soft limit in force afterwards.
+fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let soft = lim.current.unwrap_or(u64::MAX);
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    if soft >= hard {
+        return soft;
+    }
+    let mut raised = lim;
+    raised.current = lim.maximum;
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::info!(
+                from = soft,
+                to = hard,
+                "raised the soft open-file limit to the hard limit"
+            );
+            hard
+        }
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the soft open-file limit");
+            soft
+        }
+    }
+}
+
 /// Start a control plane: create or open the data directory, database and CA, bind the
 /// listeners and the operator socket, write `endpoints.json`, and run in background tasks.
+///
+/// Raises the process's soft open-file limit to its hard limit, and when even that cannot hold
+/// `max_sessions` (see [`FIXED_FDS`]), serves fewer sessions and says so in a warning.
 pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
     opts.validate()?;
+    let fd_limit = raise_nofile_limit();
+    let plan = fd_plan(&opts, fd_limit)?;
+    if plan.sessions < opts.max_sessions || plan.handshakes < opts.max_handshakes {
+        tracing::warn!(
+            open_file_limit = fd_limit,
+            needed = plan.need,
+            max_sessions = opts.max_sessions,
+            sessions = plan.sessions,
+            handshakes = plan.handshakes,
+            "the open-file limit is below what --max-sessions needs (sessions + handshakes + \
+             operator and enrolment connections + {FIXED_FDS}); serving at most the sessions and \
+             handshakes shown; raise the hard limit (LimitNOFILE= in systemd, ulimit -Hn)"
+        );
+    }
     util::ensure_private_dir(&opts.data_dir)?;
     let db = Db::open(&opts.data_dir.join(DB_FILE))?;
     // The write lock makes concurrent first starts on one data directory create one CA.
@@ -381,6 +518,8 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         sessions: Arc::new(Sessions::default()),
         replies,
         shutdown: shutdown_rx,
+        l2_limits: l2::Limits::new(&plan, opts.max_sessions, opts.max_handshakes_per_source),
+        l1_sources: crate::listen::PerSource::new(opts.max_handshakes_per_source),
     });
 
     let tasks = vec![
@@ -415,6 +554,9 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         admin = %endpoints.admin_socket,
         ca_sha256 = %handle.ca_sha256(),
         incoming_ca_sha256 = handle.shared.ca().incoming().map(|i| i.sha256.as_str()).unwrap_or("-"),
+        max_sessions = plan.sessions,
+        max_handshakes = plan.handshakes,
+        open_file_limit = fd_limit,
         "control plane listening"
     );
     Ok(handle)
@@ -455,5 +597,37 @@ mod advertise_tests {
         ] {
             assert!(!super::is_release_version(bad), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod fd_plan_tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_keeps_the_reserve_and_cuts_handshakes_then_sessions() {
+        let opts = ServeOptions::new("/nonexistent");
+        let reserve = fd_reserve();
+        let need = reserve + u64::from(DEFAULT_MAX_SESSIONS) + u64::from(DEFAULT_MAX_HANDSHAKES);
+        let full = fd_plan(&opts, need).unwrap();
+        assert_eq!(
+            (full.sessions, full.handshakes, full.need),
+            (DEFAULT_MAX_SESSIONS, DEFAULT_MAX_HANDSHAKES, need)
+        );
+        // 1024 open files: a quarter of what is left after the reserve for handshakes.
+        let low = fd_plan(&opts, 1024).unwrap();
+        assert_eq!(low.handshakes, 192);
+        assert_eq!(low.sessions, 576);
+        assert_eq!(u64::from(low.sessions + low.handshakes) + reserve, 1024);
+        // Too low to run at all.
+        assert!(fd_plan(&opts, reserve + 1).is_err());
+        // A small --max-sessions fits as asked.
+        let small = ServeOptions {
+            max_sessions: 10,
+            max_handshakes: 4,
+            ..ServeOptions::new("/nonexistent")
+        };
+        let p = fd_plan(&small, 1024).unwrap();
+        assert_eq!((p.sessions, p.handshakes), (10, 4));
     }
 }

@@ -157,6 +157,7 @@ async fn busy_is_not_final_and_the_same_instruction_comes_again() {
                         raw_b64: None,
                         timeout_ms: Some(5000),
                         wait_ms: Some(30_000),
+                        tag: None,
                     },
                     Duration::from_secs(40),
                 )

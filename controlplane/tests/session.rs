@@ -280,6 +280,7 @@ async fn instructions_are_delivered_acked_and_redelivered_with_the_same_tag() {
                 raw_b64: None,
                 timeout_ms: Some(5000),
                 wait_ms: None,
+                tag: None,
             },
             DEADLINE,
         )
@@ -367,6 +368,7 @@ async fn instructions_are_delivered_acked_and_redelivered_with_the_same_tag() {
                         raw_b64: None,
                         timeout_ms: None,
                         wait_ms: Some(10_000),
+                        tag: None,
                     },
                     DEADLINE,
                 )
@@ -414,6 +416,7 @@ async fn instructions_are_delivered_acked_and_redelivered_with_the_same_tag() {
                 raw_b64: None,
                 timeout_ms: None,
                 wait_ms: Some(200),
+                tag: None,
             },
             DEADLINE,
         )
@@ -434,6 +437,7 @@ async fn instructions_are_delivered_acked_and_redelivered_with_the_same_tag() {
                 raw_b64: None,
                 timeout_ms: None,
                 wait_ms: None,
+                tag: None,
             },
             DEADLINE,
         )
@@ -451,6 +455,7 @@ async fn instructions_are_delivered_acked_and_redelivered_with_the_same_tag() {
                 raw_b64: None,
                 timeout_ms: None,
                 wait_ms: None,
+                tag: None,
             },
             DEADLINE,
         )
