@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runos_protocol::control::{self, Renewed, types};
+use runos_protocol::peertext::PeerText;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameReader, FrameWriter};
 use serde_json::{Value, json};
@@ -37,8 +38,6 @@ pub const RENEW_JITTER: f64 = 0.05;
 pub const BUSY_RETRY: Duration = Duration::from_secs(2);
 /// Most `busy` answers accepted in a row before the renewal counts as failed.
 pub const BUSY_RETRIES: u32 = 10;
-/// Most CA certificates accepted in a bundle.
-pub const MAX_CA_BUNDLE: usize = 16;
 
 /// Why a renewal (or a probe) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +105,8 @@ struct State {
     last_renewed_at: Option<SystemTime>,
     next_at_ms: Option<i64>,
     in_progress: bool,
+    /// The cross-certificate of the last promoted renewal, until [`follow_ca_logged`] takes it.
+    endorsement: Option<String>,
 }
 
 /// Renewal state that outlives sessions: failures, backoff, and what `runos status` shows.
@@ -139,13 +140,20 @@ impl Renewer {
         self.lock().in_progress = true;
     }
 
-    /// A renewal succeeded.
-    pub fn succeeded(&self) {
+    /// A renewal succeeded; `endorsement` is the cross-certificate that vouched for a CA of
+    /// its bundle, kept for [`follow_ca_logged`].
+    pub fn succeeded(&self, endorsement: Option<String>) {
         let mut g = self.lock();
         *g = State {
             last_renewed_at: Some(SystemTime::now()),
+            endorsement,
             ..State::default()
         };
+    }
+
+    /// Take the cross-certificate of the last promoted renewal.
+    pub fn take_endorsement(&self) -> Option<String> {
+        self.lock().endorsement.take()
     }
 
     /// A renewal failed; the next attempt waits for the backoff.
@@ -198,52 +206,58 @@ pub fn new_request() -> Result<(String, String, Vec<u8>), RenewError> {
         .map_err(|e| RenewError::Failed(e.to_string()))
 }
 
-/// Check a `RENEWED` answer against the node id and the key we generated, and make the new
-/// credential set. The CA bundle must parse and hold 1 to [`MAX_CA_BUNDLE`] certificates.
+/// A `RENEWED` answer that passed [`check_renewed`].
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The new credential set, to stage and prove.
+    pub set: CredentialSet,
+    /// The cross-certificate that vouched for a CA of the new bundle, for the L1Sec pin
+    /// ([`follow_ca`]).
+    pub endorsement: Option<String>,
+}
+
+/// Check a `RENEWED` answer with [`crate::trust::admit`]: a bundle of one or two CAs that
+/// continues the trust of `current` (the identity being renewed), and a certificate for its
+/// node id and the key we generated, valid at `now_s` with a sane lifetime. Anything else is
+/// refused and the current identity stays.
 pub fn check_renewed(
     r: &Renewed,
-    node_id: &str,
+    current: &NodeIdentity,
     key_pem: String,
     public_key_der: &[u8],
-) -> Result<CredentialSet, RenewError> {
-    let bad =
-        |m: String| RenewError::Failed(format!("the control plane's RENEWED is unusable: {m}"));
-    if r.certificate_pem.len() > control::MAX_PEM_LEN || r.ca_pem.len() > control::MAX_PEM_LEN {
-        return Err(bad("too large".into()));
-    }
-    let cas = runos_transport::pem::certificates(r.ca_pem.as_bytes())
-        .map_err(|e| bad(format!("CA bundle: {e}")))?;
-    if cas.is_empty() || cas.len() > MAX_CA_BUNDLE {
-        return Err(bad(format!(
-            "the CA bundle holds {} certificates (1 to {MAX_CA_BUNDLE} expected)",
-            cas.len()
-        )));
-    }
-    check_issued(&r.certificate_pem, node_id, public_key_der).map_err(bad)?;
-    Ok(CredentialSet {
-        key_pem,
-        cert_pem: r.certificate_pem.clone(),
-        ca_pem: r.ca_pem.clone(),
+    now_s: i64,
+) -> Result<Accepted, RenewError> {
+    let admitted = crate::trust::admit(
+        &current.trusted_cas,
+        &r.ca_pem,
+        r.ca_cross_pem.as_deref(),
+        &r.certificate_pem,
+        &current.node_id,
+        public_key_der,
+        Some(now_s),
+    )
+    .map_err(|m| {
+        RenewError::Failed(format!(
+            "the control plane's RENEWED is refused (the current certificate stays in use): {m}"
+        ))
+    })?;
+    Ok(Accepted {
+        set: CredentialSet {
+            key_pem,
+            cert_pem: r.certificate_pem.clone(),
+            ca_pem: r.ca_pem.clone(),
+        },
+        endorsement: admitted.endorsement,
     })
 }
 
-/// Check a certificate the control plane issued: it parses, names `node_id`, and is for the
-/// key whose public part is `public_key_der` (the one just generated on this node).
-pub fn check_issued(cert_pem: &str, node_id: &str, public_key_der: &[u8]) -> Result<(), String> {
-    let chain = runos_transport::pem::certificates(cert_pem.as_bytes())
-        .map_err(|e| format!("certificate: {e}"))?;
-    let first = chain.first().ok_or("no certificate")?;
-    let info = runos_transport::identity::cert_info(first).map_err(|e| e.to_string())?;
-    if info.node_id.as_deref() != Some(node_id) {
-        return Err("the certificate does not name this node".into());
-    }
-    use x509_parser::prelude::FromDer as _;
-    let (_, cert) =
-        x509_parser::certificate::X509Certificate::from_der(first).map_err(|e| e.to_string())?;
-    if cert.public_key().subject_public_key.data.as_ref() != public_key_der {
-        return Err("the certificate is not for the key generated on this node".into());
-    }
-    Ok(())
+/// The time (seconds since the epoch) by which a renewed certificate is judged: the node's
+/// clock corrected by the control plane's offset when that is within
+/// [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], else the node's own clock.
+pub fn judging_now_s() -> i64 {
+    now_ms()
+        .saturating_add(crate::status::global().trusted_clock_offset())
+        .div_euclid(1000)
 }
 
 /// The identity a credential set gives, for `host:port`.
@@ -402,11 +416,12 @@ pub fn renew_answer(env: &Envelope) -> Result<Renewed, RenewError> {
             ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
         });
         return Err(match e.code {
-            ErrorCode::Revoked => RenewError::Revoked(e.message),
-            ErrorCode::Busy => RenewError::Busy(e.message),
+            ErrorCode::Revoked => RenewError::Revoked(PeerText::new(&e.message).to_string()),
+            ErrorCode::Busy => RenewError::Busy(PeerText::new(&e.message).to_string()),
             _ => RenewError::Failed(format!(
                 "the control plane refused the renewal ({}): {}",
-                e.code, e.message
+                e.code,
+                PeerText::new(&e.message)
             )),
         });
     }
@@ -535,10 +550,15 @@ pub async fn switch_locked(
 
 /// After a renewal: keep the L1Sec trust (`paths.l1_ca` and `server.l1_ca_sha256`, used by a
 /// later `register --force`) in step with a CA rotation. When the pinned L1Sec CA is no longer
-/// in the L2Sec bundle the control plane just sent over mTLS, and that bundle holds exactly one
-/// CA (the control plane has cut over), that CA becomes the L1Sec CA and its digest the pin.
-/// During the overlap (two CAs) nothing changes. Returns the new pin when it changed.
-pub fn follow_ca(config_path: &std::path::Path) -> Result<Option<String>, String> {
+/// in the L2Sec bundle the renewal installed, and that bundle holds exactly one CA (the control
+/// plane has cut over), that CA becomes the L1Sec CA and its digest the pin, but only when
+/// `endorsement` (the renewal's cross-certificate) vouches for exactly that CA under the pinned
+/// one: the pin never follows to a CA the pinned CA did not sign off. During the overlap (two
+/// CAs) nothing changes. Returns the new pin when it changed.
+pub fn follow_ca(
+    config_path: &std::path::Path,
+    endorsement: Option<&str>,
+) -> Result<Option<String>, String> {
     let (cfg, _) = crate::config::load(config_path).map_err(|e| e.to_string())?;
     let Some(pin) = cfg.server.l1_ca_sha256.clone() else {
         return Ok(None);
@@ -556,6 +576,33 @@ pub fn follow_ca(config_path: &std::path::Path) -> Result<Option<String>, String
     if digests.contains(&pin) || cas.len() != 1 {
         return Ok(None);
     }
+    let stays = "the L1Sec pin stays at the previous CA (a later `register --force` needs a token carrying the new CA's pin)";
+    let Some(endorsement) = endorsement else {
+        return Err(format!(
+            "the control plane's CA changed without a cross-certificate from the pinned CA; {stays}"
+        ));
+    };
+    let l1 = crate::fsutil::read_capped(&cfg.paths.l1_ca, identity::MAX_PEM_FILE)
+        .map_err(|e| format!("{}: {e}", cfg.paths.l1_ca.display()))?;
+    let pinned = runos_transport::pem::certificates(&l1)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|c| runos_transport::pem::der_sha256(c) == pin)
+        .ok_or_else(|| {
+            format!(
+                "{} holds no certificate with the pinned digest; {stays}",
+                cfg.paths.l1_ca.display()
+            )
+        })?;
+    let cross = runos_transport::pem::certificates(endorsement.as_bytes())
+        .ok()
+        .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)))
+        .ok_or_else(|| format!("the cross-certificate is unreadable; {stays}"))?;
+    if !crate::trust::vouches(&cross, &cas[0], &pinned, Some(judging_now_s())) {
+        return Err(format!(
+            "the cross-certificate does not vouch for the new CA under the pinned one; {stays}"
+        ));
+    }
     crate::fsutil::write_atomic(&cfg.paths.l1_ca, &bundle, crate::fsutil::Mode::Exact(0o644))
         .map_err(|e| e.to_string())?;
     crate::config::update_server(
@@ -569,12 +616,13 @@ pub fn follow_ca(config_path: &std::path::Path) -> Result<Option<String>, String
     Ok(Some(digests[0].clone()))
 }
 
-/// [`follow_ca`], logging its outcome.
+/// [`follow_ca`] with the cross-certificate of the last promoted renewal, logging its outcome.
 pub fn follow_ca_logged(config_path: &std::path::Path) {
-    match follow_ca(config_path) {
+    let endorsement = global().take_endorsement();
+    match follow_ca(config_path, endorsement.as_deref()) {
         Ok(Some(pin)) => tracing::info!(
             ca_sha256 = %pin,
-            "the control plane's CA changed (rotation cut over): the L1Sec CA and pin follow it"
+            "the control plane's CA changed (rotation cut over, vouched for by the pinned CA): the L1Sec CA and pin follow it"
         ),
         Ok(None) => {}
         Err(e) => tracing::warn!("cannot update the L1Sec CA after a CA rotation: {e}"),
@@ -619,7 +667,7 @@ mod tests {
         assert_eq!(r.failures(), 1);
         assert_eq!(r.to_json()["state"], "failing");
         assert_eq!(r.to_json()["lastError"], "no answer");
-        r.succeeded();
+        r.succeeded(None);
         assert_eq!(r.failures(), 0);
         assert_eq!(r.to_json()["state"], "ok");
         assert!(r.to_json()["lastRenewedAt"].is_string());
