@@ -591,6 +591,42 @@ mod tests {
         assert_eq!(s.clock_offset_now(), Some(25));
     }
 
+    /// Issue 10: a WELCOME claiming a time four weeks ahead must not make the agent renew at
+    /// once: beyond the bound the offset is shown but not acted on.
+    #[test]
+    fn only_a_bounded_clock_offset_is_acted_on() {
+        let s = StatusHandle::new();
+        assert_eq!(s.trusted_clock_offset(), 0);
+        s.observe_clock_offset(90_000);
+        assert_eq!(
+            s.trusted_clock_offset(),
+            90_000,
+            "a skewed node clock is corrected"
+        );
+        let day = MAX_TRUSTED_CLOCK_OFFSET.as_millis() as i64;
+        s.observe_clock_offset(-day);
+        assert_eq!(
+            s.trusted_clock_offset(),
+            -day,
+            "the bound itself is acted on"
+        );
+        let four_weeks = 28 * 86_400_000;
+        s.observe_clock_offset(four_weeks);
+        assert_eq!(
+            s.trusted_clock_offset(),
+            0,
+            "beyond the bound: the node's own clock"
+        );
+        assert_eq!(s.clock_offset_now(), Some(four_weeks), "shown as measured");
+        assert_eq!(s.to_json()["clockOffsetIgnored"], true);
+        s.observe_clock_offset(-four_weeks);
+        assert_eq!(s.trusted_clock_offset(), 0);
+        s.observe_clock_offset(500);
+        assert_eq!(s.trusted_clock_offset(), 500);
+        assert_eq!(s.to_json()["clockOffsetIgnored"], false);
+        assert!(clock_offset_trusted(day) && !clock_offset_trusted(day + 1));
+    }
+
     /// The ring is process-wide: tests that read it run one at a time.
     static RING: Mutex<()> = Mutex::new(());
 
