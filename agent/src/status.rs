@@ -264,12 +264,14 @@ impl StatusHandle {
     /// Record a measured clock offset and log a crossing of [`MAX_CLOCK_OFFSET`].
     pub fn observe_clock_offset(&self, offset_ms: i64) {
         match self.clock_offset(offset_ms, SystemTime::now()) {
-            Some(ClockCrossing::Exceeded) => tracing::warn!(
+            Some(ClockCrossing::Exceeded) if clock_offset_trusted(offset_ms) => tracing::warn!(
                 offset_ms,
                 "{} (more than {} s); certificate validity is judged with the control plane's time",
                 clock_offset_text(offset_ms),
                 MAX_CLOCK_OFFSET.as_secs()
             ),
+            // Beyond the trusted bound: the warning below says what happens.
+            Some(ClockCrossing::Exceeded) => {}
             Some(ClockCrossing::Recovered) => tracing::info!(
                 offset_ms,
                 "the node's clock is back within {} s of the control plane's",
