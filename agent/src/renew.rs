@@ -338,7 +338,9 @@ impl Probe {
                     })
                 }
                 Err(crate::session::SessionEnd::Revoked(m)) => Err(RenewError::Revoked(m)),
-                Err(other) => Err(RenewError::Failed(format!("{other:?}"))),
+                Err(other) => Err(RenewError::Failed(
+                    PeerText::new(&format!("{other:?}")).to_string(),
+                )),
             }
         };
         tokio::time::timeout(PROBE_TIMEOUT, work)
@@ -693,5 +695,90 @@ mod tests {
         assert!(matches!(renew_answer(&busy), Err(RenewError::Busy(_))));
         let other = Envelope::with_type(types::WELCOME, t, &serde_json::json!({}));
         assert!(renew_answer(&other).is_err());
+        // The control plane's text reaches logs and `runos status` escaped.
+        let forged = Envelope::with_type(
+            types::ERROR,
+            t,
+            &ErrorPayload::new(ErrorCode::BadRequest, "no\n\u{1b}[31mINFO forged"),
+        );
+        let m = renew_answer(&forged).unwrap_err().to_string();
+        assert!(!m.chars().any(char::is_control), "{m:?}");
+    }
+
+    /// A self-signed CA (name, key) as (PEM, DER, issuer).
+    fn test_ca(name: &str) -> (String, Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let params = || {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            p
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params().self_signed(&key).unwrap();
+        (
+            cert.pem(),
+            cert.der().to_vec(),
+            rcgen::Issuer::new(params(), key),
+        )
+    }
+
+    /// The L1Sec pin follows a cut-over CA only when the renewal's cross-certificate vouches
+    /// for exactly that CA under the pinned one.
+    #[test]
+    fn the_l1sec_pin_follows_only_a_ca_the_pinned_one_vouched_for() {
+        let d = tempfile::tempdir().unwrap();
+        let (a_pem, a_der, a) = test_ca("A");
+        let (b_pem, _, b) = test_ca("B");
+        let (_, _, x) = test_ca("X");
+        let pin_a = runos_transport::pem::der_sha256(&a_der);
+        let cross_by = |by: &rcgen::Issuer<'static, rcgen::KeyPair>| {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name.push(rcgen::DnType::CommonName, "B");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            p.signed_by(b.key(), by).unwrap().pem()
+        };
+        let (good, forged) = (cross_by(&a), cross_by(&x));
+        let path = |f: &str| d.path().join(f).display().to_string();
+        let config = d.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nhost = \"127.0.0.1\"\nl1_ca_sha256 = \"{pin_a}\"\n\n[paths]\n\
+                 key = \"{}\"\ncertificate = \"{}\"\nca = \"{}\"\nl1_ca = \"{}\"\n\
+                 state_dir = \"{}\"\nrun_dir = \"{}\"\n",
+                path("node.key"),
+                path("node.crt"),
+                path("ca.pem"),
+                path("l1.pem"),
+                path("state"),
+                path("run"),
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.path().join("l1.pem"), &a_pem).unwrap();
+        let pin = || crate::config::load(&config).unwrap().0.server.l1_ca_sha256;
+        let l1 = || std::fs::read_to_string(d.path().join("l1.pem")).unwrap();
+
+        // During the overlap ([A, B]) nothing moves.
+        std::fs::write(d.path().join("ca.pem"), format!("{a_pem}{b_pem}")).unwrap();
+        assert_eq!(follow_ca(&config, Some(&good)), Ok(None));
+        // Cut over to [B]: without a cross-certificate, or with one not from A, the pin stays.
+        std::fs::write(d.path().join("ca.pem"), &b_pem).unwrap();
+        assert!(follow_ca(&config, None).unwrap_err().contains("pin stays"));
+        assert!(
+            follow_ca(&config, Some(&forged))
+                .unwrap_err()
+                .contains("pin stays")
+        );
+        assert!(follow_ca(&config, Some("junk")).is_err());
+        assert_eq!(pin(), Some(pin_a.clone()));
+        assert_eq!(l1(), a_pem);
+        // With A's cross-certificate for B it follows B.
+        let pin_b = runos_transport::pem::der_sha256(
+            &runos_transport::pem::certificates(b_pem.as_bytes()).unwrap()[0],
+        );
+        assert_eq!(follow_ca(&config, Some(&good)), Ok(Some(pin_b.clone())));
+        assert_eq!(pin(), Some(pin_b));
+        assert_eq!(l1(), b_pem);
     }
 }
