@@ -63,6 +63,9 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 
 /// Default validity of node certificates.
 pub const DEFAULT_NODE_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86400);
+/// Longest validity of node certificates (`--cert-validity`): agents refuse a certificate that
+/// lives longer than 400 days (docs/certificates.md), and the backdating must fit within that.
+pub const MAX_NODE_CERT_VALIDITY: Duration = Duration::from_secs(398 * 86400);
 /// Validity of a CA.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86400);
 /// `ca status` warns when the active CA expires within this.
