@@ -1,9 +1,11 @@
 //! Online certificate renewal.
 //!
 //! When the certificate has used about two thirds of its lifetime (judged with the control
-//! plane's time, with ±5 % jitter per certificate so a fleet enrolled together does not renew
-//! together), the session generates a new P-256 key, sends `RENEW` with a CSR on the live mTLS
-//! stream and gets `RENEWED` (certificate + CA bundle). The new set is staged on disk
+//! plane's time while its offset is within [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], with
+//! ±5 % jitter per certificate so a fleet enrolled together does not renew together), the
+//! session generates a new P-256 key, sends `RENEW` with a CSR on the live mTLS stream and gets
+//! `RENEWED` (certificate + CA bundle). The answer is judged first ([`crate::trust`]: trust
+//! continuity, node, key, validity); a refused one changes nothing. The new set is staged on disk
 //! ([`crate::credentials`]), proven by a probe session that uses it, and only then promoted;
 //! the session then reconnects with it at once. Instructions keep flowing: the dispatcher and
 //! the journal do not depend on the connection, and the control plane redelivers by tag.
