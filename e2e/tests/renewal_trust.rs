@@ -341,18 +341,17 @@ fn drop_sessions(s: &Shared) {
     }
 }
 
-fn wait_welcomes(s: &Shared, n: usize, a: &Agent) {
+/// Wait until the agent has its `n`-th hostile session up (a heartbeat answered on it).
+fn wait_welcomes(s: &Shared, n: usize) {
     wait_until(
         DEADLINE,
         "the agent to reach the hostile control plane",
         || events(s, "welcome") >= n,
     );
-    // Its session is up: a heartbeat was answered on it.
     let hb = events(s, "heartbeat");
     wait_until(DEADLINE, "a heartbeat on the hostile session", || {
         events(s, "heartbeat") > hb
     });
-    let _ = a;
 }
 
 #[test]
@@ -400,13 +399,13 @@ fn a_hostile_renewal_is_refused_and_the_node_keeps_working() {
     // 1. Three CAs in the bundle.
     s.lock().unwrap().attacks.push_back(Attack::ThreeCas);
     drop_sessions(&s);
-    wait_welcomes(&s, 1, &agent);
+    wait_welcomes(&s, 1);
     renew_is_refused(&agent, &s, &before, "holds 3");
 
     // 2. An expired certificate for the right node and key, from the real CA.
     s.lock().unwrap().attacks.push_back(Attack::Expired);
     drop_sessions(&s);
-    wait_welcomes(&s, 2, &agent);
+    wait_welcomes(&s, 2);
     renew_is_refused(&agent, &s, &before, "expired");
 
     // 3. A WELCOME four weeks ahead: the offset is not acted on, so no renewal starts.
@@ -415,7 +414,7 @@ fn a_hostile_renewal_is_refused_and_the_node_keeps_working() {
         .attacks
         .push_back(Attack::FutureClockForeignCa);
     drop_sessions(&s);
-    wait_welcomes(&s, 3, &agent);
+    wait_welcomes(&s, 3);
     wait_until(DEADLINE, "the ignored clock offset in runos status", || {
         agent.status()["clockOffsetIgnored"] == Value::Bool(true)
     });
