@@ -25,9 +25,9 @@ use x509_parser::prelude::FromDer as _;
 pub const MAX_CA_BUNDLE: usize = 2;
 /// Shortest certificate lifetime accepted (the control plane's minimum `--cert-validity`).
 pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
-/// Longest certificate lifetime accepted: the CA/Browser Forum's former ceiling for TLS
-/// certificates, far above the 30-day default, far below a lifetime that would outlast a
-/// revocation policy.
+/// Longest certificate lifetime accepted: the control plane's longest `--cert-validity` (398
+/// days, the CA/Browser Forum's ceiling for TLS certificates) plus its backdating, with room to
+/// spare; far above the 30-day default, far below "valid forever".
 pub const MAX_LIFETIME: Duration = Duration::from_secs(400 * 86400);
 /// How far the clocks may disagree when judging `notBefore` (the control plane backdates its
 /// certificates; this covers a node clock that is a little behind).
