@@ -116,7 +116,9 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
     let socket = crate::admin::socket_path(&cfg.paths.run_dir);
     let offset = crate::status_cmd::query(&socket)
         .ok()
-        .and_then(|v| v["clockOffsetMs"].as_i64());
+        .and_then(|v| v["clockOffsetMs"].as_i64())
+        // An offset beyond the bound is not acted on: the node's own clock judges.
+        .filter(|o| crate::status::clock_offset_trusted(*o));
     match report(
         &cfg.paths.certificate,
         &cfg.paths.ca,
@@ -197,10 +199,16 @@ async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, Stri
     let (key_pem, csr_pem, public_key) = renew::new_request().map_err(err)?;
     let answer = probe.renew(csr_pem).await;
     probe.close().await;
-    let set = renew::check_renewed(&answer.map_err(err)?, &id.node_id, key_pem, &public_key)
-        .map_err(err)?;
-    renew::switch_to(
-        set,
+    let acc = renew::check_renewed(
+        &answer.map_err(err)?,
+        &id,
+        key_pem,
+        &public_key,
+        renew::judging_now_s(),
+    )
+    .map_err(err)?;
+    let out = renew::switch_to(
+        acc.set,
         cfg.paths.clone(),
         id.host.clone(),
         id.port,
@@ -208,7 +216,10 @@ async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, Stri
         Some(id.serial_hex.clone()),
     )
     .await
-    .map_err(err)
+    .map_err(err)?;
+    // For the L1Sec pin ([`renew::follow_ca_logged`]).
+    renew::global().succeeded(acc.endorsement);
+    Ok(out)
 }
 
 /// Run `runos certificate renew`: through the daemon when it answers, else directly.

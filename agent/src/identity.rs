@@ -46,6 +46,9 @@ pub struct NodeIdentity {
     pub not_before: i64,
     /// The certificate's notAfter, seconds since the Unix epoch.
     pub not_after: i64,
+    /// The CAs of the L2Sec bundle (DER): the node's trust, which a renewal may only continue
+    /// ([`crate::trust`]).
+    pub trusted_cas: Vec<Vec<u8>>,
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -119,6 +122,7 @@ pub fn build(
             "the certificate carries no runos://node/<id> URI".into(),
         )
     })?;
+    let trusted_cas = cas.iter().map(|c| c.to_vec()).collect();
     let tls =
         runos_transport::tls::client_config(&cas, runos_protocol::ALPN_L2SEC, Some((chain, key)))
             .map_err(|e| {
@@ -135,5 +139,6 @@ pub fn build(
         serial_hex: info.serial_hex,
         not_before: info.not_before,
         not_after: info.not_after,
+        trusted_cas,
     })
 }

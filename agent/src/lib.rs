@@ -52,6 +52,7 @@ pub mod session;
 pub mod status;
 pub mod status_cmd;
 pub mod sysinfo;
+pub mod trust;
 pub mod update;
 
 /// The agent's version (the crate version).

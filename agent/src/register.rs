@@ -248,8 +248,14 @@ fn refusal(e: &ErrorPayload) -> RegisterError {
     }
 }
 
-/// Check the REGISTERED answer against our key; returns the node id.
-fn check_registered(r: &Registered, public_key_der: &[u8]) -> Result<String, RegisterError> {
+/// Check the REGISTERED answer against our key and the L1Sec CA the enrolment trusted
+/// (`l1_cas`, DER: the pinned one): the bundle must continue that trust ([`crate::trust`]), the
+/// certificate must be for the node id and our key. Returns the node id.
+fn check_registered(
+    r: &Registered,
+    public_key_der: &[u8],
+    l1_cas: &[Vec<u8>],
+) -> Result<String, RegisterError> {
     let bad = |m: String| {
         fail(
             Exit::Failure,
@@ -259,8 +265,17 @@ fn check_registered(r: &Registered, public_key_der: &[u8]) -> Result<String, Reg
     if !runos_transport::identity::is_valid_node_id(&r.node_id) {
         return Err(bad("the node id is malformed".into()));
     }
-    runos_transport::pem::certificates(r.ca_pem.as_bytes()).map_err(|e| bad(format!("CA: {e}")))?;
-    crate::renew::check_issued(&r.certificate_pem, &r.node_id, public_key_der).map_err(bad)?;
+    // No trusted time yet at enrolment: validity periods are the control plane's to judge.
+    crate::trust::admit(
+        l1_cas,
+        &r.ca_pem,
+        r.ca_cross_pem.as_deref(),
+        &r.certificate_pem,
+        &r.node_id,
+        public_key_der,
+        None,
+    )
+    .map_err(bad)?;
     Ok(r.node_id.clone())
 }
 
@@ -475,7 +490,8 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let reg: Registered = answer
         .payload()
         .map_err(|_| fail(Exit::Failure, "the REGISTERED payload is malformed"))?;
-    let node_id = check_registered(&reg, &public_key)?;
+    let l1_cas: Vec<Vec<u8>> = cas.iter().map(|c| c.to_vec()).collect();
+    let node_id = check_registered(&reg, &public_key, &l1_cas)?;
     let set = crate::credentials::CredentialSet {
         key_pem,
         cert_pem: reg.certificate_pem.clone(),

@@ -1,9 +1,11 @@
 //! Online certificate renewal.
 //!
 //! When the certificate has used about two thirds of its lifetime (judged with the control
-//! plane's time, with ±5 % jitter per certificate so a fleet enrolled together does not renew
-//! together), the session generates a new P-256 key, sends `RENEW` with a CSR on the live mTLS
-//! stream and gets `RENEWED` (certificate + CA bundle). The new set is staged on disk
+//! plane's time while its offset is within [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], with
+//! ±5 % jitter per certificate so a fleet enrolled together does not renew together), the
+//! session generates a new P-256 key, sends `RENEW` with a CSR on the live mTLS stream and gets
+//! `RENEWED` (certificate + CA bundle). The answer is judged first ([`crate::trust`]: trust
+//! continuity, node, key, validity); a refused one changes nothing. The new set is staged on disk
 //! ([`crate::credentials`]), proven by a probe session that uses it, and only then promoted;
 //! the session then reconnects with it at once. Instructions keep flowing: the dispatcher and
 //! the journal do not depend on the connection, and the control plane redelivers by tag.
@@ -16,6 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runos_protocol::control::{self, Renewed, types};
+use runos_protocol::peertext::PeerText;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameReader, FrameWriter};
 use serde_json::{Value, json};
@@ -37,8 +40,6 @@ pub const RENEW_JITTER: f64 = 0.05;
 pub const BUSY_RETRY: Duration = Duration::from_secs(2);
 /// Most `busy` answers accepted in a row before the renewal counts as failed.
 pub const BUSY_RETRIES: u32 = 10;
-/// Most CA certificates accepted in a bundle.
-pub const MAX_CA_BUNDLE: usize = 16;
 
 /// Why a renewal (or a probe) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +107,8 @@ struct State {
     last_renewed_at: Option<SystemTime>,
     next_at_ms: Option<i64>,
     in_progress: bool,
+    /// The cross-certificate of the last promoted renewal, until [`follow_ca_logged`] takes it.
+    endorsement: Option<String>,
 }
 
 /// Renewal state that outlives sessions: failures, backoff, and what `runos status` shows.
@@ -139,13 +142,20 @@ impl Renewer {
         self.lock().in_progress = true;
     }
 
-    /// A renewal succeeded.
-    pub fn succeeded(&self) {
+    /// A renewal succeeded; `endorsement` is the cross-certificate that vouched for a CA of
+    /// its bundle, kept for [`follow_ca_logged`].
+    pub fn succeeded(&self, endorsement: Option<String>) {
         let mut g = self.lock();
         *g = State {
             last_renewed_at: Some(SystemTime::now()),
+            endorsement,
             ..State::default()
         };
+    }
+
+    /// Take the cross-certificate of the last promoted renewal.
+    pub fn take_endorsement(&self) -> Option<String> {
+        self.lock().endorsement.take()
     }
 
     /// A renewal failed; the next attempt waits for the backoff.
@@ -198,52 +208,58 @@ pub fn new_request() -> Result<(String, String, Vec<u8>), RenewError> {
         .map_err(|e| RenewError::Failed(e.to_string()))
 }
 
-/// Check a `RENEWED` answer against the node id and the key we generated, and make the new
-/// credential set. The CA bundle must parse and hold 1 to [`MAX_CA_BUNDLE`] certificates.
+/// A `RENEWED` answer that passed [`check_renewed`].
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The new credential set, to stage and prove.
+    pub set: CredentialSet,
+    /// The cross-certificate that vouched for a CA of the new bundle, for the L1Sec pin
+    /// ([`follow_ca`]).
+    pub endorsement: Option<String>,
+}
+
+/// Check a `RENEWED` answer with [`crate::trust::admit`]: a bundle of one or two CAs that
+/// continues the trust of `current` (the identity being renewed), and a certificate for its
+/// node id and the key we generated, valid at `now_s` with a sane lifetime. Anything else is
+/// refused and the current identity stays.
 pub fn check_renewed(
     r: &Renewed,
-    node_id: &str,
+    current: &NodeIdentity,
     key_pem: String,
     public_key_der: &[u8],
-) -> Result<CredentialSet, RenewError> {
-    let bad =
-        |m: String| RenewError::Failed(format!("the control plane's RENEWED is unusable: {m}"));
-    if r.certificate_pem.len() > control::MAX_PEM_LEN || r.ca_pem.len() > control::MAX_PEM_LEN {
-        return Err(bad("too large".into()));
-    }
-    let cas = runos_transport::pem::certificates(r.ca_pem.as_bytes())
-        .map_err(|e| bad(format!("CA bundle: {e}")))?;
-    if cas.is_empty() || cas.len() > MAX_CA_BUNDLE {
-        return Err(bad(format!(
-            "the CA bundle holds {} certificates (1 to {MAX_CA_BUNDLE} expected)",
-            cas.len()
-        )));
-    }
-    check_issued(&r.certificate_pem, node_id, public_key_der).map_err(bad)?;
-    Ok(CredentialSet {
-        key_pem,
-        cert_pem: r.certificate_pem.clone(),
-        ca_pem: r.ca_pem.clone(),
+    now_s: i64,
+) -> Result<Accepted, RenewError> {
+    let admitted = crate::trust::admit(
+        &current.trusted_cas,
+        &r.ca_pem,
+        r.ca_cross_pem.as_deref(),
+        &r.certificate_pem,
+        &current.node_id,
+        public_key_der,
+        Some(now_s),
+    )
+    .map_err(|m| {
+        RenewError::Failed(format!(
+            "the control plane's RENEWED is refused (the current certificate stays in use): {m}"
+        ))
+    })?;
+    Ok(Accepted {
+        set: CredentialSet {
+            key_pem,
+            cert_pem: r.certificate_pem.clone(),
+            ca_pem: r.ca_pem.clone(),
+        },
+        endorsement: admitted.endorsement,
     })
 }
 
-/// Check a certificate the control plane issued: it parses, names `node_id`, and is for the
-/// key whose public part is `public_key_der` (the one just generated on this node).
-pub fn check_issued(cert_pem: &str, node_id: &str, public_key_der: &[u8]) -> Result<(), String> {
-    let chain = runos_transport::pem::certificates(cert_pem.as_bytes())
-        .map_err(|e| format!("certificate: {e}"))?;
-    let first = chain.first().ok_or("no certificate")?;
-    let info = runos_transport::identity::cert_info(first).map_err(|e| e.to_string())?;
-    if info.node_id.as_deref() != Some(node_id) {
-        return Err("the certificate does not name this node".into());
-    }
-    use x509_parser::prelude::FromDer as _;
-    let (_, cert) =
-        x509_parser::certificate::X509Certificate::from_der(first).map_err(|e| e.to_string())?;
-    if cert.public_key().subject_public_key.data.as_ref() != public_key_der {
-        return Err("the certificate is not for the key generated on this node".into());
-    }
-    Ok(())
+/// The time (seconds since the epoch) by which a renewed certificate is judged: the node's
+/// clock corrected by the control plane's offset when that is within
+/// [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], else the node's own clock.
+pub fn judging_now_s() -> i64 {
+    now_ms()
+        .saturating_add(crate::status::global().trusted_clock_offset())
+        .div_euclid(1000)
 }
 
 /// The identity a credential set gives, for `host:port`.
@@ -324,7 +340,9 @@ impl Probe {
                     })
                 }
                 Err(crate::session::SessionEnd::Revoked(m)) => Err(RenewError::Revoked(m)),
-                Err(other) => Err(RenewError::Failed(format!("{other:?}"))),
+                Err(other) => Err(RenewError::Failed(
+                    PeerText::new(&format!("{other:?}")).to_string(),
+                )),
             }
         };
         tokio::time::timeout(PROBE_TIMEOUT, work)
@@ -402,11 +420,12 @@ pub fn renew_answer(env: &Envelope) -> Result<Renewed, RenewError> {
             ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
         });
         return Err(match e.code {
-            ErrorCode::Revoked => RenewError::Revoked(e.message),
-            ErrorCode::Busy => RenewError::Busy(e.message),
+            ErrorCode::Revoked => RenewError::Revoked(PeerText::new(&e.message).to_string()),
+            ErrorCode::Busy => RenewError::Busy(PeerText::new(&e.message).to_string()),
             _ => RenewError::Failed(format!(
                 "the control plane refused the renewal ({}): {}",
-                e.code, e.message
+                e.code,
+                PeerText::new(&e.message)
             )),
         });
     }
@@ -535,10 +554,15 @@ pub async fn switch_locked(
 
 /// After a renewal: keep the L1Sec trust (`paths.l1_ca` and `server.l1_ca_sha256`, used by a
 /// later `register --force`) in step with a CA rotation. When the pinned L1Sec CA is no longer
-/// in the L2Sec bundle the control plane just sent over mTLS, and that bundle holds exactly one
-/// CA (the control plane has cut over), that CA becomes the L1Sec CA and its digest the pin.
-/// During the overlap (two CAs) nothing changes. Returns the new pin when it changed.
-pub fn follow_ca(config_path: &std::path::Path) -> Result<Option<String>, String> {
+/// in the L2Sec bundle the renewal installed, and that bundle holds exactly one CA (the control
+/// plane has cut over), that CA becomes the L1Sec CA and its digest the pin, but only when
+/// `endorsement` (the renewal's cross-certificate) vouches for exactly that CA under the pinned
+/// one: the pin never follows to a CA the pinned CA did not sign off. During the overlap (two
+/// CAs) nothing changes. Returns the new pin when it changed.
+pub fn follow_ca(
+    config_path: &std::path::Path,
+    endorsement: Option<&str>,
+) -> Result<Option<String>, String> {
     let (cfg, _) = crate::config::load(config_path).map_err(|e| e.to_string())?;
     let Some(pin) = cfg.server.l1_ca_sha256.clone() else {
         return Ok(None);
@@ -556,6 +580,33 @@ pub fn follow_ca(config_path: &std::path::Path) -> Result<Option<String>, String
     if digests.contains(&pin) || cas.len() != 1 {
         return Ok(None);
     }
+    let stays = "the L1Sec pin stays at the previous CA (a later `register --force` needs a token carrying the new CA's pin)";
+    let Some(endorsement) = endorsement else {
+        return Err(format!(
+            "the control plane's CA changed without a cross-certificate from the pinned CA; {stays}"
+        ));
+    };
+    let l1 = crate::fsutil::read_capped(&cfg.paths.l1_ca, identity::MAX_PEM_FILE)
+        .map_err(|e| format!("{}: {e}", cfg.paths.l1_ca.display()))?;
+    let pinned = runos_transport::pem::certificates(&l1)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|c| runos_transport::pem::der_sha256(c) == pin)
+        .ok_or_else(|| {
+            format!(
+                "{} holds no certificate with the pinned digest; {stays}",
+                cfg.paths.l1_ca.display()
+            )
+        })?;
+    let cross = runos_transport::pem::certificates(endorsement.as_bytes())
+        .ok()
+        .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)))
+        .ok_or_else(|| format!("the cross-certificate is unreadable; {stays}"))?;
+    if !crate::trust::vouches(&cross, &cas[0], &pinned, Some(judging_now_s())) {
+        return Err(format!(
+            "the cross-certificate does not vouch for the new CA under the pinned one; {stays}"
+        ));
+    }
     crate::fsutil::write_atomic(&cfg.paths.l1_ca, &bundle, crate::fsutil::Mode::Exact(0o644))
         .map_err(|e| e.to_string())?;
     crate::config::update_server(
@@ -569,12 +620,13 @@ pub fn follow_ca(config_path: &std::path::Path) -> Result<Option<String>, String
     Ok(Some(digests[0].clone()))
 }
 
-/// [`follow_ca`], logging its outcome.
+/// [`follow_ca`] with the cross-certificate of the last promoted renewal, logging its outcome.
 pub fn follow_ca_logged(config_path: &std::path::Path) {
-    match follow_ca(config_path) {
+    let endorsement = global().take_endorsement();
+    match follow_ca(config_path, endorsement.as_deref()) {
         Ok(Some(pin)) => tracing::info!(
             ca_sha256 = %pin,
-            "the control plane's CA changed (rotation cut over): the L1Sec CA and pin follow it"
+            "the control plane's CA changed (rotation cut over, vouched for by the pinned CA): the L1Sec CA and pin follow it"
         ),
         Ok(None) => {}
         Err(e) => tracing::warn!("cannot update the L1Sec CA after a CA rotation: {e}"),
@@ -619,7 +671,7 @@ mod tests {
         assert_eq!(r.failures(), 1);
         assert_eq!(r.to_json()["state"], "failing");
         assert_eq!(r.to_json()["lastError"], "no answer");
-        r.succeeded();
+        r.succeeded(None);
         assert_eq!(r.failures(), 0);
         assert_eq!(r.to_json()["state"], "ok");
         assert!(r.to_json()["lastRenewedAt"].is_string());
@@ -645,5 +697,90 @@ mod tests {
         assert!(matches!(renew_answer(&busy), Err(RenewError::Busy(_))));
         let other = Envelope::with_type(types::WELCOME, t, &serde_json::json!({}));
         assert!(renew_answer(&other).is_err());
+        // The control plane's text reaches logs and `runos status` escaped.
+        let forged = Envelope::with_type(
+            types::ERROR,
+            t,
+            &ErrorPayload::new(ErrorCode::BadRequest, "no\n\u{1b}[31mINFO forged"),
+        );
+        let m = renew_answer(&forged).unwrap_err().to_string();
+        assert!(!m.chars().any(char::is_control), "{m:?}");
+    }
+
+    /// A self-signed CA (name, key) as (PEM, DER, issuer).
+    fn test_ca(name: &str) -> (String, Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let params = || {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            p
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params().self_signed(&key).unwrap();
+        (
+            cert.pem(),
+            cert.der().to_vec(),
+            rcgen::Issuer::new(params(), key),
+        )
+    }
+
+    /// The L1Sec pin follows a cut-over CA only when the renewal's cross-certificate vouches
+    /// for exactly that CA under the pinned one.
+    #[test]
+    fn the_l1sec_pin_follows_only_a_ca_the_pinned_one_vouched_for() {
+        let d = tempfile::tempdir().unwrap();
+        let (a_pem, a_der, a) = test_ca("A");
+        let (b_pem, _, b) = test_ca("B");
+        let (_, _, x) = test_ca("X");
+        let pin_a = runos_transport::pem::der_sha256(&a_der);
+        let cross_by = |by: &rcgen::Issuer<'static, rcgen::KeyPair>| {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name.push(rcgen::DnType::CommonName, "B");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            p.signed_by(b.key(), by).unwrap().pem()
+        };
+        let (good, forged) = (cross_by(&a), cross_by(&x));
+        let path = |f: &str| d.path().join(f).display().to_string();
+        let config = d.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nhost = \"127.0.0.1\"\nl1_ca_sha256 = \"{pin_a}\"\n\n[paths]\n\
+                 key = \"{}\"\ncertificate = \"{}\"\nca = \"{}\"\nl1_ca = \"{}\"\n\
+                 state_dir = \"{}\"\nrun_dir = \"{}\"\n",
+                path("node.key"),
+                path("node.crt"),
+                path("ca.pem"),
+                path("l1.pem"),
+                path("state"),
+                path("run"),
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.path().join("l1.pem"), &a_pem).unwrap();
+        let pin = || crate::config::load(&config).unwrap().0.server.l1_ca_sha256;
+        let l1 = || std::fs::read_to_string(d.path().join("l1.pem")).unwrap();
+
+        // During the overlap ([A, B]) nothing moves.
+        std::fs::write(d.path().join("ca.pem"), format!("{a_pem}{b_pem}")).unwrap();
+        assert_eq!(follow_ca(&config, Some(&good)), Ok(None));
+        // Cut over to [B]: without a cross-certificate, or with one not from A, the pin stays.
+        std::fs::write(d.path().join("ca.pem"), &b_pem).unwrap();
+        assert!(follow_ca(&config, None).unwrap_err().contains("pin stays"));
+        assert!(
+            follow_ca(&config, Some(&forged))
+                .unwrap_err()
+                .contains("pin stays")
+        );
+        assert!(follow_ca(&config, Some("junk")).is_err());
+        assert_eq!(pin(), Some(pin_a.clone()));
+        assert_eq!(l1(), a_pem);
+        // With A's cross-certificate for B it follows B.
+        let pin_b = runos_transport::pem::der_sha256(
+            &runos_transport::pem::certificates(b_pem.as_bytes()).unwrap()[0],
+        );
+        assert_eq!(follow_ca(&config, Some(&good)), Ok(Some(pin_b.clone())));
+        assert_eq!(pin(), Some(pin_b));
+        assert_eq!(l1(), b_pem);
     }
 }

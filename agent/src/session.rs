@@ -861,6 +861,8 @@ struct Renewal {
     busy: u32,
     /// Whether the request channel is still open.
     requests_open: bool,
+    /// The cross-certificate of the renewal being proven, for the L1Sec pin once promoted.
+    endorsement: Option<String>,
 }
 
 enum RenewPhase {
@@ -878,7 +880,9 @@ enum RenewPhase {
 
 impl Renewal {
     fn new(p: &SessionParams) -> Renewal {
-        let offset = crate::status::global().clock_offset_now().unwrap_or(0);
+        // Only an offset within the bound moves the renewal: a WELCOME claiming a time weeks
+        // ahead must not make the agent renew at once.
+        let offset = crate::status::global().trusted_clock_offset();
         let due = renew::global().due_in(&p.identity, offset);
         tracing::debug!(
             due_in_secs = due.as_secs(),
@@ -894,6 +898,7 @@ impl Renewal {
             waiters: Vec::new(),
             busy: 0,
             requests_open: true,
+            endorsement: None,
         }
     }
 
@@ -966,12 +971,21 @@ impl Renewal {
         else {
             return None;
         };
-        let set = renew::renew_answer(env)
-            .and_then(|r| renew::check_renewed(&r, &self.identity.node_id, key_pem, &public_key));
-        match set {
-            Ok(set) => {
+        // Judged before anything is staged: trust continuity, node, key, validity, lifetime.
+        let accepted = renew::renew_answer(env).and_then(|r| {
+            renew::check_renewed(
+                &r,
+                &self.identity,
+                key_pem,
+                &public_key,
+                renew::judging_now_s(),
+            )
+        });
+        match accepted {
+            Ok(acc) => {
+                self.endorsement = acc.endorsement;
                 let task = renew::switch_to(
-                    set,
+                    acc.set,
                     self.paths.clone(),
                     self.identity.host.clone(),
                     self.identity.port,
@@ -1011,7 +1025,7 @@ impl Renewal {
         self.busy = 0;
         match res {
             Ok(out) => {
-                renew::global().succeeded();
+                renew::global().succeeded(self.endorsement.take());
                 tracing::info!(
                     old_serial = %self.identity.serial_hex,
                     serial = %out.serial_hex,
@@ -1031,6 +1045,7 @@ impl Renewal {
     fn fail(&mut self, e: renew::RenewError) -> Option<SessionEnd> {
         self.phase = RenewPhase::Idle;
         self.busy = 0;
+        self.endorsement = None;
         let delay = renew::global().failed(&e.to_string(), self.lifetime());
         self.timer = tokio::time::Instant::now() + delay;
         tracing::warn!(

@@ -25,6 +25,12 @@ pub const MAX_ERROR_CHARS: usize = 300;
 pub const MAX_SESSION_ID_CHARS: usize = 128;
 /// A clock offset from the control plane larger than this (either way) is warned about.
 pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(30);
+/// The largest clock offset from the control plane the agent acts on (either way). Beyond it the
+/// agent warns and keeps its own clock for renewal timing and for judging certificates: a
+/// drifting node clock is off by seconds or minutes, while an offset of days means a broken
+/// control-plane clock or a peer trying to make the agent renew (or accept a certificate) out of
+/// time. A day keeps nodes with a badly set clock renewing on time by the control plane's clock.
+pub const MAX_TRUSTED_CLOCK_OFFSET: Duration = Duration::from_secs(86400);
 
 /// The node's clock offset from the control plane's, in milliseconds (positive: the server is
 /// ahead of the node): `server_ms − (sent_ms + rtt_ms / 2)`, where `sent_ms` is the node's clock
@@ -34,6 +40,11 @@ pub fn clock_offset_ms(server_ms: u64, sent_ms: u64, rtt_ms: u64) -> i64 {
     let mid = i128::from(sent_ms) + i128::from(rtt_ms / 2);
     let off = i128::from(server_ms) - mid;
     i64::try_from(off).unwrap_or(if off < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Whether the agent acts on `offset_ms`: within [`MAX_TRUSTED_CLOCK_OFFSET`] either way.
+pub fn clock_offset_trusted(offset_ms: i64) -> bool {
+    u128::from(offset_ms.unsigned_abs()) <= MAX_TRUSTED_CLOCK_OFFSET.as_millis()
 }
 
 /// Whether `offset_ms` exceeds [`MAX_CLOCK_OFFSET`] either way.
@@ -133,6 +144,9 @@ struct Inner {
     clock_offset: Option<(i64, SystemTime)>,
     /// Whether the offset is currently beyond [`MAX_CLOCK_OFFSET`] (warned once per crossing).
     clock_off_bound: bool,
+    /// Whether the offset is currently beyond [`MAX_TRUSTED_CLOCK_OFFSET`] (warned once per
+    /// crossing).
+    clock_untrusted: bool,
     /// The agent version the control plane advertised in the last WELCOME.
     advertised_version: Option<String>,
     /// Sessions that ended with a panic (a bug in the agent; the daemon reconnected).
@@ -174,6 +188,7 @@ impl StatusHandle {
                 last_round_trip: None,
                 clock_offset: None,
                 clock_off_bound: false,
+                clock_untrusted: false,
                 advertised_version: None,
                 session_panics: 0,
                 last_session_panic: None,
@@ -247,15 +262,26 @@ impl StatusHandle {
         crossing
     }
 
+    /// Record whether `offset_ms` is one the agent acts on; `Some(trusted)` when that changed.
+    fn clock_trust(&self, offset_ms: i64) -> Option<bool> {
+        let mut g = self.lock();
+        let untrusted = !clock_offset_trusted(offset_ms);
+        let changed = g.clock_untrusted != untrusted;
+        g.clock_untrusted = untrusted;
+        changed.then_some(!untrusted)
+    }
+
     /// Record a measured clock offset and log a crossing of [`MAX_CLOCK_OFFSET`].
     pub fn observe_clock_offset(&self, offset_ms: i64) {
         match self.clock_offset(offset_ms, SystemTime::now()) {
-            Some(ClockCrossing::Exceeded) => tracing::warn!(
+            Some(ClockCrossing::Exceeded) if clock_offset_trusted(offset_ms) => tracing::warn!(
                 offset_ms,
                 "{} (more than {} s); certificate validity is judged with the control plane's time",
                 clock_offset_text(offset_ms),
                 MAX_CLOCK_OFFSET.as_secs()
             ),
+            // Beyond the trusted bound: the warning below says what happens.
+            Some(ClockCrossing::Exceeded) => {}
             Some(ClockCrossing::Recovered) => tracing::info!(
                 offset_ms,
                 "the node's clock is back within {} s of the control plane's",
@@ -263,6 +289,28 @@ impl StatusHandle {
             ),
             None => {}
         }
+        match self.clock_trust(offset_ms) {
+            Some(false) => tracing::warn!(
+                offset_ms,
+                "{} (more than {} h): the control plane's time is ignored; renewal timing and certificate checks use the node's own clock. Fix the clock of the node or of the control plane",
+                clock_offset_text(offset_ms),
+                MAX_TRUSTED_CLOCK_OFFSET.as_secs() / 3600
+            ),
+            Some(true) => tracing::info!(
+                offset_ms,
+                "the control plane's time is within {} h of the node's again: renewal timing uses it",
+                MAX_TRUSTED_CLOCK_OFFSET.as_secs() / 3600
+            ),
+            None => {}
+        }
+    }
+
+    /// The clock offset (ms, server − node) the agent acts on: the last measured one when it
+    /// is within [`MAX_TRUSTED_CLOCK_OFFSET`], else 0 (the node's own clock).
+    pub fn trusted_clock_offset(&self) -> i64 {
+        self.clock_offset_now()
+            .filter(|o| clock_offset_trusted(*o))
+            .unwrap_or(0)
     }
 
     /// The last measured clock offset (ms, server − node), if any.
@@ -382,6 +430,7 @@ impl StatusHandle {
             "lastRoundTrip": g.last_round_trip.map(rfc3339),
             "clockOffsetMs": g.clock_offset.map(|(o, _)| o),
             "clockOffsetAt": g.clock_offset.map(|(_, t)| rfc3339(t)),
+            "clockOffsetIgnored": g.clock_untrusted,
             "renewal": crate::renew::global().to_json(),
             "sessionPanics": g.session_panics,
             "lastSessionPanic": g.last_session_panic.as_ref().map(|(at, m)| json!({
@@ -583,6 +632,42 @@ mod tests {
         assert_eq!(j["clockOffsetMs"], 25);
         assert_eq!(j["clockOffsetAt"], rfc3339(at));
         assert_eq!(s.clock_offset_now(), Some(25));
+    }
+
+    /// Issue 10: a WELCOME claiming a time four weeks ahead must not make the agent renew at
+    /// once: beyond the bound the offset is shown but not acted on.
+    #[test]
+    fn only_a_bounded_clock_offset_is_acted_on() {
+        let s = StatusHandle::new();
+        assert_eq!(s.trusted_clock_offset(), 0);
+        s.observe_clock_offset(90_000);
+        assert_eq!(
+            s.trusted_clock_offset(),
+            90_000,
+            "a skewed node clock is corrected"
+        );
+        let day = MAX_TRUSTED_CLOCK_OFFSET.as_millis() as i64;
+        s.observe_clock_offset(-day);
+        assert_eq!(
+            s.trusted_clock_offset(),
+            -day,
+            "the bound itself is acted on"
+        );
+        let four_weeks = 28 * 86_400_000;
+        s.observe_clock_offset(four_weeks);
+        assert_eq!(
+            s.trusted_clock_offset(),
+            0,
+            "beyond the bound: the node's own clock"
+        );
+        assert_eq!(s.clock_offset_now(), Some(four_weeks), "shown as measured");
+        assert_eq!(s.to_json()["clockOffsetIgnored"], true);
+        s.observe_clock_offset(-four_weeks);
+        assert_eq!(s.trusted_clock_offset(), 0);
+        s.observe_clock_offset(500);
+        assert_eq!(s.trusted_clock_offset(), 500);
+        assert_eq!(s.to_json()["clockOffsetIgnored"], false);
+        assert!(clock_offset_trusted(day) && !clock_offset_trusted(day + 1));
     }
 
     /// The ring is process-wide: tests that read it run one at a time.

@@ -345,7 +345,10 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
     let (mut v, exit) = match query(&socket) {
         Ok(mut v) => {
             v["running"] = json!(true);
-            let offset = v["clockOffsetMs"].as_i64();
+            // An offset beyond the bound is not acted on: the node's own clock judges.
+            let offset = v["clockOffsetMs"]
+                .as_i64()
+                .filter(|o| crate::status::clock_offset_trusted(*o));
             v["certificate"] = certificate(&cfg.paths.certificate, now, offset);
             (v, Exit::Ok)
         }

@@ -167,11 +167,16 @@ async fn l1_server(
         csr.params.subject_alt_names = vec![SanType::URI(
             format!("runos://node/{node_id}").try_into().unwrap(),
         )];
+        // A sane lifetime: the agent refuses certificates valid for centuries.
+        let now = time::OffsetDateTime::now_utc();
+        csr.params.not_before = now - time::Duration::minutes(1);
+        csr.params.not_after = now + time::Duration::days(30);
         let cert = csr.signed_by(&issuer).unwrap();
         let reg = Registered {
             node_id: node_id.into(),
             certificate_pem: cert.pem(),
             ca_pem: ca_pem.clone(),
+            ca_cross_pem: None,
         };
         w.write(&Envelope::with_type(ct::REGISTERED, env.tag, &reg))
             .await

@@ -8,7 +8,14 @@
 //! | normal | `ca.pem`/`ca.key` (A) | A | A | A | A |
 //! | rotating | + `ca-next.pem`/`ca-next.key` (B) | A, B | A, B | B | A |
 //!
-//! `rotate` writes `ca-next.key`, then `ca-next.pem`. `cutover` writes
+//! `ca-cross.pem` holds the cross-certificate of the newest CA: B's subject and key, signed by
+//! A. It goes out with every bundle (`caCrossPem`), and it is the only way an agent admits B into
+//! its trust (docs/certificates.md, "Trust continuity"). It is issued again at every load while
+//! rotating (A's key is there), and kept after the cutover (A's key is not), so a node that missed
+//! the whole overlap can still follow. After a cutover a cross-certificate that does not vouch
+//! for the active CA is stale and ignored.
+//!
+//! `rotate` writes `ca-next.key`, then `ca-next.pem`, then `ca-cross.pem`. `cutover` writes
 //! `ca-retired-<unix seconds>.pem` (a copy of A), then `ca.pem` := B, then `ca.key` := B's key
 //! (A's key is gone from then on), then removes `ca-next.key`, then `ca-next.pem`. Every write
 //! is atomic (temporary file, fsync, rename, fsync of the directory), so a crash leaves one of
@@ -45,6 +52,10 @@ pub const CA_NEXT_CERT_FILE: &str = "ca-next.pem";
 pub const CA_NEXT_KEY_FILE: &str = "ca-next.key";
 /// Prefix of the archived certificates of retired CAs (`ca-retired-<unix seconds>.pem`).
 pub const CA_RETIRED_PREFIX: &str = "ca-retired-";
+/// File name of the cross-certificate of the newest CA (`ca rotate` writes it; kept after the
+/// cutover): the newest CA's subject and key, signed by the CA before it. Agents admit a new CA
+/// into their trust only with it (docs/certificates.md, "Trust continuity").
+pub const CA_CROSS_FILE: &str = "ca-cross.pem";
 /// File name of the server certificate in the data directory.
 pub const SERVER_CERT_FILE: &str = "server.pem";
 /// File name of the server private key in the data directory (mode 0600).
@@ -52,6 +63,9 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 
 /// Default validity of node certificates.
 pub const DEFAULT_NODE_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86400);
+/// Longest validity of node certificates (`--cert-validity`): agents refuse a certificate that
+/// lives longer than 400 days (docs/certificates.md), and the backdating must fit within that.
+pub const MAX_NODE_CERT_VALIDITY: Duration = Duration::from_secs(398 * 86400);
 /// Validity of a CA.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86400);
 /// `ca status` warns when the active CA expires within this.
@@ -148,6 +162,9 @@ pub struct Ca {
     active: Arc<Authority>,
     /// The incoming CA during a rotation: signs node certificates.
     next: Option<Arc<Authority>>,
+    /// The cross-certificate (PEM) of the newest CA (the incoming one during a rotation, else
+    /// the active one), signed by the CA before it; `None` when the CA was never rotated.
+    cross: Option<String>,
     server_chain: Vec<CertificateDer<'static>>,
     server_key_pem: String,
 }
@@ -201,7 +218,10 @@ fn leaf_params(
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.subject_alt_names = sans;
-    params.is_ca = IsCa::ExplicitNoCa;
+    // No BasicConstraints at all: an end entity is the extension's default (cA FALSE), and
+    // DER forbids encoding a default value, so writing `cA = FALSE` makes a certificate that
+    // strict parsers refuse.
+    params.is_ca = IsCa::NoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![eku];
     params.use_authority_key_identifier_extension = true;
@@ -579,6 +599,88 @@ fn pem_with_newline(pem: &str) -> String {
     s
 }
 
+/// A cross-certificate for `subject`: its name and key, a CA like itself, signed by `issuer`,
+/// valid from now until the earlier of the two CAs' ends.
+fn cross_certify(issuer: &Authority, subject: &Authority) -> Result<String, Error> {
+    let (_, s) = x509_parser::certificate::X509Certificate::from_der(&subject.der)
+        .map_err(|e| ca_err("parsing the incoming CA", e))?;
+    let cn = s
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or_else(|| Error::Ca("the incoming CA has no common name".into()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = offset_time(util::now_ms(), BACKDATE, false)?;
+    params.not_after = seconds_time(subject.info.not_after_ms.min(issuer.info.not_after_ms))?;
+    let cert = params
+        .signed_by(subject.issuer.key(), &issuer.issuer)
+        .map_err(|e| ca_err("cross-certifying the incoming CA", e))?;
+    if !vouches_for(cert.der(), &subject.der) {
+        return Err(Error::Ca(
+            "the cross-certificate does not name the incoming CA exactly".into(),
+        ));
+    }
+    Ok(cert.pem())
+}
+
+/// Whether the certificate `cross` has exactly the subject and key of `ca` (and is not `ca`
+/// itself).
+fn vouches_for(cross: &[u8], ca: &[u8]) -> bool {
+    use x509_parser::certificate::X509Certificate;
+    match (
+        X509Certificate::from_der(cross),
+        X509Certificate::from_der(ca),
+    ) {
+        (Ok((_, x)), Ok((_, c))) => {
+            cross != ca
+                && x.subject().as_raw() == c.subject().as_raw()
+                && x.public_key().raw == c.public_key().raw
+                && x.issuer().as_raw() != c.subject().as_raw()
+        }
+        _ => false,
+    }
+}
+
+/// The cross-certificate on disk, if it vouches for `ca`; a missing, unreadable or stale one
+/// (from an earlier rotation) is `None`.
+fn read_cross(dir: &Path, ca: &Authority) -> Option<String> {
+    let path = dir.join(CA_CROSS_FILE);
+    let pem = match read_opt(&path) {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("ignoring the CA cross-certificate: {e}");
+            return None;
+        }
+    };
+    match runos_transport::pem::certificates(pem.as_bytes()) {
+        Ok(certs) if certs.len() == 1 && vouches_for(&certs[0], &ca.der) => Some(pem),
+        _ => {
+            tracing::info!(path = %path.display(), "the CA cross-certificate is not the active CA's (an earlier rotation's); ignored");
+            None
+        }
+    }
+}
+
+/// Issue and write the cross-certificate of `next` signed by `active`.
+fn write_cross(dir: &Path, active: &Authority, next: &Authority) -> Result<String, Error> {
+    let pem = cross_certify(active, next)?;
+    util::atomic_write(&dir.join(CA_CROSS_FILE), pem.as_bytes(), 0o644)?;
+    Ok(pem)
+}
+
 impl Ca {
     /// Load the CA from `dir`, creating it on first start (and finishing or discarding an
     /// interrupted rotation step, see the module documentation), and (re)issue the server
@@ -589,9 +691,17 @@ impl Ca {
             create_first(dir)?;
         }
         let (active, next) = load_settled(dir)?;
+        // While rotating, the cross-certificate is issued again (A's key is here): a crash
+        // between `ca-next.pem` and `ca-cross.pem` leaves none, and a rotation started by an
+        // older version wrote none.
+        let cross = match &next {
+            Some(n) => Some(write_cross(dir, &active, n)?),
+            None => read_cross(dir, &active),
+        };
         let mut ca = Ca {
             active: Arc::new(active),
             next: next.map(Arc::new),
+            cross,
             server_chain: Vec::new(),
             server_key_pem: String::new(),
         };
@@ -630,9 +740,14 @@ impl Ca {
                 "{CA_CERT_FILE} changed behind the control plane's back; restart it"
             )));
         }
+        let cross = cross_certify(&self.active, &next)?;
+        if steps.next() {
+            util::atomic_write(&dir.join(CA_CROSS_FILE), cross.as_bytes(), 0o644)?;
+        }
         Ok(Ca {
             active: self.active.clone(),
             next: Some(Arc::new(next)),
+            cross: Some(cross),
             server_chain: self.server_chain.clone(),
             server_key_pem: self.server_key_pem.clone(),
         })
@@ -660,6 +775,8 @@ impl Ca {
         let mut ca = Ca {
             active: next.clone(),
             next: None,
+            // Written at `rotate` (or the last load) and kept: A's key is gone from here on.
+            cross: self.cross.clone(),
             server_chain: Vec::new(),
             server_key_pem: String::new(),
         };
@@ -724,6 +841,13 @@ impl Ca {
             s.push_str(&pem_with_newline(&n.pem));
         }
         s
+    }
+
+    /// The cross-certificate of the newest CA (PEM), sent with every bundle as `caCrossPem`:
+    /// during a rotation the incoming CA signed by the active one, after a cutover the active
+    /// CA signed by the retired one. `None` when this CA was never rotated.
+    pub fn cross_pem(&self) -> Option<&str> {
+        self.cross.as_deref()
     }
 
     /// The active CA certificate (DER).
@@ -945,6 +1069,32 @@ mod tests {
         issued.ca_sha256
     }
 
+    /// Whether `child`'s signature verifies under `issuer`'s key (ECDSA P-256 / SHA-256).
+    fn verified_by(child: &[u8], issuer: &[u8]) -> bool {
+        let (_, c) = x509_parser::certificate::X509Certificate::from_der(child).unwrap();
+        let (_, i) = x509_parser::certificate::X509Certificate::from_der(issuer).unwrap();
+        webpki_alg()
+            .verify_signature(
+                &i.public_key().subject_public_key.data,
+                c.tbs_certificate.as_ref(),
+                &c.signature_value.data,
+            )
+            .is_ok()
+    }
+
+    fn webpki_alg() -> &'static dyn rustls_pki_types::SignatureVerificationAlgorithm {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all
+            .iter()
+            .copied()
+            .find(|a| {
+                a.signature_alg_id() == rustls_pki_types::alg_id::ECDSA_SHA256
+                    && a.public_key_alg_id() == rustls_pki_types::alg_id::ECDSA_P256
+            })
+            .unwrap()
+    }
+
     fn server_issuer(ca: &Ca) -> String {
         let (chain, _) = ca.server_identity().unwrap();
         assert_eq!(chain.len(), 2);
@@ -995,7 +1145,21 @@ mod tests {
         assert!(matches!(rotating.rotate(d), Err(Error::CaPhase(_))));
         assert!(matches!(ca.cutover(d, &[]), Err(Error::CaPhase(_))));
 
+        // The cross-certificate: B's name and key, signed by A; never the case before a rotation.
+        assert_eq!(ca.cross_pem(), None);
+        let cross = rotating.cross_pem().unwrap().to_string();
+        let cross_der = runos_transport::pem::certificates(cross.as_bytes()).unwrap();
+        assert!(vouches_for(&cross_der[0], &bundle[1]));
+        assert!(verified_by(&cross_der[0], &bundle[0]));
+        assert_eq!(read(d, CA_CROSS_FILE), cross);
+
         let (done, retired) = rotating.cutover(d, &[]).unwrap();
+        // Kept after the cutover (A's key is gone), and found again by a restart.
+        assert_eq!(done.cross_pem(), Some(cross.as_str()));
+        assert_eq!(
+            Ca::load_or_create(d, &[]).unwrap().cross_pem(),
+            Some(cross.as_str())
+        );
         assert_eq!(done.ca_sha256(), b);
         assert!(done.incoming().is_none());
         assert_eq!(server_issuer(&done), b);
@@ -1011,6 +1175,7 @@ mod tests {
             CA_KEY_FILE.to_string(),
             retired_name,
             CA_CERT_FILE.to_string(),
+            CA_CROSS_FILE.to_string(),
         ];
         expected.sort();
         assert_eq!(files(d), expected);
@@ -1018,7 +1183,7 @@ mod tests {
 
     #[test]
     fn every_crash_point_of_a_rotation_loads() {
-        for n in 0..=2 {
+        for n in 0..=3 {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path();
             let ca = Ca::load_or_create(d, &[]).unwrap();
@@ -1034,6 +1199,15 @@ mod tests {
                 );
             } else {
                 assert!(loaded.incoming().is_some(), "step {n}");
+                // A crash before the cross-certificate was written: the load issues it.
+                let cross =
+                    runos_transport::pem::certificates(loaded.cross_pem().unwrap().as_bytes())
+                        .unwrap();
+                assert!(
+                    vouches_for(&cross[0], &loaded.client_roots()[1]),
+                    "step {n}"
+                );
+                assert_eq!(read(d, CA_CROSS_FILE), loaded.cross_pem().unwrap());
             }
             // Loading again changes nothing.
             let again = Ca::load_or_create(d, &[]).unwrap();
@@ -1072,6 +1246,11 @@ mod tests {
                 assert_eq!(server_issuer(&loaded), b);
                 assert_eq!(signer_of(&loaded), b);
             }
+            // Whatever the crash point, the cross-certificate for B survives.
+            let cross =
+                runos_transport::pem::certificates(loaded.cross_pem().unwrap().as_bytes()).unwrap();
+            let b_der = loaded.client_roots().last().unwrap().clone();
+            assert!(vouches_for(&cross[0], &b_der), "step {n}");
             let again = Ca::load_or_create(d, &[]).unwrap();
             assert_eq!(again.ca_sha256(), loaded.ca_sha256());
             assert_eq!(again.incoming(), loaded.incoming());
@@ -1219,5 +1398,159 @@ mod tests {
                 .expiry_warning(fresh.active().not_after_ms - 300 * 86_400_000)
                 .is_some()
         );
+    }
+
+    /// Strict DER (X.690 §10–11) of one TLV sequence: definite minimal lengths, booleans only
+    /// `TRUE` (0xFF; a `FALSE` in a certificate can only be an explicit DEFAULT, which DER
+    /// forbids: `critical` and `cA` both default to FALSE), minimal integers, bit strings whose
+    /// unused bits are zero. Recurses into constructed values (not into OCTET STRINGs).
+    fn strict_der(mut b: &[u8]) -> Result<(), String> {
+        while !b.is_empty() {
+            let tag = b[0];
+            if tag & 0x1f == 0x1f {
+                return Err("high tag number form".into());
+            }
+            let (len, hdr) = match *b.get(1).ok_or("truncated")? {
+                l if l < 0x80 => (usize::from(l), 2),
+                0x80 => return Err("indefinite length".into()),
+                l => {
+                    let n = usize::from(l & 0x7f);
+                    let bytes = b.get(2..2 + n).ok_or("truncated length")?;
+                    if bytes[0] == 0 {
+                        return Err("length with a leading zero".into());
+                    }
+                    let len = bytes.iter().fold(0usize, |a, x| (a << 8) | usize::from(*x));
+                    if len < 0x80 {
+                        return Err("long form for a short length".into());
+                    }
+                    (len, 2 + n)
+                }
+            };
+            let v = b.get(hdr..hdr + len).ok_or("truncated value")?;
+            match tag {
+                0x01 if v != [0xff] => {
+                    return Err(format!(
+                        "BOOLEAN {v:02x?}: a DEFAULT FALSE encoded, or not DER"
+                    ));
+                }
+                0x02 if v.is_empty()
+                    || (v.len() > 1
+                        && ((v[0] == 0 && v[1] < 0x80) || (v[0] == 0xff && v[1] >= 0x80))) =>
+                {
+                    return Err("INTEGER not minimal".into());
+                }
+                0x03 => {
+                    let unused = *v.first().ok_or("empty BIT STRING")?;
+                    if unused > 7 || (v.len() == 1 && unused != 0) {
+                        return Err("BIT STRING unused-bits count".into());
+                    }
+                    if unused > 0 && v[v.len() - 1] & ((1 << unused) - 1) != 0 {
+                        return Err("BIT STRING unused bits not zero".into());
+                    }
+                }
+                t if t & 0x20 != 0 => strict_der(v)?,
+                _ => {}
+            }
+            b = &b[hdr + len..];
+        }
+        Ok(())
+    }
+
+    /// The certificate, and the value of each of its extensions, are strict DER.
+    fn strict_cert(der: &[u8]) -> Result<(), String> {
+        strict_der(der)?;
+        let (_, c) =
+            x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+        for ext in c.extensions() {
+            strict_der(ext.value).map_err(|e| format!("extension {}: {e}", ext.oid))?;
+        }
+        Ok(())
+    }
+
+    /// Python's `cryptography` (the strict parser that refused runos certificates) reads every
+    /// extension of `pem`; skipped, with the reason printed, where it is not installed.
+    fn python_reads(pem: &str) -> Option<Result<(), String>> {
+        let probe = std::process::Command::new("python3")
+            .args(["-c", "import cryptography"])
+            .output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            eprintln!("skipping the cross-check with Python's cryptography: not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.pem");
+        std::fs::write(&path, pem).unwrap();
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys; from cryptography import x509; \
+                 c = x509.load_pem_x509_certificate(open(sys.argv[1], 'rb').read()); \
+                 [e.value for e in c.extensions]",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        Some(if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        })
+    }
+
+    /// Finding 6 of issue 10: every certificate the CA makes (node, server, CA, cross) is strict
+    /// DER; an explicit `cA = FALSE` made node and server certificates unreadable to strict
+    /// parsers.
+    #[test]
+    fn every_certificate_the_ca_makes_is_strict_der() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = Ca::load_or_create(d, &["cp.example".into()]).unwrap();
+        let rotating = ca.rotate(d).unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&KeyPair::generate().unwrap())
+            .unwrap()
+            .pem()
+            .unwrap();
+        let node = rotating
+            .sign_csr(&csr, "abc-1", DEFAULT_NODE_CERT_VALIDITY)
+            .unwrap()
+            .unwrap()
+            .pem;
+        let server = read(d, SERVER_CERT_FILE);
+        let mut all = vec![
+            ("a node certificate", node.clone()),
+            ("the server certificate", server),
+            ("the CA certificate", read(d, CA_CERT_FILE)),
+            ("the incoming CA certificate", read(d, CA_NEXT_CERT_FILE)),
+            (
+                "the cross-certificate",
+                rotating.cross_pem().unwrap().to_string(),
+            ),
+        ];
+        let (done, _) = rotating.cutover(d, &[]).unwrap();
+        all.push((
+            "the server certificate after a cutover",
+            read(d, SERVER_CERT_FILE),
+        ));
+        drop(done);
+        for (what, pem) in &all {
+            for der in runos_transport::pem::certificates(pem.as_bytes()).unwrap() {
+                strict_cert(&der).unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+            if let Some(Err(e)) = python_reads(pem) {
+                panic!("{what}: Python's cryptography refuses it: {e}");
+            }
+        }
+        // Both checks do catch the finding: an explicit cA = FALSE.
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::ExplicitNoCa;
+        let bad = p.self_signed(&key).unwrap();
+        assert!(strict_cert(bad.der()).unwrap_err().contains("BOOLEAN"));
+        assert!(python_reads(&bad.pem()).is_none_or(|r| r.is_err()));
+        // Node certificates carry no BasicConstraints at all.
+        let der = runos_transport::pem::certificates(node.as_bytes()).unwrap();
+        let (_, c) = x509_parser::certificate::X509Certificate::from_der(&der[0]).unwrap();
+        assert!(c.basic_constraints().unwrap().is_none());
     }
 }

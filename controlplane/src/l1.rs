@@ -217,6 +217,7 @@ fn register(shared: &Shared, env: &Envelope) -> Result<Envelope, Error> {
             node_id,
             certificate_pem: issued.pem,
             ca_pem: ca.bundle_pem(),
+            ca_cross_pem: ca.cross_pem().map(str::to_string),
         },
     ))
 }

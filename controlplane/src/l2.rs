@@ -1093,6 +1093,7 @@ impl Session {
             &control::Renewed {
                 certificate_pem: issued.pem,
                 ca_pem: ca.bundle_pem(),
+                ca_cross_pem: ca.cross_pem().map(str::to_string),
             },
         );
         self.send(&reply).await

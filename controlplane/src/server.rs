@@ -146,6 +146,12 @@ impl ServeOptions {
                 "--cert-validity must be at least 1m".into(),
             ));
         }
+        if self.cert_validity > crate::ca::MAX_NODE_CERT_VALIDITY {
+            return Err(Error::BadRequest(format!(
+                "--cert-validity must be at most {}d (agents refuse longer-lived certificates)",
+                crate::ca::MAX_NODE_CERT_VALIDITY.as_secs() / 86400
+            )));
+        }
         if let Some(v) = &self.advertise_version
             && !is_release_version(v)
         {
@@ -597,6 +603,21 @@ mod advertise_tests {
         ] {
             assert!(!super::is_release_version(bad), "{bad}");
         }
+    }
+
+    /// Node certificates stay within the lifetime agents accept (issue 10).
+    #[test]
+    fn cert_validity_is_bounded_both_ways() {
+        let mut o = super::ServeOptions::new("/nonexistent");
+        o.cert_validity = crate::ca::MAX_NODE_CERT_VALIDITY;
+        assert!(o.validate().is_ok());
+        o.cert_validity += std::time::Duration::from_secs(1);
+        assert!(o.validate().is_err());
+        o.cert_validity = std::time::Duration::from_secs(59);
+        assert!(o.validate().is_err());
+        // With its backdating, the longest node certificate is still one agents accept.
+        let longest = crate::ca::MAX_NODE_CERT_VALIDITY + crate::ca::NODE_BACKDATE;
+        assert!(longest.as_secs() < 400 * 86400);
     }
 }
 

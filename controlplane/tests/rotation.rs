@@ -22,6 +22,20 @@ fn der(pem: &str, i: usize) -> CertificateDer<'static> {
         .remove(i)
 }
 
+/// Whether `cross_pem` is a cross-certificate for the CA `ca`: its subject and key, issued by
+/// `issuer`.
+fn cross_for(cross_pem: &str, ca: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> bool {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let x = der(cross_pem, 0);
+    let (_, x) = X509Certificate::from_der(&x).unwrap();
+    let (_, c) = X509Certificate::from_der(ca).unwrap();
+    let (_, i) = X509Certificate::from_der(issuer).unwrap();
+    x.subject().as_raw() == c.subject().as_raw()
+        && x.public_key().raw == c.public_key().raw
+        && x.issuer().as_raw() == i.subject().as_raw()
+        && x.is_ca()
+}
+
 /// RENEW on an open session: the RENEWED payload and the renewed node.
 async fn renew(c: &mut Conn, node: &Node) -> (Renewed, Node) {
     let (key, csr) = csr();
@@ -161,6 +175,12 @@ async fn a_rotation_overlaps_and_a_cutover_switches_without_a_restart() {
     // certificate from B.
     let (renewed, old_renewed) = renew(&mut live, &old).await;
     assert_eq!(pins(&renewed.ca_pem), vec![a.clone(), b.clone()], "RENEWED");
+    // ... and A's cross-certificate for B, which the agent needs to admit B.
+    let cross = renewed
+        .ca_cross_pem
+        .clone()
+        .expect("caCrossPem during the overlap");
+    assert!(cross_for(&cross, &b_der, &a_der));
     prove(&cp, std::slice::from_ref(&a_der), &old_renewed).await;
     let st = api.ca_status(DEFAULT_SEEN_WITHIN).unwrap();
     assert_eq!(st.incoming.as_ref().unwrap().nodes, 2, "fresh and old");
@@ -208,7 +228,13 @@ async fn a_rotation_overlaps_and_a_cutover_switches_without_a_restart() {
     // Enrolment: new tokens pin B, L1Sec serves B's chain, the bundle is B alone.
     let (late, bundle) = enrol_now(&cp).await;
     assert_eq!(pins(&bundle), vec![b.clone()]);
-    let (_c, _) = session_trusting(&cp, std::slice::from_ref(&b_der), &late).await;
+    let (mut c, _) = session_trusting(&cp, std::slice::from_ref(&b_der), &late).await;
+    // After the cutover the bundle is [B] and the cross-certificate still comes with it, so a
+    // node that missed the overlap can follow B.
+    let (after, _) = renew(&mut c, &late).await;
+    assert_eq!(pins(&after.ca_pem), vec![b.clone()]);
+    assert_eq!(after.ca_cross_pem.as_deref(), Some(cross.as_str()));
+    drop(c);
     cp.server.shutdown().await;
 }
 

@@ -111,8 +111,13 @@ pub struct Registered {
     pub node_id: String,
     /// The node's certificate (PEM).
     pub certificate_pem: String,
-    /// The CA bundle (PEM, one or more certificates) that L2Sec server certificates chain to.
+    /// The CA bundle (PEM, one or two certificates) that L2Sec server certificates chain to.
     pub ca_pem: String,
+    /// The cross-certificate of the control plane's newest CA (PEM, one certificate), signed by
+    /// the CA before it; present once the control plane's CA has been rotated (protocol.md
+    /// §6.4, trust continuity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cross_pem: Option<String>,
 }
 
 /// `HELLO`: the agent's first message on an L2Sec session.
@@ -215,9 +220,14 @@ pub struct Renew {
 pub struct Renewed {
     /// The new certificate (PEM), for the CSR's key and the session's node id.
     pub certificate_pem: String,
-    /// The CA bundle (PEM, one or more certificates) the agent must trust from now on: during a
+    /// The CA bundle (PEM, one or two certificates) the agent must trust from now on: during a
     /// CA rotation it holds both the old and the new CA.
     pub ca_pem: String,
+    /// The cross-certificate of the control plane's newest CA (PEM, one certificate): its
+    /// subject and key, signed by the CA before it. An agent admits a CA it does not trust yet
+    /// only when this vouches for it under a CA it trusts (protocol.md §6.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cross_pem: Option<String>,
 }
 
 /// `HEARTBEAT`: an agent-initiated liveness probe, answered by `HEARTBEAT_REPLY` with its tag.
