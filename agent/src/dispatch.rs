@@ -67,8 +67,20 @@ pub enum Inbound {
     Instruction(Envelope),
     /// The control plane stored the final reply with this tag.
     Ack(Tag),
-    /// A session was welcomed: send back every reply awaiting ACK (oldest first), to be resent.
-    Held(oneshot::Sender<Vec<Envelope>>),
+    /// A session was welcomed: send back the tags of every reply awaiting ACK (oldest first),
+    /// to be resent page by page with [`Inbound::Replies`].
+    Held(oneshot::Sender<Vec<Tag>>),
+    /// The replies of `tags` that still await ACK, in order, collected until they hold
+    /// `max_bytes` (at least one is always collected when there is one), with how many of
+    /// `tags` were looked at. Pages keep the resend's memory bounded whatever the journal holds.
+    Replies {
+        /// Tags to look at, in order.
+        tags: Vec<Tag>,
+        /// Stop collecting once the replies hold this many bytes.
+        max_bytes: usize,
+        /// The replies and how many tags were looked at.
+        respond: oneshot::Sender<(Vec<Envelope>, usize)>,
+    },
     /// A session is about to send HELLO: send back the tags of the replies awaiting ACK (oldest
     /// first, at most [`control::MAX_HELLO_PENDING`]).
     PendingTags(oneshot::Sender<Vec<Tag>>),
@@ -332,7 +344,31 @@ impl Dispatcher {
             Inbound::Snapshot(tx) => self.snapshot(tx), // see `snapshot.rs`
             Inbound::Journal(q, tx) => self.journal_query(q, tx), // see `journal_query.rs`
             Inbound::Held(tx) => {
-                let _ = tx.send(self.journal.unacked());
+                let _ = tx.send(self.journal.unacked_tags());
+            }
+            Inbound::Replies {
+                tags,
+                max_bytes,
+                respond,
+            } => {
+                let mut page = Vec::new();
+                let mut bytes = 0usize;
+                let mut looked = 0usize;
+                for tag in &tags {
+                    if !page.is_empty() && bytes >= max_bytes {
+                        break;
+                    }
+                    looked += 1;
+                    let awaiting = self
+                        .journal
+                        .get(tag)
+                        .is_some_and(|v| v.state == crate::journal::EntryState::Finished);
+                    if awaiting && let Lookup::Done(reply) = self.journal.lookup(tag) {
+                        bytes = bytes.saturating_add(reply.json_b64.len());
+                        page.push(reply);
+                    }
+                }
+                let _ = respond.send((page, looked));
             }
             Inbound::PendingTags(tx) => {
                 let mut tags = self.journal.unacked_tags();

@@ -56,6 +56,55 @@ pub const HEARTBEAT_MIN: Duration = Duration::from_secs(1);
 pub const HEARTBEAT_MAX: Duration = Duration::from_secs(300);
 /// Frames buffered between the select loop and the write task.
 const WRITE_QUEUE: usize = 64;
+/// Bytes of frames queued for the write task at most, besides the count bound: a control plane
+/// that reads slowly or not at all holds at most this much of the agent's memory in the queue
+/// (a frame larger than this waits until the queue is empty and then goes alone).
+const WRITE_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// Replies looked up per page when resending the ones awaiting ACK after WELCOME; a page is also
+/// cut once it holds [`WRITE_QUEUE_BYTES`].
+const RESEND_PAGE: usize = 256;
+
+/// The session's side of the write queue: bounded in frames and in bytes.
+#[derive(Debug, Clone)]
+struct WriteQueue {
+    tx: mpsc::Sender<Queued>,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// A queued frame with its share of the byte budget, given back once it is written.
+#[derive(Debug)]
+struct Queued {
+    env: Envelope,
+    _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl WriteQueue {
+    fn new() -> (WriteQueue, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES));
+        (WriteQueue { tx, budget }, rx)
+    }
+
+    /// Queue `env`, waiting for room; false when the write task is gone.
+    async fn send(&self, env: Envelope) -> bool {
+        let cost = env
+            .json_b64
+            .len()
+            .saturating_add(128) // type, tag and framing
+            .min(WRITE_QUEUE_BYTES);
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        let Ok(permit) = self.budget.clone().acquire_many_owned(cost).await else {
+            return false;
+        };
+        self.tx
+            .send(Queued {
+                env,
+                _budget: permit,
+            })
+            .await
+            .is_ok()
+    }
+}
 
 /// What a session needs besides the dispatcher.
 #[derive(Debug, Clone)]
@@ -458,10 +507,10 @@ fn is_final_reply(env: &Envelope) -> bool {
 /// (after closing the stream) or with the error that ends the session.
 async fn write_loop(
     mut writer: Writer,
-    mut rx: mpsc::Receiver<Envelope>,
+    mut rx: mpsc::Receiver<Queued>,
     within: Duration,
 ) -> Result<(), FrameError> {
-    while let Some(env) = rx.recv().await {
+    while let Some(Queued { env, _budget }) = rx.recv().await {
         match write_within(&mut writer, &env, within).await {
             Ok(()) => {}
             Err(FrameError::Encode(EncodeError::TooLarge { len, max })) => {
@@ -512,7 +561,7 @@ struct WriteSide {
 }
 
 impl WriteSide {
-    fn spawn(writer: Writer, rx: mpsc::Receiver<Envelope>, within: Duration) -> WriteSide {
+    fn spawn(writer: Writer, rx: mpsc::Receiver<Queued>, within: Duration) -> WriteSide {
         WriteSide {
             task: Some(tokio::spawn(write_loop(writer, rx, within))),
         }
@@ -579,7 +628,7 @@ async fn serve(
     ctl: &mut Control,
     interval: Duration,
 ) -> SessionEnd {
-    let (wtx, wrx) = mpsc::channel::<Envelope>(WRITE_QUEUE);
+    let (wtx, wrx) = WriteQueue::new();
     let (rtx, mut rrx) = mpsc::channel(WRITE_QUEUE);
     let mut write = WriteSide::spawn(writer, wrx, p.write_timeout);
     let read_task = AbortOnDrop(tokio::spawn(read_loop(reader, rtx)));
@@ -603,7 +652,7 @@ async fn serve(
 }
 
 async fn serve_loop(
-    wtx: &mpsc::Sender<Envelope>,
+    wtx: &WriteQueue,
     rrx: &mut mpsc::Receiver<Result<Envelope, FrameError>>,
     write: &mut WriteSide,
     link: &mut DispatchLink,
@@ -611,9 +660,10 @@ async fn serve_loop(
     interval: Duration,
     renewal: &mut Renewal,
 ) -> SessionEnd {
-    let send = |env: Envelope| async move { wtx.send(env).await.is_ok() };
+    let send = |env: Envelope| wtx.send(env);
 
-    // Resend every reply still waiting for an ACK.
+    // Resend every reply still waiting for an ACK, a page at a time (the journal may hold tens
+    // of MiB of them; only a page and the write queue's budget are in memory at once).
     let (htx, hrx) = oneshot::channel();
     if link.inbound.send(Inbound::Held(htx)).await.is_ok()
         && let Ok(Ok(held)) = tokio::time::timeout(Duration::from_secs(5), hrx).await
@@ -621,9 +671,29 @@ async fn serve_loop(
         if !held.is_empty() {
             tracing::info!(count = held.len(), "resending replies not yet acknowledged");
         }
-        for env in held {
-            if !send(env).await {
-                return write.lost().await;
+        let mut rest = &held[..];
+        while !rest.is_empty() {
+            let (ptx, prx) = oneshot::channel();
+            let page = Inbound::Replies {
+                tags: rest[..rest.len().min(RESEND_PAGE)].to_vec(),
+                max_bytes: WRITE_QUEUE_BYTES,
+                respond: ptx,
+            };
+            if link.inbound.send(page).await.is_err() {
+                return SessionEnd::Failed("dispatcher stopped".into());
+            }
+            let Ok(Ok((replies, looked))) = tokio::time::timeout(Duration::from_secs(5), prx).await
+            else {
+                tracing::warn!(
+                    "the dispatcher did not hand over replies to resend in time; the rest go after the next reconnect"
+                );
+                break;
+            };
+            rest = &rest[looked.clamp(1, rest.len())..];
+            for env in replies {
+                if !send(env).await {
+                    return write.lost().await;
+                }
             }
         }
     }

@@ -315,3 +315,26 @@ async fn deadline_runs_from_acceptance_not_from_start() {
             .contains("before the instruction started")
     );
 }
+
+/// Replies awaiting ACK are handed to a new session in pages (issue 10, finding 7: a control
+/// plane that never ACKs drove the agent's memory far past the journal's bound, because every
+/// held reply was copied at once on each reconnect). Pages of any size give the same replies in
+/// the same order, skip acknowledged ones, and a page holds one reply past its byte bound at most.
+#[tokio::test]
+async fn held_replies_come_in_pages_in_order() {
+    let mut h = Harness::new(catalog_with_sleeper(), cfg(64, 8));
+    let mut sent = Vec::new();
+    for _ in 0..10 {
+        let e = instr(types::RUN_COMMAND, serde_json::json!({"ms": 1}));
+        h.send(e.clone()).await;
+        sent.push(e.tag);
+        h.reply().await;
+    }
+    h.ack(sent[3]).await;
+    let all = h.held().await;
+    assert_eq!(all.len(), 9);
+    assert!(all.iter().all(|r| r.tag != sent[3]));
+    // One reply per page (a bound of one byte), and pages of about two replies.
+    assert_eq!(h.held_in_pages(1).await, all);
+    assert_eq!(h.held_in_pages(all[0].json_b64.len() + 1).await, all);
+}

@@ -172,10 +172,36 @@ impl Harness {
         }
     }
 
+    /// The replies awaiting ACK, oldest first, fetched the way a session resends them: the
+    /// tags, then pages of at most `page_bytes`.
     pub async fn held(&self) -> Vec<Envelope> {
+        self.held_in_pages(usize::MAX).await
+    }
+
+    pub async fn held_in_pages(&self, page_bytes: usize) -> Vec<Envelope> {
         let (tx, rx) = oneshot::channel();
         self.link.inbound.send(Inbound::Held(tx)).await.unwrap();
-        rx.await.unwrap()
+        let tags = rx.await.unwrap();
+        let mut out = Vec::new();
+        let mut rest = &tags[..];
+        while !rest.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            self.link
+                .inbound
+                .send(Inbound::Replies {
+                    tags: rest.to_vec(),
+                    max_bytes: page_bytes,
+                    respond: tx,
+                })
+                .await
+                .unwrap();
+            let (page, looked) = rx.await.unwrap();
+            assert!(looked >= 1 && looked <= rest.len(), "{looked}");
+            assert!(!page.is_empty() || looked == rest.len() || page_bytes == usize::MAX);
+            out.extend(page);
+            rest = &rest[looked..];
+        }
+        out
     }
 
     pub async fn pending_tags(&self) -> Vec<Tag> {
