@@ -347,18 +347,7 @@ impl Authority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| ca_err("generating a CA key", e))?;
         let now = util::now_ms();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.serial_number = Some(random_serial());
-        params.not_before = offset_time(now, BACKDATE, false)?;
+        let mut params = ca_params(common_name)?;
         params.not_after = offset_time(now, CA_VALIDITY, true)?;
         let cert = params
             .self_signed(&key)
@@ -599,6 +588,25 @@ fn pem_with_newline(pem: &str) -> String {
     s
 }
 
+/// The parameters every CA certificate of ours has (a self-signed CA, or a cross-certificate
+/// for one): the name, path length 0, the CA key usages, a random serial, valid from a moment
+/// ago; the caller sets the end.
+fn ca_params(common_name: &str) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial());
+    params.not_before = offset_time(util::now_ms(), BACKDATE, false)?;
+    Ok(params)
+}
+
 /// A cross-certificate for `subject`: its name and key, a CA like itself, signed by `issuer`,
 /// valid from now until the earlier of the two CAs' ends.
 fn cross_certify(issuer: &Authority, subject: &Authority) -> Result<String, Error> {
@@ -610,19 +618,8 @@ fn cross_certify(issuer: &Authority, subject: &Authority) -> Result<String, Erro
         .next()
         .and_then(|a| a.as_str().ok())
         .ok_or_else(|| Error::Ca("the incoming CA has no common name".into()))?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut params = ca_params(cn)?;
     params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial());
-    params.not_before = offset_time(util::now_ms(), BACKDATE, false)?;
     params.not_after = seconds_time(subject.info.not_after_ms.min(issuer.info.not_after_ms))?;
     let cert = params
         .signed_by(subject.issuer.key(), &issuer.issuer)
