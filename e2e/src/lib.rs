@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod release;
+pub mod scripted;
 
 /// How long the harness waits for anything (a process to come up, a node to connect).
 pub const DEADLINE: Duration = Duration::from_secs(30);

@@ -13,9 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use runos_e2e::scripted::Pki;
 use runos_e2e::{Agent, DEADLINE, describe};
 use runos_protocol::control::{HeartbeatReply, Hello, Welcome, types as ct};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
@@ -33,43 +31,9 @@ const REPLIES_WITHIN: Duration = Duration::from_secs(90);
 
 type Srv = tokio_rustls::server::TlsStream<TcpStream>;
 
-/// A CA, a server certificate for 127.0.0.1 and a certificate for [`NODE`].
-struct Pki {
-    ca_pem: String,
-    server_cert_pem: String,
-    server_key_pem: String,
-    node_cert_pem: String,
-    node_key_pem: String,
-}
-
+/// A throwaway PKI for [`NODE`].
 fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "hostile test CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let node_key = KeyPair::generate().unwrap();
-    let mut node_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    node_params.subject_alt_names = vec![SanType::URI(
-        format!("runos://node/{NODE}").try_into().unwrap(),
-    )];
-    let node_cert = node_params.signed_by(&node_key, &issuer).unwrap();
-    Pki {
-        ca_pem: ca_cert.pem(),
-        server_cert_pem: server_cert.pem(),
-        server_key_pem: server_key.serialize_pem(),
-        node_cert_pem: node_cert.pem(),
-        node_key_pem: node_key.serialize_pem(),
-    }
+    Pki::new(NODE)
 }
 
 fn now_ms() -> u64 {
@@ -121,13 +85,7 @@ impl ScriptedCp {
     }
 
     async fn start_with(pki: &Pki, rcvbuf: Option<u32>) -> ScriptedCp {
-        let cfg = runos_transport::tls::server_config(
-            runos_transport::pem::certificates(pki.server_cert_pem.as_bytes()).unwrap(),
-            runos_transport::pem::private_key(pki.server_key_pem.as_bytes()).unwrap(),
-            runos_protocol::ALPN_L2SEC,
-            Some(&runos_transport::pem::certificates(pki.ca_pem.as_bytes()).unwrap()),
-        )
-        .unwrap();
+        let cfg = pki.server_config();
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         if let Some(n) = rcvbuf {
             socket.set_recv_buffer_size(n).unwrap();
@@ -269,10 +227,7 @@ struct Node {
 fn start_agent(pki: &Pki, port: u16, extra_agent: &str) -> Node {
     let tmp = tempfile::tempdir().unwrap();
     let mut agent = Agent::for_ports(tmp.path(), 1, port, extra_agent);
-    let etc = tmp.path().join("etc");
-    std::fs::write(etc.join("node.key"), &pki.node_key_pem).unwrap();
-    std::fs::write(etc.join("node.crt"), &pki.node_cert_pem).unwrap();
-    std::fs::write(etc.join("ca.pem"), &pki.ca_pem).unwrap();
+    pki.install(&agent);
     agent.start();
     Node { agent, _tmp: tmp }
 }

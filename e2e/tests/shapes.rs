@@ -10,9 +10,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use runos_e2e::Agent;
+use runos_e2e::scripted::Pki;
 use runos_protocol::control::{Welcome, types};
 use runos_protocol::{Envelope, ErrorPayload, MessageType, Tag};
-use runos_transport::{FrameReader, pem, tls};
+use runos_transport::FrameReader;
 use serde_json::json;
 use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,40 +23,6 @@ type Reader = FrameReader<ReadHalf<TlsStream<TcpStream>>>;
 type Writer = WriteHalf<TlsStream<TcpStream>>;
 
 const STEP: Duration = Duration::from_secs(30);
-
-struct Pki {
-    ca_pem: String,
-    server_cert: String,
-    server_key: String,
-    node_cert: String,
-    node_key: String,
-}
-
-fn pki(node: &str) -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let node_key = rcgen::KeyPair::generate().unwrap();
-    let mut node_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    node_params.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("runos://node/{node}").try_into().unwrap(),
-    )];
-    let node_cert = node_params.signed_by(&node_key, &issuer).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        server_cert: server.pem(),
-        server_key: server_key.serialize_pem(),
-        node_cert: node_cert.pem(),
-        node_key: node_key.serialize_pem(),
-    }
-}
 
 /// Write one frame whose body is `body`, whatever it holds.
 async fn write_raw(w: &mut Writer, body: &[u8]) {
@@ -147,25 +114,14 @@ fn bad_payload(reply: &Envelope) -> ErrorPayload {
 fn shapes_the_contract_refuses_never_run() {
     let tmp = tempfile::tempdir().unwrap();
     let node = "00000000-0000-4000-8000-00000000beef";
-    let pki = pki(node);
+    let pki = Pki::new(node);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let ca = pem::certificates(pki.ca_pem.as_bytes()).unwrap();
-    let server_tls = tls::server_config(
-        pem::certificates(pki.server_cert.as_bytes()).unwrap(),
-        pem::private_key(pki.server_key.as_bytes()).unwrap(),
-        runos_protocol::ALPN_L2SEC,
-        Some(&ca),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
+    let acceptor = pki.acceptor();
 
     let mut agent = Agent::for_ports(&tmp.path().join("node"), 1, port, "");
-    let etc = agent.dir.join("etc");
-    std::fs::write(etc.join("ca.pem"), &pki.ca_pem).unwrap();
-    std::fs::write(etc.join("node.crt"), &pki.node_cert).unwrap();
-    std::fs::write(etc.join("node.key"), &pki.node_key).unwrap();
+    pki.install(&agent);
     agent.start();
 
     let marker = tmp.path().join("ran");
