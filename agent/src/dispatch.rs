@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 
 use crate::audit::AuditLog;
 use crate::catalog::{Catalog, ExecCtx, Job};
-use crate::journal::{Journal, JournalError, Lookup, payload_sha256};
+use runos_journal::{Journal, JournalError, Lookup, payload_sha256};
 
 mod cancel;
 // `runos journal`: Inbound::Journal (see `journal_query.rs`).
@@ -80,7 +80,7 @@ pub enum Inbound {
     /// `runos journal`: recent journal entries, or one tag's (see `journal_query.rs`).
     Journal(
         journal_query::JournalQuery,
-        oneshot::Sender<Vec<crate::journal::EntryView>>,
+        oneshot::Sender<Vec<runos_journal::EntryView>>,
     ),
 }
 
@@ -97,7 +97,7 @@ pub struct DispatchLink {
 }
 
 /// Start the dispatcher task, owning `journal` (opened by the caller, which handled its
-/// [`crate::journal::Recovery`]). It stops when every [`Inbound`] sender is dropped.
+/// [`runos_journal::Recovery`]). It stops when every [`Inbound`] sender is dropped.
 pub fn spawn(
     catalog: Arc<Catalog>,
     cfg: DispatchConfig,
@@ -382,6 +382,20 @@ impl Dispatcher {
             Lookup::Done(reply) => {
                 tracing::info!(%tag, r#type = %kind, "already answered; resending the stored reply");
                 self.send(reply).await;
+                return;
+            }
+            Lookup::Discarded(d) => {
+                tracing::info!(%tag, r#type = %kind, "already answered with a secret reply, since discarded; answered reply_discarded");
+                self.send(error_reply(
+                    tag,
+                    ErrorCode::ReplyDiscarded,
+                    format!(
+                        "this instruction was answered ({}, sha256 {}) and acknowledged; its reply was secret and has been discarded, and the instruction is not run again (send it with a new tag to run it again)",
+                        d.error_code.as_deref().unwrap_or(&d.reply_type),
+                        d.reply_sha256
+                    ),
+                ))
+                .await;
                 return;
             }
         }
