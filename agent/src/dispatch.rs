@@ -5,7 +5,7 @@
 //! ACKs, "resend what you hold") and reply envelopes out (final replies and `LOG` lines). The
 //! dispatcher knows instructions only through the [`Catalog`].
 //!
-//! Every instruction goes through the journal (see `journal.rs` for the contract):
+//! Every instruction goes through the journal (see the `runos_journal` crate for the contract):
 //! `lookup` first (a completed tag gets its stored reply again, a queued or running one nothing),
 //! then `accepted`, `started` (on disk before the executor starts), `finished` (on disk before
 //! the reply is sent) and `acked`. Immediate answers (`unknown_type`, `unsupported`, a bad

@@ -1,12 +1,20 @@
-//! The durable instruction journal: what the agent accepted, started and answered, kept on disk
-//! so that a crash, restart or reboot neither runs an instruction twice nor loses its reply.
+//! The durable instruction journal of the runos agent: what the agent accepted, started and
+//! answered, kept on disk so that a crash, restart or reboot neither runs an instruction twice
+//! nor loses its reply.
+//!
+//! The crate knows envelopes and tags (`runos-protocol`) but no instruction catalog: what it
+//! must know of instruction types (which are safe to re-run, which have secret replies) is a
+//! [`Policy`] its user passes to [`Journal::open`]. The agent derives it from the protocol
+//! crate's catalog.
 //!
 //! # Contract (for the dispatcher)
 //!
 //! For each instruction the dispatcher calls, in this order:
 //!
 //! 1. [`Journal::lookup`]: [`Lookup::New`] → go on; [`Lookup::InProgress`] → do nothing (the one
-//!    reply goes out when it finishes); [`Lookup::Done`] → send that stored reply again, run nothing.
+//!    reply goes out when it finishes); [`Lookup::Done`] → send that stored reply again, run
+//!    nothing; [`Lookup::Discarded`] → answer `ERROR` `reply_discarded`, run nothing (see
+//!    "Secret replies").
 //! 2. [`Journal::accepted`] with the payload's sha256 ([`payload_sha256`]), never the payload.
 //!    [`JournalError::Full`] maps to `ERROR` `busy`. When the dispatcher then refuses the
 //!    instruction without starting it (`shutting_down`), it calls [`Journal::forget`].
@@ -38,7 +46,10 @@
 //! - `{"rec":"accepted","tag":…,"type":…,"payloadSha256":…,"atMs":…}`: queued;
 //! - `{"rec":"started","tag":…,"atMs":…,"pgid":…}`: the executor is about to start;
 //! - `{"rec":"finished","tag":…,"atMs":…,"reply":<envelope>,"durationMs":…}`: the final reply;
-//! - `{"rec":"acked","tag":…,"atMs":…}`: the control plane stored the reply.
+//! - `{"rec":"acked","tag":…,"atMs":…}`: the control plane stored the reply;
+//! - `{"rec":"discarded","tag":…,"atMs":…,"reply":{"replyType":…,"errorCode":…,"replySha256":…},"durationMs":…}`:
+//!   stands in for the `finished` record of a secret reply once it is acknowledged (written only
+//!   by a rewrite, see "Secret replies").
 //!
 //! An `accepted` record always starts a fresh entry for its tag: it is only written when the tag
 //! was unknown, so an earlier entry with that tag was forgotten (never started, safe to re-run,
@@ -50,7 +61,8 @@
 //! state fits in memory (it is bounded by [`Limits`]), and the recovery rules (a torn tail is
 //! cut, everything before it kept) are a few dozen lines we can test exhaustively.
 //!
-//! The checksum is CRC-32C, table driven, written here (no new dependency). It guards against
+//! The checksum is CRC-32C, from the `crc32c` crate (the same values as the table-driven code of
+//! earlier versions, so their files open unchanged; see the tests). It guards against
 //! torn and partially flushed writes and bit rot, not against an attacker (who could rewrite the
 //! checksum as easily as the body; the file is root-only). A cryptographic hash would cost more
 //! for no gain in that threat model.
@@ -76,7 +88,7 @@
 //!
 //! Then, for entries the previous run left unfinished:
 //!
-//! - running, and not declared safe to re-run in the protocol catalog: a `finished` record with
+//! - running, and not safe to re-run ([`Policy::safe_to_rerun`]): a `finished` record with
 //!   `ERROR` `interrupted` is appended; the reply goes out through the outbox. Never re-run
 //!   silently.
 //! - running and safe to re-run, or queued (never started): forgotten, so that a redelivery runs
@@ -104,8 +116,39 @@
 //!
 //! The journal stores the sha256 of an instruction's payload, never the payload
 //! ([`Journal::accepted`] refuses anything but 64 hex digits). It stores reply envelopes, which
-//! executors already keep free of payload secrets. Errors name the file and the failed operation; they never
-//! contain a payload or a reply.
+//! executors keep free of payload secrets, except the replies of types whose reply is the
+//! secret ([`Policy::secret_reply`]; see below). Errors name the file and the failed
+//! operation; they never contain a payload or a reply.
+//!
+//! # Secret replies
+//!
+//! A reply of a secret type (a join token and certificate key, a script's output) is kept
+//! whole while it may have to be resent, that is until the control plane acknowledges it.
+//! [`Journal::acked`] then replaces it by a [`Discarded`] (reply type, error code, sha256 of the
+//! payload), in memory and in the file, `ERROR` replies included (a tool's error output may
+//! hold anything):
+//!
+//! - The `acked` record of a secret reply is not appended: the ACK is recorded by a rewrite of
+//!   the whole file (as a compaction: temporary file, `fsync`, rename, directory `fsync`) in
+//!   which the entry's `finished` record is replaced by a `discarded` record. The ACK becomes
+//!   durable in the same rename that removes the reply from the journal: a crash before it
+//!   leaves the old file, where the reply is not acknowledged (it is resent after the next
+//!   `WELCOME` and acknowledged again, a duplicate for the control plane); a crash after it,
+//!   the new file, which holds no byte of the reply. `acked` returns once the rename is done.
+//! - When that rewrite fails (a full disk, an I/O error), the `acked` record is appended to
+//!   the old file instead, the reply is discarded in memory at once, and the rewrite is retried
+//!   after every later write. Until one succeeds the file still holds the reply.
+//! - [`Journal::open`] discards every acknowledged secret reply it finds whole (a crash
+//!   between such a failed rewrite and its retry, or a type that became secret in a newer
+//!   version) and rewrites the file before it returns.
+//! - What a discarded reply looks up as: [`Lookup::Discarded`] (answer `reply_discarded`), or
+//!   [`Lookup::New`] when the type is safe to re-run (a redelivery runs it again; its
+//!   `accepted` replaces the entry).
+//!
+//! The cost is one rewrite of the live journal per acknowledged secret reply, so only types
+//! whose reply is the secret itself are marked secret. What the rename leaves behind is the
+//! old file's blocks, freed but not overwritten: recovering them takes raw access to the disk
+//! as root; encrypted storage is the defence against that.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -2289,7 +2332,7 @@ mod tests {
     }
 
     /// The cost of one synced append (`started` or `finished`), printed for the report:
-    /// `cargo test -p runos-agent journal::tests::synced_append_cost -- --nocapture`.
+    /// `cargo test -p runos-journal --lib tests::synced_append_cost -- --nocapture`.
     #[test]
     fn synced_append_cost() {
         let d = tempfile::tempdir().unwrap();
