@@ -1528,7 +1528,10 @@ impl Journal {
     }
 
     /// Record the control plane's ACK of the reply `tag`. False (nothing written) when no
-    /// reply awaits an ACK for it: unknown, not finished, or already acknowledged. Not synced.
+    /// reply awaits an ACK for it: unknown, not finished, or already acknowledged. Not synced,
+    /// except for a secret reply ([`Policy::secret_reply`]): that one is discarded and the ACK
+    /// recorded by a synced rewrite of the file, done when this returns (see "Secret replies"
+    /// in the crate documentation).
     pub fn acked(&mut self, tag: Tag) -> Result<bool, JournalError> {
         if self.entries.get(&tag).map(Entry::state) != Some(EntryState::Finished) {
             return Ok(false);
