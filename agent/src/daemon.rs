@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use runos_journal::Journal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -23,7 +24,6 @@ use crate::exit::Exit;
 use crate::logging::LogHandle;
 use crate::session::{self, Control, SessionEnd, SessionParams};
 use crate::{identity, lock, notify};
-use runos_journal::Journal;
 
 /// A daemon that could not start.
 #[derive(Debug, thiserror::Error)]

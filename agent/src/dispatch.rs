@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use runos_journal::{Journal, JournalError, Lookup, payload_sha256};
 use runos_protocol::control::{self, is_control_type};
 use runos_protocol::instructions::is_instruction_type;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
@@ -30,7 +31,6 @@ use tracing::Instrument as _;
 
 use crate::audit::AuditLog;
 use crate::catalog::{Catalog, ExecCtx, Job};
-use runos_journal::{Journal, JournalError, Lookup, payload_sha256};
 
 mod cancel;
 // `runos journal`: Inbound::Journal (see `journal_query.rs`).
