@@ -336,8 +336,12 @@ mod tests {
         let cfg = crate::config::load(Path::new("/nonexistent/runos.toml"))
             .unwrap()
             .0;
-        let (journal, _) =
-            crate::journal::Journal::open(&dir.path().join("state"), Default::default()).unwrap();
+        let (journal, _) = runos_journal::Journal::open(
+            &dir.path().join("state"),
+            Default::default(),
+            crate::daemon::JOURNAL_POLICY,
+        )
+        .unwrap();
         let (link, _join) = dispatch::spawn(
             Arc::new(Catalog::standard()),
             DispatchConfig::from_settings(&cfg.agent),

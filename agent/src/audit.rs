@@ -55,7 +55,7 @@ use runos_protocol::control::types::ERROR;
 use runos_protocol::{Envelope, ErrorPayload};
 use serde::Serialize;
 
-use crate::journal::EntryView;
+use runos_journal::EntryView;
 
 /// The audit log's file name in the state directory.
 pub const FILE: &str = "audit.jsonl";
@@ -414,7 +414,7 @@ mod tests {
                     tag,
                     kind: "RUN_COMMAND".into(),
                     payload_sha256: "cd".repeat(32),
-                    state: crate::journal::EntryState::Finished,
+                    state: runos_journal::EntryState::Finished,
                     accepted_ms: 1_700_000_000_000 + i as u64,
                     started_ms: None,
                     finished_ms: Some(1_700_000_000_000 + i as u64),

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use runos_journal::Journal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -20,7 +21,6 @@ use crate::catalog::Catalog;
 use crate::config::{self, Config};
 use crate::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
 use crate::exit::Exit;
-use crate::journal::{self, Journal};
 use crate::logging::LogHandle;
 use crate::session::{self, Control, SessionEnd, SessionParams};
 use crate::{identity, lock, notify};
@@ -297,11 +297,11 @@ fn open_journal(
             "agent.journal_fsync = false: the journal is not synced to disk; a power loss or a crash of the machine may lose or repeat instructions (for benchmarks only)"
         );
     }
-    let limits = journal::Limits {
+    let limits = runos_journal::Limits {
         sync: fsync,
-        ..journal::Limits::default()
+        ..runos_journal::Limits::default()
     };
-    let (journal, rec) = Journal::open(state_dir, limits).map_err(|e| {
+    let (journal, rec) = Journal::open(state_dir, limits, JOURNAL_POLICY).map_err(|e| {
         fail(
             Exit::Failure,
             format!("cannot open the instruction journal: {e}"),
@@ -324,9 +324,20 @@ fn open_journal(
     Ok((journal, audit))
 }
 
+/// What the journal learns of instruction types, from the protocol crate's catalog: which are
+/// safe to re-run and which have secret replies.
+pub const JOURNAL_POLICY: runos_journal::Policy = runos_journal::Policy {
+    safe_to_rerun: runos_protocol::instructions::safe_to_rerun,
+    secret_reply: runos_protocol::instructions::secret_reply,
+};
+
 /// The journal's final replies with their entries, newest first, as many as the audit log's
-/// recovery looks at.
-fn answered_newest_first(journal: &Journal) -> Vec<(journal::EntryView, runos_protocol::Envelope)> {
+/// recovery looks at. A secret reply discarded after its ACK has no body left and is skipped:
+/// it needs no line written back (its line was written before it was sent, and a crash before
+/// that line leaves the reply unacknowledged, hence whole, at the next start).
+fn answered_newest_first(
+    journal: &Journal,
+) -> Vec<(runos_journal::EntryView, runos_protocol::Envelope)> {
     let mut views: Vec<_> = journal
         .recent(usize::MAX)
         .into_iter()
@@ -337,7 +348,7 @@ fn answered_newest_first(journal: &Journal) -> Vec<(journal::EntryView, runos_pr
         .into_iter()
         .take(crate::audit::BACKFILL_MAX)
         .filter_map(|v| match journal.lookup(&v.tag) {
-            journal::Lookup::Done(reply) => Some((v, reply)),
+            runos_journal::Lookup::Done(reply) => Some((v, reply)),
             _ => None,
         })
         .collect()

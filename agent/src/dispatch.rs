@@ -5,7 +5,7 @@
 //! ACKs, "resend what you hold") and reply envelopes out (final replies and `LOG` lines). The
 //! dispatcher knows instructions only through the [`Catalog`].
 //!
-//! Every instruction goes through the journal (see `journal.rs` for the contract):
+//! Every instruction goes through the journal (see the `runos_journal` crate for the contract):
 //! `lookup` first (a completed tag gets its stored reply again, a queued or running one nothing),
 //! then `accepted`, `started` (on disk before the executor starts), `finished` (on disk before
 //! the reply is sent) and `acked`. Immediate answers (`unknown_type`, `unsupported`, a bad
@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use runos_journal::{Journal, JournalError, Lookup, payload_sha256};
 use runos_protocol::control::{self, is_control_type};
 use runos_protocol::instructions::is_instruction_type;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
@@ -30,7 +31,6 @@ use tracing::Instrument as _;
 
 use crate::audit::AuditLog;
 use crate::catalog::{Catalog, ExecCtx, Job};
-use crate::journal::{Journal, JournalError, Lookup, payload_sha256};
 
 mod cancel;
 // `runos journal`: Inbound::Journal (see `journal_query.rs`).
@@ -92,7 +92,7 @@ pub enum Inbound {
     /// `runos journal`: recent journal entries, or one tag's (see `journal_query.rs`).
     Journal(
         journal_query::JournalQuery,
-        oneshot::Sender<Vec<crate::journal::EntryView>>,
+        oneshot::Sender<Vec<runos_journal::EntryView>>,
     ),
 }
 
@@ -109,7 +109,7 @@ pub struct DispatchLink {
 }
 
 /// Start the dispatcher task, owning `journal` (opened by the caller, which handled its
-/// [`crate::journal::Recovery`]). It stops when every [`Inbound`] sender is dropped.
+/// [`runos_journal::Recovery`]). It stops when every [`Inbound`] sender is dropped.
 pub fn spawn(
     catalog: Arc<Catalog>,
     cfg: DispatchConfig,
@@ -418,6 +418,20 @@ impl Dispatcher {
             Lookup::Done(reply) => {
                 tracing::info!(%tag, r#type = %kind, "already answered; resending the stored reply");
                 self.send(reply).await;
+                return;
+            }
+            Lookup::Discarded(d) => {
+                tracing::info!(%tag, r#type = %kind, "already answered with a secret reply, since discarded; answered reply_discarded");
+                self.send(error_reply(
+                    tag,
+                    ErrorCode::ReplyDiscarded,
+                    format!(
+                        "this instruction was answered ({}, sha256 {}) and acknowledged; its reply was secret and has been discarded, and the instruction is not run again (send it with a new tag to run it again)",
+                        d.error_code.as_deref().unwrap_or(&d.reply_type),
+                        d.reply_sha256
+                    ),
+                ))
+                .await;
                 return;
             }
         }

@@ -39,7 +39,6 @@ pub mod exec;
 pub mod exit;
 pub mod fsutil;
 pub mod identity;
-pub mod journal;
 pub mod journal_cmd;
 pub mod lock;
 pub mod logging;

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::dispatch::{Harness, catalog_with_sleeper, cfg, code, instr};
 use runos_agent::catalog::Catalog;
+use runos_agent::daemon::JOURNAL_POLICY;
 use runos_agent::dispatch::{self, Inbound};
-use runos_agent::journal::{Journal, Limits};
+use runos_journal::{Journal, Limits};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, ErrorCode, MessageType, Tag};
@@ -217,7 +218,7 @@ async fn audit_lines_and_journal_queries() {
     use runos_agent::dispatch::journal_query::JournalQuery;
 
     let dir = tempfile::tempdir().unwrap();
-    let (journal, _) = Journal::open(dir.path(), Limits::default()).unwrap();
+    let (journal, _) = Journal::open(dir.path(), Limits::default(), JOURNAL_POLICY).unwrap();
     let (shutdown, rx) = watch::channel(false);
     let (link, join) = dispatch::spawn_with_audit(
         Arc::new(catalog_with_sleeper()),
@@ -264,10 +265,7 @@ async fn audit_lines_and_journal_queries() {
     assert_eq!(l["outcome"], ctypes::NO_CONTENT);
     assert_eq!(l["type"], types::RUN_COMMAND);
     assert!(l["durationMs"].as_u64().is_some(), "{l}");
-    assert_eq!(
-        l["payloadSha256"],
-        runos_agent::journal::payload_sha256(&run)
-    );
+    assert_eq!(l["payloadSha256"], runos_journal::payload_sha256(&run));
 
     let query = |tag: Option<Tag>, limit: usize| {
         let tx = h.link.inbound.clone();

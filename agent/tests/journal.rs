@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::dispatch::{Harness, catalog_with_run_command, cfg, code, instr};
 use runos_agent::catalog::{Catalog, ExecFn};
-use runos_agent::journal::{self, Journal, Limits, Lookup};
+use runos_agent::daemon::JOURNAL_POLICY;
+use runos_journal::{self as journal, Journal, Limits, Lookup};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, ErrorCode, MessageType, Tag};
@@ -131,7 +132,7 @@ async fn started_but_not_finished_before_a_crash_is_interrupted_and_never_rerun(
     let queued = run_command(0);
     {
         // The previous run: accepted and started, then the crash (no `finished`).
-        let (mut j, _) = Journal::open(dir.path(), Limits::default()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), Limits::default(), JOURNAL_POLICY).unwrap();
         j.accepted(e.tag, types::RUN_COMMAND, &journal::payload_sha256(&e))
             .unwrap();
         j.started(e.tag, None).unwrap();
@@ -202,7 +203,7 @@ async fn queued_tags_refused_at_shutdown_are_forgotten() {
     a.stop().await;
 
     // The next run knows nothing of it: the redelivery runs it.
-    let (j, rec) = Journal::open(dir.path(), Limits::default()).unwrap();
+    let (j, rec) = Journal::open(dir.path(), Limits::default(), JOURNAL_POLICY).unwrap();
     assert_eq!(j.lookup(&queued.tag), Lookup::New);
     assert!(matches!(j.lookup(&running.tag), Lookup::Done(_)));
     // (`forget` writes nothing: the file still says "accepted", which an open forgets too.)
@@ -233,5 +234,171 @@ async fn a_full_journal_answers_busy_and_runs_nothing() {
     assert_eq!(r.tag, second.tag);
     assert!(r.is(ctypes::NO_CONTENT));
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+    a.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secret replies (the catalog's `secret_reply`): discarded from the journal once acknowledged.
+
+const SECRET: &str = "kubeadm-t0ken.s3cr3tvalue0123-CERTKEY-7f3a9c";
+
+/// An executor for `kind` that counts its runs and answers `reply_kind` with [`SECRET`] in it.
+fn secret_catalog(runs: Arc<AtomicUsize>) -> Catalog {
+    let mut c = Catalog::standard();
+    for (kind, reply_kind) in [
+        (types::GET_CLUSTER_JOIN_CMD, types::CLUSTER_JOIN_CMD),
+        (types::RUN_REMOTE_SCRIPT, types::RUN_REMOTE_SCRIPT_RESPONSE),
+    ] {
+        let runs = runs.clone();
+        let exec: ExecFn = Arc::new(move |ctx, _env: Envelope| {
+            let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                Ok(Envelope::with_type(
+                    reply_kind,
+                    ctx.tag,
+                    &serde_json::json!({ "joinCmd": format!("kubeadm join --token {SECRET}"), "run": n }),
+                ))
+            })
+        });
+        c.register_raw(kind, Duration::from_secs(30), Duration::from_secs(60), exec);
+    }
+    c
+}
+
+/// Whether the journal file holds the secret, as is or inside base64 (at any alignment).
+fn journal_holds_secret(dir: &std::path::Path) -> bool {
+    use base64::Engine as _;
+    let bytes = std::fs::read(dir.join(journal::LOG_FILE)).unwrap();
+    let mut forms = vec![SECRET.as_bytes().to_vec()];
+    for k in 0..3 {
+        let part = &SECRET.as_bytes()[k..];
+        let part = &part[..part.len() / 3 * 3];
+        forms.push(
+            base64::engine::general_purpose::STANDARD
+                .encode(part)
+                .into_bytes(),
+        );
+    }
+    forms
+        .iter()
+        .any(|f| bytes.windows(f.len()).any(|w| w == f.as_slice()))
+}
+
+fn join_cmd() -> Envelope {
+    instr(
+        types::GET_CLUSTER_JOIN_CMD,
+        serde_json::json!({ "asCp": true }),
+    )
+}
+
+fn remote_script() -> Envelope {
+    instr(
+        types::RUN_REMOTE_SCRIPT,
+        serde_json::json!({ "script": "join.sh", "params": {}, "runInBackground": false }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_reply_is_discarded_after_its_ack_and_a_redelivery_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (mut a, _) = Harness::start(
+        dir.path(),
+        secret_catalog(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
+    let script = remote_script();
+    a.send(script.clone()).await;
+    let first = a.reply().await;
+    assert!(first.is(types::RUN_REMOTE_SCRIPT_RESPONSE));
+    // Until the ACK the reply is kept whole (it may have to be resent) ...
+    assert!(journal_holds_secret(dir.path()));
+    a.send(script.clone()).await;
+    assert_eq!(a.reply().await, first);
+    a.ack(script.tag).await;
+    // ... and once the ACK is handled (the next message is answered after it), it is gone.
+    assert!(a.held().await.is_empty());
+    assert!(!journal_holds_secret(dir.path()));
+    // A redelivery: `reply_discarded`, nothing run.
+    a.send(script.clone()).await;
+    let r = a.reply().await;
+    assert_eq!((r.tag, code(&r)), (script.tag, ErrorCode::ReplyDiscarded));
+    let message = common::dispatch::error(&r).message;
+    assert!(message.contains("RUN_REMOTE_SCRIPT_RESPONSE"), "{message}");
+    assert!(!message.contains(SECRET));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Not journaled: nothing awaits an ACK.
+    assert!(a.pending_tags().await.is_empty());
+
+    // GET_CLUSTER_JOIN_CMD is safe to re-run: a redelivery after the discard runs it afresh.
+    let join = join_cmd();
+    a.send(join.clone()).await;
+    let r1 = a.reply().await;
+    a.ack(join.tag).await;
+    assert!(a.held().await.is_empty());
+    assert!(!journal_holds_secret(dir.path()));
+    a.send(join.clone()).await;
+    let r2 = a.reply().await;
+    assert!(r2.is(types::CLUSTER_JOIN_CMD));
+    assert_ne!(r2, r1, "a fresh run");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    assert_eq!(a.held().await, vec![r2]);
+    a.ack(join.tag).await;
+    assert!(a.held().await.is_empty());
+    a.stop().await;
+    assert!(!journal_holds_secret(dir.path()));
+
+    // After a restart: the same answers.
+    let (mut a, rec) = Harness::start(
+        dir.path(),
+        secret_catalog(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
+    assert_eq!(rec, journal::Recovery::default());
+    a.send(script.clone()).await;
+    assert_eq!(code(&a.reply().await), ErrorCode::ReplyDiscarded);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_ack_and_the_discard_is_completed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (mut a, _) = Harness::start(
+        dir.path(),
+        secret_catalog(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
+    let script = remote_script();
+    a.send(script.clone()).await;
+    a.reply().await;
+    // The rewrite that discards the reply fails (a directory stands where its temporary file
+    // goes): the ACK is appended to the file, which keeps the reply.
+    let tmp = dir.path().join(journal::TMP_FILE);
+    std::fs::create_dir(&tmp).unwrap();
+    a.ack(script.tag).await;
+    assert!(a.held().await.is_empty());
+    assert!(journal_holds_secret(dir.path()));
+    // Discarded in memory already.
+    a.send(script.clone()).await;
+    assert_eq!(code(&a.reply().await), ErrorCode::ReplyDiscarded);
+    a.stop().await; // the "crash": the journal is dropped, nothing more is written
+    std::fs::remove_dir(&tmp).unwrap();
+    assert!(journal_holds_secret(dir.path()));
+
+    let (mut a, _) = Harness::start(
+        dir.path(),
+        secret_catalog(runs.clone()),
+        cfg(4, 1),
+        Limits::default(),
+    );
+    assert!(!journal_holds_secret(dir.path()));
+    a.send(script.clone()).await;
+    assert_eq!(code(&a.reply().await), ErrorCode::ReplyDiscarded);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
     a.stop().await;
 }

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use runos_agent::catalog::Catalog;
 use runos_agent::config::RawConfig;
+use runos_agent::daemon::JOURNAL_POLICY;
 use runos_agent::dispatch::{self, DispatchConfig};
 use runos_agent::identity;
-use runos_agent::journal::{Journal, Limits};
 use runos_agent::session::{self, Control, SessionEnd, SessionParams};
+use runos_journal::{Journal, Limits};
 use runos_protocol::control::{HeartbeatReply, Hello, Welcome, types as ct};
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, Tag};
@@ -142,7 +143,7 @@ async fn session_lifecycle() {
     let (mut link, _d) = dispatch::spawn(
         catalog.clone(),
         DispatchConfig::from_settings(&cfg.agent),
-        Journal::open(&cfg.paths.state_dir, Limits::default())
+        Journal::open(&cfg.paths.state_dir, Limits::default(), JOURNAL_POLICY)
             .unwrap()
             .0,
         Instant::now(),
@@ -312,7 +313,7 @@ async fn unreachable_server_is_connect_failed() {
     let (mut link, _d) = dispatch::spawn(
         Arc::new(Catalog::standard()),
         DispatchConfig::from_settings(&cfg.agent),
-        Journal::open(&cfg.paths.state_dir, Limits::default())
+        Journal::open(&cfg.paths.state_dir, Limits::default(), JOURNAL_POLICY)
             .unwrap()
             .0,
         Instant::now(),

@@ -43,6 +43,9 @@ pub enum ErrorCode {
     BadRequest,
     /// The node's identity has been revoked.
     Revoked,
+    /// A redelivered instruction's reply was secret and was discarded once acknowledged; the
+    /// instruction is not run again.
+    ReplyDiscarded,
     /// The receiver does not know this code.
     #[serde(other)]
     Other,
@@ -69,6 +72,7 @@ impl ErrorCode {
             ErrorCode::TokenUsed => "token_used",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Revoked => "revoked",
+            ErrorCode::ReplyDiscarded => "reply_discarded",
             ErrorCode::Other => "other",
         }
     }
@@ -123,6 +127,7 @@ mod tests {
             ErrorCode::TokenUsed,
             ErrorCode::BadRequest,
             ErrorCode::Revoked,
+            ErrorCode::ReplyDiscarded,
         ] {
             let s = serde_json::to_string(&c).unwrap();
             assert_eq!(s, format!("\"{}\"", c.as_str()));

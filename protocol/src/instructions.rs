@@ -1189,18 +1189,23 @@ pub struct CatalogEntry {
     /// once would, so a control plane may resend it after `interrupted`, `busy`,
     /// `shutting_down` or a lost session without asking an operator.
     pub safe_to_rerun: bool,
+    /// Whether its replies carry secrets (a join token, a key, output that commonly echoes the
+    /// payload's secret values): an agent keeps such a reply only until it is acknowledged
+    /// (docs/protocol.md §7.5).
+    pub secret_reply: bool,
     /// The deadline when the envelope has no `timeoutMs`, in seconds.
     pub default_timeout_secs: u64,
 }
 
 macro_rules! catalog {
-    ($($variant:ident($ty:ty) { rerun: $rerun:expr, timeout: $secs:expr $(,)? })*) => {
+    ($($variant:ident($ty:ty) { rerun: $rerun:expr, secret: $secret:expr, timeout: $secs:expr $(,)? })*) => {
         /// The instruction catalog, one entry per instruction type, in a fixed order.
         pub const CATALOG: &[CatalogEntry] = &[$(
             CatalogEntry {
                 kind: <$ty as Instruction>::TYPE,
                 reply_kind: <$ty as Instruction>::REPLY_TYPE,
                 safe_to_rerun: $rerun,
+                secret_reply: $secret,
                 default_timeout_secs: $secs,
             },
         )*];
@@ -1269,29 +1274,30 @@ macro_rules! catalog {
 }
 
 catalog! {
-    SetVpnPeers(SetVpnPeers) { rerun: true, timeout: 60 }
-    GetNodeStatus(GetNodeStatus) { rerun: true, timeout: 30 }
-    GetClusterJoinCmd(GetClusterJoinCmd) { rerun: true, timeout: 120 }
-    ApplyCr(ApplyCr) { rerun: true, timeout: 300 }
-    ApplyOperator(ApplyOperator) { rerun: true, timeout: 300 }
-    DeleteCr(DeleteCr) { rerun: true, timeout: 120 }
-    RunKubectlCommand(RunKubectlCommand) { rerun: false, timeout: 300 }
-    RunRemoteScript(RunRemoteScript) { rerun: false, timeout: 3600 }
-    InstallHelmChart(InstallHelmChart) { rerun: true, timeout: 1800 }
-    UninstallHelmChart(UninstallHelmChart) { rerun: true, timeout: 600 }
-    RunWebRequest(RunWebRequest) { rerun: false, timeout: 60 }
-    UninstallNode(UninstallNode) { rerun: false, timeout: 1800 }
-    RemoveEtcdMember(RemoveEtcdMember) { rerun: false, timeout: 300 }
-    UpdateDnsmasq(UpdateDnsmasq) { rerun: true, timeout: 60 }
-    UpgradeNodeK8s(UpgradeNodeK8s) { rerun: true, timeout: 3600 }
-    VipAssign(VipAssign) { rerun: true, timeout: 5 }
-    VipRelease(VipRelease) { rerun: true, timeout: 5 }
+    SetVpnPeers(SetVpnPeers) { rerun: true, secret: false, timeout: 60 }
+    GetNodeStatus(GetNodeStatus) { rerun: true, secret: false, timeout: 30 }
+    GetClusterJoinCmd(GetClusterJoinCmd) { rerun: true, secret: true, timeout: 120 }
+    ApplyCr(ApplyCr) { rerun: true, secret: false, timeout: 300 }
+    ApplyOperator(ApplyOperator) { rerun: true, secret: false, timeout: 300 }
+    DeleteCr(DeleteCr) { rerun: true, secret: false, timeout: 120 }
+    RunKubectlCommand(RunKubectlCommand) { rerun: false, secret: false, timeout: 300 }
+    RunRemoteScript(RunRemoteScript) { rerun: false, secret: true, timeout: 3600 }
+    InstallHelmChart(InstallHelmChart) { rerun: true, secret: false, timeout: 1800 }
+    UninstallHelmChart(UninstallHelmChart) { rerun: true, secret: false, timeout: 600 }
+    RunWebRequest(RunWebRequest) { rerun: false, secret: false, timeout: 60 }
+    UninstallNode(UninstallNode) { rerun: false, secret: false, timeout: 1800 }
+    RemoveEtcdMember(RemoveEtcdMember) { rerun: false, secret: false, timeout: 300 }
+    UpdateDnsmasq(UpdateDnsmasq) { rerun: true, secret: false, timeout: 60 }
+    UpgradeNodeK8s(UpgradeNodeK8s) { rerun: true, secret: false, timeout: 3600 }
+    VipAssign(VipAssign) { rerun: true, secret: false, timeout: 5 }
+    VipRelease(VipRelease) { rerun: true, secret: false, timeout: 5 }
     RunCommand(RunCommand) {
         rerun: false,
+        secret: false,
         timeout: run_command_limits::MAX_TIMEOUT_SECS + RUN_COMMAND_DEADLINE_GRACE_SECS,
     }
-    Cancel(Cancel) { rerun: true, timeout: 10 }
-    UpdateAgent(UpdateAgent) { rerun: true, timeout: 900 }
+    Cancel(Cancel) { rerun: true, secret: false, timeout: 10 }
+    UpdateAgent(UpdateAgent) { rerun: true, secret: false, timeout: 900 }
 }
 
 /// For `RUN_COMMAND` without `timeoutMs`, the instruction's deadline is the payload's
@@ -1306,6 +1312,17 @@ const DEFAULT_DEADLINE_SECS: u64 = 60;
 /// The catalog entry of `kind`.
 pub fn catalog_entry(kind: &str) -> Option<&'static CatalogEntry> {
     CATALOG.iter().find(|e| e.kind == kind)
+}
+
+/// Whether the catalog marks `kind` safe to re-run (false for types not in the catalog).
+pub fn safe_to_rerun(kind: &str) -> bool {
+    catalog_entry(kind).is_some_and(|e| e.safe_to_rerun)
+}
+
+/// Whether the catalog marks the replies of `kind` secret (false for types not in the catalog:
+/// they are answered `unknown_type`, which carries nothing secret).
+pub fn secret_reply(kind: &str) -> bool {
+    catalog_entry(kind).is_some_and(|e| e.secret_reply)
 }
 
 /// The success reply type of the instruction `kind`.
@@ -1474,6 +1491,14 @@ mod tests {
         assert!(!is_instruction_type("HEARTBEAT"));
         assert!(catalog_entry("GET_NODE_STATUS").unwrap().safe_to_rerun);
         assert!(!catalog_entry("RUN_COMMAND").unwrap().safe_to_rerun);
+        let secret: Vec<&str> = CATALOG
+            .iter()
+            .filter(|e| e.secret_reply)
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(secret, ["GET_CLUSTER_JOIN_CMD", "RUN_REMOTE_SCRIPT"]);
+        assert!(secret_reply("GET_CLUSTER_JOIN_CMD") && safe_to_rerun("GET_CLUSTER_JOIN_CMD"));
+        assert!(!secret_reply("NO_SUCH") && !safe_to_rerun("NO_SUCH"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use runos_protocol::instructions::{Cancel, Instruction as _};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload};
 
 use super::{Dispatcher, error_reply};
-use crate::journal::Lookup;
+use runos_journal::Lookup;
 
 impl Dispatcher {
     /// Handle the `CANCEL` instruction `env` (already past dedup and the shutdown check).
@@ -74,7 +74,10 @@ impl Dispatcher {
                 format!("cancelled by CANCEL {tag}; its processes were killed"),
             ))
             .await;
-        } else if matches!(self.journal.lookup(&target), Lookup::Done(_)) {
+        } else if matches!(
+            self.journal.lookup(&target),
+            Lookup::Done(_) | Lookup::Discarded(_)
+        ) {
             tracing::info!(%tag, cancel_target = %target, "CANCEL: already finished; nothing to do");
         } else {
             tracing::info!(

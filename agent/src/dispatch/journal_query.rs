@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::Dispatcher;
 use crate::audit::Record;
-use crate::journal::EntryView;
+use runos_journal::EntryView;
 
 /// Default number of entries `runos journal` shows.
 pub const DEFAULT_LIMIT: usize = 50;
@@ -74,7 +74,7 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::EntryState;
+    use runos_journal::EntryState;
 
     #[test]
     fn json_shape() {

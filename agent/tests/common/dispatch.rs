@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runos_agent::catalog::{Catalog, ExecFn};
+use runos_agent::daemon::JOURNAL_POLICY;
 use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
-use runos_agent::journal::{self, Journal, Limits};
+use runos_journal::{self as journal, Journal, Limits};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
@@ -101,7 +102,7 @@ impl Harness {
         cfg: DispatchConfig,
         limits: Limits,
     ) -> (Self, journal::Recovery) {
-        let (j, rec) = Journal::open(dir, limits).unwrap();
+        let (j, rec) = Journal::open(dir, limits, JOURNAL_POLICY).unwrap();
         let (shutdown, rx) = watch::channel(false);
         let (link, join) = dispatch::spawn(Arc::new(catalog), cfg, j, Instant::now(), rx);
         (Self::from_spawned(link, join, shutdown), rec)

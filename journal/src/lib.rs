@@ -1,12 +1,20 @@
-//! The durable instruction journal: what the agent accepted, started and answered, kept on disk
-//! so that a crash, restart or reboot neither runs an instruction twice nor loses its reply.
+//! The durable instruction journal of the runos agent: what the agent accepted, started and
+//! answered, kept on disk so that a crash, restart or reboot neither runs an instruction twice
+//! nor loses its reply.
+//!
+//! The crate knows envelopes and tags (`runos-protocol`) but no instruction catalog: what it
+//! must know of instruction types (which are safe to re-run, which have secret replies) is a
+//! [`Policy`] its user passes to [`Journal::open`]. The agent derives it from the protocol
+//! crate's catalog.
 //!
 //! # Contract (for the dispatcher)
 //!
 //! For each instruction the dispatcher calls, in this order:
 //!
 //! 1. [`Journal::lookup`]: [`Lookup::New`] → go on; [`Lookup::InProgress`] → do nothing (the one
-//!    reply goes out when it finishes); [`Lookup::Done`] → send that stored reply again, run nothing.
+//!    reply goes out when it finishes); [`Lookup::Done`] → send that stored reply again, run
+//!    nothing; [`Lookup::Discarded`] → answer `ERROR` `reply_discarded`, run nothing (see
+//!    "Secret replies").
 //! 2. [`Journal::accepted`] with the payload's sha256 ([`payload_sha256`]), never the payload.
 //!    [`JournalError::Full`] maps to `ERROR` `busy`. When the dispatcher then refuses the
 //!    instruction without starting it (`shutting_down`), it calls [`Journal::forget`].
@@ -38,7 +46,10 @@
 //! - `{"rec":"accepted","tag":…,"type":…,"payloadSha256":…,"atMs":…}`: queued;
 //! - `{"rec":"started","tag":…,"atMs":…,"pgid":…}`: the executor is about to start;
 //! - `{"rec":"finished","tag":…,"atMs":…,"reply":<envelope>,"durationMs":…}`: the final reply;
-//! - `{"rec":"acked","tag":…,"atMs":…}`: the control plane stored the reply.
+//! - `{"rec":"acked","tag":…,"atMs":…}`: the control plane stored the reply;
+//! - `{"rec":"discarded","tag":…,"atMs":…,"reply":{"replyType":…,"errorCode":…,"replySha256":…},"durationMs":…}`:
+//!   stands in for the `finished` record of a secret reply once it is acknowledged (written only
+//!   by a rewrite, see "Secret replies").
 //!
 //! An `accepted` record always starts a fresh entry for its tag: it is only written when the tag
 //! was unknown, so an earlier entry with that tag was forgotten (never started, safe to re-run,
@@ -50,7 +61,8 @@
 //! state fits in memory (it is bounded by [`Limits`]), and the recovery rules (a torn tail is
 //! cut, everything before it kept) are a few dozen lines we can test exhaustively.
 //!
-//! The checksum is CRC-32C, table driven, written here (no new dependency). It guards against
+//! The checksum is CRC-32C, from the `crc32c` crate (the same values as the table-driven code of
+//! earlier versions, so their files open unchanged; see the tests). It guards against
 //! torn and partially flushed writes and bit rot, not against an attacker (who could rewrite the
 //! checksum as easily as the body; the file is root-only). A cryptographic hash would cost more
 //! for no gain in that threat model.
@@ -76,7 +88,7 @@
 //!
 //! Then, for entries the previous run left unfinished:
 //!
-//! - running, and not declared safe to re-run in the protocol catalog: a `finished` record with
+//! - running, and not safe to re-run ([`Policy::safe_to_rerun`]): a `finished` record with
 //!   `ERROR` `interrupted` is appended; the reply goes out through the outbox. Never re-run
 //!   silently.
 //! - running and safe to re-run, or queued (never started): forgotten, so that a redelivery runs
@@ -104,15 +116,46 @@
 //!
 //! The journal stores the sha256 of an instruction's payload, never the payload
 //! ([`Journal::accepted`] refuses anything but 64 hex digits). It stores reply envelopes, which
-//! executors already keep free of payload secrets. Errors name the file and the failed operation; they never
-//! contain a payload or a reply.
+//! executors keep free of payload secrets, except the replies of types whose reply is the
+//! secret ([`Policy::secret_reply`]; see below). Errors name the file and the failed
+//! operation; they never contain a payload or a reply.
+//!
+//! # Secret replies
+//!
+//! A reply of a secret type (a join token and certificate key, a script's output) is kept
+//! whole while it may have to be resent, that is until the control plane acknowledges it.
+//! [`Journal::acked`] then replaces it by a [`Discarded`] (reply type, error code, sha256 of the
+//! payload), in memory and in the file, `ERROR` replies included (a tool's error output may
+//! hold anything):
+//!
+//! - The `acked` record of a secret reply is not appended: the ACK is recorded by a rewrite of
+//!   the whole file (as a compaction: temporary file, `fsync`, rename, directory `fsync`) in
+//!   which the entry's `finished` record is replaced by a `discarded` record. The ACK becomes
+//!   durable in the same rename that removes the reply from the journal: a crash before it
+//!   leaves the old file, where the reply is not acknowledged (it is resent after the next
+//!   `WELCOME` and acknowledged again, a duplicate for the control plane); a crash after it,
+//!   the new file, which holds no byte of the reply. `acked` returns once the rename is done.
+//! - When that rewrite fails (a full disk, an I/O error), the `acked` record is appended to
+//!   the old file instead, the reply is discarded in memory at once, and the rewrite is retried
+//!   after every later write. Until one succeeds the file still holds the reply.
+//! - [`Journal::open`] discards every acknowledged secret reply it finds whole (a crash
+//!   between such a failed rewrite and its retry, or a type that became secret in a newer
+//!   version) and rewrites the file before it returns.
+//! - What a discarded reply looks up as: [`Lookup::Discarded`] (answer `reply_discarded`), or
+//!   [`Lookup::New`] when the type is safe to re-run (a redelivery runs it again; its
+//!   `accepted` replaces the entry).
+//!
+//! The cost is one rewrite of the live journal per acknowledged secret reply, so only types
+//! whose reply is the secret itself are marked secret. What the rename leaves behind is the
+//! old file's blocks, freed but not overwritten: recovering them takes raw access to the disk
+//! as root; encrypted storage is the defence against that.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,6 +205,51 @@ impl Default for Limits {
             sync: true,
         }
     }
+}
+
+/// What the journal must know of instruction types, passed in by its user (the agent derives it
+/// from the protocol crate's catalog): the journal itself knows no catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Whether an instruction of this type may run again under the same tag: one the previous
+    /// run left running is forgotten at open (a redelivery runs it) instead of being answered
+    /// `interrupted`, and a redelivery of one whose secret reply was discarded runs it again
+    /// instead of being answered `reply_discarded`.
+    pub safe_to_rerun: fn(&str) -> bool,
+    /// Whether the replies to this type carry secrets: once acknowledged, such a reply is
+    /// replaced by its sha256, in memory and in the file (see the crate documentation).
+    pub secret_reply: fn(&str) -> bool,
+}
+
+/// What the journal keeps of a secret reply once it is acknowledged: no byte of its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Discarded {
+    /// The reply's type.
+    pub reply_type: String,
+    /// Its error code, when it was an `ERROR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// sha256 (hex) of its payload, as [`payload_sha256`] computes it for an envelope.
+    pub reply_sha256: String,
+}
+
+impl Discarded {
+    fn of(reply: &Envelope) -> Discarded {
+        Discarded {
+            reply_type: reply.kind.to_string(),
+            error_code: error_code_of(reply),
+            reply_sha256: payload_sha256(reply),
+        }
+    }
+}
+
+/// The error code of `reply` when it is an `ERROR`.
+fn error_code_of(reply: &Envelope) -> Option<String> {
+    Some(reply)
+        .filter(|r| r.is(ERROR))
+        .and_then(|r| r.payload::<ErrorPayload>().ok())
+        .map(|p| p.code.as_str().to_string())
 }
 
 /// A source of wall-clock time in milliseconds since the Unix epoch (injected by tests).
@@ -292,6 +380,11 @@ pub enum Lookup {
     InProgress,
     /// Answered: send this reply again, run nothing.
     Done(Envelope),
+    /// Answered with a secret reply that was acknowledged and then discarded (only its type,
+    /// error code and digest are left), for a type not safe to re-run: answer `ERROR`
+    /// `reply_discarded`, run nothing. (A discarded reply of a type safe to re-run looks up as
+    /// [`Lookup::New`]: the redelivery runs again.)
+    Discarded(Discarded),
 }
 
 /// The state of an entry, for views.
@@ -434,11 +527,12 @@ impl Recovery {
 /// decoded payload bytes, or of the `jsonB64` text itself when that is not valid base64.
 pub fn payload_sha256(env: &Envelope) -> String {
     use base64::Engine as _;
-    // `der_sha256` is a plain sha256 of bytes, in hex (the agent has no direct sha2 dependency).
-    match base64::engine::general_purpose::STANDARD.decode(env.json_b64.as_bytes()) {
-        Ok(bytes) => runos_transport::pem::der_sha256(&bytes),
-        Err(_) => runos_transport::pem::der_sha256(env.json_b64.as_bytes()),
-    }
+    use sha2::Digest as _;
+    let digest = match base64::engine::general_purpose::STANDARD.decode(env.json_b64.as_bytes()) {
+        Ok(bytes) => sha2::Sha256::digest(&bytes),
+        Err(_) => sha2::Sha256::digest(env.json_b64.as_bytes()),
+    };
+    hex::encode(digest)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,6 +565,14 @@ enum Record<'a> {
         tag: Tag,
         at_ms: u64,
     },
+    /// Stands in for `finished` once a secret reply is acknowledged (written only by a rewrite).
+    Discarded {
+        tag: Tag,
+        at_ms: u64,
+        reply: Discarded,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+    },
 }
 
 impl Record<'_> {
@@ -479,7 +581,8 @@ impl Record<'_> {
             Record::Accepted { tag, .. }
             | Record::Started { tag, .. }
             | Record::Finished { tag, .. }
-            | Record::Acked { tag, .. } => *tag,
+            | Record::Acked { tag, .. }
+            | Record::Discarded { tag, .. } => *tag,
         }
     }
 
@@ -489,38 +592,15 @@ impl Record<'_> {
             Record::Started { .. } => "started",
             Record::Finished { .. } => "finished",
             Record::Acked { .. } => "acked",
+            Record::Discarded { .. } => "discarded",
         }
     }
 }
 
-const CRC32C_TABLE: [u32; 256] = {
-    // Reflected Castagnoli polynomial.
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
-/// CRC-32C (Castagnoli), as in iSCSI, ext4 and SCTP.
+/// CRC-32C (Castagnoli), as in iSCSI, ext4 and SCTP: the `crc32c` crate (hardware-accelerated
+/// where the CPU has it), the same values the hand-written table of earlier versions produced.
 fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c = CRC32C_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
+    crc32c::crc32c(data)
 }
 
 /// Why a frame was refused at replay.
@@ -553,11 +633,29 @@ struct Entry {
     started: Option<Mark>,
     pgid: Option<i32>,
     finished: Option<Mark>,
-    reply: Option<Envelope>,
+    reply: Option<Reply>,
     duration_ms: Option<u64>,
     acked: Option<Mark>,
     /// Bytes of this entry's frames in the file.
     bytes: u64,
+}
+
+/// A stored final reply.
+#[derive(Debug)]
+enum Reply {
+    /// The whole envelope.
+    Full(Envelope),
+    /// A secret reply, acknowledged: its body is gone.
+    Discarded(Discarded),
+}
+
+impl Reply {
+    fn full(&self) -> Option<&Envelope> {
+        match self {
+            Reply::Full(env) => Some(env),
+            Reply::Discarded(_) => None,
+        }
+    }
 }
 
 impl Entry {
@@ -574,12 +672,11 @@ impl Entry {
     }
 
     fn view(&self, tag: Tag) -> EntryView {
-        let error_code = self
-            .reply
-            .as_ref()
-            .filter(|r| r.is(ERROR))
-            .and_then(|r| r.payload::<ErrorPayload>().ok())
-            .map(|p| p.code.as_str().to_string());
+        let (reply_type, error_code) = match &self.reply {
+            None => (None, None),
+            Some(Reply::Full(r)) => (Some(r.kind.to_string()), error_code_of(r)),
+            Some(Reply::Discarded(d)) => (Some(d.reply_type.clone()), d.error_code.clone()),
+        };
         EntryView {
             tag,
             kind: self.kind.clone(),
@@ -591,7 +688,7 @@ impl Entry {
             acked_ms: self.acked.map(|m| m.ms),
             duration_ms: self.duration_ms,
             pgid: self.pgid,
-            reply_type: self.reply.as_ref().map(|r| r.kind.to_string()),
+            reply_type,
             error_code,
         }
     }
@@ -617,8 +714,8 @@ impl Entry {
                 },
             ));
         }
-        if let (Some(m), Some(reply)) = (self.finished, &self.reply) {
-            out.push((
+        match (self.finished, &self.reply) {
+            (Some(m), Some(Reply::Full(reply))) => out.push((
                 m.seq,
                 Record::Finished {
                     tag,
@@ -626,7 +723,17 @@ impl Entry {
                     reply: Cow::Borrowed(reply),
                     duration_ms: self.duration_ms,
                 },
-            ));
+            )),
+            (Some(m), Some(Reply::Discarded(d))) => out.push((
+                m.seq,
+                Record::Discarded {
+                    tag,
+                    at_ms: m.ms,
+                    reply: d.clone(),
+                    duration_ms: self.duration_ms,
+                },
+            )),
+            _ => {}
         }
         if let Some(m) = self.acked {
             out.push((m.seq, Record::Acked { tag, at_ms: m.ms }));
@@ -644,6 +751,7 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     limits: Limits,
+    policy: Policy,
     clock: Arc<dyn Clock>,
     entries: HashMap<Tag, Entry>,
     /// Acknowledged entries by the sequence number of their ACK (oldest first).
@@ -655,6 +763,9 @@ pub struct Journal {
     syncs: u64,
     compactions: u64,
     poisoned: bool,
+    /// Acknowledged secret replies were discarded in memory but the file still holds them: the
+    /// next write (or open) rewrites it.
+    scrub_pending: bool,
 }
 
 impl fmt::Debug for Journal {
@@ -666,6 +777,7 @@ impl fmt::Debug for Journal {
             .field("file_len", &self.file_len)
             .field("limits", &self.limits)
             .field("poisoned", &self.poisoned)
+            .field("scrub_pending", &self.scrub_pending)
             .finish_non_exhaustive()
     }
 }
@@ -673,22 +785,29 @@ impl fmt::Debug for Journal {
 impl Journal {
     /// Open (or create) the journal in `dir`, replay it and recover what the previous run left
     /// unfinished (see the module documentation). Never panics on a damaged file.
-    pub fn open(dir: &Path, limits: Limits) -> Result<(Journal, Recovery), JournalError> {
-        Self::open_with_clock(dir, limits, Arc::new(SystemClock))
+    pub fn open(
+        dir: &Path,
+        limits: Limits,
+        policy: Policy,
+    ) -> Result<(Journal, Recovery), JournalError> {
+        Self::open_with_clock(dir, limits, policy, Arc::new(SystemClock))
     }
 
     /// [`Journal::open`] with a clock of the caller's choice.
     pub fn open_with_clock(
         dir: &Path,
         limits: Limits,
+        policy: Policy,
         clock: Arc<dyn Clock>,
     ) -> Result<(Journal, Recovery), JournalError> {
         let path = dir.join(LOG_FILE);
-        crate::fsutil::ensure_dir(dir, 0o700).map_err(|e| JournalError::Io {
-            action: "create the directory",
-            path: dir.to_path_buf(),
-            source: e.source,
-        })?;
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err("create the directory", dir))?;
+        }
         let existed = path.exists();
         let mut file = OpenOptions::new()
             .read(true)
@@ -716,6 +835,7 @@ impl Journal {
             path: path.clone(),
             file: file.try_clone().map_err(io_err("open", &path))?,
             limits,
+            policy,
             clock,
             entries: HashMap::new(),
             acked_order: BTreeMap::new(),
@@ -726,6 +846,7 @@ impl Journal {
             syncs: 0,
             compactions: 0,
             poisoned: false,
+            scrub_pending: false,
         };
         let mut recovery = Recovery {
             truncated: j.replay(&mut file)?,
@@ -850,9 +971,7 @@ impl Journal {
                 kind: e.kind.clone(),
                 pgid: e.pgid,
             };
-            let safe = runos_protocol::instructions::catalog_entry(&e.kind)
-                .is_some_and(|c| c.safe_to_rerun);
-            if safe {
+            if (self.policy.safe_to_rerun)(&e.kind) {
                 tracing::warn!(%tag, r#type = %cut.kind, "instruction cut short by the agent's stop; safe to re-run, forgotten");
                 self.drop_entry(&tag);
                 rec.rerunnable.push(cut);
@@ -868,14 +987,37 @@ impl Journal {
                 rec.interrupted.push(cut);
             }
         }
+        // Acknowledged secret replies still in full: the previous run stopped between an ACK
+        // and the rewrite that discards the reply (or that rewrite failed, or the type was
+        // not secret for the version that wrote the file). Discarded now, before anything else.
+        let secret_acked: Vec<Tag> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.acked.is_some() && (self.policy.secret_reply)(&e.kind))
+            .filter(|(_, e)| matches!(e.reply, Some(Reply::Full(_))))
+            .map(|(t, _)| *t)
+            .collect();
+        if !secret_acked.is_empty() {
+            tracing::warn!(
+                count = secret_acked.len(),
+                "journal holds acknowledged secret replies (the previous run stopped before discarding them); discarding them now"
+            );
+        }
+        for tag in secret_acked {
+            self.discard(tag);
+        }
         let now = self.clock.now_ms();
         rec.expired = self.evict(now, 0);
-        if forgot || rec.expired > 0 || self.wants_compaction() {
+        if forgot || rec.expired > 0 || self.scrub_pending || self.wants_compaction() {
             // Forgotten entries must not come back at the next open (their process groups
             // would be reported again); a failure here is not fatal, the state in memory is
-            // right and the next compaction retries.
+            // right and the next write retries.
             if let Err(e) = self.rewrite() {
-                tracing::warn!(error = %e, "journal compaction at open failed");
+                if self.scrub_pending {
+                    tracing::error!(error = %e, "journal rewrite at open failed: acknowledged secret replies stay in the file until a rewrite succeeds (retried at every write)");
+                } else {
+                    tracing::warn!(error = %e, "journal compaction at open failed");
+                }
             }
         }
         Ok(())
@@ -929,7 +1071,24 @@ impl Journal {
                         return false;
                     }
                     e.finished = Some(Mark { ms: at_ms, seq });
-                    e.reply = reply.take().map(Cow::into_owned);
+                    e.reply = reply.take().map(|r| Reply::Full(r.into_owned()));
+                    e.duration_ms = duration_ms;
+                    true
+                })
+            }
+            Record::Discarded {
+                at_ms,
+                reply,
+                duration_ms,
+                ..
+            } => {
+                let mut reply = Some(reply);
+                self.update(tag, |e| {
+                    if !matches!(e.state(), EntryState::Queued | EntryState::Running) {
+                        return false;
+                    }
+                    e.finished = Some(Mark { ms: at_ms, seq });
+                    e.reply = reply.take().map(Reply::Discarded);
                     e.duration_ms = duration_ms;
                     true
                 })
@@ -1025,7 +1184,7 @@ impl Journal {
     fn maintain(&mut self) {
         let now = self.clock.now_ms();
         self.evict(now, 0);
-        if self.wants_compaction() {
+        if self.scrub_pending || self.wants_compaction() {
             if let Err(e) = self.rewrite() {
                 tracing::warn!(error = %e, "journal compaction failed; retried later");
             }
@@ -1063,7 +1222,20 @@ impl Journal {
             });
         }
         let frame = Self::encode(record.tag(), &self.path, &record)?;
-        if let Err(e) = self.file.write_all(&frame) {
+        self.append(&frame, sync)?;
+        let applied = self.apply(record, frame.len() as u64);
+        debug_assert!(applied, "the caller checked the state");
+        Ok(())
+    }
+
+    /// Append one encoded frame (synced when asked and [`Limits::sync`]).
+    fn append(&mut self, frame: &[u8], sync: bool) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        if let Err(e) = self.file.write_all(frame) {
             // Cut a partial frame off, or later records would sit behind a torn one.
             if self.file.set_len(self.file_len).is_err() {
                 self.poisoned = true;
@@ -1080,8 +1252,52 @@ impl Journal {
             self.syncs += 1;
         }
         self.file_len += frame.len() as u64;
-        let applied = self.apply(record, frame.len() as u64);
+        Ok(())
+    }
+
+    /// Replace the acknowledged reply of `tag` by what [`Discarded`] keeps of it, in memory;
+    /// the file is rewritten by the caller (or the next write, or the next open).
+    fn discard(&mut self, tag: Tag) {
+        let changed = self.update(tag, |e| match &e.reply {
+            Some(Reply::Full(env)) => {
+                e.reply = Some(Reply::Discarded(Discarded::of(env)));
+                true
+            }
+            _ => false,
+        });
+        self.scrub_pending |= changed;
+    }
+
+    /// Record the ACK of the secret reply of `tag`. The ACK reaches the disk only inside a
+    /// rewrite of the file that no longer holds the reply: a crash before the rename leaves
+    /// the old file, where the reply is not acknowledged (it is resent and acknowledged
+    /// again), a crash after it the new one, where the reply is gone. Only when that rewrite
+    /// fails is the `acked` record appended to the old file, and the rewrite retried at every
+    /// later write and at the next open.
+    fn acked_secret(&mut self, record: Record<'_>) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        let tag = record.tag();
+        let frame = Self::encode(tag, &self.path, &record)?;
+        let applied = self.apply(record, 0);
         debug_assert!(applied, "the caller checked the state");
+        self.discard(tag);
+        let Err(e) = self.rewrite() else {
+            return Ok(());
+        };
+        tracing::error!(
+            %tag,
+            error = %e,
+            "cannot rewrite the journal without the acknowledged secret reply; it stays in the file until a rewrite succeeds (retried at every write and at the next open)"
+        );
+        self.append(&frame, false)?;
+        self.update(tag, |e| {
+            e.bytes += frame.len() as u64;
+            true
+        });
         Ok(())
     }
 
@@ -1105,6 +1321,7 @@ impl Journal {
                     });
                 }
                 self.compactions += 1;
+                self.scrub_pending = false;
                 Ok(())
             }
             Err(e) => {
@@ -1188,7 +1405,9 @@ impl Journal {
         match self.entries.get(tag) {
             None => Lookup::New,
             Some(e) => match &e.reply {
-                Some(reply) => Lookup::Done(reply.clone()),
+                Some(Reply::Full(reply)) => Lookup::Done(reply.clone()),
+                Some(Reply::Discarded(_)) if (self.policy.safe_to_rerun)(&e.kind) => Lookup::New,
+                Some(Reply::Discarded(d)) => Lookup::Discarded(d.clone()),
                 None => Lookup::InProgress,
             },
         }
@@ -1210,7 +1429,9 @@ impl Journal {
                 path: self.path.clone(),
             });
         }
-        if self.entries.contains_key(&tag) {
+        // An entry whose secret reply was discarded and whose type is safe to re-run looks up
+        // as new: its `accepted` replaces it (as at replay).
+        if self.lookup(&tag) != Lookup::New {
             return Err(JournalError::AlreadyRecorded {
                 path: self.path.clone(),
                 tag,
@@ -1307,13 +1528,25 @@ impl Journal {
     }
 
     /// Record the control plane's ACK of the reply `tag`. False (nothing written) when no
-    /// reply awaits an ACK for it: unknown, not finished, or already acknowledged. Not synced.
+    /// reply awaits an ACK for it: unknown, not finished, or already acknowledged. Not synced,
+    /// except for a secret reply ([`Policy::secret_reply`]): that one is discarded and the ACK
+    /// recorded by a synced rewrite of the file, done when this returns (see "Secret replies"
+    /// in the crate documentation).
     pub fn acked(&mut self, tag: Tag) -> Result<bool, JournalError> {
         if self.entries.get(&tag).map(Entry::state) != Some(EntryState::Finished) {
             return Ok(false);
         }
         let now = self.clock.now_ms();
-        self.write(Record::Acked { tag, at_ms: now }, false)?;
+        let record = Record::Acked { tag, at_ms: now };
+        let secret = self
+            .entries
+            .get(&tag)
+            .is_some_and(|e| (self.policy.secret_reply)(&e.kind));
+        if secret {
+            self.acked_secret(record)?;
+        } else {
+            self.write(record, false)?;
+        }
         self.maintain();
         Ok(true)
     }
@@ -1341,7 +1574,7 @@ impl Journal {
             .entries
             .iter()
             .filter(|(_, e)| e.acked.is_none())
-            .filter_map(|(t, e)| Some((e.finished?.seq, *t, e.reply.as_ref()?)))
+            .filter_map(|(t, e)| Some((e.finished?.seq, *t, e.reply.as_ref()?.full()?)))
             .collect();
         v.sort_unstable_by_key(|(seq, _, _)| *seq);
         v
@@ -1462,8 +1695,15 @@ mod tests {
         }
     }
 
+    /// The test policy: `GET_NODE_STATUS` and `GET_CLUSTER_JOIN_CMD` are safe to re-run,
+    /// `GET_CLUSTER_JOIN_CMD` and `RUN_REMOTE_SCRIPT` have secret replies.
+    const POLICY: Policy = Policy {
+        safe_to_rerun: |k| matches!(k, "GET_NODE_STATUS" | "GET_CLUSTER_JOIN_CMD"),
+        secret_reply: |k| matches!(k, "GET_CLUSTER_JOIN_CMD" | "RUN_REMOTE_SCRIPT"),
+    };
+
     fn open_with(dir: &Path, clock: &Arc<TestClock>, limits: Limits) -> (Journal, Recovery) {
-        Journal::open_with_clock(dir, limits, clock.clone()).unwrap()
+        Journal::open_with_clock(dir, limits, POLICY, clock.clone()).unwrap()
     }
 
     fn open(dir: &Path, clock: &Arc<TestClock>) -> (Journal, Recovery) {
@@ -1495,10 +1735,49 @@ mod tests {
         fs::metadata(dir.join(LOG_FILE)).unwrap().len()
     }
 
+    /// The table-driven CRC-32C of earlier versions, kept to prove the crate computes the same
+    /// values (the frames of existing journals must still check).
+    fn table_crc32c(data: &[u8]) -> u32 {
+        let mut table = [0u32; 256];
+        for (i, t) in table.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+            }
+            *t = c;
+        }
+        let mut c = !0u32;
+        for &b in data {
+            c = table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+        }
+        !c
+    }
+
     #[test]
-    fn crc32c_check_value() {
+    fn crc32c_check_value_and_the_old_table_agree() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(b""), 0);
+        // Every length up to 1 KiB (the crate switches code paths by length and alignment),
+        // over pseudo-random bytes, at every start offset modulo 8.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let data: Vec<u8> = (0..1100)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for start in 0..8 {
+            for len in 0..1024 {
+                let d = &data[start..start + len];
+                assert_eq!(crc32c(d), table_crc32c(d), "start {start} len {len}");
+            }
+        }
     }
 
     #[test]
@@ -2056,7 +2335,7 @@ mod tests {
     }
 
     /// The cost of one synced append (`started` or `finished`), printed for the report:
-    /// `cargo test -p runos-agent journal::tests::synced_append_cost -- --nocapture`.
+    /// `cargo test -p runos-journal --lib tests::synced_append_cost -- --nocapture`.
     #[test]
     fn synced_append_cost() {
         let d = tempfile::tempdir().unwrap();
