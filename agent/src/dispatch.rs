@@ -362,7 +362,7 @@ impl Dispatcher {
                     let awaiting = self
                         .journal
                         .get(tag)
-                        .is_some_and(|v| v.state == crate::journal::EntryState::Finished);
+                        .is_some_and(|v| v.state == runos_journal::EntryState::Finished);
                     if awaiting && let Lookup::Done(reply) = self.journal.lookup(tag) {
                         bytes = bytes.saturating_add(reply.json_b64.len());
                         page.push(reply);
