@@ -415,6 +415,7 @@ async fn leftover_runs_of_a_killed_agent_are_ended_at_the_next_start() {
     std::mem::forget(run);
     let reaped = leftover::reap(registry.path());
     assert_eq!(reaped.cgroups.len(), 1, "{reaped:?}");
+    assert_eq!(reaped.groups.len(), 1, "{reaped:?}");
     let gone = wait_until(Duration::from_secs(10), || pids_with(&m).is_empty()).await;
     kill_all(&m);
     assert!(gone, "the leftover survived the reap");

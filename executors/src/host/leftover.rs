@@ -92,23 +92,26 @@ pub fn reap(dir: &Path) -> Reaped {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let mut lines = text.lines();
         let recorded = lines.next().and_then(|t| t.trim().parse::<u64>().ok());
+        // The leader still running under another start time means the pid was reused. Decided
+        // before the cgroup is killed, whose members then leave the group.
+        let group = match (pgid, recorded) {
+            (Some(pgid), Some(recorded)) if pgid > 1 => {
+                let reused = start_time(pgid).is_some_and(|t| t != recorded);
+                (!reused && group_alive(pgid))
+                    .then(|| Pid::from_raw(pgid))
+                    .flatten()
+            }
+            _ => None,
+        };
         if let Some(cg) = lines.next().and_then(|l| RunCgroup::existing(l.into())) {
             cg.kill();
             cg.remove(Duration::from_secs(5));
             reaped.cgroups.push(cg.dir().to_path_buf());
         }
-        if let (Some(pgid), Some(recorded)) = (pgid, recorded)
-            && pgid > 1
-        {
-            // The leader still running under another start time means the pid was reused.
-            let reused = start_time(pgid).is_some_and(|t| t != recorded);
-            if !reused
-                && group_alive(pgid)
-                && let Some(pg) = Pid::from_raw(pgid)
-                && kill_process_group(pg, Signal::KILL).is_ok()
-            {
-                reaped.groups.push(pgid);
-            }
+        if let Some(pg) = group {
+            // Members outside the cgroup (none, unless it had none): their group still dies.
+            let _ = kill_process_group(pg, Signal::KILL);
+            reaped.groups.push(pg.as_raw_nonzero().get());
         }
         let _ = std::fs::remove_file(&path);
     }
