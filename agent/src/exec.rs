@@ -32,8 +32,9 @@ pub async fn node_status(ctx: ExecCtx, _req: GetNodeStatus) -> Result<NodeStatus
 /// protocol crate's rules when the dispatcher received it ([`crate::catalog::Catalog::register`]);
 /// nothing is checked again here.
 pub fn run_command_spec(req: RunCommand) -> runner::Spec {
-    let mut spec = runner::Spec::new(req.argv.clone());
-    spec.timeout = Duration::from_secs(req.effective_timeout_secs());
+    let timeout = Duration::from_secs(req.effective_timeout_secs());
+    let mut spec = runner::Spec::new(req.argv);
+    spec.timeout = timeout;
     spec.env = req.env;
     spec.cwd = PathBuf::from(req.cwd.as_deref().unwrap_or("/"));
     spec.stdin = req.stdin.map(String::into_bytes);
