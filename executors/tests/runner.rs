@@ -426,3 +426,23 @@ async fn leftover_runs_of_a_killed_agent_are_ended_at_the_next_start() {
     assert!(!reaped.cgroups[0].exists(), "the cgroup was not removed");
     assert_eq!(std::fs::read_dir(registry.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn empty_cgroups_of_gone_agents_are_removed_at_start() {
+    let Some(runner) = cgroup_runner(None) else {
+        return;
+    };
+    let root = runner.cgroup_root().unwrap().to_path_buf();
+    // No live process has a pid this high (pid_max is at most 2^22).
+    let stale = root.join("runos-run-99999999-0");
+    let _ = std::fs::create_dir(&stale);
+    let mine = root.join(format!("runos-run-{}-999999", std::process::id()));
+    std::fs::create_dir(&mine).unwrap();
+    let _again = cgroup_runner(None).unwrap();
+    let removed = !stale.exists();
+    let kept = mine.exists();
+    let _ = std::fs::remove_dir(&stale);
+    let _ = std::fs::remove_dir(&mine);
+    assert!(removed, "the stale cgroup was kept");
+    assert!(kept, "a live agent's cgroup was removed");
+}

@@ -97,6 +97,28 @@ impl CgroupRoot {
         &self.dir
     }
 
+    /// Remove the empty run cgroups of agents that are gone (`runos-run-<pid>-*` whose pid is
+    /// not a live process): what a crash left behind when its registry was lost. Only empty
+    /// cgroups can be removed, so this never ends a process. Returns how many were removed.
+    pub fn remove_stale(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .take(10_000)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(RUN_PREFIX))
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            })
+            .filter(|e| std::fs::remove_dir(e.path()).is_ok())
+            .count()
+    }
+
     /// A new, empty run cgroup.
     pub fn create(&self) -> io::Result<RunCgroup> {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);

@@ -430,6 +430,9 @@ impl Runner {
                 })
                 .ok(),
         };
+        if let Some(root) = &cgroup {
+            root.remove_stale();
+        }
         Runner {
             inner: Arc::new(Inner {
                 search_path: cfg.search_path.unwrap_or_else(agent_path),
