@@ -95,12 +95,14 @@ pub async fn run(
             None
         }
     };
-    runos_executors::host::runner::Runner::install_shared(
+    let runner =
         runos_executors::host::runner::Runner::new(runos_executors::host::runner::RunnerConfig {
             registry,
             ..Default::default()
-        }),
-    );
+        });
+    if !runos_executors::host::runner::Runner::install_shared(runner) {
+        tracing::debug!("the process runner was already set up in this process");
+    }
     let signal_err = |e: std::io::Error| {
         fail(
             Exit::Failure,

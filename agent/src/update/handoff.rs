@@ -71,7 +71,8 @@ pub fn handoff_argv(
         .collect()
 }
 
-/// Run `argv` with a timeout, process-group kill and capped output; `Err` says why it failed.
+/// Run `argv` through the process runner (its own process group and cgroup, SIGTERM then
+/// SIGKILL at the timeout, capped output); `Err` says why it failed.
 fn run(argv: Vec<String>, timeout: Duration, rt: &tokio::runtime::Handle) -> Result<(), String> {
     let shown = argv.join(" ");
     let mut spec = Spec::new(argv);

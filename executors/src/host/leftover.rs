@@ -57,6 +57,11 @@ pub(crate) struct Record {
 }
 
 impl Record {
+    /// No record.
+    pub(crate) fn none() -> Self {
+        Record { path: None }
+    }
+
     /// Record the run led by `pgid` (with its cgroup) in `registry`; a run that cannot be
     /// recorded is still run (it would only not be reaped after a crash).
     pub(crate) fn write(registry: Option<&Path>, pgid: i32, cgroup: Option<&RunCgroup>) -> Self {

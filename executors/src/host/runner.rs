@@ -590,8 +590,9 @@ impl Runner {
                     grace_ms = spec.grace.as_millis() as u64,
                     "ending {name}: SIGTERM to its tree"
                 );
+                let grace_end = Instant::now() + spec.grace;
                 guard.signal(Signal::TERM);
-                let status = match tokio::time::timeout(spec.grace, child.wait()).await {
+                let status = match tokio::time::timeout_at(grace_end, child.wait()).await {
                     Ok(status) => status,
                     Err(_) => {
                         tracing::info!("{name} outlived its grace: SIGKILL to its tree");
@@ -600,7 +601,7 @@ impl Runner {
                     }
                 };
                 // The rest of the tree gets what is left of the grace to follow the leader.
-                guard.wait_empty(Instant::now() + spec.grace).await;
+                guard.wait_empty(grace_end).await;
                 (status.map_err(SpawnError::Wait)?, why)
             }
         };
@@ -698,17 +699,26 @@ impl Runner {
         if status.success() {
             return Ok(());
         }
-        let tail = std::fs::read(log)
+        let tail = read_tail(log, 64 * 1024)
             .map(|b| {
-                let text = String::from_utf8_lossy(&b[b.len().saturating_sub(64 * 1024)..])
-                    .trim()
-                    .to_string();
+                let text = String::from_utf8_lossy(&b).trim().to_string();
                 let skip = text.chars().count().saturating_sub(300);
                 text.chars().skip(skip).collect()
             })
             .unwrap_or_default();
         Err(DetachedError::Failed { status, tail })
     }
+}
+
+/// The last `cap` bytes of the file at `path`.
+fn read_tail(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(cap)))?;
+    let mut buf = Vec::new();
+    f.take(cap).read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 /// Ends a run's tree: its process group and its cgroup. Dropped unfinished (the run's future
@@ -727,7 +737,7 @@ impl TreeGuard {
             .and_then(Pid::from_raw);
         let record = match pgid {
             Some(pg) => Record::write(registry, pg.as_raw_nonzero().get(), cgroup.as_ref()),
-            None => Record::write(None, 0, None),
+            None => Record::none(),
         };
         TreeGuard {
             pgid,
@@ -791,7 +801,7 @@ impl Drop for TreeGuard {
     fn drop(&mut self) {
         self.kill();
         if let Some(cg) = self.cgroup.take() {
-            let mut record = std::mem::replace(&mut self.record, Record::write(None, 0, None));
+            let mut record = std::mem::replace(&mut self.record, Record::none());
             // Removing the cgroup waits for it to empty: not here, in an async context.
             std::thread::spawn(move || {
                 if cg.remove(CGROUP_EMPTY_WAIT) {
