@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use runos_executors::host::runner::{self, Runner};
 use runos_protocol::control::LogLevel;
 use runos_protocol::instructions::{
     GetNodeStatus, NodeStatus, Output, RunCommand, RunCommandResponse, run_command_limits as lim,
@@ -12,8 +13,6 @@ use runos_protocol::peertext::PeerText;
 use runos_protocol::{ErrorCode, ErrorPayload};
 
 use crate::catalog::ExecCtx;
-use runos_executors::host::runner::{self, Runner};
-
 use crate::sysinfo;
 
 /// `GET_NODE_STATUS`.
