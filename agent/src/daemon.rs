@@ -73,16 +73,35 @@ pub async fn run(
     // Process groups of instructions that a crash (kill -9) of the previous run cut short:
     // kill them now, before anything new runs. Only the lock holder does this.
     let groups = cfg.paths.run_dir.join("groups");
-    for pgid in crate::process::reap_leftover_groups(&groups) {
+    let reaped = runos_executors::host::leftover::reap(&groups);
+    for pgid in reaped.groups {
         tracing::warn!(
             pgid,
             "killed the leftover process group of an instruction that a crash of the previous run cut short"
         );
     }
-    if let Err(e) = crate::process::set_group_registry(groups) {
+    for cgroup in reaped.cgroups {
         tracing::warn!(
-            "cannot record process groups ({e}); after a crash, instruction processes would not be killed at the next start"
+            cgroup = %cgroup.display(),
+            "killed and removed the leftover cgroup of an instruction that a crash of the previous run cut short"
         );
+    }
+    let registry = match crate::fsutil::ensure_dir(&groups, 0o700) {
+        Ok(()) => Some(groups),
+        Err(e) => {
+            tracing::warn!(
+                "cannot record running commands ({e}); after a crash, instruction processes would not be killed at the next start"
+            );
+            None
+        }
+    };
+    let runner =
+        runos_executors::host::runner::Runner::new(runos_executors::host::runner::RunnerConfig {
+            registry,
+            ..Default::default()
+        });
+    if !runos_executors::host::runner::Runner::install_shared(runner) {
+        tracing::debug!("the process runner was already set up in this process");
     }
     let signal_err = |e: std::io::Error| {
         fail(
@@ -283,7 +302,7 @@ pub async fn run(
 /// each (tag and type) and for a torn tail it cut.
 ///
 /// Leftover process groups of instructions the previous run left running are killed before
-/// this, from the registry in the run directory (see `process::reap_leftover_groups`).
+/// this, from the registry in the run directory (see `runos_executors::host::leftover`).
 ///
 /// Also opens the audit log (see `audit.rs`) and writes back, from the journal, the lines a
 /// crash lost: those of the `interrupted` replies just stored, and of any reply whose line a

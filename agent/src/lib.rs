@@ -11,7 +11,7 @@
 //!    └─ daemon ── session (TLS, HELLO/WELCOME, heartbeat)     daemon, session, net, backoff
 //!         └─ dispatcher (queue, concurrency, deadlines, dedup) dispatch, journal
 //!              └─ catalog (type name → executor entry)         catalog
-//!                   └─ executors                               exec, process
+//!                   └─ executors                               exec
 //! ```
 //!
 //! What the agent refuses to do:
@@ -44,7 +44,6 @@ pub mod lock;
 pub mod logging;
 pub mod net;
 pub mod notify;
-pub mod process;
 pub mod register;
 pub mod renew;
 pub mod session;

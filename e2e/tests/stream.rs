@@ -46,7 +46,8 @@ fn a_command_past_its_timeout_is_killed_and_reported() {
     );
     assert_eq!(r.kind, "RUN_COMMAND_RESPONSE", "{r:?}\n{}", s.logs());
     assert_eq!(r.payload["timedOut"], json!(true));
-    assert_eq!(r.payload["signal"], json!(9));
+    // SIGTERM first (protocol.md §10): sleep ends on it, within the grace.
+    assert_eq!(r.payload["signal"], json!(15));
 }
 
 #[test]

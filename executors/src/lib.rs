@@ -6,3 +6,5 @@
 //! instruction to it with a context, and sends the reply.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+pub mod host;

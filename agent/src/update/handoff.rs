@@ -16,6 +16,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use runos_executors::host::runner::{DetachedError, Runner, Spec};
 use serde_json::{Value, json};
 
 use super::state::{self, LastUpdate, Outcome, UpdateState};
@@ -70,19 +71,15 @@ pub fn handoff_argv(
         .collect()
 }
 
-/// Run `argv` with a timeout, process-group kill and capped output; `Err` says why it failed.
+/// Run `argv` through the process runner (its own process group and cgroup, SIGTERM then
+/// SIGKILL at the timeout, capped output); `Err` says why it failed.
 fn run(argv: Vec<String>, timeout: Duration, rt: &tokio::runtime::Handle) -> Result<(), String> {
     let shown = argv.join(" ");
-    let spec = crate::process::Spec {
-        argv,
-        env: Default::default(),
-        cwd: "/".into(),
-        stdin: None,
-        timeout,
-        output_cap: 16 * 1024,
-    };
+    let mut spec = Spec::new(argv);
+    spec.timeout = timeout;
+    spec.output_cap = 16 * 1024;
     let out = rt
-        .block_on(crate::process::run(spec))
+        .block_on(Runner::shared().run(spec))
         .map_err(|e| format!("`{shown}` could not be started: {e}"))?;
     if out.exit_code == Some(0) {
         Ok(())
@@ -90,7 +87,7 @@ fn run(argv: Vec<String>, timeout: Duration, rt: &tokio::runtime::Handle) -> Res
         Err(format!(
             "`{shown}` failed (exit {:?}{}): {}",
             out.exit_code,
-            if out.timed_out { ", timed out" } else { "" },
+            if out.timed_out() { ", timed out" } else { "" },
             String::from_utf8_lossy(&out.stderr)
                 .trim()
                 .chars()
@@ -136,74 +133,18 @@ pub fn launch(cfg: &Config, config_path: &Path, swap: &Swap) -> Result<(), Strin
     )
 }
 
-/// Run the launcher `argv` and wait (at most `timeout`) for it to exit 0. Unlike
-/// [`crate::process::run`], its process group is killed only on timeout: what the launcher
-/// detaches (a `systemd-run` unit is not our child at all; a `setsid -f` child may still be
-/// in the group for a moment after the launcher exits) must outlive it. Its output goes to
-/// `log` (0600, truncated), whose tail is in the error.
+/// Run the launcher `argv` in the runner's detached mode
+/// ([`Runner::launch_detached`]): wait (at most `timeout`) for it to exit 0, its output in
+/// `log`, whose tail is in the error.
 fn launch_detached(argv: Vec<String>, timeout: Duration, log: &Path) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    use std::os::unix::process::CommandExt as _;
     let shown = argv.join(" ");
-    let (program, args) = argv
-        .split_first()
-        .ok_or_else(|| "update.restart_command is empty".to_string())?;
-    let _ = crate::fsutil::ensure_dir(log.parent().unwrap_or_else(|| Path::new("/")), 0o700);
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(log)
-        .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let err = out
-        .try_clone()
-        .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let mut child = std::process::Command::new(program)
-        .args(args)
-        .env_clear()
-        .env("PATH", crate::process::DEFAULT_PATH)
-        .env("LANG", "C.UTF-8")
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("`{shown}` could not be started: {e}"))?;
-    let end = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                crate::process::GroupGuard::new(Some(child.id())).kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "`{shown}` did not finish within {}s",
-                    timeout.as_secs()
-                ));
-            }
-        }
-    };
-    if status.success() {
-        Ok(())
-    } else {
-        let tail = crate::fsutil::read_capped(log, 64 * 1024)
-            .map(|b| {
-                String::from_utf8_lossy(&b)
-                    .trim()
-                    .chars()
-                    .rev()
-                    .take(300)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<String>()
-            })
-            .unwrap_or_default();
-        Err(format!("`{shown}` failed ({status}): {tail}"))
-    }
+    Runner::shared()
+        .launch_detached(&argv, timeout, log)
+        .map_err(|e| match e {
+            DetachedError::EmptyArgv => "update.restart_command is empty".to_string(),
+            DetachedError::Log(e) => format!("cannot create {}: {e}", log.display()),
+            e => format!("`{shown}` {e}"),
+        })
 }
 
 /// `runos update` after a successful install: launch the hand-off when an agent runs and

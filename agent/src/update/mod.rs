@@ -392,20 +392,16 @@ fn preflight(
     if let Ok(v) = std::env::var(crate::DEBUG_VERSION_FROM_DIR_ENV) {
         env.insert(crate::DEBUG_VERSION_FROM_DIR_ENV.to_string(), v);
     }
-    let spec = crate::process::Spec {
-        argv: vec![
-            binary.display().to_string(),
-            "version".into(),
-            "--json".into(),
-        ],
-        env,
-        cwd: "/".into(),
-        stdin: None,
-        timeout: PREFLIGHT_TIMEOUT,
-        output_cap: 64 * 1024,
-    };
+    let mut spec = runos_executors::host::runner::Spec::new(vec![
+        binary.display().to_string(),
+        "version".into(),
+        "--json".into(),
+    ]);
+    spec.env = env;
+    spec.timeout = PREFLIGHT_TIMEOUT;
+    spec.output_cap = 64 * 1024;
     let out = rt
-        .block_on(crate::process::run(spec))
+        .block_on(runos_executors::host::runner::Runner::shared().run(spec))
         .map_err(|e| format!("the new binary {} does not run: {e}", binary.display()))?;
     let reported = serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .ok()
@@ -422,7 +418,7 @@ fn preflight(
             "the new binary {} does not run here (`version --json` exited {:?}{}): {}",
             binary.display(),
             out.exit_code,
-            if out.timed_out { ", timed out" } else { "" },
+            if out.timed_out() { ", timed out" } else { "" },
             String::from_utf8_lossy(&out.stderr)
                 .chars()
                 .take(300)
