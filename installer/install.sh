@@ -642,6 +642,9 @@ ExecReload=/bin/kill -HUP \$MAINPID
 # once and defeat the grace; process would leave orphans behind.)
 KillMode=mixed
 KillSignal=SIGTERM
+# The agent runs each command in a cgroup of its own below the unit's (so that a command's whole
+# tree can be ended, also children that called setsid): the unit's subtree is the agent's.
+Delegate=yes
 # Must exceed agent.shutdown_grace_secs (default 10 s) plus sending the last replies; raise it
 # in a drop-in when you raise the grace.
 TimeoutStopSec=60

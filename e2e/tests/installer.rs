@@ -402,6 +402,7 @@ fn installs_registers_reruns_idempotently_and_refuses_bad_releases() {
         "Type=notify",
         "NotifyAccess=main",
         "KillMode=mixed",
+        "Delegate=yes",
         "Restart=always",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "WantedBy=multi-user.target",
