@@ -89,7 +89,7 @@ pub fn load_all<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Vec<(PathBuf, P
             }
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|a| a.0);
     out.into_iter().map(|(_, f, p)| (f, p)).collect()
 }
 
