@@ -5,14 +5,22 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use runos_agent::catalog::ExecCtx;
-use runos_agent::exec;
-use runos_agent::process::{self, Spec};
+use runos_agent::process;
+use runos_executors::Ctx;
+use runos_executors::handle::ProcessSpec as Spec;
+use runos_executors::run_command as exec;
 use runos_protocol::Tag;
 use runos_protocol::instructions::{Output, RunCommand};
 
-fn ctx() -> ExecCtx {
-    ExecCtx::new(Tag::random(), Instant::now(), None)
+/// A context on the agent's host handle (its process code).
+fn ctx() -> Ctx {
+    let host = std::sync::Arc::new(runos_agent::exec::host(Instant::now()));
+    Ctx::new(
+        Tag::random(),
+        tokio::time::Instant::now() + Duration::from_secs(60),
+        host,
+        None,
+    )
 }
 
 fn sh(script: &str) -> RunCommand {
@@ -134,7 +142,7 @@ async fn dropping_the_future_kills_the_group() {
         "echo $$ > {0}; sleep 1000 & echo $! >> {0}; wait",
         f.display()
     );
-    let spec = Spec {
+    let spec = process::Spec {
         argv: vec!["/bin/sh".into(), "-c".into(), script],
         env: BTreeMap::new(),
         cwd: "/".into(),
