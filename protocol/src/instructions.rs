@@ -1354,7 +1354,7 @@ mod tests {
     use crate::MessageType;
     use serde_json::{Value, json};
 
-    use crate::examples::{CR, CRD, KEY};
+    use crate::examples::{CR, KEY};
 
     fn examples() -> Vec<(&'static str, Value)> {
         crate::examples::valid()
