@@ -204,6 +204,25 @@ fn undo(cfg: &Config, s: &Swap, e: String) -> UpdateError {
     }
 }
 
+/// Whether the hand-off's launcher (`update.restart_command[0]`) is an executable file.
+fn launcher_ready(cfg: &Config) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let program = cfg
+        .update
+        .restart_command
+        .first()
+        .ok_or_else(|| "update.restart_command is empty".to_string())?;
+    let path = crate::process::resolve_program(program)
+        .map_err(|e| format!("the hand-off launcher `{program}` cannot be used: {e}"))?;
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        _ => Err(format!(
+            "the hand-off launcher {} is not an executable file",
+            path.display()
+        )),
+    }
+}
+
 /// The `UPDATE_AGENT` executor: download, verify and install; the reply says whether a restart
 /// follows, and the restart itself is its after-ACK step ([`RESTART_STEP`]).
 pub async fn update_agent(
@@ -238,14 +257,17 @@ pub async fn update_agent(
     let rt = tokio::runtime::Handle::current();
     let result = tokio::task::spawn_blocking(move || {
         let (cfg, installed) = install(&config_path, &req, &rt)?;
-        if let Installed::Swapped(s) = &installed
-            && req.cancelled()
-        {
-            return Err(undo(
-                &cfg,
-                s,
-                "the update was cancelled (the instruction's deadline passed, or it was cancelled) before the restart".to_string(),
-            ));
+        if let Installed::Swapped(s) = &installed {
+            if req.cancelled() {
+                return Err(undo(
+                    &cfg,
+                    s,
+                    "the update was cancelled (the instruction's deadline passed, or it was cancelled) before the restart".to_string(),
+                ));
+            }
+            // The hand-off runs after the ACK; a launcher that is not there fails now, while
+            // the control plane can still be told.
+            launcher_ready(&cfg).map_err(|e| undo(&cfg, s, e))?;
         }
         Ok(installed)
     })
