@@ -230,6 +230,8 @@ pub async fn update_agent(
     ctx: ExecCtx,
     p: UpdateAgent,
 ) -> Result<Done<UpdateAgentResponse>, ErrorPayload> {
+    // The protocol crate validated `version`'s shape (§7.2); a release version is stricter
+    // (no leading zeros), so this can still refuse it, naming the field.
     let target = Version::parse_loose(&p.version)
         .map_err(|e| ErrorPayload::new(ErrorCode::BadPayload, format!("field `version` {e}")))?;
     ctx.log(
