@@ -14,6 +14,8 @@ use std::time::Duration;
 use runos_executors::{Lane, Resource, Settings, node_status, run_command};
 use runos_protocol::instructions::{self, types};
 
+use crate::update::daemon_side;
+
 pub use runos_executors::Ctx as ExecCtx;
 pub use runos_executors::registry::{
     DISPATCHER_TYPES, Entry, ExecFn, ExecResult, Job, Prepared, Registry as Catalog, Reply,
@@ -95,7 +97,14 @@ pub fn with_updates(config_path: PathBuf, state_root: Option<PathBuf>) -> Catalo
     if let Some(root) = state_root {
         c.set_state_root(root);
     }
-    crate::update::daemon_side::register(&mut c, config_path);
+    let exec_path = config_path.clone();
+    c.register_done::<instructions::UpdateAgent, _, _>(
+        Settings::new(Duration::from_secs(3600), lane_of(types::UPDATE_AGENT)),
+        move |ctx, p| daemon_side::update_agent(exec_path.clone(), ctx, p),
+    );
+    c.register_step(daemon_side::RESTART_STEP, move |_ctx, params| {
+        daemon_side::restart(config_path.clone(), params)
+    });
     c
 }
 

@@ -10,49 +10,34 @@
 //! (`restart: true`) goes first, and the restart follows only once the control plane has
 //! acknowledged it (protocol.md §10). A crash between the ACK and the step runs the step at the
 //! next start, which launches the hand-off only if the agent still runs the version it updated
-//! from. The executor is registered from the agent ([`register`]), not the executors crate:
-//! the updater and the configuration it reads live in the agent.
+//! from. The executor and its step are registered by the agent (`catalog::with_updates`), not
+//! in the executors crate: the updater and the configuration it reads live in the agent.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use runos_executors::{AfterAck, Done, Registry, Settings};
+use runos_executors::{AfterAck, Ctx, Done};
 use runos_protocol::control::LogLevel;
-use runos_protocol::instructions::{UpdateAgent, UpdateAgentResponse, types};
+use runos_protocol::instructions::{UpdateAgent, UpdateAgentResponse};
 use runos_protocol::{ErrorCode, ErrorPayload};
 use tokio::sync::watch;
 
 use super::version::Version;
 use super::{Installed, Request, Swap, UpdateError, handoff};
-use crate::catalog::ExecCtx;
 use crate::config::{self, Config};
 use crate::exit::Exit;
 
 /// The after-ACK step of `UPDATE_AGENT`: launch the hand-off.
 pub const RESTART_STEP: &str = "update-agent-restart";
 
-/// Register `UPDATE_AGENT` (reading the configuration at `config_path` when it runs) and its
-/// after-ACK step in `c`. Largest deadline one hour, in the `node` lane (an agent update runs
-/// alone among locked work).
-pub fn register(c: &mut Registry, config_path: PathBuf) {
-    let exec_path = config_path.clone();
-    c.register_done::<UpdateAgent, _, _>(
-        Settings::new(
-            Duration::from_secs(3600),
-            crate::catalog::lane_of(types::UPDATE_AGENT),
-        ),
-        move |ctx, p| update_agent(exec_path.clone(), ctx, p),
-    );
-    c.register_step(RESTART_STEP, move |_ctx, params| {
-        let path = config_path.clone();
-        async move {
-            tokio::task::spawn_blocking(move || restart_step(&path, params))
-                .await
-                .map_err(|e| format!("the hand-off failed: {e}"))?
-        }
-    });
+/// [`RESTART_STEP`] with the configuration at `config_path`: launch the hand-off described by
+/// `params` (on a blocking thread).
+pub async fn restart(config_path: PathBuf, params: serde_json::Value) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || restart_step(&config_path, params))
+        .await
+        .map_err(|e| format!("the hand-off failed: {e}"))?
 }
 
 /// The parameters of [`RESTART_STEP`] (on disk until it ran; no secret).
@@ -227,7 +212,7 @@ fn launcher_ready(cfg: &Config) -> Result<(), String> {
 /// follows, and the restart itself is its after-ACK step ([`RESTART_STEP`]).
 pub async fn update_agent(
     config_path: PathBuf,
-    ctx: ExecCtx,
+    ctx: Ctx,
     p: UpdateAgent,
 ) -> Result<Done<UpdateAgentResponse>, ErrorPayload> {
     // The protocol crate validated `version`'s shape (§7.2); a release version is stricter
