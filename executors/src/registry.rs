@@ -400,3 +400,109 @@ impl Registry {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runos_protocol::instructions::{
+        GetNodeStatus, NodeStatus, UpdateAgent, UpdateAgentResponse,
+    };
+    use runos_protocol::{ErrorCode, MessageType};
+
+    fn env(kind: &str, json: &str) -> Envelope {
+        Envelope::from_json_text(MessageType::new(kind).unwrap(), Tag::random(), json)
+    }
+
+    #[tokio::test]
+    async fn a_registered_executor_gets_a_validated_payload_a_context_and_may_ask_for_a_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = Registry::new();
+        r.set_state_root(tmp.path().to_path_buf());
+        r.set_config(
+            instructions::types::UPDATE_AGENT,
+            serde_json::json!({"channel": "stable"}),
+        );
+        r.register_done::<UpdateAgent, _, _>(
+            Settings::new(Duration::from_secs(10), Lane::Pool),
+            |ctx, p: UpdateAgent| async move {
+                assert_eq!(ctx.config()["channel"], "stable");
+                assert!(ctx.state_dir().unwrap().ends_with("update_agent"));
+                Ok(Done::then(
+                    UpdateAgentResponse {
+                        previous_version: "0.1.0".into(),
+                        new_version: p.version,
+                        restart: true,
+                    },
+                    AfterAck {
+                        step: "restart".into(),
+                        params: serde_json::json!({}),
+                    },
+                ))
+            },
+        );
+        let e = r.get("UPDATE_AGENT").unwrap();
+        assert!(e.safe_to_rerun());
+        assert!(!e.secret_reply());
+        let bad = e
+            .prepare(&env("UPDATE_AGENT", r#"{"version":"x"}"#))
+            .unwrap_err();
+        assert_eq!(bad.code, ErrorCode::BadPayload);
+        assert!(bad.message.contains("`version`"), "{}", bad.message);
+        let instr = env("UPDATE_AGENT", r#"{"version":"1.2.3"}"#);
+        let p = e.prepare(&instr).unwrap();
+        assert_eq!(p.default_deadline, Duration::from_secs(900));
+        let ctx = r.context(
+            "UPDATE_AGENT",
+            instr.tag,
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            None,
+        );
+        let reply = (p.job)(ctx).await.unwrap();
+        assert!(reply.envelope.is("UPDATE_AGENT_RESPONSE"));
+        assert_eq!(reply.envelope.tag, instr.tag);
+        assert_eq!(reply.after_ack.unwrap().step, "restart");
+    }
+
+    #[tokio::test]
+    async fn node_status_reports_the_hosts_facts() {
+        let mut r = Registry::new();
+        r.set_host(Host {
+            facts: crate::handle::NodeFacts {
+                agent_version: "9.9.9".into(),
+                hostname: || "node-a".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        r.register::<GetNodeStatus, _, _>(
+            Settings::new(Duration::from_secs(60), Lane::Fast),
+            crate::node_status::node_status,
+        );
+        let instr = env("GET_NODE_STATUS", "{}");
+        let p = r.get("GET_NODE_STATUS").unwrap().prepare(&instr).unwrap();
+        let ctx = r.context(
+            "GET_NODE_STATUS",
+            instr.tag,
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            None,
+        );
+        let reply = (p.job)(ctx).await.unwrap();
+        let s: NodeStatus = reply.envelope.payload().unwrap();
+        assert_eq!(
+            (s.agent_version.as_str(), s.hostname.as_str()),
+            ("9.9.9", "node-a")
+        );
+    }
+
+    #[test]
+    fn completeness_counts_executors_unsupported_and_the_dispatchers_types() {
+        let mut r = Registry::new();
+        assert_eq!(
+            r.unaccounted().len(),
+            instructions::CATALOG.len() - DISPATCHER_TYPES.len()
+        );
+        r.unsupported(instructions::ALL_INSTRUCTION_TYPES);
+        assert!(r.unaccounted().is_empty());
+        assert_eq!(r.types(), vec!["CANCEL".to_string()]);
+    }
+}

@@ -66,3 +66,65 @@ pub async fn run_spec(ctx: &Ctx, spec: ProcessSpec) -> Result<RunCommandResponse
         duration_ms: u64::try_from(out.duration.as_millis()).unwrap_or(u64::MAX),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handle::{BoxFuture, Host, ProcessOutput, RunProcess};
+    use std::sync::{Arc, Mutex};
+
+    /// A stand-in runner: records the spec, answers exit 0 with "ok".
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<ProcessSpec>>);
+
+    impl RunProcess for Recorder {
+        fn run(&self, spec: ProcessSpec) -> BoxFuture<Result<ProcessOutput, RunError>> {
+            self.0.lock().unwrap().push(spec);
+            Box::pin(async {
+                Ok(ProcessOutput {
+                    exit_code: Some(0),
+                    signal: None,
+                    timed_out: false,
+                    stdout: b"ok".to_vec(),
+                    stderr: vec![],
+                    stdout_truncated: false,
+                    stderr_truncated: false,
+                    duration: Duration::from_millis(3),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_through_the_host_handle() {
+        let rec = Arc::new(Recorder::default());
+        let host = Host {
+            runner: rec.clone(),
+            ..Default::default()
+        };
+        let ctx = crate::Ctx::new(
+            runos_protocol::Tag::random(),
+            tokio::time::Instant::now() + Duration::from_secs(5),
+            Arc::new(host),
+            None,
+        );
+        let req: RunCommand =
+            serde_json::from_str(r#"{"argv":["/bin/echo","x"],"timeoutSecs":7}"#).unwrap();
+        let r = run_command(ctx, req).await.unwrap();
+        assert_eq!(r.exit_code, Some(0));
+        assert_eq!(r.duration_ms, 3);
+        let specs = rec.0.lock().unwrap();
+        assert_eq!(specs[0].argv, vec!["/bin/echo", "x"]);
+        assert_eq!(specs[0].timeout, Duration::from_secs(7));
+        assert_eq!(specs[0].cwd, PathBuf::from("/"));
+    }
+
+    #[tokio::test]
+    async fn a_host_without_a_runner_answers_internal() {
+        let ctx = crate::Ctx::detached(runos_protocol::Tag::random(), Duration::from_secs(5));
+        let req: RunCommand = serde_json::from_str(r#"{"argv":["/bin/true"]}"#).unwrap();
+        // The default host has no runner: internal.
+        let e = run_command(ctx, req).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Internal);
+    }
+}
