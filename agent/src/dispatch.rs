@@ -774,7 +774,8 @@ impl Dispatcher {
 
     /// At start: the after-ACK steps the previous run left. A reply acknowledged runs its step
     /// now; one awaiting its ACK waits for it; a tag whose stored reply is not the one the step
-    /// follows (answered `interrupted` after a crash before the reply was stored) drops it.
+    /// follows (answered `interrupted` after a crash before the reply was stored), or that the
+    /// journal no longer holds, drops it.
     fn resume_steps(&mut self) {
         let dirs: Vec<PathBuf> = self
             .catalog
@@ -785,8 +786,13 @@ impl Dispatcher {
         for (file, p) in after_ack::load_all(dirs.iter().map(PathBuf::as_path)) {
             let tag = p.tag;
             match self.journal.get(&tag) {
-                // Pruned: acknowledged long ago.
-                None => self.run_step(Some(file), p),
+                // Forgotten to be run again (cut short, safe to re-run: the reply was never
+                // stored), or pruned after a retention that passed while the agent was down:
+                // never run a step that cannot be shown to follow an ACK.
+                None => {
+                    tracing::warn!(%tag, "after-ACK step of a tag the journal no longer holds; dropped");
+                    let _ = after_ack::remove(&file);
+                }
                 Some(v) if v.reply_type.as_deref() != Some(p.reply_type.as_str()) => {
                     tracing::warn!(%tag, "after-ACK step of a reply that was never stored; dropped");
                     let _ = after_ack::remove(&file);

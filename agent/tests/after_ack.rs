@@ -179,10 +179,11 @@ async fn a_crash_between_the_ack_and_the_step_runs_it_once_at_the_next_start() {
 }
 
 #[tokio::test]
-async fn a_step_whose_reply_was_never_stored_is_dropped() {
+async fn a_step_whose_reply_was_never_stored_or_is_unknown_is_dropped() {
     let d = dirs();
     let runs = Arc::new(AtomicUsize::new(0));
-    // A step file for a tag the journal answered otherwise (here: never saw).
+    // A step file for a tag the journal answered otherwise (cut short while running), and one
+    // for a tag it never held.
     let (mut j, _) = Journal::open(&d.journal, Limits::default()).unwrap();
     let e = instr(types::RUN_COMMAND, serde_json::json!({"argv": ["true"]}));
     j.accepted(
@@ -206,6 +207,20 @@ async fn a_step_whose_reply_was_never_stored_is_dropped() {
         },
     )
     .unwrap();
+    let unknown = Tag::random();
+    runos_executors::after_ack::save(
+        &d.root.join("run_command"),
+        &runos_executors::after_ack::PendingStep {
+            tag: unknown,
+            kind: types::RUN_COMMAND.into(),
+            reply_type: ctypes::NO_CONTENT.into(),
+            step: AfterAck {
+                step: "count".into(),
+                params: serde_json::json!({"by": 1}),
+            },
+        },
+    )
+    .unwrap();
     // Recovery answers the tag `interrupted`: the step's reply was never stored.
     let (h, _) = Harness::start(
         &d.journal,
@@ -215,6 +230,7 @@ async fn a_step_whose_reply_was_never_stored_is_dropped() {
     );
     settle(&h).await;
     assert!(!step_file(&d.root, e.tag).exists());
+    assert!(!step_file(&d.root, unknown).exists());
     h.ack(e.tag).await;
     settle(&h).await;
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -7,7 +7,7 @@
 //! file left ([`load_all`]) and decides with the journal: a reply already acknowledged runs the
 //! step now, a reply awaiting its ACK waits for it, and a file whose tag's stored reply is not the
 //! success reply it was written for (the agent died before the reply was stored: the tag was
-//! answered `interrupted`) is removed without running. So a crash between the ACK and the step
+//! answered `interrupted`), or that the journal no longer holds, is removed without running. So a crash between the ACK and the step
 //! runs the step once at the next start.
 
 use std::path::{Path, PathBuf};
