@@ -51,7 +51,10 @@ struct RestartParams {
 }
 
 /// [`RESTART_STEP`]: launch the hand-off of the installed swap, unless the agent no longer runs
-/// the version it updated from (a crash and restart already brought the new one up).
+/// the version it updated from (a crash and restart already brought the new one up) or
+/// `bin_link` no longer points at the new binary (a hand-off already ran and rolled back). A
+/// step may run twice (the hand-off can stop the agent before the step's file is removed):
+/// these checks make the second run a no-op.
 fn restart_step(config_path: &Path, params: serde_json::Value) -> Result<(), String> {
     let p: RestartParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
     let parse = |v: &str| Version::parse_loose(v).map_err(|e| e.to_string());
@@ -68,6 +71,12 @@ fn restart_step(config_path: &Path, params: serde_json::Value) -> Result<(), Str
         return Ok(());
     }
     let (cfg, _) = config::load(config_path).map_err(|e| e.to_string())?;
+    // A hand-off that already ran and rolled back (the agent died before removing this step)
+    // set the link back: never launch it again.
+    if !super::install::link_target(&cfg.update.bin_link).is_ok_and(|t| t == swap.binary) {
+        tracing::info!(to = %swap.to.tag(), "bin_link no longer points at the installed version; no hand-off");
+        return Ok(());
+    }
     launch(&cfg, config_path, &swap).map_err(|e| e.message)
 }
 
