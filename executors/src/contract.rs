@@ -57,8 +57,8 @@ pub struct AfterAck {
     pub params: serde_json::Value,
 }
 
-/// What a step gets: the tag of the instruction whose reply was acknowledged, its executor's
-/// state directory and the host handle.
+/// What a step gets: the tag of the instruction whose reply was acknowledged and the host
+/// handle (its parameters come separately).
 #[derive(Debug, Clone)]
 pub struct StepCtx {
     /// The instruction's tag.
