@@ -317,7 +317,6 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::catalog::Catalog;
     use crate::dispatch::{self, DispatchConfig};
 
     async fn ask(path: &Path, req: &[u8]) -> Value {
@@ -343,10 +342,9 @@ mod tests {
         )
         .unwrap();
         let (link, _join) = dispatch::spawn(
-            Arc::new(Catalog::standard()),
+            Arc::new(crate::catalog::standard()),
             DispatchConfig::from_settings(&cfg.agent),
             journal,
-            std::time::Instant::now(),
             sd_rx,
         );
         let state = AdminState {

@@ -17,7 +17,6 @@ use tokio::sync::watch;
 
 use crate::audit::AuditLog;
 use crate::backoff::Backoff;
-use crate::catalog::Catalog;
 use crate::config::{self, Config};
 use crate::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
 use crate::exit::Exit;
@@ -159,7 +158,12 @@ pub async fn run(
 
     // After the lock: one process at a time owns the journal.
     let (journal, audit) = open_journal(&cfg.paths.state_dir, cfg.agent.journal_fsync)?;
-    let catalog = Arc::new(Catalog::with_updates(update_config.clone()));
+    let mut catalog = crate::catalog::with_updates(
+        update_config.clone(),
+        Some(cfg.paths.state_dir.join("executors")),
+    );
+    catalog.set_host(crate::exec::host(agent_started));
+    let catalog = Arc::new(catalog);
     // `[update] auto`: follow the version the control plane advertises (docs/update.md).
     let _auto =
         crate::update::daemon_side::spawn_auto(update_config, cfg_rx.clone(), shutdown_rx.clone());
@@ -168,7 +172,6 @@ pub async fn run(
         DispatchConfig::from_settings(&cfg.agent),
         journal,
         Some(audit),
-        agent_started,
         shutdown_rx.clone(),
     );
     let mut ctl = Control {

@@ -1,9 +1,20 @@
-//! The dispatcher: a bounded queue, bounded concurrency, a deadline per instruction, panic
-//! isolation, and dedup and the outbox of final replies through the durable [`Journal`].
+//! The dispatcher: a bounded queue, lanes (a fast lane, the shared pool, resource locks), a
+//! deadline per instruction, panic isolation, after-ACK steps, and dedup and the outbox of final
+//! replies through the durable [`Journal`].
 //!
 //! The session talks to it only through a [`DispatchLink`]: [`Inbound`] messages in (instructions,
 //! ACKs, "resend what you hold") and reply envelopes out (final replies and `LOG` lines). The
-//! dispatcher knows instructions only through the [`Catalog`].
+//! dispatcher knows instructions only through the registry ([`Catalog`]): it decodes and
+//! validates, gives the lane, the deadline and the executor's context.
+//!
+//! Lanes (see `runos_executors::lanes`): an instruction starts when its lane has room (fast
+//! lane: its own slots; pool: a `max_concurrency` slot; exclusive: a slot and its resource's
+//! lock), else it waits in the one queue, in acceptance order, without holding back later work of
+//! other lanes. A full queue answers `busy`. The deadline counts from acceptance.
+//!
+//! After-ACK steps: a reply that comes with a step has the step written to a file
+//! (`runos_executors::after_ack`) before the reply is journaled and sent; the step runs when the
+//! reply's ACK is recorded, and at start for steps whose reply was acknowledged before a crash.
 //!
 //! Every instruction goes through the journal (see the `runos_journal` crate for the contract):
 //! `lookup` first (a completed tag gets its stored reply again, a queued or running one nothing),
@@ -18,19 +29,24 @@
 //! instructions. Every line logged while it runs carries its tag (a `tracing` span).
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runos_journal::{Journal, JournalError, Lookup, payload_sha256};
+use runos_executors::after_ack::{self, PendingStep};
+use runos_executors::lanes::{Lane, Lanes};
+use runos_executors::{AfterAck, StepCtx};
+use runos_journal::{EntryState, Journal, JournalError, Lookup, payload_sha256};
 use runos_protocol::control::{self, is_control_type};
 use runos_protocol::instructions::is_instruction_type;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::audit::AuditLog;
-use crate::catalog::{Catalog, ExecCtx, Job};
+use crate::catalog::{Catalog, Job};
 
 mod cancel;
 // `runos journal`: Inbound::Journal (see `journal_query.rs`).
@@ -43,7 +59,7 @@ pub mod snapshot;
 pub struct DispatchConfig {
     /// Instructions waiting for a slot; beyond this, `busy`.
     pub queue_capacity: usize,
-    /// Executors at a time.
+    /// Slots of the shared pool (the fast lane has its own, `lanes::FAST_SLOTS`).
     pub max_concurrency: usize,
     /// Capacity of the reply channel to the session.
     pub reply_channel: usize,
@@ -114,10 +130,9 @@ pub fn spawn(
     catalog: Arc<Catalog>,
     cfg: DispatchConfig,
     journal: Journal,
-    agent_started: Instant,
     shutdown: watch::Receiver<bool>,
 ) -> (DispatchLink, tokio::task::JoinHandle<()>) {
-    spawn_with_audit(catalog, cfg, journal, None, agent_started, shutdown)
+    spawn_with_audit(catalog, cfg, journal, None, shutdown)
 }
 
 /// [`spawn`], also writing one line per final reply to `audit` (see `audit.rs`).
@@ -126,26 +141,28 @@ pub fn spawn_with_audit(
     cfg: DispatchConfig,
     journal: Journal,
     audit: Option<AuditLog>,
-    agent_started: Instant,
     shutdown: watch::Receiver<bool>,
 ) -> (DispatchLink, tokio::task::JoinHandle<()>) {
     let (in_tx, in_rx) = mpsc::channel(256);
     let (reply_tx, reply_rx) = mpsc::channel(cfg.reply_channel.max(1));
     let (flight_tx, flight_rx) = watch::channel(0usize);
-    let d = Dispatcher {
+    let mut d = Dispatcher {
         journal,
         audit,
+        lanes: Lanes::new(cfg.max_concurrency),
         catalog,
         cfg,
-        agent_started,
         queue: VecDeque::new(),
         running: HashMap::new(),
+        task_lanes: HashMap::new(),
+        steps: HashMap::new(),
         tasks: JoinSet::new(),
         reply_tx,
         flight_tx,
         shutting_down: false,
         started: Default::default(), // status: see `snapshot.rs`
     };
+    d.resume_steps();
     let join = tokio::spawn(d.run(in_rx, shutdown));
     (
         DispatchLink {
@@ -185,10 +202,16 @@ pub fn error_reply(tag: Tag, code: ErrorCode, message: impl Into<String>) -> Env
 struct Dispatcher {
     catalog: Arc<Catalog>,
     cfg: DispatchConfig,
-    agent_started: Instant,
     queue: VecDeque<Queued>,
-    running: HashMap<Tag, AbortHandle>,
-    tasks: JoinSet<(Tag, Envelope)>,
+    /// Started and not yet answered.
+    running: HashMap<Tag, Running>,
+    /// What each task holds of the lanes, released when the task has ended (not when its
+    /// instruction was answered: a cancelled task's lock is held until its executor is gone).
+    task_lanes: HashMap<tokio::task::Id, Lane>,
+    lanes: Lanes,
+    /// After-ACK steps waiting for their reply's ACK, with their file (`None`: memory only).
+    steps: HashMap<Tag, (Option<PathBuf>, PendingStep)>,
+    tasks: JoinSet<Finished>,
     journal: Journal,
     /// One line per final reply (see `audit.rs`); `None` in tests.
     audit: Option<AuditLog>,
@@ -199,10 +222,34 @@ struct Dispatcher {
     started: snapshot::StartLog,
 }
 
+/// A running instruction.
+struct Running {
+    abort: AbortHandle,
+    /// Its executor's cancellation token (`Ctx::cancel`).
+    cancel: CancellationToken,
+}
+
+impl Running {
+    /// Cancel the token, then abort the task (its executor is dropped).
+    fn stop(&self) {
+        self.cancel.cancel();
+        self.abort.abort();
+    }
+}
+
+/// What an instruction's task yields.
+struct Finished {
+    tag: Tag,
+    kind: MessageType,
+    reply: Envelope,
+    after_ack: Option<AfterAck>,
+}
+
 /// An accepted instruction waiting for a slot: its payload is already decoded and validated.
 struct Queued {
     tag: Tag,
     kind: MessageType,
+    lane: Lane,
     /// The instruction's deadline (protocol.md §7.3), measured from `accepted`.
     deadline: Duration,
     /// When the dispatcher accepted it (journaled `accepted`).
@@ -231,7 +278,7 @@ impl Dispatcher {
                     Some(m) => self.handle(m).await,
                     None => break,
                 },
-                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.finished(done).await;
                 }
                 changed = shutdown.changed(), if !self.shutting_down => {
@@ -334,7 +381,12 @@ impl Dispatcher {
         match msg {
             Inbound::Instruction(env) => self.submit(env).await,
             Inbound::Ack(tag) => match blocking(|| self.journal.acked(tag)) {
-                Ok(true) => tracing::debug!(%tag, "reply acknowledged"),
+                Ok(true) => {
+                    tracing::debug!(%tag, "reply acknowledged");
+                    if let Some((file, step)) = self.steps.remove(&tag) {
+                        self.run_step(file, step);
+                    }
+                }
                 Ok(false) => {
                     tracing::debug!(%tag, "ACK matches no reply awaiting one (late or duplicate); dropped");
                 }
@@ -379,8 +431,8 @@ impl Dispatcher {
                 let aborted: Vec<Tag> = self
                     .running
                     .drain()
-                    .map(|(tag, h)| {
-                        h.abort();
+                    .map(|(tag, r)| {
+                        r.stop();
                         tag
                     })
                     .collect();
@@ -475,8 +527,11 @@ impl Dispatcher {
             self.answer_now(&env, reply).await;
             return;
         };
-        let slot_free = self.running.len() < self.cfg.max_concurrency;
-        if !slot_free && self.queue.len() >= self.cfg.queue_capacity {
+        let lane = entry.lane();
+        let start_now = self
+            .lanes
+            .can_start(lane, self.queue.iter().map(|q| &q.lane));
+        if !start_now && self.queue.len() >= self.cfg.queue_capacity {
             tracing::warn!(%tag, r#type = %kind, "queue full: answered busy");
             // Not journaled: the control plane may resend the same tag later.
             self.send(error_reply(
@@ -508,14 +563,15 @@ impl Dispatcher {
         let q = Queued {
             tag,
             kind: env.kind,
+            lane,
             deadline: entry.deadline(env.timeout_ms, prepared.default_deadline),
             accepted: tokio::time::Instant::now(),
             job: prepared.job,
         };
-        if slot_free {
+        if start_now {
             self.start(q).await;
         } else {
-            tracing::debug!(%tag, r#type = %kind, "queued");
+            tracing::debug!(%tag, r#type = %kind, %lane, "queued");
             self.queue.push_back(q);
         }
         self.publish();
@@ -527,6 +583,7 @@ impl Dispatcher {
         let Queued {
             tag,
             kind,
+            lane,
             deadline,
             accepted,
             job,
@@ -557,8 +614,14 @@ impl Dispatcher {
         }
         self.started.note(tag, kind.as_str(), &self.running); // status: see `snapshot.rs`
         let span = tracing::info_span!("instruction", %tag, r#type = %kind);
-        let ctx = ExecCtx::new(tag, self.agent_started, Some(self.reply_tx.clone()));
+        let ctx =
+            self.catalog
+                .context(kind.as_str(), tag, deadline_at, Some(self.reply_tx.clone()));
+        let cancel = ctx.cancel.clone();
+        let token = ctx.cancel.clone();
         let fut = async move {
+            // However the task ends (deadline, CANCEL, shutdown, done), the token is cancelled.
+            let _cancel_on_drop = token.clone().drop_guard();
             tracing::info!(
                 deadline_ms = deadline.as_millis() as u64,
                 queued_ms = accepted.elapsed().as_millis() as u64,
@@ -567,8 +630,12 @@ impl Dispatcher {
             let started = Instant::now();
             let exec = job(ctx).instrument(tracing::Span::current());
             let mut inner = AbortOnDrop(tokio::spawn(exec));
+            let mut after_ack = None;
             let reply = match tokio::time::timeout_at(deadline_at, &mut inner.0).await {
-                Ok(Ok(Ok(reply))) => reply,
+                Ok(Ok(Ok(done))) => {
+                    after_ack = done.after_ack;
+                    done.envelope
+                }
                 Ok(Ok(Err(err))) => {
                     Envelope::with_type(control::types::ERROR, tag, &err)
                 }
@@ -582,6 +649,7 @@ impl Dispatcher {
                 }
                 Ok(Err(_)) => error_reply(tag, ErrorCode::Interrupted, "the executor was cancelled"),
                 Err(_) => {
+                    token.cancel();
                     inner.0.abort();
                     tracing::warn!("deadline passed; executor stopped");
                     error_reply(
@@ -599,37 +667,155 @@ impl Dispatcher {
                 duration_ms = started.elapsed().as_millis() as u64,
                 "finished"
             );
-            (tag, reply)
+            Finished {
+                tag,
+                kind,
+                reply,
+                after_ack,
+            }
         }
         .instrument(span);
-        let handle = self.tasks.spawn(fut);
-        self.running.insert(tag, handle);
+        self.lanes.take(lane);
+        let abort = self.tasks.spawn(fut);
+        self.task_lanes.insert(abort.id(), lane);
+        self.running.insert(tag, Running { abort, cancel });
     }
 
-    async fn finished(&mut self, done: Result<(Tag, Envelope), tokio::task::JoinError>) {
+    async fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, Finished), tokio::task::JoinError>,
+    ) {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        if let Some(lane) = self.task_lanes.remove(&id) {
+            self.lanes.release(lane);
+        }
         match done {
-            Ok((tag, reply)) => {
+            Ok((_, f)) => {
                 // Exactly one final reply per tag: an instruction already answered
-                // `interrupted` by AbortAll (it finished in the same instant) is not answered
-                // again.
-                if self.running.remove(&tag).is_some() {
-                    self.answer(reply).await;
+                // `interrupted` by AbortAll or `cancelled` by CANCEL (it finished in the same
+                // instant) is not answered again, and its after-ACK step is dropped.
+                if self.running.remove(&f.tag).is_some() {
+                    if let Some(step) = f.after_ack {
+                        self.hold_step(f.tag, &f.kind, &f.reply, step);
+                    }
+                    self.answer(f.reply).await;
                 } else {
-                    tracing::debug!(%tag, "finished after being aborted; reply dropped");
+                    tracing::debug!(tag = %f.tag, "finished after being aborted; reply dropped");
                 }
             }
-            Err(e) => {
+            Err(_) => {
                 // Only an abort (shutdown) ends an outer task without a reply; remove it.
-                let id = e.id();
-                self.running.retain(|_, h| h.id() != id);
+                self.running.retain(|_, r| r.abort.id() != id);
             }
         }
-        while self.running.len() < self.cfg.max_concurrency {
-            match self.queue.pop_front() {
-                Some(q) => self.start(q).await,
-                None => break,
-            }
-        }
+        self.pump().await;
         self.publish();
+    }
+
+    /// Start every queued instruction whose lane has room, in queue order; one that cannot
+    /// start does not hold back later ones of other lanes (see `runos_executors::lanes`).
+    async fn pump(&mut self) {
+        let mut i = 0;
+        while i < self.queue.len() {
+            let lane = self.queue[i].lane;
+            if self
+                .lanes
+                .can_start(lane, self.queue.iter().take(i).map(|q| &q.lane))
+            {
+                if let Some(q) = self.queue.remove(i) {
+                    self.start(q).await;
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Keep `step` until `reply` (of the instruction `tag` of type `kind`) is acknowledged:
+    /// written to its file before the reply is journaled and sent (memory only when the
+    /// registry has no state directory or the file cannot be written: logged).
+    fn hold_step(&mut self, tag: Tag, kind: &MessageType, reply: &Envelope, step: AfterAck) {
+        let pending = PendingStep {
+            tag,
+            kind: kind.as_str().to_string(),
+            reply_type: reply.kind.as_str().to_string(),
+            step,
+        };
+        let file = self.catalog.state_dir(kind.as_str()).and_then(|dir| {
+            blocking(|| after_ack::save(&dir, &pending))
+                .map_err(|e| {
+                    tracing::error!(%tag, error = %e, "cannot store the after-ACK step; it runs after the ACK unless the agent stops first");
+                })
+                .ok()
+        });
+        self.steps.insert(tag, (file, pending));
+    }
+
+    /// Run an after-ACK step whose reply was acknowledged, then remove its file.
+    fn run_step(&self, file: Option<PathBuf>, p: PendingStep) {
+        let tag = p.tag;
+        let Some(f) = self.catalog.step(&p.step.step) else {
+            tracing::warn!(%tag, step = %p.step.step, "no such after-ACK step; dropped");
+            if let Some(file) = file {
+                let _ = after_ack::remove(&file);
+            }
+            return;
+        };
+        let ctx = StepCtx {
+            tag,
+            host: self.catalog.host().clone(),
+        };
+        let span = tracing::info_span!("after_ack", %tag, r#type = %p.kind, step = %p.step.step);
+        tokio::spawn(
+            async move {
+                tracing::info!("reply acknowledged: running the after-ACK step");
+                match f(ctx, p.step.params).await {
+                    Ok(()) => tracing::info!("after-ACK step done"),
+                    Err(e) => tracing::warn!(error = %e, "after-ACK step failed"),
+                }
+                if let Some(file) = file
+                    && let Err(e) = after_ack::remove(&file)
+                {
+                    tracing::warn!(error = %e, "cannot remove the after-ACK step's file");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// At start: the after-ACK steps the previous run left. A reply acknowledged runs its step
+    /// now; one awaiting its ACK waits for it; a tag whose stored reply is not the one the step
+    /// follows (answered `interrupted` after a crash before the reply was stored), or that the
+    /// journal no longer holds, drops it.
+    fn resume_steps(&mut self) {
+        let dirs: Vec<PathBuf> = self
+            .catalog
+            .state_dirs()
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        for (file, p) in after_ack::load_all(dirs.iter().map(PathBuf::as_path)) {
+            let tag = p.tag;
+            match self.journal.get(&tag) {
+                // Forgotten to be run again (cut short, safe to re-run: the reply was never
+                // stored), or pruned after a retention that passed while the agent was down:
+                // never run a step that cannot be shown to follow an ACK.
+                None => {
+                    tracing::warn!(%tag, "after-ACK step of a tag the journal no longer holds; dropped");
+                    let _ = after_ack::remove(&file);
+                }
+                Some(v) if v.reply_type.as_deref() != Some(p.reply_type.as_str()) => {
+                    tracing::warn!(%tag, "after-ACK step of a reply that was never stored; dropped");
+                    let _ = after_ack::remove(&file);
+                }
+                Some(v) if v.state == EntryState::Acked => self.run_step(Some(file), p),
+                Some(_) => {
+                    self.steps.insert(tag, (Some(file), p));
+                }
+            }
+        }
     }
 }

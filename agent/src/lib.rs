@@ -9,9 +9,9 @@
 //! ```text
 //!  main (CLI, exit codes)                                     cli
 //!    └─ daemon ── session (TLS, HELLO/WELCOME, heartbeat)     daemon, session, net, backoff
-//!         └─ dispatcher (queue, concurrency, deadlines, dedup) dispatch, journal
-//!              └─ catalog (type name → executor entry)         catalog
-//!                   └─ executors                               exec
+//!         └─ dispatcher (queue, lanes, deadlines, dedup)       dispatch (runos-journal)
+//!              └─ registry (type → executor, lane, max deadline) catalog (runos-executors)
+//!                   └─ executors                               runos-executors; exec (host)
 //! ```
 //!
 //! What the agent refuses to do:

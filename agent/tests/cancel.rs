@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::dispatch::{Harness, cfg, error, instr};
-use runos_agent::catalog::Catalog;
+use runos_agent::catalog::{self, Catalog};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, ErrorCode, MessageType, Tag};
@@ -159,7 +159,7 @@ async fn cancel_queued_answers_cancelled_and_it_never_starts() {
 
 #[tokio::test]
 async fn cancel_running_command_kills_its_whole_group_and_answers_once() {
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     let (run, marker) = two_sleeps();
     h.send(run.clone()).await;
     let pgid = wait_for_group(&marker).await;
@@ -217,7 +217,7 @@ async fn cancel_works_when_every_slot_and_the_queue_are_full() {
 
 #[tokio::test]
 async fn cancel_unknown_or_itself_is_no_content() {
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     let c = cancel(Tag::random());
     h.send(c.clone()).await;
     let r = h.reply().await;
@@ -240,7 +240,7 @@ async fn cancel_unknown_or_itself_is_no_content() {
 
 #[tokio::test]
 async fn cancel_finished_leaves_its_reply_unchanged() {
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     let e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
     h.send(e.clone()).await;
     let original = h.reply().await;
@@ -260,7 +260,7 @@ async fn cancel_finished_leaves_its_reply_unchanged() {
 
 #[tokio::test]
 async fn bad_cancel_payload_is_bad_payload() {
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     for payload in [
         serde_json::json!({"tag": "not-a-uuid"}),
         serde_json::json!({"tag": Tag::random().to_string(), "extra": 1}),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::dispatch::{Harness, catalog_with_sleeper, cfg, code, instr};
-use runos_agent::catalog::Catalog;
+use runos_agent::catalog::{self, Catalog};
 use runos_agent::daemon::JOURNAL_POLICY;
 use runos_agent::dispatch::{self, Inbound};
 use runos_journal::{Journal, Limits};
@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, watch};
 
 #[tokio::test]
 async fn unknown_type_and_unsupported() {
-    let mut h = Harness::new(Catalog::empty(), cfg(4, 2));
+    let mut h = Harness::new(Catalog::new(), cfg(4, 2));
     let e = instr("NOT_A_REAL_TYPE", serde_json::json!({}));
     h.send(e.clone()).await;
     let r = h.reply().await;
@@ -35,7 +35,7 @@ async fn unknown_type_and_unsupported() {
 
 #[tokio::test]
 async fn bad_base64_and_bad_json_are_bad_payload() {
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     let mut e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
     e.json_b64 = "%%%not-base64".into();
     h.send(e.clone()).await;
@@ -63,7 +63,7 @@ async fn bad_base64_and_bad_json_are_bad_payload() {
 
 #[tokio::test]
 async fn node_status_reply() {
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     let e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
     h.send(e.clone()).await;
     let r = h.reply().await;
@@ -203,7 +203,7 @@ async fn shutdown_refuses_queued_and_new() {
 
 #[tokio::test]
 async fn control_types_are_never_dispatched() {
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     for t in [ctypes::HEARTBEAT_REPLY, ctypes::ACK, ctypes::WELCOME] {
         h.send(instr(t, serde_json::json!({}))).await;
     }
@@ -225,7 +225,6 @@ async fn audit_lines_and_journal_queries() {
         cfg(0, 1),
         journal,
         Some(AuditLog::new(dir.path(), DEFAULT_MAX_BYTES)),
-        Instant::now(),
         rx,
     );
     let mut h = Harness::from_spawned(link, join, shutdown);

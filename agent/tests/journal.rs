@@ -244,7 +244,7 @@ const SECRET: &str = "kubeadm-t0ken.s3cr3tvalue0123-CERTKEY-7f3a9c";
 
 /// An executor for `kind` that counts its runs and answers `reply_kind` with [`SECRET`] in it.
 fn secret_catalog(runs: Arc<AtomicUsize>) -> Catalog {
-    let mut c = Catalog::standard();
+    let mut c = runos_agent::catalog::standard();
     for (kind, reply_kind) in [
         (types::GET_CLUSTER_JOIN_CMD, types::CLUSTER_JOIN_CMD),
         (types::RUN_REMOTE_SCRIPT, types::RUN_REMOTE_SCRIPT_RESPONSE),

@@ -5,14 +5,22 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use runos_agent::catalog::ExecCtx;
-use runos_agent::exec;
-use runos_executors::host::runner::{Runner, Spec};
+use runos_executors::Ctx;
+use runos_executors::handle::ProcessSpec as Spec;
+use runos_executors::host::runner::{Runner, Spec as RunnerSpec};
+use runos_executors::run_command as exec;
 use runos_protocol::Tag;
 use runos_protocol::instructions::{Output, RunCommand};
 
-fn ctx() -> ExecCtx {
-    ExecCtx::new(Tag::random(), Instant::now(), None)
+/// A context on the agent's host handle (its process code).
+fn ctx() -> Ctx {
+    let host = std::sync::Arc::new(runos_agent::exec::host(Instant::now()));
+    Ctx::new(
+        Tag::random(),
+        tokio::time::Instant::now() + Duration::from_secs(60),
+        host,
+        None,
+    )
 }
 
 fn sh(script: &str) -> RunCommand {
@@ -51,12 +59,18 @@ async fn signal_is_reported() {
 
 #[tokio::test]
 async fn output_tail_and_truncation_flags() {
-    let mut spec = Spec::new(vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        "printf 0123456789abcdef; printf xyz >&2".into(),
-    ]);
-    spec.output_cap = 6;
+    let spec = Spec {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "printf 0123456789abcdef; printf xyz >&2".into(),
+        ],
+        env: BTreeMap::new(),
+        cwd: "/".into(),
+        stdin: None,
+        timeout: Duration::from_secs(30),
+        output_cap: 6,
+    };
     let r = exec::run_spec(&ctx(), spec).await.unwrap();
     assert_eq!(text(&r.stdout), "abcdef");
     assert!(r.stdout_truncated);
@@ -127,7 +141,7 @@ async fn dropping_the_future_kills_the_group() {
         "echo $$ > {0}; sleep 1000 & echo $! >> {0}; wait",
         f.display()
     );
-    let mut spec = Spec::new(vec!["/bin/sh".into(), "-c".into(), script]);
+    let mut spec = RunnerSpec::new(vec!["/bin/sh".into(), "-c".into(), script]);
     spec.timeout = Duration::from_secs(600);
     let task = tokio::spawn(async move { Runner::shared().run(spec).await });
     let mut pids = vec![];

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runos_agent::catalog::Catalog;
+use runos_agent::catalog;
 use runos_agent::config::RawConfig;
 use runos_agent::daemon::JOURNAL_POLICY;
 use runos_agent::dispatch::{self, DispatchConfig};
@@ -137,7 +137,7 @@ async fn session_lifecycle() {
     let acc = TlsAcceptor::from(server_cfg);
 
     // The agent side: sessions in a loop, as the daemon runs them (without backoff).
-    let catalog = Arc::new(Catalog::standard());
+    let catalog = Arc::new(catalog::standard());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (_reconnect_tx, reconnect_rx) = watch::channel(0u64);
     let (mut link, _d) = dispatch::spawn(
@@ -146,7 +146,6 @@ async fn session_lifecycle() {
         Journal::open(&cfg.paths.state_dir, Limits::default(), JOURNAL_POLICY)
             .unwrap()
             .0,
-        Instant::now(),
         shutdown_rx.clone(),
     );
     let params = SessionParams {
@@ -311,12 +310,11 @@ async fn unreachable_server_is_connect_failed() {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (_rtx, reconnect_rx) = watch::channel(0u64);
     let (mut link, _d) = dispatch::spawn(
-        Arc::new(Catalog::standard()),
+        Arc::new(catalog::standard()),
         DispatchConfig::from_settings(&cfg.agent),
         Journal::open(&cfg.paths.state_dir, Limits::default(), JOURNAL_POLICY)
             .unwrap()
             .0,
-        Instant::now(),
         shutdown_rx.clone(),
     );
     let params = SessionParams {

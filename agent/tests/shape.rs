@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
 use common::dispatch::{Harness, cfg, code, error, instr};
-use runos_agent::catalog::Catalog;
+use runos_agent::catalog;
 use runos_protocol::instructions::{RunCommandResponse, types};
 use runos_protocol::{Envelope, ErrorCode, MessageType, Tag};
 use serde_json::json;
@@ -35,7 +35,7 @@ async fn refused(h: &mut Harness, env: Envelope, field: &str) {
 async fn payloads_of_the_wrong_shape_or_outside_the_limits_are_bad_payload_and_never_run() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     let argv = serde_json::to_string(&touch(&marker)).unwrap();
     // serde_json alone reads `[argv]` as a RunCommand.
     refused(&mut h, raw(types::RUN_COMMAND, &format!("[{argv}]")), "").await;
@@ -88,7 +88,7 @@ async fn a_bare_program_name_is_found_in_the_agents_path_not_the_payloads() {
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let mut h = Harness::new(Catalog::standard(), cfg(4, 2));
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
     for name in ["id", "true"] {
         let e = instr(
             types::RUN_COMMAND,
@@ -116,7 +116,7 @@ async fn a_bare_program_name_is_found_in_the_agents_path_not_the_payloads() {
 #[tokio::test]
 async fn update_agent_version_errors_do_not_repeat_the_version() {
     let mut h = Harness::new(
-        Catalog::with_updates("/nonexistent/runos.toml".into()),
+        catalog::with_updates("/nonexistent/runos.toml".into(), None),
         cfg(4, 2),
     );
     for version in ["../../x", "v01.2.3", "v1.2.3-../../x"] {

@@ -13,6 +13,7 @@
 pub mod control;
 pub mod envelope;
 pub mod error;
+pub mod examples;
 pub mod frame;
 pub mod instructions;
 pub mod peertext;

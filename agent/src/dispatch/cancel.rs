@@ -2,7 +2,8 @@
 //! never takes a concurrency slot, so it works when every slot is busy.
 //!
 //! - Target queued: removed from the queue and answered `cancelled`; it never starts.
-//! - Target running: its task is aborted, which drops its executor and with it the process-group
+//! - Target running: its cancellation token is cancelled and its task aborted, which drops its
+//!   executor and with it the process-group
 //!   guard (the whole group is SIGKILLed), and it is answered `cancelled`. It is taken out of
 //!   `running` first, so its own completion (if it finished in the same instant) is dropped by
 //!   `finished()`: exactly one final reply.
@@ -59,10 +60,11 @@ impl Dispatcher {
                 format!("cancelled by CANCEL {tag} before it started"),
             ))
             .await;
-        } else if let Some(handle) = self.running.remove(&target) {
+        } else if let Some(running) = self.running.remove(&target) {
             // Removed from `running` before the abort: `finished()` drops whatever the task
-            // still yields, and refills the slot once the aborted task has ended.
-            handle.abort();
+            // still yields, and frees its lane once the aborted task has ended. The executor's
+            // cancellation token is cancelled first.
+            running.stop();
             tracing::warn!(
                 %tag,
                 cancel_target = %target,

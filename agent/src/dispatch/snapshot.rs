@@ -1,7 +1,7 @@
 //! `Inbound::Snapshot`: what the dispatcher is doing, for `runos status` (through the admin
 //! socket). Only tags, instruction type names and times: never a payload.
 //!
-//! `running` holds only abort handles, so the start time and type of each running instruction are
+//! `running` holds only abort handles and cancellation tokens, so the start time and type of each running instruction are
 //! noted by [`StartLog::note`] (one call in `Dispatcher::start`). The log is pruned against
 //! `running` at every note and every snapshot, so it never holds more than the running set plus
 //! the one being started.
@@ -12,7 +12,6 @@ use std::time::SystemTime;
 use runos_protocol::Tag;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use tokio::task::AbortHandle;
 
 use super::Dispatcher;
 
@@ -89,7 +88,7 @@ pub(super) struct StartLog(HashMap<Tag, (String, SystemTime)>);
 
 impl StartLog {
     /// `tag` of type `kind` starts now; forget whatever is no longer running.
-    pub(super) fn note(&mut self, tag: Tag, kind: &str, running: &HashMap<Tag, AbortHandle>) {
+    pub(super) fn note<V>(&mut self, tag: Tag, kind: &str, running: &HashMap<Tag, V>) {
         self.0.retain(|t, _| running.contains_key(t));
         self.0.insert(tag, (kind.to_string(), SystemTime::now()));
     }

@@ -1,26 +1,84 @@
 //! The daemon's side of updating: the `UPDATE_AGENT` executor and automatic updates to the
 //! version the control plane advertises in WELCOME (`[update] auto = true`).
 //!
-//! Both run [`apply`] on a blocking thread: the configuration is read afresh from the file
-//! (so a SIGHUP-reloaded `[update]` applies), then [`super::install_release`], then the
-//! hand-off ([`super::handoff::launch`]), which restarts the service from outside the agent's
-//! cgroup. The agent itself never stops here: a failure leaves it running the old version.
+//! Both install on a blocking thread: the configuration is read afresh from the file (so a
+//! SIGHUP-reloaded `[update]` applies), then [`super::install_release`], then the hand-off
+//! ([`super::handoff::launch`]), which restarts the service from outside the agent's cgroup. The
+//! agent itself never stops here: a failure leaves it running the old version.
+//!
+//! `UPDATE_AGENT` launches the hand-off as an **after-ACK step** ([`RESTART_STEP`]): the reply
+//! (`restart: true`) goes first, and the restart follows only once the control plane has
+//! acknowledged it (protocol.md §10). A crash between the ACK and the step runs the step at the
+//! next start, which launches the hand-off only if the agent still runs the version it updated
+//! from. The executor and its step are registered by the agent (`catalog::with_updates`), not
+//! in the executors crate: the updater and the configuration it reads live in the agent.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use runos_executors::{AfterAck, Ctx, Done};
 use runos_protocol::control::LogLevel;
 use runos_protocol::instructions::{UpdateAgent, UpdateAgentResponse};
 use runos_protocol::{ErrorCode, ErrorPayload};
 use tokio::sync::watch;
 
 use super::version::Version;
-use super::{Installed, Request, UpdateError, handoff};
-use crate::catalog::ExecCtx;
+use super::{Installed, Request, Swap, UpdateError, handoff};
 use crate::config::{self, Config};
 use crate::exit::Exit;
+
+/// The after-ACK step of `UPDATE_AGENT`: launch the hand-off.
+pub const RESTART_STEP: &str = "update-agent-restart";
+
+/// [`RESTART_STEP`] with the configuration at `config_path`: launch the hand-off described by
+/// `params` (on a blocking thread).
+pub async fn restart(config_path: PathBuf, params: serde_json::Value) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || restart_step(&config_path, params))
+        .await
+        .map_err(|e| format!("the hand-off failed: {e}"))?
+}
+
+/// The parameters of [`RESTART_STEP`] (on disk until it ran; no secret).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RestartParams {
+    from: String,
+    to: String,
+    previous_target: PathBuf,
+    binary: PathBuf,
+}
+
+/// [`RESTART_STEP`]: launch the hand-off of the installed swap, unless the agent no longer runs
+/// the version it updated from (a crash and restart already brought the new one up) or
+/// `bin_link` no longer points at the new binary (a hand-off already ran and rolled back). A
+/// step may run twice (the hand-off can stop the agent before the step's file is removed):
+/// these checks make the second run a no-op.
+fn restart_step(config_path: &Path, params: serde_json::Value) -> Result<(), String> {
+    let p: RestartParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
+    let parse = |v: &str| Version::parse_loose(v).map_err(|e| e.to_string());
+    let swap = Swap {
+        from: parse(&p.from)?,
+        to: parse(&p.to)?,
+        previous_target: p.previous_target,
+        binary: p.binary,
+        verified: None,
+    };
+    let current = Version::current().map_err(|e| e.to_string())?;
+    if current != swap.from {
+        tracing::info!(running = %current.tag(), from = %swap.from.tag(), "the agent no longer runs the version it updated from; no hand-off");
+        return Ok(());
+    }
+    let (cfg, _) = config::load(config_path).map_err(|e| e.to_string())?;
+    // A hand-off that already ran and rolled back (the agent died before removing this step)
+    // set the link back: never launch it again.
+    if !super::install::link_target(&cfg.update.bin_link).is_ok_and(|t| t == swap.binary) {
+        tracing::info!(to = %swap.to.tag(), "bin_link no longer points at the installed version; no hand-off");
+        return Ok(());
+    }
+    launch(&cfg, config_path, &swap).map_err(|e| e.message)
+}
 
 /// How often the automatic updater looks at the advertised version (in memory, no I/O).
 const AUTO_POLL: Duration = Duration::from_secs(2);
@@ -56,58 +114,43 @@ pub struct Applied {
     pub restart: bool,
 }
 
-/// Install `req` with the configuration at `config_path` and launch the hand-off. Blocking.
+/// Read the configuration at `config_path` and install `req` (no hand-off). Blocking.
+fn install(
+    config_path: &Path,
+    req: &Request,
+    rt: &tokio::runtime::Handle,
+) -> Result<(Config, Installed), UpdateError> {
+    let (cfg, _) = config::load(config_path).map_err(|e| UpdateError {
+        exit: Exit::NotRegistered,
+        message: e.to_string(),
+    })?;
+    let installed = super::install_release(&cfg, req, rt)?;
+    Ok((cfg, installed))
+}
+
+/// Install `req` with the configuration at `config_path` and launch the hand-off at once
+/// (automatic updates). Blocking.
 pub fn apply(
     config_path: &Path,
     req: &Request,
     rt: &tokio::runtime::Handle,
 ) -> Result<Applied, UpdateError> {
-    let (cfg, _) = config::load(config_path).map_err(|e| UpdateError {
-        exit: Exit::NotRegistered,
-        message: e.to_string(),
-    })?;
-    match super::install_release(&cfg, req, rt)? {
+    let (cfg, installed) = install(config_path, req, rt)?;
+    match installed {
         Installed::AlreadyCurrent(v) => Ok(Applied {
             from: v,
             to: v,
             restart: false,
         }),
         Installed::Swapped(s) => {
-            let launched = if req.cancelled() {
-                Err("the update was cancelled (the instruction's deadline passed, or it was cancelled) before the restart".to_string())
-            } else {
-                handoff::launch(&cfg, config_path, &s).map_err(|e| e.to_string())
-            };
-            launched.map_err(|e| {
-                // Never leave the link on a version that was not health-gated: the next restart
-                // (a crash, a reboot) would run it with no gate and no rollback.
-                let reverted = handoff::revert_link(&cfg, &s);
-                let message = if reverted {
-                    format!(
-                        "{e}; {} stays installed but the link was set back to {}: the agent keeps running {}",
-                        s.to.tag(),
-                        s.previous_target.display(),
-                        s.from.tag()
-                    )
-                } else {
-                    format!(
-                        "{e}; {} is installed and linked, but the agent was not restarted",
-                        s.to.tag()
-                    )
-                };
-                super::state::record(&cfg.paths.state_dir, |st| {
-                    st.last = Some(super::state::LastUpdate::now(
-                        s.from,
-                        s.to,
-                        super::state::Outcome::Failed,
-                        &message,
-                    ));
-                });
-                UpdateError {
-                    exit: Exit::Failure,
-                    message,
-                }
-            })?;
+            if req.cancelled() {
+                return Err(undo(
+                    &cfg,
+                    &s,
+                    "the update was cancelled (the instruction's deadline passed, or it was cancelled) before the restart".to_string(),
+                ));
+            }
+            launch(&cfg, config_path, &s)?;
             Ok(Applied {
                 from: s.from,
                 to: s.to,
@@ -117,22 +160,89 @@ pub fn apply(
     }
 }
 
-/// The `UPDATE_AGENT` executor.
+/// Launch the hand-off of `s`; on failure, set the link back ([`undo`]).
+fn launch(cfg: &Config, config_path: &Path, s: &Swap) -> Result<(), UpdateError> {
+    handoff::launch(cfg, config_path, s).map_err(|e| undo(cfg, s, e))
+}
+
+/// The error of an update installed but not restarted into (`e`): the link is set back, the
+/// failure recorded.
+fn undo(cfg: &Config, s: &Swap, e: String) -> UpdateError {
+    // Never leave the link on a version that was not health-gated: the next restart (a crash, a
+    // reboot) would run it with no gate and no rollback.
+    let reverted = handoff::revert_link(cfg, s);
+    let message = if reverted {
+        format!(
+            "{e}; {} stays installed but the link was set back to {}: the agent keeps running {}",
+            s.to.tag(),
+            s.previous_target.display(),
+            s.from.tag()
+        )
+    } else {
+        format!(
+            "{e}; {} is installed and linked, but the agent was not restarted",
+            s.to.tag()
+        )
+    };
+    super::state::record(&cfg.paths.state_dir, |st| {
+        st.last = Some(super::state::LastUpdate::now(
+            s.from,
+            s.to,
+            super::state::Outcome::Failed,
+            &message,
+        ));
+    });
+    UpdateError {
+        exit: Exit::Failure,
+        message,
+    }
+}
+
+/// Whether the hand-off's launcher (`update.restart_command[0]`) is an executable file.
+fn launcher_ready(cfg: &Config) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let program = cfg
+        .update
+        .restart_command
+        .first()
+        .ok_or_else(|| "update.restart_command is empty".to_string())?;
+    use runos_executors::host::runner::{agent_path, resolve_program};
+    let path = resolve_program(program, &agent_path())
+        .map_err(|e| format!("the hand-off launcher `{program}` cannot be used: {e}"))?;
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        _ => Err(format!(
+            "the hand-off launcher {} is not an executable file",
+            path.display()
+        )),
+    }
+}
+
+/// The `UPDATE_AGENT` executor: download, verify and install; the reply says whether a restart
+/// follows, and the restart itself is its after-ACK step ([`RESTART_STEP`]).
 pub async fn update_agent(
     config_path: PathBuf,
-    ctx: ExecCtx,
+    ctx: Ctx,
     p: UpdateAgent,
-) -> Result<UpdateAgentResponse, ErrorPayload> {
+) -> Result<Done<UpdateAgentResponse>, ErrorPayload> {
+    // The protocol crate validated `version`'s shape (§7.2); a release version is stricter
+    // (no leading zeros), so this can still refuse it, naming the field.
     let target = Version::parse_loose(&p.version)
         .map_err(|e| ErrorPayload::new(ErrorCode::BadPayload, format!("field `version` {e}")))?;
     ctx.log(
         LogLevel::Info,
         &format!("downloading and verifying runos {}", target.tag()),
     );
-    // Dropping this future (the instruction's deadline, a CANCEL) sets the flag: the blocking
-    // updater stops at its next step instead of installing and restarting anyway.
+    // The context's token is cancelled on deadline, CANCEL and shutdown: the blocking updater
+    // then stops at its next step instead of installing anyway.
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut guard = CancelOnDrop(Some(cancel.clone()));
+    let watch_cancel = {
+        let (token, flag) = (ctx.cancel.clone(), cancel.clone());
+        tokio::spawn(async move {
+            token.cancelled().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
     let req = Request {
         target,
         allow_downgrade: p.allow_downgrade,
@@ -142,39 +252,58 @@ pub async fn update_agent(
         running: None,
     };
     let rt = tokio::runtime::Handle::current();
-    let result = tokio::task::spawn_blocking(move || apply(&config_path, &req, &rt))
-        .await
-        .map_err(|e| ErrorPayload::new(ErrorCode::Internal, format!("the updater failed: {e}")));
-    guard.0 = None;
-    let result = result?;
-    match result {
-        Ok(a) => {
-            if a.restart {
-                ctx.log(
-                    LogLevel::Info,
-                    &format!(
-                        "runos {} verified and installed; restarting into it",
-                        a.to.tag()
-                    ),
-                );
+    let result = tokio::task::spawn_blocking(move || {
+        let (cfg, installed) = install(&config_path, &req, &rt)?;
+        if let Installed::Swapped(s) = &installed {
+            if req.cancelled() {
+                return Err(undo(
+                    &cfg,
+                    s,
+                    "the update was cancelled (the instruction's deadline passed, or it was cancelled) before the restart".to_string(),
+                ));
             }
-            Ok(UpdateAgentResponse {
-                previous_version: a.from.to_string(),
-                new_version: a.to.to_string(),
-                restart: a.restart,
-            })
+            // The hand-off runs after the ACK; a launcher that is not there fails now, while
+            // the control plane can still be told.
+            launcher_ready(&cfg).map_err(|e| undo(&cfg, s, e))?;
         }
-        Err(e) => Err(ErrorPayload::new(ErrorCode::Failed, e.message)),
-    }
-}
-
-/// Sets its flag when dropped (unless disarmed by taking it).
-struct CancelOnDrop(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(installed)
+    })
+    .await;
+    watch_cancel.abort();
+    let installed = result
+        .map_err(|e| ErrorPayload::new(ErrorCode::Internal, format!("the updater failed: {e}")))?
+        .map_err(|e| ErrorPayload::new(ErrorCode::Failed, e.message))?;
+    match installed {
+        Installed::AlreadyCurrent(v) => Ok(Done::reply(UpdateAgentResponse {
+            previous_version: v.to_string(),
+            new_version: v.to_string(),
+            restart: false,
+        })),
+        Installed::Swapped(s) => {
+            ctx.log(
+                LogLevel::Info,
+                &format!(
+                    "runos {} verified and installed; restarting into it once this reply is acknowledged",
+                    s.to.tag()
+                ),
+            );
+            let params = RestartParams {
+                from: s.from.to_string(),
+                to: s.to.to_string(),
+                previous_target: s.previous_target.clone(),
+                binary: s.binary.clone(),
+            };
+            Ok(Done::then(
+                UpdateAgentResponse {
+                    previous_version: s.from.to_string(),
+                    new_version: s.to.to_string(),
+                    restart: true,
+                },
+                AfterAck {
+                    step: RESTART_STEP.to_string(),
+                    params: serde_json::to_value(params).unwrap_or_default(),
+                },
+            ))
         }
     }
 }

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use runos_agent::catalog::{Catalog, ExecFn};
+use runos_agent::catalog::{self, Catalog, ExecFn};
 use runos_agent::daemon::JOURNAL_POLICY;
 use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
 use runos_journal::{self as journal, Journal, Limits};
@@ -48,7 +48,7 @@ pub fn sleeper() -> ExecFn {
 /// The standard catalog with `RUN_COMMAND` replaced by `exec`, registered with the given default
 /// and maximum timeouts.
 pub fn catalog_with_run_command(exec: ExecFn, default: Duration, max: Duration) -> Catalog {
-    let mut c = Catalog::standard();
+    let mut c = catalog::standard();
     c.register_raw(types::RUN_COMMAND, default, max, exec);
     c
 }
@@ -104,7 +104,7 @@ impl Harness {
     ) -> (Self, journal::Recovery) {
         let (j, rec) = Journal::open(dir, limits, JOURNAL_POLICY).unwrap();
         let (shutdown, rx) = watch::channel(false);
-        let (link, join) = dispatch::spawn(Arc::new(catalog), cfg, j, Instant::now(), rx);
+        let (link, join) = dispatch::spawn(Arc::new(catalog), cfg, j, rx);
         (Self::from_spawned(link, join, shutdown), rec)
     }
 
