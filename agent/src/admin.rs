@@ -112,7 +112,7 @@ pub fn start(run_dir: &Path, state: AdminState) -> Option<AdminServer> {
 fn bind(run_dir: &Path) -> Result<(UnixListener, PathBuf, (u64, u64)), String> {
     let path = socket_path(run_dir);
     let shown = path.display().to_string();
-    crate::fsutil::ensure_dir(run_dir, 0o755).map_err(|e| e.to_string())?;
+    crate::util::fs::ensure_dir(run_dir, 0o755).map_err(|e| e.to_string())?;
     if let Ok(m) = std::fs::symlink_metadata(&path) {
         if m.file_type().is_socket() && std::os::unix::net::UnixStream::connect(&path).is_ok() {
             return Err(format!(

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::exit::Exit;
-use crate::status_cmd::{judged_now, read_certificate, rfc3339_secs};
+use crate::status_cmd::{judged_now, read_certificate};
+use crate::util::time::rfc3339_secs;
 
 /// The percentage of the validity period `[not_before, not_after]` used at `now_s` (0 to 100,
 /// one decimal).

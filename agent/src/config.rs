@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 /// Where the configuration lives unless `--config` or `RUNOS_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runos/config.toml";

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Paths;
-use crate::fsutil::{self, FsError, Mode};
+use crate::util::fs::{self as fsutil, FsError, Mode};
 
 /// Name of the marker file in the state directory.
 pub const MARKER_FILE: &str = "credentials.switch";
@@ -88,14 +88,6 @@ fn remove(path: &Path) -> Result<(), FsError> {
     }
 }
 
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-}
-
 fn read_marker(p: &Paths) -> Option<String> {
     fsutil::read_capped(&marker(p), 64)
         .ok()
@@ -127,7 +119,7 @@ pub fn stage(p: &Paths, set: &CredentialSet) -> Result<(), FsError> {
     }
     // An older staged set is dropped first, so the marker never describes a mix.
     remove(&marker(p))?;
-    sync_dir(&marker(p));
+    crate::util::fs::sync_parent(&marker(p));
     let data = [
         set.key_pem.as_bytes(),
         set.cert_pem.as_bytes(),
@@ -165,10 +157,10 @@ fn finish_promotion(p: &Paths) -> Result<(), FsError> {
         fsutil::write_atomic(&cur, &data, Mode::Exact(mode))?;
     }
     remove(&marker(p))?;
-    sync_dir(&marker(p));
+    crate::util::fs::sync_parent(&marker(p));
     for (_, next, _) in files(p) {
         remove(&next)?;
-        sync_dir(&next);
+        crate::util::fs::sync_parent(&next);
     }
     Ok(())
 }
@@ -177,10 +169,10 @@ fn finish_promotion(p: &Paths) -> Result<(), FsError> {
 pub fn discard(p: &Paths) -> Result<(), FsError> {
     for (_, next, _) in files(p) {
         remove(&next)?;
-        sync_dir(&next);
+        crate::util::fs::sync_parent(&next);
     }
     remove(&marker(p))?;
-    sync_dir(&marker(p));
+    crate::util::fs::sync_parent(&marker(p));
     Ok(())
 }
 

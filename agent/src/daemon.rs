@@ -85,7 +85,7 @@ pub async fn run(
             "killed and removed the leftover cgroup of an instruction that a crash of the previous run cut short"
         );
     }
-    let registry = match crate::fsutil::ensure_dir(&groups, 0o700) {
+    let registry = match crate::util::fs::ensure_dir(&groups, 0o700) {
         Ok(()) => Some(groups),
         Err(e) => {
             tracing::warn!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 
 use crate::config::Config;
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 /// Largest PEM file read.
 pub const MAX_PEM_FILE: u64 = 1024 * 1024;

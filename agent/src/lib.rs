@@ -37,7 +37,6 @@ pub mod daemon;
 pub mod dispatch;
 pub mod exec;
 pub mod exit;
-pub mod fsutil;
 pub mod identity;
 pub mod journal_cmd;
 pub mod lock;
@@ -52,6 +51,7 @@ pub mod status_cmd;
 pub mod sysinfo;
 pub mod trust;
 pub mod update;
+pub mod util;
 
 /// The agent's version (the crate version).
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

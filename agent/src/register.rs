@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::{self, Config};
 use crate::exit::Exit;
-use crate::fsutil::{self, Mode};
+use crate::util::fs::{self as fsutil, Mode};
 use crate::{net, sysinfo};
 
 /// Largest frame on L1Sec.

@@ -15,7 +15,7 @@
 //! expires.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use runos_protocol::control::{self, Renewed, types};
 use runos_protocol::peertext::PeerText;
@@ -80,12 +80,7 @@ pub fn fraction_for(serial_hex: &str) -> f64 {
     RENEW_FRACTION + (x * 2.0 - 1.0) * RENEW_JITTER
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use crate::util::time::now_ms;
 
 /// The backoff after `failures` failed renewals of a certificate with `lifetime_s`: 10 s
 /// doubling, capped at a tenth of the lifetime (at least 5 s, at most 1 h).
@@ -187,10 +182,10 @@ impl Renewer {
             "state": if g.in_progress { "renewing" } else if g.failures > 0 { "failing" } else { "ok" },
             "failures": g.failures,
             "lastError": g.last_error,
-            "lastErrorAt": g.last_error_at.map(crate::status::rfc3339),
-            "lastRenewedAt": g.last_renewed_at.map(crate::status::rfc3339),
+            "lastErrorAt": g.last_error_at.map(crate::util::time::rfc3339),
+            "lastRenewedAt": g.last_renewed_at.map(crate::util::time::rfc3339),
             "nextAttemptAt": g.next_at_ms.and_then(|ms| {
-                u64::try_from(ms).ok().map(|ms| crate::status::rfc3339(UNIX_EPOCH + Duration::from_millis(ms)))
+                u64::try_from(ms).ok().map(crate::util::time::rfc3339_ms)
             }),
         })
     }
@@ -454,13 +449,13 @@ impl Outcome {
         json!({
             "renewed": true,
             "serial": self.serial_hex,
-            "notAfter": u64::try_from(self.not_after).ok().map(|s| crate::status::rfc3339(UNIX_EPOCH + Duration::from_secs(s))),
+            "notAfter": (self.not_after >= 0).then(|| crate::util::time::rfc3339_secs(self.not_after)),
         })
     }
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::fsutil::FsError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, crate::util::fs::FsError> + Send + 'static,
 ) -> Result<T, RenewError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(|e| RenewError::Failed(e.to_string())),
@@ -570,7 +565,7 @@ pub fn follow_ca(
     let Some(host) = cfg.server.host.clone() else {
         return Ok(None);
     };
-    let bundle = crate::fsutil::read_capped(&cfg.paths.ca, identity::MAX_PEM_FILE)
+    let bundle = crate::util::fs::read_capped(&cfg.paths.ca, identity::MAX_PEM_FILE)
         .map_err(|e| format!("{}: {e}", cfg.paths.ca.display()))?;
     let cas = runos_transport::pem::certificates(&bundle).map_err(|e| e.to_string())?;
     let digests: Vec<String> = cas
@@ -586,7 +581,7 @@ pub fn follow_ca(
             "the control plane's CA changed without a cross-certificate from the pinned CA; {stays}"
         ));
     };
-    let l1 = crate::fsutil::read_capped(&cfg.paths.l1_ca, identity::MAX_PEM_FILE)
+    let l1 = crate::util::fs::read_capped(&cfg.paths.l1_ca, identity::MAX_PEM_FILE)
         .map_err(|e| format!("{}: {e}", cfg.paths.l1_ca.display()))?;
     let pinned = runos_transport::pem::certificates(&l1)
         .map_err(|e| e.to_string())?
@@ -607,8 +602,12 @@ pub fn follow_ca(
             "the cross-certificate does not vouch for the new CA under the pinned one; {stays}"
         ));
     }
-    crate::fsutil::write_atomic(&cfg.paths.l1_ca, &bundle, crate::fsutil::Mode::Exact(0o644))
-        .map_err(|e| e.to_string())?;
+    crate::util::fs::write_atomic(
+        &cfg.paths.l1_ca,
+        &bundle,
+        crate::util::fs::Mode::Exact(0o644),
+    )
+    .map_err(|e| e.to_string())?;
     crate::config::update_server(
         config_path,
         &host,

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use runos_protocol::control::{self, Heartbeat, HeartbeatReply, Hello, Welcome, types};
 use runos_protocol::frame::{DecodeError, EncodeError};
@@ -30,6 +30,7 @@ use runos_protocol::peertext::{self, PeerText};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::dispatch::{DispatchLink, Inbound, error_reply};
 use crate::identity::NodeIdentity;
@@ -171,10 +172,7 @@ pub struct SessionReport {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    u64::try_from(crate::util::time::now_ms()).unwrap_or(0)
 }
 
 /// The heartbeat interval from WELCOME, clamped to 1 s – 300 s.
@@ -556,14 +554,17 @@ async fn read_loop(mut reader: Reader, tx: mpsc::Sender<Result<Envelope, FrameEr
 /// leaves this struct: [`WriteSide::ended`] takes the outcome at most once (afterwards it stays
 /// pending) and [`WriteSide::close`] consumes the side, so no path can await the task twice.
 /// Dropped without `close` (a panic unwinding the session), it aborts the task.
+/// The write task, aborted when dropped.
 struct WriteSide {
-    task: Option<tokio::task::JoinHandle<Result<(), FrameError>>>,
+    task: Option<AbortOnDropHandle<Result<(), FrameError>>>,
 }
 
 impl WriteSide {
     fn spawn(writer: Writer, rx: mpsc::Receiver<Queued>, within: Duration) -> WriteSide {
         WriteSide {
-            task: Some(tokio::spawn(write_loop(writer, rx, within))),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(write_loop(
+                writer, rx, within,
+            )))),
         }
     }
 
@@ -603,23 +604,6 @@ impl WriteSide {
     }
 }
 
-impl Drop for WriteSide {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
-/// A task aborted when this is dropped (so a session unwinding by panic leaves none behind).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn serve(
     p: &SessionParams,
     reader: Reader,
@@ -631,7 +615,8 @@ async fn serve(
     let (wtx, wrx) = WriteQueue::new();
     let (rtx, mut rrx) = mpsc::channel(WRITE_QUEUE);
     let mut write = WriteSide::spawn(writer, wrx, p.write_timeout);
-    let read_task = AbortOnDrop(tokio::spawn(read_loop(reader, rtx)));
+    // Aborted when dropped (so a session unwinding by panic leaves no reader behind).
+    let read_task = AbortOnDropHandle::new(tokio::spawn(read_loop(reader, rtx)));
     let mut renewal = Renewal::new(p);
     let end = serve_loop(
         &wtx,
@@ -1202,7 +1187,9 @@ mod tests {
     #[tokio::test]
     async fn the_write_outcome_is_taken_once_and_never_awaited_twice() {
         let mut w = WriteSide {
-            task: Some(tokio::spawn(async { Err(FrameError::Truncated) })),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(async {
+                Err(FrameError::Truncated)
+            }))),
         };
         assert!(w.ended().await.contains("middle of a frame"));
         // Taken: every later look is pending, never a second await of the handle.
@@ -1216,13 +1203,15 @@ mod tests {
 
         // A panicking writer is an ended writer, not a panicking session.
         let mut w = WriteSide {
-            task: Some(tokio::spawn(async { panic!("writer bug") })),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(async {
+                panic!("writer bug")
+            }))),
         };
         assert!(w.ended().await.contains("panic"));
 
         // Closing a writer that does not finish aborts it within the grace.
         let w = WriteSide {
-            task: Some(tokio::spawn(std::future::pending())),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(std::future::pending()))),
         };
         w.close(Duration::from_millis(20)).await;
     }

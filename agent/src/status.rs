@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use crate::session::SessionEnd;
+use crate::util::time::rfc3339;
 
 /// How many warning-level events are kept.
 pub const RECENT_ERRORS: usize = 16;
@@ -70,13 +71,6 @@ pub enum ClockCrossing {
     Exceeded,
     /// The offset came back within the bound.
     Recovered,
-}
-
-/// An RFC 3339 UTC timestamp.
-pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn secs_since(t: SystemTime, now: SystemTime) -> u64 {

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::exit::Exit;
+use crate::util::time::rfc3339_secs;
 
 /// Disconnected (or connecting) for longer than this is degraded.
 pub const DEGRADED_AFTER: Duration = Duration::from_secs(5 * 60);
@@ -27,7 +28,7 @@ const MAX_ANSWER: u64 = 4 * 1024 * 1024;
 
 /// The facts of the node certificate at `path` (the first certificate in the PEM file).
 pub fn read_certificate(path: &Path) -> Result<runos_transport::identity::CertInfo, String> {
-    let pem = crate::fsutil::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
+    let pem = crate::util::fs::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
     let certs = runos_transport::pem::certificates(&pem).map_err(|e| e.to_string())?;
     let der = certs
         .first()
@@ -47,11 +48,6 @@ pub fn judged_now(now: SystemTime, offset_ms: Option<i64>) -> (i64, &'static str
         Some(o) => (now_ms.saturating_add(o).div_euclid(1000), "server"),
         None => (now_ms.div_euclid(1000), "local"),
     }
-}
-
-/// An RFC 3339 rendering of a Unix time in seconds (times before 1970 are clamped).
-pub fn rfc3339_secs(secs: i64) -> String {
-    crate::status::rfc3339(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
 
 /// The certificate part of the status, read from `paths.certificate` and judged at `now`

@@ -29,7 +29,7 @@ pub struct JournalQuery {
 
 fn at(ms: Option<u64>) -> Value {
     ms.map_or(Value::Null, |ms| {
-        json!(crate::status::rfc3339(
+        json!(crate::util::time::rfc3339(
             UNIX_EPOCH + Duration::from_millis(ms)
         ))
     })

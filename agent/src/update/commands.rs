@@ -48,17 +48,17 @@ pub struct VerifyOptions {
 }
 
 fn read_input(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, (Exit, String)> {
-    match crate::fsutil::read_capped(path, cap) {
+    match crate::util::fs::read_capped(path, cap) {
         Ok(b) => Ok(b),
-        Err(crate::fsutil::ReadError::NotFound) => Err((
+        Err(crate::util::fs::ReadError::NotFound) => Err((
             Exit::Usage,
             format!("{what} {} does not exist", path.display()),
         )),
-        Err(crate::fsutil::ReadError::TooLarge) => Err((
+        Err(crate::util::fs::ReadError::TooLarge) => Err((
             Exit::VerifyFailed,
             format!("{what} {} is larger than {cap} bytes", path.display()),
         )),
-        Err(crate::fsutil::ReadError::Io(e)) => Err((
+        Err(crate::util::fs::ReadError::Io(e)) => Err((
             Exit::Failure,
             format!("cannot read {what} {}: {e}", path.display()),
         )),

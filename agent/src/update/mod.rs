@@ -341,7 +341,7 @@ fn install_locked(
     // that is replaced by rename (a running copy keeps its inode).
     let dir = u.install_dir.join(to.tag());
     let dir_existed = dir.is_dir();
-    crate::fsutil::ensure_dir(&dir, 0o755)
+    crate::util::fs::ensure_dir(&dir, 0o755)
         .map_err(|e| UpdateError::new(Exit::InstallFailed, e.to_string()))?;
     install::check_dir(&dir).map_err(|e| UpdateError::new(Exit::InstallFailed, e))?;
     let placed = tmp.persist(&new_binary, 0o755);

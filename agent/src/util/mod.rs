@@ -1,0 +1,5 @@
+//! Small helpers with no agent state: time ([`time`]) and files written atomically ([`fs`]).
+//! Nothing here depends on another module of the agent.
+
+pub mod fs;
+pub mod time;
