@@ -412,6 +412,11 @@ impl Paths {
     pub fn lock_file(&self) -> PathBuf {
         self.run_dir.join("agent.lock")
     }
+
+    /// The admin socket (`runos status`, `runos journal`, …; docs/cli.md).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.run_dir.join("admin.sock")
+    }
 }
 
 /// Validated `[log]`.

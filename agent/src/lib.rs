@@ -25,31 +25,16 @@
 //! - treat a late reply as an instruction: replies are matched by tag or dropped.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod audit;
-pub mod backoff;
 pub mod catalog;
-pub mod cert_cmd;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
-pub mod dispatch;
 pub mod exec;
 pub mod exit;
-pub mod identity;
-pub mod journal_cmd;
-pub mod lock;
 pub mod logging;
 pub mod net;
-pub mod notify;
-pub mod register;
-pub mod renew;
-pub mod session;
-pub mod status;
-pub mod status_cmd;
 pub mod sysinfo;
-pub mod trust;
 pub mod update;
 pub mod util;
 

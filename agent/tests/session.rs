@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use runos_agent::catalog;
 use runos_agent::config::RawConfig;
+use runos_agent::credentials::identity;
 use runos_agent::daemon::JOURNAL_POLICY;
-use runos_agent::dispatch::{self, DispatchConfig};
-use runos_agent::identity;
-use runos_agent::session::{self, Control, SessionEnd, SessionParams};
+use runos_agent::daemon::dispatch::{self, DispatchConfig};
+use runos_agent::daemon::session::{self, Control, SessionEnd, SessionParams};
 use runos_journal::{Journal, Limits};
 use runos_protocol::control::{HeartbeatReply, Hello, Welcome, types as ct};
 use runos_protocol::instructions::types;

@@ -329,8 +329,11 @@ pub fn spawn_auto(
             if *shutdown.borrow() || !cfg_rx.borrow().update.auto {
                 continue;
             }
-            let status = crate::status::global();
-            if !matches!(status.state(), crate::status::ConnState::Connected { .. }) {
+            let status = crate::daemon::status::global();
+            if !matches!(
+                status.state(),
+                crate::daemon::status::ConnState::Connected { .. }
+            ) {
                 continue;
             }
             let (Some(adv), Ok(current)) = (

@@ -7,7 +7,6 @@
 //! nothing before its last step touches the running binary or `bin_link`, and every failure
 //! leaves both as they were.
 
-pub mod commands;
 pub mod daemon_side;
 pub mod fetch;
 pub mod handoff;
@@ -135,12 +134,13 @@ pub fn install_release(
             UpdateError::new(Exit::Failure, format!("this agent's own version: {e}"))
         })?,
     };
-    let _lock = crate::lock::acquire(&cfg.paths.state_dir.join("update.lock")).map_err(|e| {
-        UpdateError::new(
-            Exit::UpdateRefused,
-            format!("another update is in progress ({e}); try again when it has finished"),
-        )
-    })?;
+    let _lock =
+        crate::util::lock::acquire(&cfg.paths.state_dir.join("update.lock")).map_err(|e| {
+            UpdateError::new(
+                Exit::UpdateRefused,
+                format!("another update is in progress ({e}); try again when it has finished"),
+            )
+        })?;
     let result = install_locked(cfg, req, rt, from);
     if let Err(e) = &result {
         state::record(&cfg.paths.state_dir, |st| {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::Dispatcher;
-use crate::audit::Record;
+use crate::daemon::audit::Record;
 use runos_journal::EntryView;
 
 /// Default number of entries `runos journal` shows.

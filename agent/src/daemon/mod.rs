@@ -7,6 +7,14 @@
 //! drain running instructions within the grace and exit; SIGHUP reloads the configuration and
 //! never exits.
 
+pub mod admin;
+pub mod audit;
+pub mod backoff;
+pub mod dispatch;
+pub mod notify;
+pub mod session;
+pub mod status;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,14 +23,15 @@ use runos_journal::Journal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::audit::AuditLog;
-use crate::backoff::Backoff;
 use crate::config::{self, Config};
-use crate::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use crate::credentials::identity;
+use crate::daemon::audit::AuditLog;
+use crate::daemon::backoff::Backoff;
+use crate::daemon::dispatch::{DispatchConfig, DispatchLink, Inbound};
+use crate::daemon::session::{Control, SessionEnd, SessionParams};
 use crate::exit::Exit;
 use crate::logging::LogHandle;
-use crate::session::{self, Control, SessionEnd, SessionParams};
-use crate::{identity, lock, notify};
+use crate::util::lock;
 
 /// A daemon that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -181,10 +190,10 @@ pub async fn run(
         renew: renew_rx,
     };
     // `runos status`: the local admin socket (see admin.rs, status.rs); removed on drop.
-    let status = crate::status::global();
-    let _admin = crate::admin::start(
-        &cfg.paths.run_dir,
-        crate::admin::AdminState {
+    let status = crate::daemon::status::global();
+    let _admin = crate::daemon::admin::start(
+        &cfg.paths.admin_socket(),
+        crate::daemon::admin::AdminState {
             status: status.clone(),
             dispatcher: link.inbound.downgrade(),
             renew: Some(renew_tx),
@@ -239,8 +248,9 @@ pub async fn run(
                     }
                     SessionEnd::Renewed => {
                         let path = config_file.clone();
+                        let offset = crate::daemon::status::global().trusted_clock_offset();
                         let _ = tokio::task::spawn_blocking(move || {
-                            crate::renew::follow_ca_logged(&path)
+                            crate::credentials::renew::follow_ca_logged(&path, offset)
                         })
                         .await;
                         backoff.reset();
@@ -341,7 +351,7 @@ fn open_journal(
         truncated = rec.truncated.is_some(),
         "journal opened"
     );
-    let mut audit = AuditLog::new(state_dir, crate::audit::DEFAULT_MAX_BYTES);
+    let mut audit = AuditLog::new(state_dir, crate::daemon::audit::DEFAULT_MAX_BYTES);
     audit.backfill(&answered_newest_first(&journal));
     Ok((journal, audit))
 }
@@ -368,7 +378,7 @@ fn answered_newest_first(
     views.sort_by_key(|v| std::cmp::Reverse(v.finished_ms));
     views
         .into_iter()
-        .take(crate::audit::BACKFILL_MAX)
+        .take(crate::daemon::audit::BACKFILL_MAX)
         .filter_map(|v| match journal.lookup(&v.tag) {
             runos_journal::Lookup::Done(reply) => Some((v, reply)),
             _ => None,
@@ -388,7 +398,7 @@ async fn wait_disconnected(link: &mut DispatchLink, ctl: &mut Control, delay: Du
             _ = ctl.reconnect.changed() => return,
             r = link.replies.recv() => if r.is_none() { return },
             Some(req) = ctl.renew.recv() => {
-                let _ = req.respond.send(Err(crate::renew::RenewError::Unreachable(
+                let _ = req.respond.send(Err(crate::credentials::renew::RenewError::Unreachable(
                     "the agent is not connected to the control plane; it renews automatically once connected".into(),
                 )));
             }

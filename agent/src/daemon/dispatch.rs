@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-use crate::audit::AuditLog;
 use crate::catalog::{Catalog, Job};
+use crate::daemon::audit::AuditLog;
 
 mod cancel;
 // `runos journal`: Inbound::Journal (see `journal_query.rs`).

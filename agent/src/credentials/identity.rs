@@ -47,7 +47,7 @@ pub struct NodeIdentity {
     /// The certificate's notAfter, seconds since the Unix epoch.
     pub not_after: i64,
     /// The CAs of the L2Sec bundle (DER): the node's trust, which a renewal may only continue
-    /// ([`crate::trust`]).
+    /// ([`crate::credentials::trust`]).
     pub trusted_cas: Vec<Vec<u8>>,
 }
 

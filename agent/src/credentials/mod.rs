@@ -14,6 +14,11 @@
 //! marker or stray `.next` files are discarded (the new set was never proven; the renewal is
 //! simply done again).
 
+pub mod enrol;
+pub mod identity;
+pub mod renew;
+pub mod trust;
+
 use std::path::{Path, PathBuf};
 
 use crate::config::Paths;
@@ -145,15 +150,16 @@ pub fn promote(p: &Paths) -> Result<(), FsError> {
 
 fn finish_promotion(p: &Paths) -> Result<(), FsError> {
     for (cur, next, mode) in files(p) {
-        let data =
-            fsutil::read_capped(&next, crate::identity::MAX_PEM_FILE).map_err(|e| FsError {
+        let data = fsutil::read_capped(&next, crate::credentials::identity::MAX_PEM_FILE).map_err(
+            |e| FsError {
                 action: "read",
                 path: next.clone(),
                 source: match e {
                     fsutil::ReadError::Io(e) => e,
                     other => std::io::Error::other(other.to_string()),
                 },
-            })?;
+            },
+        )?;
         fsutil::write_atomic(&cur, &data, Mode::Exact(mode))?;
     }
     remove(&marker(p))?;
@@ -181,11 +187,11 @@ pub fn discard(p: &Paths) -> Result<(), FsError> {
 pub const SWITCH_LOCK: &str = "credentials.lock";
 
 /// Take the switch lock; `None` when another process (or task) holds it.
-pub fn switch_lock(p: &Paths) -> Result<Option<crate::lock::InstanceLock>, FsError> {
-    match crate::lock::acquire(&p.run_dir.join(SWITCH_LOCK)) {
+pub fn switch_lock(p: &Paths) -> Result<Option<crate::util::lock::InstanceLock>, FsError> {
+    match crate::util::lock::acquire(&p.run_dir.join(SWITCH_LOCK)) {
         Ok(l) => Ok(Some(l)),
-        Err(crate::lock::LockError::Held(_)) => Ok(None),
-        Err(crate::lock::LockError::Io { path, source }) => Err(FsError {
+        Err(crate::util::lock::LockError::Held(_)) => Ok(None),
+        Err(crate::util::lock::LockError::Io { path, source }) => Err(FsError {
             action: "lock",
             path,
             source,
@@ -232,7 +238,7 @@ pub fn install(p: &Paths, set: &CredentialSet) -> Result<(), FsError> {
 /// Read the staged set.
 pub fn read_staged(p: &Paths) -> Result<CredentialSet, String> {
     let read = |path: &Path| -> Result<String, String> {
-        fsutil::read_capped(path, crate::identity::MAX_PEM_FILE)
+        fsutil::read_capped(path, crate::credentials::identity::MAX_PEM_FILE)
             .map_err(|e| format!("{}: {e}", path.display()))
             .and_then(|b| {
                 String::from_utf8(b).map_err(|_| format!("{}: not UTF-8", path.display()))
@@ -244,6 +250,16 @@ pub fn read_staged(p: &Paths) -> Result<CredentialSet, String> {
         cert_pem: read(&c.1)?,
         ca_pem: read(&a.1)?,
     })
+}
+
+/// The facts of the node certificate at `path` (the first certificate in the PEM file).
+pub fn read_certificate(path: &Path) -> Result<runos_transport::identity::CertInfo, String> {
+    let pem = crate::util::fs::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
+    let certs = runos_transport::pem::certificates(&pem).map_err(|e| e.to_string())?;
+    let der = certs
+        .first()
+        .ok_or_else(|| "no certificate in the file".to_string())?;
+    runos_transport::identity::cert_info(der).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! Online certificate renewal.
 //!
 //! When the certificate has used about two thirds of its lifetime (judged with the control
-//! plane's time while its offset is within [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], with
+//! plane's time while its offset is within [`crate::daemon::status::MAX_TRUSTED_CLOCK_OFFSET`], with
 //! ±5 % jitter per certificate so a fleet enrolled together does not renew together), the
 //! session generates a new P-256 key, sends `RENEW` with a CSR on the live mTLS stream and gets
-//! `RENEWED` (certificate + CA bundle). The answer is judged first ([`crate::trust`]: trust
+//! `RENEWED` (certificate + CA bundle). The answer is judged first ([`crate::credentials::trust`]: trust
 //! continuity, node, key, validity); a refused one changes nothing. The new set is staged on disk
 //! ([`crate::credentials`]), proven by a probe session that uses it, and only then promoted;
 //! the session then reconnects with it at once. Instructions keep flowing: the dispatcher and
@@ -17,15 +17,15 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use runos_protocol::control::{self, Renewed, types};
-use runos_protocol::peertext::PeerText;
+use runos_protocol::control::{self, Hello, Renewed, Welcome, types};
+use runos_protocol::peertext::{self, PeerText};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameReader, FrameWriter};
 use serde_json::{Value, json};
 
 use crate::config::Paths;
+use crate::credentials::identity::{self, NodeIdentity};
 use crate::credentials::{self, CredentialSet};
-use crate::identity::{self, NodeIdentity};
 use crate::net;
 
 /// Bound on waiting for `RENEWED`.
@@ -199,7 +199,7 @@ pub fn global() -> &'static Renewer {
 
 /// A new key and CSR for the node: (key PEM, CSR PEM, public key DER).
 pub fn new_request() -> Result<(String, String, Vec<u8>), RenewError> {
-    crate::register::key_and_csr(&crate::sysinfo::hostname())
+    crate::credentials::enrol::key_and_csr(&crate::sysinfo::hostname())
         .map_err(|e| RenewError::Failed(e.to_string()))
 }
 
@@ -213,7 +213,7 @@ pub struct Accepted {
     pub endorsement: Option<String>,
 }
 
-/// Check a `RENEWED` answer with [`crate::trust::admit`]: a bundle of one or two CAs that
+/// Check a `RENEWED` answer with [`crate::credentials::trust::admit`]: a bundle of one or two CAs that
 /// continues the trust of `current` (the identity being renewed), and a certificate for its
 /// node id and the key we generated, valid at `now_s` with a sane lifetime. Anything else is
 /// refused and the current identity stays.
@@ -224,7 +224,7 @@ pub fn check_renewed(
     public_key_der: &[u8],
     now_s: i64,
 ) -> Result<Accepted, RenewError> {
-    let admitted = crate::trust::admit(
+    let admitted = crate::credentials::trust::admit(
         &current.trusted_cas,
         &r.ca_pem,
         r.ca_cross_pem.as_deref(),
@@ -250,11 +250,81 @@ pub fn check_renewed(
 
 /// The time (seconds since the epoch) by which a renewed certificate is judged: the node's
 /// clock corrected by the control plane's offset when that is within
-/// [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], else the node's own clock.
-pub fn judging_now_s() -> i64 {
-    now_ms()
-        .saturating_add(crate::status::global().trusted_clock_offset())
-        .div_euclid(1000)
+/// the daemon's trusted bound, else the node's own clock: `offset_ms` is the trusted offset (0
+/// when there is none).
+pub fn judging_now_s(offset_ms: i64) -> i64 {
+    now_ms().saturating_add(offset_ms).div_euclid(1000)
+}
+
+/// Why the control plane's answer to HELLO ends the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The node is revoked.
+    Revoked(String),
+    /// The peers speak different protocol versions.
+    Incompatible(String),
+    /// Any other refusal or an unusable answer.
+    Failed(String),
+}
+
+/// Longest control-plane message kept in an error (characters).
+pub const MAX_PEER_MESSAGE_CHARS: usize = 200;
+
+/// The HELLO of this agent for `id`.
+pub fn hello(
+    id: &NodeIdentity,
+    instruction_types: Vec<String>,
+    pending_replies: Vec<String>,
+    probe: bool,
+) -> Hello {
+    Hello {
+        protocol_version: runos_protocol::PROTOCOL_VERSION,
+        agent_version: crate::agent_version().to_string(),
+        node_id: id.node_id.clone(),
+        hostname: crate::sysinfo::hostname(),
+        boot_id: crate::sysinfo::boot_id(),
+        instruction_types,
+        pending_replies,
+        probe,
+        last_update: None,
+    }
+}
+
+/// Judge the answer to HELLO: the one handshake judgement of the session and of the renewal
+/// probe (a `WELCOME` with the HELLO's tag, a protocol version spoken here, a sane frame size).
+pub fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, Refused> {
+    if env.is(types::ERROR) {
+        let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
+            ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
+        });
+        let message = peertext::clean(&e.message, MAX_PEER_MESSAGE_CHARS);
+        return Err(match e.code {
+            ErrorCode::Revoked => Refused::Revoked(message),
+            ErrorCode::VersionMismatch => Refused::Incompatible(message),
+            _ => Refused::Failed(format!(
+                "the control plane refused the session ({}): {message}",
+                e.code
+            )),
+        });
+    }
+    if !env.is(types::WELCOME) || env.tag != hello_tag {
+        return Err(Refused::Failed(format!(
+            "expected WELCOME with the HELLO's tag, got {}",
+            env.kind
+        )));
+    }
+    let w: Welcome = env
+        .payload()
+        .map_err(|_| Refused::Failed("WELCOME payload is malformed".into()))?;
+    control::check_version(w.protocol_version).map_err(|e| Refused::Incompatible(e.message))?;
+    if w.max_frame_bytes < runos_protocol::MIN_MAX_FRAME_BYTES {
+        // Below the floor the agent cannot even send its own heartbeats and ERRORs reliably.
+        return Err(Refused::Failed(format!(
+            "protocol error: WELCOME announces a maximum frame size below the protocol's floor of {} bytes",
+            runos_protocol::MIN_MAX_FRAME_BYTES
+        )));
+    }
+    Ok(w)
 }
 
 /// The identity a credential set gives, for `host:port`.
@@ -310,7 +380,7 @@ impl Probe {
             let mut reader = FrameReader::new(r, max_frame);
             let mut writer = FrameWriter::new(w, max_frame);
             let tag = Tag::random();
-            let hello = crate::session::hello(id, Vec::new(), Vec::new(), true);
+            let hello = hello(id, Vec::new(), Vec::new(), true);
             writer
                 .write(&Envelope::with_type(types::HELLO, tag, &hello))
                 .await
@@ -325,7 +395,7 @@ impl Probe {
                 // A refused client certificate shows up here in TLS 1.3, as an alert.
                 Err(e) => return Err(RenewError::Tls(format!("waiting for WELCOME: {e}"))),
             };
-            match crate::session::handshake_answer(&first, tag) {
+            match handshake_answer(&first, tag) {
                 Ok(w) => {
                     writer.set_max(w.max_frame_bytes);
                     Ok(Probe {
@@ -334,7 +404,7 @@ impl Probe {
                         addr: addr.clone(),
                     })
                 }
-                Err(crate::session::SessionEnd::Revoked(m)) => Err(RenewError::Revoked(m)),
+                Err(Refused::Revoked(m)) => Err(RenewError::Revoked(m)),
                 Err(other) => Err(RenewError::Failed(
                     PeerText::new(&format!("{other:?}")).to_string(),
                 )),
@@ -486,7 +556,7 @@ pub async fn switch_to(
     // A renewal replaces only the identity it renewed: if the current certificate is another
     // one now (`register --force` meanwhile), the renewed set is stale and dropped.
     if let Some(serial) = renewing {
-        let current = crate::status_cmd::read_certificate(&paths.certificate).ok();
+        let current = crate::credentials::read_certificate(&paths.certificate).ok();
         if current.as_ref().map(|i| i.serial_hex.as_str()) != Some(serial.as_str()) {
             return Err(RenewError::Failed(
                 "the node's identity changed during the renewal (re-registered?); the renewed certificate is dropped".into(),
@@ -557,6 +627,7 @@ pub async fn switch_locked(
 pub fn follow_ca(
     config_path: &std::path::Path,
     endorsement: Option<&str>,
+    offset_ms: i64,
 ) -> Result<Option<String>, String> {
     let (cfg, _) = crate::config::load(config_path).map_err(|e| e.to_string())?;
     let Some(pin) = cfg.server.l1_ca_sha256.clone() else {
@@ -597,7 +668,8 @@ pub fn follow_ca(
         .ok()
         .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)))
         .ok_or_else(|| format!("the cross-certificate is unreadable; {stays}"))?;
-    if !crate::trust::vouches(&cross, &cas[0], &pinned, Some(judging_now_s())) {
+    if !crate::credentials::trust::vouches(&cross, &cas[0], &pinned, Some(judging_now_s(offset_ms)))
+    {
         return Err(format!(
             "the cross-certificate does not vouch for the new CA under the pinned one; {stays}"
         ));
@@ -620,9 +692,10 @@ pub fn follow_ca(
 }
 
 /// [`follow_ca`] with the cross-certificate of the last promoted renewal, logging its outcome.
-pub fn follow_ca_logged(config_path: &std::path::Path) {
+/// `offset_ms` is the trusted clock offset ([`judging_now_s`]).
+pub fn follow_ca_logged(config_path: &std::path::Path, offset_ms: i64) {
     let endorsement = global().take_endorsement();
-    match follow_ca(config_path, endorsement.as_deref()) {
+    match follow_ca(config_path, endorsement.as_deref(), offset_ms) {
         Ok(Some(pin)) => tracing::info!(
             ca_sha256 = %pin,
             "the control plane's CA changed (rotation cut over, vouched for by the pinned CA): the L1Sec CA and pin follow it"
@@ -762,23 +835,27 @@ mod tests {
 
         // During the overlap ([A, B]) nothing moves.
         std::fs::write(d.path().join("ca.pem"), format!("{a_pem}{b_pem}")).unwrap();
-        assert_eq!(follow_ca(&config, Some(&good)), Ok(None));
+        assert_eq!(follow_ca(&config, Some(&good), 0), Ok(None));
         // Cut over to [B]: without a cross-certificate, or with one not from A, the pin stays.
         std::fs::write(d.path().join("ca.pem"), &b_pem).unwrap();
-        assert!(follow_ca(&config, None).unwrap_err().contains("pin stays"));
         assert!(
-            follow_ca(&config, Some(&forged))
+            follow_ca(&config, None, 0)
                 .unwrap_err()
                 .contains("pin stays")
         );
-        assert!(follow_ca(&config, Some("junk")).is_err());
+        assert!(
+            follow_ca(&config, Some(&forged), 0)
+                .unwrap_err()
+                .contains("pin stays")
+        );
+        assert!(follow_ca(&config, Some("junk"), 0).is_err());
         assert_eq!(pin(), Some(pin_a.clone()));
         assert_eq!(l1(), a_pem);
         // With A's cross-certificate for B it follows B.
         let pin_b = runos_transport::pem::der_sha256(
             &runos_transport::pem::certificates(b_pem.as_bytes()).unwrap()[0],
         );
-        assert_eq!(follow_ca(&config, Some(&good)), Ok(Some(pin_b.clone())));
+        assert_eq!(follow_ca(&config, Some(&good), 0), Ok(Some(pin_b.clone())));
         assert_eq!(pin(), Some(pin_b));
         assert_eq!(l1(), b_pem);
     }

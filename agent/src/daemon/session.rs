@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use runos_protocol::control::{self, Heartbeat, HeartbeatReply, Hello, Welcome, types};
+use runos_protocol::control::{self, Heartbeat, HeartbeatReply, Welcome, types};
 use runos_protocol::frame::{DecodeError, EncodeError};
 use runos_protocol::peertext::{self, PeerText};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
@@ -32,17 +32,19 @@ use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::dispatch::{DispatchLink, Inbound, error_reply};
-use crate::identity::NodeIdentity;
+use crate::credentials::identity::NodeIdentity;
+use crate::credentials::renew;
+use crate::daemon::dispatch::{DispatchLink, Inbound, error_reply};
+use crate::daemon::notify;
 use crate::logging::RateLimit;
-use crate::{net, notify, renew};
+use crate::net;
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound on writing one frame (`agent.write_timeout_secs`).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest peer message (an ERROR's) kept in a session end, a log line or the status.
-const MAX_PEER_MESSAGE_CHARS: usize = 200;
+use crate::credentials::renew::MAX_PEER_MESSAGE_CHARS;
 /// Warnings about dropped control frames: at most this many lines per [`DROP_LOG_WINDOW`].
 const DROP_LOG_BURST: u32 = 10;
 /// See [`DROP_LOG_BURST`].
@@ -200,7 +202,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
             tracing::error!(
                 "the session failed unexpectedly (a bug in the agent: {msg}); reconnecting"
             );
-            crate::status::global().session_panicked(&msg); // `runos status`
+            crate::daemon::status::global().session_panicked(&msg); // `runos status`
             report(
                 SessionEnd::Failed(format!("the session failed unexpectedly: {msg}")),
                 None,
@@ -281,19 +283,19 @@ fn frame_error_text(e: &FrameError) -> String {
 }
 
 /// WELCOME's `sessionId` if it is clean, printable text of at most
-/// [`crate::status::MAX_SESSION_ID_CHARS`] characters; otherwise it is ignored with a warning
+/// [`crate::daemon::status::MAX_SESSION_ID_CHARS`] characters; otherwise it is ignored with a warning
 /// (never logged or shown: it would forge log lines or repaint a terminal).
 fn welcome_session_id(w: &Welcome) -> Option<&str> {
     let id = w.session_id.as_str();
     if id.is_empty() {
         return None;
     }
-    if peertext::is_clean(id, crate::status::MAX_SESSION_ID_CHARS) {
+    if peertext::is_clean(id, crate::daemon::status::MAX_SESSION_ID_CHARS) {
         Some(id)
     } else {
         tracing::warn!(
             "WELCOME sessionId is not printable text of at most {} characters; ignored",
-            crate::status::MAX_SESSION_ID_CHARS
+            crate::daemon::status::MAX_SESSION_ID_CHARS
         );
         None
     }
@@ -338,7 +340,7 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     // Handshake.
     let pending_replies = pending_tags(link).await;
     let hello_tag = Tag::random();
-    let mut hello = hello(id, p.instruction_types.clone(), pending_replies, false);
+    let mut hello = renew::hello(id, p.instruction_types.clone(), pending_replies, false);
     hello.last_update = crate::update::state::report(&p.paths.state_dir);
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();
@@ -389,7 +391,8 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     };
     let welcomed_at = Instant::now();
     let rtt_ms = u64::try_from(hello_sent.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let offset_ms = crate::status::clock_offset_ms(welcome.server_time_ms, hello_sent_ms, rtt_ms);
+    let offset_ms =
+        crate::daemon::status::clock_offset_ms(welcome.server_time_ms, hello_sent_ms, rtt_ms);
     writer.set_max(welcome.max_frame_bytes);
     let interval = heartbeat_interval(welcome.heartbeat_interval_ms);
     let session_id = welcome_session_id(&welcome);
@@ -401,31 +404,11 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         "connected to {addr}"
     );
     notify::status(&format!("connected to {addr}"));
-    crate::status::global().connected(&addr, session_id); // `runos status`
-    crate::status::global().set_advertised_version(welcome_advertised_version(&welcome));
-    crate::status::global().observe_clock_offset(offset_ms);
+    crate::daemon::status::global().connected(&addr, session_id); // `runos status`
+    crate::daemon::status::global().set_advertised_version(welcome_advertised_version(&welcome));
+    crate::daemon::status::global().observe_clock_offset(offset_ms);
     let end = serve(p, reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
-}
-
-/// The HELLO of this agent for `id`.
-pub(crate) fn hello(
-    id: &NodeIdentity,
-    instruction_types: Vec<String>,
-    pending_replies: Vec<String>,
-    probe: bool,
-) -> Hello {
-    Hello {
-        protocol_version: runos_protocol::PROTOCOL_VERSION,
-        agent_version: crate::agent_version().to_string(),
-        node_id: id.node_id.clone(),
-        hostname: crate::sysinfo::hostname(),
-        boot_id: crate::sysinfo::boot_id(),
-        instruction_types,
-        pending_replies,
-        probe,
-        last_update: None,
-    }
 }
 
 /// The tags of the replies awaiting ACK, for HELLO (bounded by the dispatcher). Not connected
@@ -454,40 +437,13 @@ async fn pending_tags(link: &mut DispatchLink) -> Vec<String> {
     }
 }
 
-/// Judge the answer to HELLO.
+/// Judge the answer to HELLO ([`renew::handshake_answer`], shared with the renewal probe).
 pub(crate) fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
-    if env.is(types::ERROR) {
-        let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
-            ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
-        });
-        let message = peertext::clean(&e.message, MAX_PEER_MESSAGE_CHARS);
-        return Err(match e.code {
-            ErrorCode::Revoked => SessionEnd::Revoked(message),
-            ErrorCode::VersionMismatch => SessionEnd::Incompatible(message),
-            _ => SessionEnd::Failed(format!(
-                "the control plane refused the session ({}): {message}",
-                e.code
-            )),
-        });
-    }
-    if !env.is(types::WELCOME) || env.tag != hello_tag {
-        return Err(SessionEnd::Failed(format!(
-            "expected WELCOME with the HELLO's tag, got {}",
-            env.kind
-        )));
-    }
-    let w: Welcome = env
-        .payload()
-        .map_err(|_| SessionEnd::Failed("WELCOME payload is malformed".into()))?;
-    control::check_version(w.protocol_version).map_err(|e| SessionEnd::Incompatible(e.message))?;
-    if w.max_frame_bytes < runos_protocol::MIN_MAX_FRAME_BYTES {
-        // Below the floor the agent cannot even send its own heartbeats and ERRORs reliably.
-        return Err(SessionEnd::Failed(format!(
-            "protocol error: WELCOME announces a maximum frame size below the protocol's floor of {} bytes",
-            runos_protocol::MIN_MAX_FRAME_BYTES
-        )));
-    }
-    Ok(w)
+    renew::handshake_answer(env, hello_tag).map_err(|e| match e {
+        renew::Refused::Revoked(m) => SessionEnd::Revoked(m),
+        renew::Refused::Incompatible(m) => SessionEnd::Incompatible(m),
+        renew::Refused::Failed(m) => SessionEnd::Failed(m),
+    })
 }
 
 type Reader =
@@ -839,10 +795,10 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
             Some(sent) => {
                 let rtt_ms = u64::try_from(sent.at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 tracing::trace!(%tag, rtt_ms, "heartbeat answered");
-                let status = crate::status::global();
+                let status = crate::daemon::status::global();
                 status.round_trip(); // `runos status`
                 match env.payload::<HeartbeatReply>() {
-                    Ok(r) => status.observe_clock_offset(crate::status::clock_offset_ms(
+                    Ok(r) => status.observe_clock_offset(crate::daemon::status::clock_offset_ms(
                         r.server_time_ms,
                         sent.wall_ms,
                         rtt_ms,
@@ -902,7 +858,7 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
     Routed::Nothing
 }
 
-/// The renewal state of one session (see [`crate::renew`]).
+/// The renewal state of one session (see [`crate::credentials::renew`]).
 struct Renewal {
     identity: NodeIdentity,
     paths: crate::config::Paths,
@@ -937,7 +893,7 @@ impl Renewal {
     fn new(p: &SessionParams) -> Renewal {
         // Only an offset within the bound moves the renewal: a WELCOME claiming a time weeks
         // ahead must not make the agent renew at once.
-        let offset = crate::status::global().trusted_clock_offset();
+        let offset = crate::daemon::status::global().trusted_clock_offset();
         let due = renew::global().due_in(&p.identity, offset);
         tracing::debug!(
             due_in_secs = due.as_secs(),
@@ -1033,7 +989,7 @@ impl Renewal {
                 &self.identity,
                 key_pem,
                 &public_key,
-                renew::judging_now_s(),
+                renew::judging_now_s(crate::daemon::status::global().trusted_clock_offset()),
             )
         });
         match accepted {
