@@ -154,6 +154,7 @@ async fn session_lifecycle() {
         instruction_types: catalog.types(),
         paths: cfg.paths.clone(),
         write_timeout: session::WRITE_TIMEOUT,
+        state: runos_agent::daemon::state::AgentState::new(),
     };
     let (ends_tx, mut ends) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -323,6 +324,7 @@ async fn unreachable_server_is_connect_failed() {
         instruction_types: vec![],
         paths: cfg.paths.clone(),
         write_timeout: session::WRITE_TIMEOUT,
+        state: runos_agent::daemon::state::AgentState::new(),
     };
     let mut ctl = Control {
         shutdown: shutdown_rx,

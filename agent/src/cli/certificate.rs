@@ -176,7 +176,10 @@ fn renew_code_exit(code: &str) -> Exit {
 
 /// Renew without a daemon: take the agent's lock, open a probe session with the current
 /// identity, RENEW, and switch to the new set once it is proven.
-async fn renew_direct(cfg: &Config) -> Result<crate::credentials::renew::Outcome, (Exit, String)> {
+/// The outcome and the promoted renewal's cross-certificate (for the L1Sec pin).
+async fn renew_direct(
+    cfg: &Config,
+) -> Result<(crate::credentials::renew::Outcome, Option<String>), (Exit, String)> {
     use crate::credentials::renew::{self, Probe};
     let _lock = crate::util::lock::acquire(&cfg.paths.lock_file()).map_err(|e| match e {
         crate::util::lock::LockError::Held(p) => (
@@ -221,8 +224,7 @@ async fn renew_direct(cfg: &Config) -> Result<crate::credentials::renew::Outcome
     .await
     .map_err(err)?;
     // For the L1Sec pin ([`renew::follow_ca_logged`]).
-    renew::global().succeeded(acc.endorsement);
-    Ok(out)
+    Ok((out, acc.endorsement))
 }
 
 /// Run `runos certificate renew`: through the daemon when it answers, else directly.
@@ -255,10 +257,10 @@ pub fn renew(
         };
         (r, "agent")
     } else {
-        let r = rt.block_on(renew_direct(cfg)).map(|o| o.to_json());
-        if r.is_ok() {
-            crate::credentials::renew::follow_ca_logged(config_path, 0);
-        }
+        let r = rt.block_on(renew_direct(cfg)).map(|(o, endorsement)| {
+            crate::credentials::renew::follow_ca_logged(config_path, endorsement, 0);
+            o.to_json()
+        });
         (r, "direct")
     };
     match result {

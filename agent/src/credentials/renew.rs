@@ -191,12 +191,6 @@ impl Renewer {
     }
 }
 
-/// The process-wide renewal state (the daemon's sessions and the admin socket share it).
-pub fn global() -> &'static Renewer {
-    static R: std::sync::OnceLock<Renewer> = std::sync::OnceLock::new();
-    R.get_or_init(Renewer::default)
-}
-
 /// A new key and CSR for the node: (key PEM, CSR PEM, public key DER).
 pub fn new_request() -> Result<(String, String, Vec<u8>), RenewError> {
     crate::credentials::enrol::key_and_csr(&crate::sysinfo::hostname())
@@ -692,9 +686,13 @@ pub fn follow_ca(
 }
 
 /// [`follow_ca`] with the cross-certificate of the last promoted renewal, logging its outcome.
-/// `offset_ms` is the trusted clock offset ([`judging_now_s`]).
-pub fn follow_ca_logged(config_path: &std::path::Path, offset_ms: i64) {
-    let endorsement = global().take_endorsement();
+/// `endorsement` is the promoted renewal's ([`Renewer::take_endorsement`]); `offset_ms` is the
+/// trusted clock offset ([`judging_now_s`]).
+pub fn follow_ca_logged(
+    config_path: &std::path::Path,
+    endorsement: Option<String>,
+    offset_ms: i64,
+) {
     match follow_ca(config_path, endorsement.as_deref(), offset_ms) {
         Ok(Some(pin)) => tracing::info!(
             ca_sha256 = %pin,

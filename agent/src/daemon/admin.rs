@@ -6,7 +6,7 @@
 //! within [`READ_TIMEOUT`]), answered with one line of JSON, then the connection is closed.
 //! At most [`MAX_CONNECTIONS`] connections are served at a time; more are closed at once.
 //!
-//! - `{"op":"status"}` → the daemon's status ([`StatusHandle::to_json`]) merged with the
+//! - `{"op":"status"}` → the daemon's status ([`crate::daemon::state::AgentState::to_json`]) merged with the
 //!   dispatcher's snapshot ([`DispatchSnapshot::to_json`](crate::daemon::dispatch::snapshot::DispatchSnapshot::to_json)).
 //! - `{"op":"journal","tag":"<uuid>"}` or `{"op":"journal","limit":N}` (default 50, at most
 //!   1000) → `{"entries":[...]}`, newest first (see
@@ -32,7 +32,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::daemon::dispatch::Inbound;
-use crate::daemon::status::StatusHandle;
+use crate::daemon::state::State;
 
 /// Largest request line, in bytes.
 pub const MAX_REQUEST: usize = 4096;
@@ -46,8 +46,8 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the admin socket serves.
 #[derive(Debug, Clone)]
 pub struct AdminState {
-    /// The daemon's status.
-    pub status: StatusHandle,
+    /// The agent's state (status, renewal).
+    pub state: State,
     /// The dispatcher (weak: the admin socket never keeps it alive).
     pub dispatcher: mpsc::WeakSender<Inbound>,
     /// Where `renew` requests go (the daemon's session).
@@ -284,7 +284,7 @@ async fn renew(state: &AdminState) -> Value {
 
 /// The full status answer.
 pub async fn status(state: &AdminState) -> Value {
-    let mut v = state.status.to_json();
+    let mut v = state.state.to_json();
     let snap = async {
         let tx = state.dispatcher.upgrade()?;
         let (stx, srx) = oneshot::channel();
@@ -344,7 +344,7 @@ mod tests {
             sd_rx,
         );
         let state = AdminState {
-            status: StatusHandle::new(),
+            state: crate::daemon::state::AgentState::new(),
             dispatcher: link.inbound.downgrade(),
             renew: None,
             reconnect: None,

@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod dispatch;
 pub mod notify;
 pub mod session;
+pub mod state;
 pub mod status;
 
 use std::path::PathBuf;
@@ -165,6 +166,8 @@ pub async fn run(
         }
     });
 
+    // This agent's shared state (status, renewal, advertised version, clock offset).
+    let state = state::AgentState::new();
     // After the lock: one process at a time owns the journal.
     let (journal, audit) = open_journal(&cfg.paths.state_dir, cfg.agent.journal_fsync)?;
     let mut catalog = crate::catalog::with_updates(
@@ -174,8 +177,12 @@ pub async fn run(
     catalog.set_host(crate::exec::host(agent_started));
     let catalog = Arc::new(catalog);
     // `[update] auto`: follow the version the control plane advertises (docs/update.md).
-    let _auto =
-        crate::update::daemon_side::spawn_auto(update_config, cfg_rx.clone(), shutdown_rx.clone());
+    let _auto = crate::update::daemon_side::spawn_auto(
+        update_config,
+        cfg_rx.clone(),
+        state.advertised_version(),
+        shutdown_rx.clone(),
+    );
     let (mut link, dispatcher) = dispatch::spawn_with_audit(
         catalog.clone(),
         DispatchConfig::from_settings(&cfg.agent),
@@ -190,11 +197,11 @@ pub async fn run(
         renew: renew_rx,
     };
     // `runos status`: the local admin socket (see admin.rs, status.rs); removed on drop.
-    let status = crate::daemon::status::global();
+    let status = &state.status;
     let _admin = crate::daemon::admin::start(
         &cfg.paths.admin_socket(),
         crate::daemon::admin::AdminState {
-            status: status.clone(),
+            state: state.clone(),
             dispatcher: link.inbound.downgrade(),
             renew: Some(renew_tx),
             reconnect: Some(reload_tx),
@@ -235,9 +242,10 @@ pub async fn run(
                     instruction_types: catalog.types(),
                     paths: cfg.paths.clone(),
                     write_timeout: cfg.agent.write_timeout,
+                    state: state.clone(),
                 };
                 let rep = session::run(&params, &mut link, &mut ctl).await;
-                status.session_ended(&rep.end); // `runos status`
+                state.session_ended(&rep.end); // `runos status`
                 stable = rep
                     .welcomed_at
                     .is_some_and(|t| t.elapsed() >= cfg.agent.stable_after);
@@ -248,9 +256,10 @@ pub async fn run(
                     }
                     SessionEnd::Renewed => {
                         let path = config_file.clone();
-                        let offset = crate::daemon::status::global().trusted_clock_offset();
+                        let offset = state.trusted_clock_offset();
+                        let endorsement = state.renewal.take_endorsement();
                         let _ = tokio::task::spawn_blocking(move || {
-                            crate::credentials::renew::follow_ca_logged(&path, offset)
+                            crate::credentials::renew::follow_ca_logged(&path, endorsement, offset)
                         })
                         .await;
                         backoff.reset();

@@ -36,6 +36,7 @@ use crate::credentials::identity::NodeIdentity;
 use crate::credentials::renew;
 use crate::daemon::dispatch::{DispatchLink, Inbound, error_reply};
 use crate::daemon::notify;
+use crate::daemon::state::{AgentState, State};
 use crate::logging::RateLimit;
 use crate::net;
 
@@ -122,6 +123,8 @@ pub struct SessionParams {
     pub paths: crate::config::Paths,
     /// Bound on writing one frame ([`WRITE_TIMEOUT`] by default); beyond it the session ends.
     pub write_timeout: Duration,
+    /// The agent's state (status, renewal, advertised version, clock offset).
+    pub state: State,
 }
 
 /// A request to renew the certificate now (`runos certificate renew` through the admin
@@ -202,7 +205,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
             tracing::error!(
                 "the session failed unexpectedly (a bug in the agent: {msg}); reconnecting"
             );
-            crate::daemon::status::global().session_panicked(&msg); // `runos status`
+            p.state.status.session_panicked(&msg); // `runos status`
             report(
                 SessionEnd::Failed(format!("the session failed unexpectedly: {msg}")),
                 None,
@@ -404,9 +407,10 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         "connected to {addr}"
     );
     notify::status(&format!("connected to {addr}"));
-    crate::daemon::status::global().connected(&addr, session_id); // `runos status`
-    crate::daemon::status::global().set_advertised_version(welcome_advertised_version(&welcome));
-    crate::daemon::status::global().observe_clock_offset(offset_ms);
+    p.state.status.connected(&addr, session_id); // `runos status`
+    p.state
+        .set_advertised_version(welcome_advertised_version(&welcome));
+    p.state.observe_clock_offset(offset_ms);
     let end = serve(p, reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
 }
@@ -672,7 +676,7 @@ async fn serve_loop(
                 return SessionEnd::Failed(format!("no HEARTBEAT_REPLY within {} ms", dead_after.as_millis()));
             }
             frame = rrx.recv() => match frame {
-                Some(Ok(env)) => match route(env, &mut pending, renewal.asked_tag()) {
+                Some(Ok(env)) => match route(env, &mut pending, renewal.asked_tag(), &renewal.state) {
                     Routed::End(end) => return end,
                     Routed::Nothing => {}
                     Routed::Renew(env) => {
@@ -785,7 +789,12 @@ async fn serve_loop(
 
 /// Route one envelope received after WELCOME. Pure: forwarding to the dispatcher is the
 /// caller's job, so the caller can keep draining replies while it waits.
-fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>) -> Routed {
+fn route(
+    env: Envelope,
+    pending: &mut HashMap<Tag, Sent>,
+    renew_tag: Option<Tag>,
+    state: &AgentState,
+) -> Routed {
     let tag = env.tag;
     if renew_tag == Some(tag) && (env.is(types::RENEWED) || env.is(types::ERROR)) {
         return Routed::Renew(env);
@@ -795,10 +804,9 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
             Some(sent) => {
                 let rtt_ms = u64::try_from(sent.at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 tracing::trace!(%tag, rtt_ms, "heartbeat answered");
-                let status = crate::daemon::status::global();
-                status.round_trip(); // `runos status`
+                state.status.round_trip(); // `runos status`
                 match env.payload::<HeartbeatReply>() {
-                    Ok(r) => status.observe_clock_offset(crate::daemon::status::clock_offset_ms(
+                    Ok(r) => state.observe_clock_offset(crate::daemon::status::clock_offset_ms(
                         r.server_time_ms,
                         sent.wall_ms,
                         rtt_ms,
@@ -860,6 +868,8 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
 
 /// The renewal state of one session (see [`crate::credentials::renew`]).
 struct Renewal {
+    /// The agent's state (renewal state, clock offset).
+    state: State,
     identity: NodeIdentity,
     paths: crate::config::Paths,
     max_frame: u32,
@@ -893,8 +903,8 @@ impl Renewal {
     fn new(p: &SessionParams) -> Renewal {
         // Only an offset within the bound moves the renewal: a WELCOME claiming a time weeks
         // ahead must not make the agent renew at once.
-        let offset = crate::daemon::status::global().trusted_clock_offset();
-        let due = renew::global().due_in(&p.identity, offset);
+        let offset = p.state.trusted_clock_offset();
+        let due = p.state.renewal.due_in(&p.identity, offset);
         tracing::debug!(
             due_in_secs = due.as_secs(),
             serial = %p.identity.serial_hex,
@@ -910,6 +920,7 @@ impl Renewal {
             busy: 0,
             requests_open: true,
             endorsement: None,
+            state: p.state.clone(),
         }
     }
 
@@ -958,7 +969,7 @@ impl Renewal {
             %tag,
             "renewing the certificate"
         );
-        renew::global().started();
+        self.state.renewal.started();
         self.phase = RenewPhase::Asked {
             tag,
             key_pem,
@@ -989,7 +1000,7 @@ impl Renewal {
                 &self.identity,
                 key_pem,
                 &public_key,
-                renew::judging_now_s(crate::daemon::status::global().trusted_clock_offset()),
+                renew::judging_now_s(self.state.trusted_clock_offset()),
             )
         });
         match accepted {
@@ -1036,7 +1047,7 @@ impl Renewal {
         self.busy = 0;
         match res {
             Ok(out) => {
-                renew::global().succeeded(self.endorsement.take());
+                self.state.renewal.succeeded(self.endorsement.take());
                 tracing::info!(
                     old_serial = %self.identity.serial_hex,
                     serial = %out.serial_hex,
@@ -1057,7 +1068,7 @@ impl Renewal {
         self.phase = RenewPhase::Idle;
         self.busy = 0;
         self.endorsement = None;
-        let delay = renew::global().failed(&e.to_string(), self.lifetime());
+        let delay = self.state.renewal.failed(&e.to_string(), self.lifetime());
         self.timer = tokio::time::Instant::now() + delay;
         tracing::warn!(
             retry_in_secs = delay.as_secs(),
@@ -1078,7 +1089,7 @@ impl Renewal {
         match std::mem::replace(&mut self.phase, RenewPhase::Idle) {
             RenewPhase::Idle => {}
             RenewPhase::Asked { .. } => {
-                renew::global().interrupted();
+                self.state.renewal.interrupted();
                 let e = renew::RenewError::Unreachable(
                     "the session ended before the control plane answered; the renewal is retried once connected".into(),
                 );

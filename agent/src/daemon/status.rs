@@ -142,13 +142,6 @@ pub struct StatusHandle {
     started_at: SystemTime,
 }
 
-/// The process's status (one daemon per process): updated by the daemon loop and the session,
-/// served by the admin socket.
-pub fn global() -> &'static StatusHandle {
-    static GLOBAL: std::sync::OnceLock<StatusHandle> = std::sync::OnceLock::new();
-    GLOBAL.get_or_init(StatusHandle::new)
-}
-
 impl Default for StatusHandle {
     fn default() -> Self {
         Self::new()
@@ -373,8 +366,9 @@ impl StatusHandle {
         self.lock().state.clone()
     }
 
-    /// The daemon part of `runos status` (everything but the certificate and the dispatcher).
-    pub fn to_json(&self) -> Value {
+    /// The daemon part of `runos status` (everything but the certificate and the dispatcher),
+    /// with `renewal` (the renewal state's part) in it.
+    pub fn to_json(&self, renewal: Value) -> Value {
         let now = SystemTime::now();
         let g = self.lock();
         let mut conn = json!({
@@ -411,7 +405,7 @@ impl StatusHandle {
             "clockOffsetMs": g.clock_offset.map(|(o, _)| o),
             "clockOffsetAt": g.clock_offset.map(|(_, t)| rfc3339(t)),
             "clockOffsetIgnored": g.clock_untrusted,
-            "renewal": crate::credentials::renew::global().to_json(),
+            "renewal": renewal,
             "sessionPanics": g.session_panics,
             "lastSessionPanic": g.last_session_panic.as_ref().map(|(at, m)| json!({
                 "at": rfc3339(*at),
@@ -440,11 +434,11 @@ mod tests {
     fn lifecycle() {
         let s = StatusHandle::new();
         assert_eq!(s.state(), ConnState::Disconnected);
-        assert!(s.to_json()["lastRoundTrip"].is_null());
+        assert!(s.to_json(Value::Null)["lastRoundTrip"].is_null());
         s.connecting("h:1");
-        assert_eq!(s.to_json()["connection"]["state"], "connecting");
+        assert_eq!(s.to_json(Value::Null)["connection"]["state"], "connecting");
         s.connected("h:1", Some("sess"));
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["connection"]["state"], "connected");
         assert_eq!(j["connection"]["sessionId"], "sess");
         assert!(j["connection"].get("offlineSince").is_none());
@@ -454,7 +448,7 @@ mod tests {
         s.session_ended(&SessionEnd::Failed(
             "no HEARTBEAT_REPLY within 2000 ms".into(),
         ));
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["connection"]["state"], "disconnected");
         assert!(j["connection"]["offlineForSecs"].is_u64());
         assert!(
@@ -474,7 +468,7 @@ mod tests {
             }
         );
         s.connected("h:1", None);
-        assert!(s.to_json()["connection"]["sessionId"].is_null());
+        assert!(s.to_json(Value::Null)["connection"]["sessionId"].is_null());
         assert_eq!(s.state().name(), "connected");
         s.stopping();
         s.session_ended(&SessionEnd::Failed("x".into()));
@@ -484,12 +478,12 @@ mod tests {
     #[test]
     fn session_panics_are_counted() {
         let s = StatusHandle::new();
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["sessionPanics"], 0);
         assert!(j["lastSessionPanic"].is_null());
         s.session_panicked("first");
         s.session_panicked("JoinHandle polled after completion");
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["sessionPanics"], 2);
         assert_eq!(
             j["lastSessionPanic"]["message"],
@@ -518,7 +512,7 @@ mod tests {
     fn clock_offset_warns_once_per_crossing() {
         let s = StatusHandle::new();
         let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        assert!(s.to_json()["clockOffsetMs"].is_null());
+        assert!(s.to_json(Value::Null)["clockOffsetMs"].is_null());
         assert_eq!(s.clock_offset(100, at), None);
         let sent = 1_800_000_000_000;
         let skewed = clock_offset_ms(sent + 120_000 + 50, sent, 100);
@@ -527,7 +521,7 @@ mod tests {
         assert_eq!(s.clock_offset(-skewed, at), None);
         assert_eq!(s.clock_offset(20, at), Some(ClockCrossing::Recovered));
         assert_eq!(s.clock_offset(25, at), None);
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["clockOffsetMs"], 25);
         assert_eq!(j["clockOffsetAt"], rfc3339(at));
         assert_eq!(s.clock_offset_now(), Some(25));
@@ -560,12 +554,12 @@ mod tests {
             "beyond the bound: the node's own clock"
         );
         assert_eq!(s.clock_offset_now(), Some(four_weeks), "shown as measured");
-        assert_eq!(s.to_json()["clockOffsetIgnored"], true);
+        assert_eq!(s.to_json(Value::Null)["clockOffsetIgnored"], true);
         s.observe_clock_offset(-four_weeks);
         assert_eq!(s.trusted_clock_offset(), 0);
         s.observe_clock_offset(500);
         assert_eq!(s.trusted_clock_offset(), 500);
-        assert_eq!(s.to_json()["clockOffsetIgnored"], false);
+        assert_eq!(s.to_json(Value::Null)["clockOffsetIgnored"], false);
         assert!(clock_offset_trusted(day) && !clock_offset_trusted(day + 1));
     }
 }
