@@ -7,12 +7,17 @@
 //! The layering is strict (see `docs/architecture.md`):
 //!
 //! ```text
-//!  main (CLI, exit codes)                                     cli
-//!    └─ daemon ── session (TLS, HELLO/WELCOME, heartbeat)     daemon, session, net, backoff
-//!         └─ dispatcher (queue, lanes, deadlines, dedup)       dispatch (runos-journal)
+//!  main (CLI, exit codes)                                     cli/
+//!    └─ daemon ── session (TLS, HELLO/WELCOME, heartbeat)     daemon/, daemon/session.rs, net
+//!         └─ dispatcher (queue, lanes, deadlines, dedup)       daemon/dispatch.rs (runos-journal)
 //!              └─ registry (type → executor, lane, max deadline) catalog (runos-executors)
 //!                   └─ executors                               runos-executors; exec (host)
 //! ```
+//!
+//! Beside them: `credentials/` (enrolment, renewal, the on-disk switch), `update/` (the
+//! updater), `logging/`, `config`, and `util/` (time, atomic files, locks, the admin client).
+//! No top-level module imports one that imports it back (`scripts/module-cycles.py`). The
+//! daemon's shared state is one handle passed down (`daemon::state::AgentState`), not statics.
 //!
 //! What the agent refuses to do:
 //!
