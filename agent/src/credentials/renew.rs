@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use runos_protocol::control::{self, Hello, Renewed, Welcome, types};
 use runos_protocol::peertext::{self, PeerText};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
-use runos_transport::{FrameReader, FrameWriter};
+use runos_transport::{FrameError, FrameReader, FrameWriter};
 use serde_json::{Value, json};
 
 use crate::config::Paths;
@@ -261,6 +261,49 @@ pub enum Refused {
     Failed(String),
 }
 
+/// How a handshake ended without a usable WELCOME ([`handshake`]).
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// HELLO could not be written (within the bound).
+    Send(FrameError),
+    /// The peer closed the connection before answering.
+    Closed,
+    /// Reading the answer failed.
+    Read(FrameError),
+    /// No answer within the bound.
+    NoAnswer(Duration),
+    /// The answer (kept here) refused the session or was unusable.
+    Refused(Refused, Box<Envelope>),
+}
+
+/// The one HELLO/WELCOME exchange of the session and of the renewal probe: write `hello` under
+/// `tag` (within `write_within`), read the first frame (within `answer_within`) and judge it
+/// ([`handshake_answer`]). The caller maps the failure to its own errors.
+pub async fn handshake<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    hello: &Hello,
+    tag: Tag,
+    write_within: Duration,
+    answer_within: Duration,
+) -> Result<Welcome, HandshakeError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let env = Envelope::with_type(types::HELLO, tag, hello);
+    net::write_within(writer, &env, write_within)
+        .await
+        .map_err(HandshakeError::Send)?;
+    let first = match tokio::time::timeout(answer_within, reader.read()).await {
+        Ok(Ok(Some(env))) => env,
+        Ok(Ok(None)) => return Err(HandshakeError::Closed),
+        Ok(Err(e)) => return Err(HandshakeError::Read(e)),
+        Err(_) => return Err(HandshakeError::NoAnswer(answer_within)),
+    };
+    handshake_answer(&first, tag).map_err(|r| HandshakeError::Refused(r, Box::new(first)))
+}
+
 /// Longest control-plane message kept in an error (characters).
 pub const MAX_PEER_MESSAGE_CHARS: usize = 200;
 
@@ -375,21 +418,17 @@ impl Probe {
             let mut writer = FrameWriter::new(w, max_frame);
             let tag = Tag::random();
             let hello = hello(id, Vec::new(), Vec::new(), true);
-            writer
-                .write(&Envelope::with_type(types::HELLO, tag, &hello))
-                .await
-                .map_err(|e| RenewError::Unreachable(format!("sending HELLO to {addr}: {e}")))?;
-            let first = match reader.read().await {
-                Ok(Some(env)) => env,
-                Ok(None) => {
-                    return Err(RenewError::Tls(format!(
-                        "{addr} closed the connection before WELCOME (is the certificate accepted?)"
-                    )));
-                }
-                // A refused client certificate shows up here in TLS 1.3, as an alert.
-                Err(e) => return Err(RenewError::Tls(format!("waiting for WELCOME: {e}"))),
-            };
-            match handshake_answer(&first, tag) {
+            // The whole probe is bounded by PROBE_TIMEOUT (below).
+            match handshake(
+                &mut reader,
+                &mut writer,
+                &hello,
+                tag,
+                PROBE_TIMEOUT,
+                PROBE_TIMEOUT,
+            )
+            .await
+            {
                 Ok(w) => {
                     writer.set_max(w.max_frame_bytes);
                     Ok(Probe {
@@ -398,8 +437,22 @@ impl Probe {
                         addr: addr.clone(),
                     })
                 }
-                Err(Refused::Revoked(m)) => Err(RenewError::Revoked(m)),
-                Err(other) => Err(RenewError::Failed(
+                Err(HandshakeError::Send(e)) => Err(RenewError::Unreachable(format!(
+                    "sending HELLO to {addr}: {e}"
+                ))),
+                Err(HandshakeError::Closed) => Err(RenewError::Tls(format!(
+                    "{addr} closed the connection before WELCOME (is the certificate accepted?)"
+                ))),
+                // A refused client certificate shows up here in TLS 1.3, as an alert.
+                Err(HandshakeError::Read(e)) => {
+                    Err(RenewError::Tls(format!("waiting for WELCOME: {e}")))
+                }
+                Err(HandshakeError::NoAnswer(within)) => Err(RenewError::Unreachable(format!(
+                    "no WELCOME from {addr} within {} s",
+                    within.as_secs()
+                ))),
+                Err(HandshakeError::Refused(Refused::Revoked(m), _)) => Err(RenewError::Revoked(m)),
+                Err(HandshakeError::Refused(other, _)) => Err(RenewError::Failed(
                     PeerText::new(&format!("{other:?}")).to_string(),
                 )),
             }

@@ -33,12 +33,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::credentials::identity::NodeIdentity;
-use crate::credentials::renew;
+use crate::credentials::renew::{self, HandshakeError};
 use crate::daemon::dispatch::{DispatchLink, Inbound, error_reply};
 use crate::daemon::notify;
 use crate::daemon::state::{AgentState, State};
 use crate::logging::RateLimit;
-use crate::net;
+use crate::net::{self, write_within};
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -252,21 +252,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     peertext::clean(text, MAX_PEER_MESSAGE_CHARS)
 }
 
-/// Bound a frame write by `within`; a timeout is an I/O error that ends the session.
-async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
-    writer: &mut FrameWriter<W>,
-    env: &Envelope,
-    within: Duration,
-) -> Result<(), FrameError> {
-    match tokio::time::timeout(within, writer.write(env)).await {
-        Ok(r) => r,
-        Err(_) => Err(FrameError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("a frame could not be written within {} s", within.as_secs()),
-        ))),
-    }
-}
-
 /// A frame error as text safe for a log line, a session end and an `ERROR` to the peer: no
 /// peer-supplied value (a JSON error can quote the offending input), on one line.
 fn frame_error_text(e: &FrameError) -> String {
@@ -347,40 +332,45 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     hello.last_update = crate::update::state::report(&p.paths.state_dir);
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();
-    let hello_env = Envelope::with_type(types::HELLO, hello_tag, &hello);
-    if let Err(e) = write_within(&mut writer, &hello_env, p.write_timeout).await {
-        return report(
-            SessionEnd::Failed(format!("sending HELLO to {addr}: {}", frame_error_text(&e))),
-            None,
-        );
-    }
-    let first = match tokio::time::timeout(WELCOME_TIMEOUT, reader.read()).await {
-        Ok(Ok(Some(env))) => env,
-        Ok(Ok(None)) => {
+    let handshake = renew::handshake(
+        &mut reader,
+        &mut writer,
+        &hello,
+        hello_tag,
+        p.write_timeout,
+        WELCOME_TIMEOUT,
+    );
+    let welcome = match handshake.await {
+        Ok(w) => w,
+        Err(HandshakeError::Send(e)) => {
+            return report(
+                SessionEnd::Failed(format!("sending HELLO to {addr}: {}", frame_error_text(&e))),
+                None,
+            );
+        }
+        Err(HandshakeError::Closed) => {
             return report(
                 SessionEnd::Failed(format!("{addr} closed the connection before WELCOME")),
                 None,
             );
         }
-        Ok(Err(e)) => {
+        Err(HandshakeError::Read(e)) => {
             return report(
                 SessionEnd::Failed(format!("waiting for WELCOME: {}", frame_error_text(&e))),
                 None,
             );
         }
-        Err(_) => {
+        Err(HandshakeError::NoAnswer(within)) => {
             return report(
                 SessionEnd::Failed(format!(
                     "no WELCOME from {addr} within {} s",
-                    WELCOME_TIMEOUT.as_secs()
+                    within.as_secs()
                 )),
                 None,
             );
         }
-    };
-    let welcome = match handshake_answer(&first, hello_tag) {
-        Ok(w) => w,
-        Err(end) => {
+        Err(HandshakeError::Refused(refused, first)) => {
+            let end = session_end(refused);
             if let SessionEnd::Failed(m) = &end
                 && first.is(types::WELCOME)
             {
@@ -441,13 +431,19 @@ async fn pending_tags(link: &mut DispatchLink) -> Vec<String> {
     }
 }
 
-/// Judge the answer to HELLO ([`renew::handshake_answer`], shared with the renewal probe).
-pub(crate) fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
-    renew::handshake_answer(env, hello_tag).map_err(|e| match e {
+/// How a refused handshake ends the session.
+fn session_end(refused: renew::Refused) -> SessionEnd {
+    match refused {
         renew::Refused::Revoked(m) => SessionEnd::Revoked(m),
         renew::Refused::Incompatible(m) => SessionEnd::Incompatible(m),
         renew::Refused::Failed(m) => SessionEnd::Failed(m),
-    })
+    }
+}
+
+/// Judge the answer to HELLO ([`renew::handshake_answer`], shared with the renewal probe).
+#[cfg(test)]
+fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
+    renew::handshake_answer(env, hello_tag).map_err(session_end)
 }
 
 type Reader =
