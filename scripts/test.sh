@@ -41,6 +41,9 @@ fi
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "module cycles"
+python3 scripts/module-cycles.py agent/src
+
 step "cargo build"
 cargo build --workspace --bins --locked
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 /// Where the configuration lives unless `--config` or `RUNOS_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runos/config.toml";
@@ -411,6 +411,11 @@ impl Paths {
     /// The instance lock file.
     pub fn lock_file(&self) -> PathBuf {
         self.run_dir.join("agent.lock")
+    }
+
+    /// The admin socket (`runos status`, `runos journal`, …; docs/cli.md).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.run_dir.join("admin.sock")
     }
 }
 

@@ -7,12 +7,17 @@
 //! The layering is strict (see `docs/architecture.md`):
 //!
 //! ```text
-//!  main (CLI, exit codes)                                     cli
-//!    └─ daemon ── session (TLS, HELLO/WELCOME, heartbeat)     daemon, session, net, backoff
-//!         └─ dispatcher (queue, lanes, deadlines, dedup)       dispatch (runos-journal)
+//!  main (CLI, exit codes)                                     cli/
+//!    └─ daemon ── session (TLS, HELLO/WELCOME, heartbeat)     daemon/, daemon/session.rs, net
+//!         └─ dispatcher (queue, lanes, deadlines, dedup)       daemon/dispatch.rs (runos-journal)
 //!              └─ registry (type → executor, lane, max deadline) catalog (runos-executors)
 //!                   └─ executors                               runos-executors; exec (host)
 //! ```
+//!
+//! Beside them: `credentials/` (enrolment, renewal, the on-disk switch), `update/` (the
+//! updater), `logging/`, `config`, and `util/` (time, atomic files, locks, the admin client).
+//! No top-level module imports one that imports it back (`scripts/module-cycles.py`). The
+//! daemon's shared state is one handle passed down (`daemon::state::AgentState`), not statics.
 //!
 //! What the agent refuses to do:
 //!
@@ -25,33 +30,18 @@
 //! - treat a late reply as an instruction: replies are matched by tag or dropped.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod audit;
-pub mod backoff;
 pub mod catalog;
-pub mod cert_cmd;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
-pub mod dispatch;
 pub mod exec;
 pub mod exit;
-pub mod fsutil;
-pub mod identity;
-pub mod journal_cmd;
-pub mod lock;
 pub mod logging;
 pub mod net;
-pub mod notify;
-pub mod register;
-pub mod renew;
-pub mod session;
-pub mod status;
-pub mod status_cmd;
 pub mod sysinfo;
-pub mod trust;
 pub mod update;
+pub mod util;
 
 /// The agent's version (the crate version).
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

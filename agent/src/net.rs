@@ -1,5 +1,6 @@
 //! Outbound TLS connections with bounded waits: DNS and TCP connect (10 s), TLS handshake (10 s)
-//! and an ALPN check. Used by `register` (L1Sec) and the session (L2Sec).
+//! and an ALPN check. Used by `register` (L1Sec) and the session (L2Sec). Also the bounded write
+//! of one frame ([`write_within`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,4 +100,19 @@ pub async fn connect_tls(
         )));
     }
     Ok(tls)
+}
+
+/// Bound a frame write by `within`; a timeout is an I/O error that ends the session.
+pub async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut runos_transport::FrameWriter<W>,
+    env: &runos_protocol::Envelope,
+    within: Duration,
+) -> Result<(), runos_transport::FrameError> {
+    match tokio::time::timeout(within, writer.write(env)).await {
+        Ok(r) => r,
+        Err(_) => Err(runos_transport::FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a frame could not be written within {} s", within.as_secs()),
+        ))),
+    }
 }

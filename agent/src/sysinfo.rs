@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 const SMALL: u64 = 64 * 1024;
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::dispatch::{Harness, cfg, instr};
 use runos_agent::catalog::{self, Catalog, Reply};
 use runos_agent::daemon::JOURNAL_POLICY;
-use runos_agent::dispatch::Inbound;
+use runos_agent::daemon::dispatch::Inbound;
 use runos_executors::{AfterAck, Lane, Settings};
 use runos_journal::{Journal, Limits};
 use runos_protocol::control::types as ctypes;

@@ -270,7 +270,7 @@ fn register_success_writes_files() {
     assert_eq!(cfg.server.host.as_deref(), Some("127.0.0.1"));
     assert_eq!(cfg.server.l2_port, 19999);
     // The stored identity is usable for L2Sec.
-    let id = runos_agent::identity::load(&cfg).unwrap();
+    let id = runos_agent::credentials::identity::load(&cfg).unwrap();
     assert_eq!(id.node_id, "6a1f0e0c-0000-4000-8000-000000000001");
 }
 

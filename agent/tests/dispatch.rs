@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::dispatch::{Harness, catalog_with_sleeper, cfg, code, instr};
 use runos_agent::catalog::{self, Catalog};
 use runos_agent::daemon::JOURNAL_POLICY;
-use runos_agent::dispatch::{self, Inbound};
+use runos_agent::daemon::dispatch::{self, Inbound};
 use runos_journal::{Journal, Limits};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
@@ -214,8 +214,8 @@ async fn control_types_are_never_dispatched() {
 /// lists the entries newest first and finds one by tag.
 #[tokio::test]
 async fn audit_lines_and_journal_queries() {
-    use runos_agent::audit::{AuditLog, DEFAULT_MAX_BYTES, FILE};
-    use runos_agent::dispatch::journal_query::JournalQuery;
+    use runos_agent::daemon::audit::{AuditLog, DEFAULT_MAX_BYTES, FILE};
+    use runos_agent::daemon::dispatch::journal_query::JournalQuery;
 
     let dir = tempfile::tempdir().unwrap();
     let (journal, _) = Journal::open(dir.path(), Limits::default(), JOURNAL_POLICY).unwrap();

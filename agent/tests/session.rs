@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use runos_agent::catalog;
 use runos_agent::config::RawConfig;
+use runos_agent::credentials::identity;
 use runos_agent::daemon::JOURNAL_POLICY;
-use runos_agent::dispatch::{self, DispatchConfig};
-use runos_agent::identity;
-use runos_agent::session::{self, Control, SessionEnd, SessionParams};
+use runos_agent::daemon::dispatch::{self, DispatchConfig};
+use runos_agent::daemon::session::{self, Control, SessionEnd, SessionParams};
 use runos_journal::{Journal, Limits};
 use runos_protocol::control::{HeartbeatReply, Hello, Welcome, types as ct};
 use runos_protocol::instructions::types;
@@ -154,6 +154,7 @@ async fn session_lifecycle() {
         instruction_types: catalog.types(),
         paths: cfg.paths.clone(),
         write_timeout: session::WRITE_TIMEOUT,
+        state: runos_agent::daemon::state::AgentState::new(),
     };
     let (ends_tx, mut ends) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -323,6 +324,7 @@ async fn unreachable_server_is_connect_failed() {
         instruction_types: vec![],
         paths: cfg.paths.clone(),
         write_timeout: session::WRITE_TIMEOUT,
+        state: runos_agent::daemon::state::AgentState::new(),
     };
     let mut ctl = Control {
         shutdown: shutdown_rx,

@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use runos_executors::{AfterAck, Ctx, Done};
@@ -80,8 +79,6 @@ fn restart_step(config_path: &Path, params: serde_json::Value) -> Result<(), Str
     launch(&cfg, config_path, &swap).map_err(|e| e.message)
 }
 
-/// How often the automatic updater looks at the advertised version (in memory, no I/O).
-const AUTO_POLL: Duration = Duration::from_secs(2);
 /// First wait before an automatic update that failed is tried again (a release still being
 /// published, a network fault); it doubles up to [`AUTO_RETRY_MAX`].
 const AUTO_RETRY_FIRST: Duration = Duration::from_secs(5);
@@ -314,90 +311,113 @@ pub async fn update_agent(
 /// tried again after a backoff (5 s doubling, at most 1 h), since a release may still be being
 /// published or the network may be down. Once installed, a version is not tried again in this
 /// run.
+///
+/// `advertised` is the version the control plane of the current session advertises (`None`
+/// while not connected; `AgentState::advertised_version`): the updater wakes when it or the
+/// configuration changes, or when a retry is due; it does not poll.
 pub fn spawn_auto(
     config_path: PathBuf,
-    cfg_rx: watch::Receiver<Config>,
+    mut cfg_rx: watch::Receiver<Config>,
+    mut advertised: watch::Receiver<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    static TRIED: Mutex<BTreeMap<Version, Attempts>> = Mutex::new(BTreeMap::new());
     tokio::spawn(async move {
+        let mut tried = BTreeMap::new();
+        // A closed channel (its sender dropped) never wakes the updater again.
+        let (mut cfg_open, mut adv_open) = (true, true);
         loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let retry_at = auto_step(&config_path, &cfg_rx, &mut advertised, &mut tried).await;
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(AUTO_POLL) => {}
+                r = advertised.changed(), if adv_open => adv_open = r.is_ok(),
+                r = cfg_rx.changed(), if cfg_open => cfg_open = r.is_ok(),
+                _ = retry => {}
                 _ = shutdown.changed() => return,
-            }
-            if *shutdown.borrow() || !cfg_rx.borrow().update.auto {
-                continue;
-            }
-            let status = crate::status::global();
-            if !matches!(status.state(), crate::status::ConnState::Connected { .. }) {
-                continue;
-            }
-            let (Some(adv), Ok(current)) = (
-                status
-                    .advertised_version()
-                    .and_then(|v| Version::parse_loose(&v).ok()),
-                Version::current(),
-            ) else {
-                continue;
-            };
-            if adv <= current {
-                continue;
-            }
-            {
-                let tried = TRIED.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(a) = tried.get(&adv)
-                    && a.next.is_none_or(|at| Instant::now() < at)
-                {
-                    continue;
-                }
-            }
-            // A version that failed its health gate is not retried automatically (and the
-            // rolled_back record stays the last outcome).
-            let state_dir = cfg_rx.borrow().paths.state_dir.clone();
-            if super::state::UpdateState::load(&state_dir).is_ok_and(|st| st.is_refused(adv)) {
-                tracing::info!(version = %adv.tag(), "advertised version was refused after a failed health gate; not installing it automatically");
-                continue;
-            }
-            tracing::info!(from = %current.tag(), to = %adv.tag(), "automatic update to the advertised version");
-            let req = Request {
-                target: adv,
-                allow_downgrade: false,
-                automatic: true,
-                progress: false,
-                cancel: None,
-                running: None,
-            };
-            let rt = tokio::runtime::Handle::current();
-            let path = config_path.clone();
-            let outcome = tokio::task::spawn_blocking(move || apply(&path, &req, &rt)).await;
-            let mut tried = TRIED.lock().unwrap_or_else(|p| p.into_inner());
-            let a = tried.entry(adv).or_insert(Attempts {
-                failures: 0,
-                next: None,
-            });
-            let failed = |a: &mut Attempts| {
-                a.failures = a.failures.saturating_add(1);
-                let wait = auto_retry_after(a.failures);
-                a.next = Some(Instant::now() + wait);
-                wait.as_secs()
-            };
-            match outcome {
-                Ok(Ok(done)) => {
-                    a.next = None;
-                    tracing::info!(to = %done.to.tag(), restart = done.restart, "automatic update installed")
-                }
-                Ok(Err(e)) => {
-                    let retry_secs = failed(a);
-                    tracing::warn!(to = %adv.tag(), error = %e.message, retry_secs, "automatic update failed")
-                }
-                Err(e) => {
-                    let retry_secs = failed(a);
-                    tracing::warn!(error = %e, retry_secs, "automatic updater failed")
-                }
             }
         }
     })
+}
+
+/// One look at the advertised version: installs it when it is due. Returns when to look again
+/// for a retry (`None`: only when something changes).
+async fn auto_step(
+    config_path: &Path,
+    cfg_rx: &watch::Receiver<Config>,
+    advertised: &mut watch::Receiver<Option<String>>,
+    tried: &mut BTreeMap<Version, Attempts>,
+) -> Option<Instant> {
+    let adv = advertised.borrow_and_update().clone();
+    if !cfg_rx.borrow().update.auto {
+        return None;
+    }
+    let (Some(adv), Ok(current)) = (
+        adv.and_then(|v| Version::parse_loose(&v).ok()),
+        Version::current(),
+    ) else {
+        return None;
+    };
+    if adv <= current {
+        return None;
+    }
+    if let Some(a) = tried.get(&adv) {
+        match a.next {
+            None => return None,
+            Some(at) if Instant::now() < at => return Some(at),
+            Some(_) => {}
+        }
+    }
+    // A version that failed its health gate is not retried automatically (and the
+    // rolled_back record stays the last outcome).
+    let state_dir = cfg_rx.borrow().paths.state_dir.clone();
+    if super::state::UpdateState::load(&state_dir).is_ok_and(|st| st.is_refused(adv)) {
+        tracing::info!(version = %adv.tag(), "advertised version was refused after a failed health gate; not installing it automatically");
+        return None;
+    }
+    tracing::info!(from = %current.tag(), to = %adv.tag(), "automatic update to the advertised version");
+    let req = Request {
+        target: adv,
+        allow_downgrade: false,
+        automatic: true,
+        progress: false,
+        cancel: None,
+        running: None,
+    };
+    let rt = tokio::runtime::Handle::current();
+    let path = config_path.to_path_buf();
+    let outcome = tokio::task::spawn_blocking(move || apply(&path, &req, &rt)).await;
+    let a = tried.entry(adv).or_insert(Attempts {
+        failures: 0,
+        next: None,
+    });
+    let failed = |a: &mut Attempts| {
+        a.failures = a.failures.saturating_add(1);
+        let wait = auto_retry_after(a.failures);
+        a.next = Some(Instant::now() + wait);
+        wait.as_secs()
+    };
+    match outcome {
+        Ok(Ok(done)) => {
+            a.next = None;
+            tracing::info!(to = %done.to.tag(), restart = done.restart, "automatic update installed")
+        }
+        Ok(Err(e)) => {
+            let retry_secs = failed(a);
+            tracing::warn!(to = %adv.tag(), error = %e.message, retry_secs, "automatic update failed")
+        }
+        Err(e) => {
+            let retry_secs = failed(a);
+            tracing::warn!(error = %e, retry_secs, "automatic updater failed")
+        }
+    }
+    a.next
 }
 
 #[cfg(test)]

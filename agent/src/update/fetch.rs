@@ -90,7 +90,7 @@ impl Fetcher {
         let roots = match &settings.release_ca_file {
             None => RootCerts::WebPki,
             Some(path) => {
-                let pem = crate::fsutil::read_capped(path, 1024 * 1024).map_err(|e| {
+                let pem = crate::util::fs::read_capped(path, 1024 * 1024).map_err(|e| {
                     FetchError::Setup(format!(
                         "cannot read update.release_ca_file {}: {e}",
                         path.display()

@@ -99,11 +99,7 @@ fn run(argv: Vec<String>, timeout: Duration, rt: &tokio::runtime::Handle) -> Res
 
 /// The running agent's status, when its admin socket answers.
 fn agent_status(cfg: &Config) -> Option<Value> {
-    crate::status_cmd::request(
-        &crate::admin::socket_path(&cfg.paths.run_dir),
-        &json!({"op": "status"}),
-    )
-    .ok()
+    crate::util::admin_client::request(&cfg.paths.admin_socket(), &json!({"op": "status"})).ok()
 }
 
 /// Launch the hand-off for `swap` (never waits for it).
@@ -262,10 +258,8 @@ fn wait_healthy(cfg: &Config, version: Version, stay: Duration) -> bool {
 /// The outcome goes to the control plane in HELLO (`lastUpdate`): ask the agent to reconnect
 /// now that it is recorded (best effort).
 fn report_to_control_plane(cfg: &Config) {
-    let _ = crate::status_cmd::request(
-        &crate::admin::socket_path(&cfg.paths.run_dir),
-        &json!({"op": "reconnect"}),
-    );
+    let _ =
+        crate::util::admin_client::request(&cfg.paths.admin_socket(), &json!({"op": "reconnect"}));
 }
 
 /// `runos update-finish`: restart, health gate, rollback. Returns the exit code (0 healthy,

@@ -57,7 +57,7 @@ pub struct TempFile {
 impl TempFile {
     /// A new empty file (0600) in `dir`, which is created (0755) when missing.
     pub fn create(dir: &Path, what: &str) -> Result<TempFile, String> {
-        crate::fsutil::ensure_dir(dir, 0o755).map_err(|e| e.to_string())?;
+        crate::util::fs::ensure_dir(dir, 0o755).map_err(|e| e.to_string())?;
         check_dir(dir)?;
         let path = dir.join(format!(
             ".{what}.{}.{:08x}.partial",
@@ -102,7 +102,7 @@ impl TempFile {
                 dest.display()
             )
         })?;
-        sync_dir(dest);
+        crate::util::fs::sync_parent(dest);
         self.persisted = true;
         Ok(())
     }
@@ -113,14 +113,6 @@ impl Drop for TempFile {
         if !self.persisted {
             let _ = fs::remove_file(&self.path);
         }
-    }
-}
-
-fn sync_dir(path: &Path) {
-    if let Some(d) = path.parent()
-        && let Ok(f) = File::open(d)
-    {
-        let _ = f.sync_all();
     }
 }
 
@@ -163,7 +155,7 @@ pub fn swap_link(bin_link: &Path, target: &Path) -> Result<(), String> {
         let _ = fs::remove_file(&tmp);
         return Err(format!("cannot replace {}: {e}", bin_link.display()));
     }
-    sync_dir(bin_link);
+    crate::util::fs::sync_parent(bin_link);
     Ok(())
 }
 

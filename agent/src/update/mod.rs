@@ -7,7 +7,6 @@
 //! nothing before its last step touches the running binary or `bin_link`, and every failure
 //! leaves both as they were.
 
-pub mod commands;
 pub mod daemon_side;
 pub mod fetch;
 pub mod handoff;
@@ -135,12 +134,13 @@ pub fn install_release(
             UpdateError::new(Exit::Failure, format!("this agent's own version: {e}"))
         })?,
     };
-    let _lock = crate::lock::acquire(&cfg.paths.state_dir.join("update.lock")).map_err(|e| {
-        UpdateError::new(
-            Exit::UpdateRefused,
-            format!("another update is in progress ({e}); try again when it has finished"),
-        )
-    })?;
+    let _lock =
+        crate::util::lock::acquire(&cfg.paths.state_dir.join("update.lock")).map_err(|e| {
+            UpdateError::new(
+                Exit::UpdateRefused,
+                format!("another update is in progress ({e}); try again when it has finished"),
+            )
+        })?;
     let result = install_locked(cfg, req, rt, from);
     if let Err(e) = &result {
         state::record(&cfg.paths.state_dir, |st| {
@@ -341,7 +341,7 @@ fn install_locked(
     // that is replaced by rename (a running copy keeps its inode).
     let dir = u.install_dir.join(to.tag());
     let dir_existed = dir.is_dir();
-    crate::fsutil::ensure_dir(&dir, 0o755)
+    crate::util::fs::ensure_dir(&dir, 0o755)
         .map_err(|e| UpdateError::new(Exit::InstallFailed, e.to_string()))?;
     install::check_dir(&dir).map_err(|e| UpdateError::new(Exit::InstallFailed, e))?;
     let placed = tmp.persist(&new_binary, 0o755);

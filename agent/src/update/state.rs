@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::version::Version;
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 /// Largest state file read.
 const MAX_STATE_BYTES: u64 = 64 * 1024;
@@ -63,7 +63,7 @@ impl LastUpdate {
             to,
             outcome,
             message: message.chars().take(MAX_MESSAGE_CHARS).collect(),
-            time: crate::status::rfc3339(std::time::SystemTime::now()),
+            time: crate::util::time::rfc3339(std::time::SystemTime::now()),
         }
     }
 }

@@ -83,7 +83,7 @@ pub fn check(
 }
 
 fn time(t: SystemTime) -> String {
-    crate::status::rfc3339(t)
+    crate::util::time::rfc3339(t)
 }
 
 /// What was verified, as JSON (`runos verify --json`, the audit of an update).

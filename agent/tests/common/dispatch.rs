@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use runos_agent::catalog::{self, Catalog, ExecFn};
 use runos_agent::daemon::JOURNAL_POLICY;
-use runos_agent::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use runos_agent::daemon::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
 use runos_journal::{self as journal, Journal, Limits};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;

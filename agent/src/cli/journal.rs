@@ -1,5 +1,5 @@
 //! `runos journal [--tag T] [--limit N] [--json]`: recent instructions and their outcomes, asked
-//! of the running daemon over the admin socket ([`crate::admin`], op `journal`).
+//! of the running daemon over the admin socket ([`crate::daemon::admin`], op `journal`).
 //!
 //! Exit codes: 0; [`Exit::Failure`] (1) when `--tag` names no journal entry (or the daemon
 //! refused the request); [`Exit::NotRunning`] (9) when no daemon answers on the socket. A
@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::exit::Exit;
-use crate::status_cmd::{AdminError, request};
+use crate::util::admin_client::{AdminError, request};
 
 fn fail(json_out: bool, exit: Exit, message: &str) -> Exit {
     eprintln!("runos: error: {message}");
@@ -102,7 +102,7 @@ pub fn detail(e: &Value) -> String {
 
 /// Run `runos journal`; prints the entries and returns the exit code.
 pub fn run(cfg: &Config, tag: Option<runos_protocol::Tag>, limit: usize, json_out: bool) -> Exit {
-    let socket = crate::admin::socket_path(&cfg.paths.run_dir);
+    let socket = cfg.paths.admin_socket();
     let mut req = json!({"op": "journal", "limit": limit});
     if let Some(t) = tag {
         req["tag"] = json!(t.to_string());

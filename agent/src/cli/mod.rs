@@ -1,13 +1,19 @@
 //! The command line (`clap` derive) and the mapping of outcomes to stable exit codes.
 
+pub mod certificate;
+pub mod journal;
+pub mod status;
+pub mod update;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::config::{self, LogLevel};
+use crate::credentials::enrol as register;
 use crate::exit::{EXIT_CODES_HELP, Exit};
-use crate::{daemon, logging, register};
+use crate::{daemon, logging};
 
 /// The runos node agent.
 #[derive(Debug, Parser)]
@@ -323,8 +329,8 @@ pub fn run(cli: Cli) -> Exit {
                     // A running agent picks the new identity up at once.
                     let reconnected = out.replaced.is_some()
                         && config::load(&opts.config_path).is_ok_and(|(cfg, _)| {
-                            crate::status_cmd::request(
-                                &crate::admin::socket_path(&cfg.paths.run_dir),
+                            crate::util::admin_client::request(
+                                &cfg.paths.admin_socket(),
                                 &json!({"op": "reconnect"}),
                             )
                             .is_ok()
@@ -360,12 +366,12 @@ pub fn run(cli: Cli) -> Exit {
             }
         }
         Command::Status { json } => match config::load(&cli.config) {
-            Ok((cfg, _)) => crate::status_cmd::run(&cfg, json),
+            Ok((cfg, _)) => crate::cli::status::run(&cfg, json),
             Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
         },
         Command::Certificate(CertificateCommand::Status { json }) => {
             match config::load(&cli.config) {
-                Ok((cfg, _)) => crate::cert_cmd::run(&cfg, json),
+                Ok((cfg, _)) => crate::cli::certificate::run(&cfg, json),
                 Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
             }
         }
@@ -376,15 +382,15 @@ pub fn run(cli: Cli) -> Exit {
                         cli.log_level.unwrap_or(cfg.log.level).as_str(),
                         config::LogFormat::Text,
                     );
-                    crate::cert_cmd::renew(&cfg, &cli.config, json, &rt)
+                    crate::cli::certificate::renew(&cfg, &cli.config, json, &rt)
                 }
                 Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
             }
         }
         Command::Verify(a) => match config::load(&cli.config) {
-            Ok((cfg, _)) => crate::update::commands::verify_cmd(
+            Ok((cfg, _)) => crate::cli::update::verify_cmd(
                 &cfg,
-                &crate::update::commands::VerifyOptions {
+                &crate::cli::update::VerifyOptions {
                     file: a.file,
                     bundle: a.bundle,
                     repo: a.repo,
@@ -410,10 +416,10 @@ pub fn run(cli: Cli) -> Exit {
                     cli.log_level.unwrap_or(LogLevel::Warn).as_str(),
                     config::LogFormat::Text,
                 );
-                crate::update::commands::update_cmd(
+                crate::cli::update::update_cmd(
                     &cfg,
                     &cli.config,
-                    &crate::update::commands::UpdateOptions {
+                    &crate::cli::update::UpdateOptions {
                         version,
                         allow_downgrade,
                         no_restart,
@@ -448,7 +454,7 @@ pub fn run(cli: Cli) -> Exit {
             }
         }
         Command::Journal { tag, limit, json } => match config::load(&cli.config) {
-            Ok((cfg, _)) => crate::journal_cmd::run(&cfg, tag, usize::from(limit), json),
+            Ok((cfg, _)) => crate::cli::journal::run(&cfg, tag, usize::from(limit), json),
             Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
         },
         Command::Agent => {

@@ -1,10 +1,10 @@
 //! Online certificate renewal.
 //!
 //! When the certificate has used about two thirds of its lifetime (judged with the control
-//! plane's time while its offset is within [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], with
+//! plane's time while its offset is within [`crate::daemon::status::MAX_TRUSTED_CLOCK_OFFSET`], with
 //! ±5 % jitter per certificate so a fleet enrolled together does not renew together), the
 //! session generates a new P-256 key, sends `RENEW` with a CSR on the live mTLS stream and gets
-//! `RENEWED` (certificate + CA bundle). The answer is judged first ([`crate::trust`]: trust
+//! `RENEWED` (certificate + CA bundle). The answer is judged first ([`crate::credentials::trust`]: trust
 //! continuity, node, key, validity); a refused one changes nothing. The new set is staged on disk
 //! ([`crate::credentials`]), proven by a probe session that uses it, and only then promoted;
 //! the session then reconnects with it at once. Instructions keep flowing: the dispatcher and
@@ -15,17 +15,17 @@
 //! expires.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use runos_protocol::control::{self, Renewed, types};
-use runos_protocol::peertext::PeerText;
+use runos_protocol::control::{self, Hello, Renewed, Welcome, types};
+use runos_protocol::peertext::{self, PeerText};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
-use runos_transport::{FrameReader, FrameWriter};
+use runos_transport::{FrameError, FrameReader, FrameWriter};
 use serde_json::{Value, json};
 
 use crate::config::Paths;
+use crate::credentials::identity::{self, NodeIdentity};
 use crate::credentials::{self, CredentialSet};
-use crate::identity::{self, NodeIdentity};
 use crate::net;
 
 /// Bound on waiting for `RENEWED`.
@@ -80,12 +80,7 @@ pub fn fraction_for(serial_hex: &str) -> f64 {
     RENEW_FRACTION + (x * 2.0 - 1.0) * RENEW_JITTER
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use crate::util::time::now_ms;
 
 /// The backoff after `failures` failed renewals of a certificate with `lifetime_s`: 10 s
 /// doubling, capped at a tenth of the lifetime (at least 5 s, at most 1 h).
@@ -187,24 +182,18 @@ impl Renewer {
             "state": if g.in_progress { "renewing" } else if g.failures > 0 { "failing" } else { "ok" },
             "failures": g.failures,
             "lastError": g.last_error,
-            "lastErrorAt": g.last_error_at.map(crate::status::rfc3339),
-            "lastRenewedAt": g.last_renewed_at.map(crate::status::rfc3339),
+            "lastErrorAt": g.last_error_at.map(crate::util::time::rfc3339),
+            "lastRenewedAt": g.last_renewed_at.map(crate::util::time::rfc3339),
             "nextAttemptAt": g.next_at_ms.and_then(|ms| {
-                u64::try_from(ms).ok().map(|ms| crate::status::rfc3339(UNIX_EPOCH + Duration::from_millis(ms)))
+                u64::try_from(ms).ok().map(crate::util::time::rfc3339_ms)
             }),
         })
     }
 }
 
-/// The process-wide renewal state (the daemon's sessions and the admin socket share it).
-pub fn global() -> &'static Renewer {
-    static R: std::sync::OnceLock<Renewer> = std::sync::OnceLock::new();
-    R.get_or_init(Renewer::default)
-}
-
 /// A new key and CSR for the node: (key PEM, CSR PEM, public key DER).
 pub fn new_request() -> Result<(String, String, Vec<u8>), RenewError> {
-    crate::register::key_and_csr(&crate::sysinfo::hostname())
+    crate::credentials::enrol::key_and_csr(&crate::sysinfo::hostname())
         .map_err(|e| RenewError::Failed(e.to_string()))
 }
 
@@ -218,7 +207,7 @@ pub struct Accepted {
     pub endorsement: Option<String>,
 }
 
-/// Check a `RENEWED` answer with [`crate::trust::admit`]: a bundle of one or two CAs that
+/// Check a `RENEWED` answer with [`crate::credentials::trust::admit`]: a bundle of one or two CAs that
 /// continues the trust of `current` (the identity being renewed), and a certificate for its
 /// node id and the key we generated, valid at `now_s` with a sane lifetime. Anything else is
 /// refused and the current identity stays.
@@ -229,7 +218,7 @@ pub fn check_renewed(
     public_key_der: &[u8],
     now_s: i64,
 ) -> Result<Accepted, RenewError> {
-    let admitted = crate::trust::admit(
+    let admitted = crate::credentials::trust::admit(
         &current.trusted_cas,
         &r.ca_pem,
         r.ca_cross_pem.as_deref(),
@@ -255,11 +244,124 @@ pub fn check_renewed(
 
 /// The time (seconds since the epoch) by which a renewed certificate is judged: the node's
 /// clock corrected by the control plane's offset when that is within
-/// [`crate::status::MAX_TRUSTED_CLOCK_OFFSET`], else the node's own clock.
-pub fn judging_now_s() -> i64 {
-    now_ms()
-        .saturating_add(crate::status::global().trusted_clock_offset())
-        .div_euclid(1000)
+/// the daemon's trusted bound, else the node's own clock: `offset_ms` is the trusted offset (0
+/// when there is none).
+pub fn judging_now_s(offset_ms: i64) -> i64 {
+    now_ms().saturating_add(offset_ms).div_euclid(1000)
+}
+
+/// Why the control plane's answer to HELLO ends the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The node is revoked.
+    Revoked(String),
+    /// The peers speak different protocol versions.
+    Incompatible(String),
+    /// Any other refusal or an unusable answer.
+    Failed(String),
+}
+
+/// How a handshake ended without a usable WELCOME ([`handshake`]).
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// HELLO could not be written (within the bound).
+    Send(FrameError),
+    /// The peer closed the connection before answering.
+    Closed,
+    /// Reading the answer failed.
+    Read(FrameError),
+    /// No answer within the bound.
+    NoAnswer(Duration),
+    /// The answer (kept here) refused the session or was unusable.
+    Refused(Refused, Box<Envelope>),
+}
+
+/// The one HELLO/WELCOME exchange of the session and of the renewal probe: write `hello` under
+/// `tag` (within `write_within`), read the first frame (within `answer_within`) and judge it
+/// ([`handshake_answer`]). The caller maps the failure to its own errors.
+pub async fn handshake<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    hello: &Hello,
+    tag: Tag,
+    write_within: Duration,
+    answer_within: Duration,
+) -> Result<Welcome, HandshakeError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let env = Envelope::with_type(types::HELLO, tag, hello);
+    net::write_within(writer, &env, write_within)
+        .await
+        .map_err(HandshakeError::Send)?;
+    let first = match tokio::time::timeout(answer_within, reader.read()).await {
+        Ok(Ok(Some(env))) => env,
+        Ok(Ok(None)) => return Err(HandshakeError::Closed),
+        Ok(Err(e)) => return Err(HandshakeError::Read(e)),
+        Err(_) => return Err(HandshakeError::NoAnswer(answer_within)),
+    };
+    handshake_answer(&first, tag).map_err(|r| HandshakeError::Refused(r, Box::new(first)))
+}
+
+/// Longest control-plane message kept in an error (characters).
+pub const MAX_PEER_MESSAGE_CHARS: usize = 200;
+
+/// The HELLO of this agent for `id`.
+pub fn hello(
+    id: &NodeIdentity,
+    instruction_types: Vec<String>,
+    pending_replies: Vec<String>,
+    probe: bool,
+) -> Hello {
+    Hello {
+        protocol_version: runos_protocol::PROTOCOL_VERSION,
+        agent_version: crate::agent_version().to_string(),
+        node_id: id.node_id.clone(),
+        hostname: crate::sysinfo::hostname(),
+        boot_id: crate::sysinfo::boot_id(),
+        instruction_types,
+        pending_replies,
+        probe,
+        last_update: None,
+    }
+}
+
+/// Judge the answer to HELLO: the one handshake judgement of the session and of the renewal
+/// probe (a `WELCOME` with the HELLO's tag, a protocol version spoken here, a sane frame size).
+pub fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, Refused> {
+    if env.is(types::ERROR) {
+        let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
+            ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
+        });
+        let message = peertext::clean(&e.message, MAX_PEER_MESSAGE_CHARS);
+        return Err(match e.code {
+            ErrorCode::Revoked => Refused::Revoked(message),
+            ErrorCode::VersionMismatch => Refused::Incompatible(message),
+            _ => Refused::Failed(format!(
+                "the control plane refused the session ({}): {message}",
+                e.code
+            )),
+        });
+    }
+    if !env.is(types::WELCOME) || env.tag != hello_tag {
+        return Err(Refused::Failed(format!(
+            "expected WELCOME with the HELLO's tag, got {}",
+            env.kind
+        )));
+    }
+    let w: Welcome = env
+        .payload()
+        .map_err(|_| Refused::Failed("WELCOME payload is malformed".into()))?;
+    control::check_version(w.protocol_version).map_err(|e| Refused::Incompatible(e.message))?;
+    if w.max_frame_bytes < runos_protocol::MIN_MAX_FRAME_BYTES {
+        // Below the floor the agent cannot even send its own heartbeats and ERRORs reliably.
+        return Err(Refused::Failed(format!(
+            "protocol error: WELCOME announces a maximum frame size below the protocol's floor of {} bytes",
+            runos_protocol::MIN_MAX_FRAME_BYTES
+        )));
+    }
+    Ok(w)
 }
 
 /// The identity a credential set gives, for `host:port`.
@@ -315,22 +417,18 @@ impl Probe {
             let mut reader = FrameReader::new(r, max_frame);
             let mut writer = FrameWriter::new(w, max_frame);
             let tag = Tag::random();
-            let hello = crate::session::hello(id, Vec::new(), Vec::new(), true);
-            writer
-                .write(&Envelope::with_type(types::HELLO, tag, &hello))
-                .await
-                .map_err(|e| RenewError::Unreachable(format!("sending HELLO to {addr}: {e}")))?;
-            let first = match reader.read().await {
-                Ok(Some(env)) => env,
-                Ok(None) => {
-                    return Err(RenewError::Tls(format!(
-                        "{addr} closed the connection before WELCOME (is the certificate accepted?)"
-                    )));
-                }
-                // A refused client certificate shows up here in TLS 1.3, as an alert.
-                Err(e) => return Err(RenewError::Tls(format!("waiting for WELCOME: {e}"))),
-            };
-            match crate::session::handshake_answer(&first, tag) {
+            let hello = hello(id, Vec::new(), Vec::new(), true);
+            // The whole probe is bounded by PROBE_TIMEOUT (below).
+            match handshake(
+                &mut reader,
+                &mut writer,
+                &hello,
+                tag,
+                PROBE_TIMEOUT,
+                PROBE_TIMEOUT,
+            )
+            .await
+            {
                 Ok(w) => {
                     writer.set_max(w.max_frame_bytes);
                     Ok(Probe {
@@ -339,8 +437,22 @@ impl Probe {
                         addr: addr.clone(),
                     })
                 }
-                Err(crate::session::SessionEnd::Revoked(m)) => Err(RenewError::Revoked(m)),
-                Err(other) => Err(RenewError::Failed(
+                Err(HandshakeError::Send(e)) => Err(RenewError::Unreachable(format!(
+                    "sending HELLO to {addr}: {e}"
+                ))),
+                Err(HandshakeError::Closed) => Err(RenewError::Tls(format!(
+                    "{addr} closed the connection before WELCOME (is the certificate accepted?)"
+                ))),
+                // A refused client certificate shows up here in TLS 1.3, as an alert.
+                Err(HandshakeError::Read(e)) => {
+                    Err(RenewError::Tls(format!("waiting for WELCOME: {e}")))
+                }
+                Err(HandshakeError::NoAnswer(within)) => Err(RenewError::Unreachable(format!(
+                    "no WELCOME from {addr} within {} s",
+                    within.as_secs()
+                ))),
+                Err(HandshakeError::Refused(Refused::Revoked(m), _)) => Err(RenewError::Revoked(m)),
+                Err(HandshakeError::Refused(other, _)) => Err(RenewError::Failed(
                     PeerText::new(&format!("{other:?}")).to_string(),
                 )),
             }
@@ -454,13 +566,13 @@ impl Outcome {
         json!({
             "renewed": true,
             "serial": self.serial_hex,
-            "notAfter": u64::try_from(self.not_after).ok().map(|s| crate::status::rfc3339(UNIX_EPOCH + Duration::from_secs(s))),
+            "notAfter": (self.not_after >= 0).then(|| crate::util::time::rfc3339_secs(self.not_after)),
         })
     }
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::fsutil::FsError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, crate::util::fs::FsError> + Send + 'static,
 ) -> Result<T, RenewError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(|e| RenewError::Failed(e.to_string())),
@@ -491,7 +603,7 @@ pub async fn switch_to(
     // A renewal replaces only the identity it renewed: if the current certificate is another
     // one now (`register --force` meanwhile), the renewed set is stale and dropped.
     if let Some(serial) = renewing {
-        let current = crate::status_cmd::read_certificate(&paths.certificate).ok();
+        let current = crate::credentials::read_certificate(&paths.certificate).ok();
         if current.as_ref().map(|i| i.serial_hex.as_str()) != Some(serial.as_str()) {
             return Err(RenewError::Failed(
                 "the node's identity changed during the renewal (re-registered?); the renewed certificate is dropped".into(),
@@ -562,6 +674,7 @@ pub async fn switch_locked(
 pub fn follow_ca(
     config_path: &std::path::Path,
     endorsement: Option<&str>,
+    offset_ms: i64,
 ) -> Result<Option<String>, String> {
     let (cfg, _) = crate::config::load(config_path).map_err(|e| e.to_string())?;
     let Some(pin) = cfg.server.l1_ca_sha256.clone() else {
@@ -570,7 +683,7 @@ pub fn follow_ca(
     let Some(host) = cfg.server.host.clone() else {
         return Ok(None);
     };
-    let bundle = crate::fsutil::read_capped(&cfg.paths.ca, identity::MAX_PEM_FILE)
+    let bundle = crate::util::fs::read_capped(&cfg.paths.ca, identity::MAX_PEM_FILE)
         .map_err(|e| format!("{}: {e}", cfg.paths.ca.display()))?;
     let cas = runos_transport::pem::certificates(&bundle).map_err(|e| e.to_string())?;
     let digests: Vec<String> = cas
@@ -586,7 +699,7 @@ pub fn follow_ca(
             "the control plane's CA changed without a cross-certificate from the pinned CA; {stays}"
         ));
     };
-    let l1 = crate::fsutil::read_capped(&cfg.paths.l1_ca, identity::MAX_PEM_FILE)
+    let l1 = crate::util::fs::read_capped(&cfg.paths.l1_ca, identity::MAX_PEM_FILE)
         .map_err(|e| format!("{}: {e}", cfg.paths.l1_ca.display()))?;
     let pinned = runos_transport::pem::certificates(&l1)
         .map_err(|e| e.to_string())?
@@ -602,13 +715,18 @@ pub fn follow_ca(
         .ok()
         .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)))
         .ok_or_else(|| format!("the cross-certificate is unreadable; {stays}"))?;
-    if !crate::trust::vouches(&cross, &cas[0], &pinned, Some(judging_now_s())) {
+    if !crate::credentials::trust::vouches(&cross, &cas[0], &pinned, Some(judging_now_s(offset_ms)))
+    {
         return Err(format!(
             "the cross-certificate does not vouch for the new CA under the pinned one; {stays}"
         ));
     }
-    crate::fsutil::write_atomic(&cfg.paths.l1_ca, &bundle, crate::fsutil::Mode::Exact(0o644))
-        .map_err(|e| e.to_string())?;
+    crate::util::fs::write_atomic(
+        &cfg.paths.l1_ca,
+        &bundle,
+        crate::util::fs::Mode::Exact(0o644),
+    )
+    .map_err(|e| e.to_string())?;
     crate::config::update_server(
         config_path,
         &host,
@@ -621,9 +739,14 @@ pub fn follow_ca(
 }
 
 /// [`follow_ca`] with the cross-certificate of the last promoted renewal, logging its outcome.
-pub fn follow_ca_logged(config_path: &std::path::Path) {
-    let endorsement = global().take_endorsement();
-    match follow_ca(config_path, endorsement.as_deref()) {
+/// `endorsement` is the promoted renewal's ([`Renewer::take_endorsement`]); `offset_ms` is the
+/// trusted clock offset ([`judging_now_s`]).
+pub fn follow_ca_logged(
+    config_path: &std::path::Path,
+    endorsement: Option<String>,
+    offset_ms: i64,
+) {
+    match follow_ca(config_path, endorsement.as_deref(), offset_ms) {
         Ok(Some(pin)) => tracing::info!(
             ca_sha256 = %pin,
             "the control plane's CA changed (rotation cut over, vouched for by the pinned CA): the L1Sec CA and pin follow it"
@@ -763,23 +886,27 @@ mod tests {
 
         // During the overlap ([A, B]) nothing moves.
         std::fs::write(d.path().join("ca.pem"), format!("{a_pem}{b_pem}")).unwrap();
-        assert_eq!(follow_ca(&config, Some(&good)), Ok(None));
+        assert_eq!(follow_ca(&config, Some(&good), 0), Ok(None));
         // Cut over to [B]: without a cross-certificate, or with one not from A, the pin stays.
         std::fs::write(d.path().join("ca.pem"), &b_pem).unwrap();
-        assert!(follow_ca(&config, None).unwrap_err().contains("pin stays"));
         assert!(
-            follow_ca(&config, Some(&forged))
+            follow_ca(&config, None, 0)
                 .unwrap_err()
                 .contains("pin stays")
         );
-        assert!(follow_ca(&config, Some("junk")).is_err());
+        assert!(
+            follow_ca(&config, Some(&forged), 0)
+                .unwrap_err()
+                .contains("pin stays")
+        );
+        assert!(follow_ca(&config, Some("junk"), 0).is_err());
         assert_eq!(pin(), Some(pin_a.clone()));
         assert_eq!(l1(), a_pem);
         // With A's cross-certificate for B it follows B.
         let pin_b = runos_transport::pem::der_sha256(
             &runos_transport::pem::certificates(b_pem.as_bytes()).unwrap()[0],
         );
-        assert_eq!(follow_ca(&config, Some(&good)), Ok(Some(pin_b.clone())));
+        assert_eq!(follow_ca(&config, Some(&good), 0), Ok(Some(pin_b.clone())));
         assert_eq!(pin(), Some(pin_b));
         assert_eq!(l1(), b_pem);
     }

@@ -6,11 +6,11 @@
 //! within [`READ_TIMEOUT`]), answered with one line of JSON, then the connection is closed.
 //! At most [`MAX_CONNECTIONS`] connections are served at a time; more are closed at once.
 //!
-//! - `{"op":"status"}` → the daemon's status ([`StatusHandle::to_json`]) merged with the
-//!   dispatcher's snapshot ([`DispatchSnapshot::to_json`](crate::dispatch::snapshot::DispatchSnapshot::to_json)).
+//! - `{"op":"status"}` → the daemon's status ([`crate::daemon::state::AgentState::to_json`]) merged with the
+//!   dispatcher's snapshot ([`DispatchSnapshot::to_json`](crate::daemon::dispatch::snapshot::DispatchSnapshot::to_json)).
 //! - `{"op":"journal","tag":"<uuid>"}` or `{"op":"journal","limit":N}` (default 50, at most
 //!   1000) → `{"entries":[...]}`, newest first (see
-//!   [`entry_json`](crate::dispatch::journal_query::entry_json)); an unknown tag gives no entry.
+//!   [`entry_json`](crate::daemon::dispatch::journal_query::entry_json)); an unknown tag gives no entry.
 //! - anything else → `{"error": "..."}`.
 //!
 //! Creation: the socket is bound inside a fresh 0700 directory, set to 0600, then renamed into
@@ -31,11 +31,9 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::dispatch::Inbound;
-use crate::status::StatusHandle;
+use crate::daemon::dispatch::Inbound;
+use crate::daemon::state::State;
 
-/// The socket's file name in `paths.run_dir`.
-pub const SOCKET_NAME: &str = "admin.sock";
 /// Largest request line, in bytes.
 pub const MAX_REQUEST: usize = 4096;
 /// Bound on reading the request (and on writing the answer).
@@ -45,20 +43,15 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// Bound on waiting for the dispatcher's snapshot.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The admin socket's path for a run directory.
-pub fn socket_path(run_dir: &Path) -> PathBuf {
-    run_dir.join(SOCKET_NAME)
-}
-
 /// What the admin socket serves.
 #[derive(Debug, Clone)]
 pub struct AdminState {
-    /// The daemon's status.
-    pub status: StatusHandle,
+    /// The agent's state (status, renewal).
+    pub state: State,
     /// The dispatcher (weak: the admin socket never keeps it alive).
     pub dispatcher: mpsc::WeakSender<Inbound>,
     /// Where `renew` requests go (the daemon's session).
-    pub renew: Option<mpsc::Sender<crate::session::RenewRequest>>,
+    pub renew: Option<mpsc::Sender<crate::daemon::session::RenewRequest>>,
     /// `reconnect`: the daemon reloads its configuration and reconnects (with the credentials
     /// and server now on disk).
     pub reconnect: Option<mpsc::Sender<()>>,
@@ -91,10 +84,10 @@ impl Drop for AdminServer {
     }
 }
 
-/// Start the admin socket in `run_dir`. Never fails the daemon: on error, logs a warning and
+/// Start the admin socket at `path` (`Paths::admin_socket`). Never fails the daemon: on error, logs a warning and
 /// returns `None`. Must be called inside the Tokio runtime.
-pub fn start(run_dir: &Path, state: AdminState) -> Option<AdminServer> {
-    match bind(run_dir) {
+pub fn start(socket: &Path, state: AdminState) -> Option<AdminServer> {
+    match bind(socket) {
         Ok((listener, path, id)) => {
             tracing::info!(path = %path.display(), "admin socket listening");
             let task = tokio::spawn(serve(listener, state));
@@ -109,10 +102,11 @@ pub fn start(run_dir: &Path, state: AdminState) -> Option<AdminServer> {
     }
 }
 
-fn bind(run_dir: &Path) -> Result<(UnixListener, PathBuf, (u64, u64)), String> {
-    let path = socket_path(run_dir);
+fn bind(socket: &Path) -> Result<(UnixListener, PathBuf, (u64, u64)), String> {
+    let path = socket.to_path_buf();
+    let run_dir = socket.parent().unwrap_or(Path::new("/"));
     let shown = path.display().to_string();
-    crate::fsutil::ensure_dir(run_dir, 0o755).map_err(|e| e.to_string())?;
+    crate::util::fs::ensure_dir(run_dir, 0o755).map_err(|e| e.to_string())?;
     if let Ok(m) = std::fs::symlink_metadata(&path) {
         if m.file_type().is_socket() && std::os::unix::net::UnixStream::connect(&path).is_ok() {
             return Err(format!(
@@ -220,7 +214,9 @@ async fn answer(line: &[u8], state: &AdminState) -> Value {
 
 /// The `journal` answer.
 async fn journal(req: &Value, state: &AdminState) -> Value {
-    use crate::dispatch::journal_query::{DEFAULT_LIMIT, JournalQuery, MAX_LIMIT, entry_json};
+    use crate::daemon::dispatch::journal_query::{
+        DEFAULT_LIMIT, JournalQuery, MAX_LIMIT, entry_json,
+    };
     let tag = match req.get("tag") {
         None | Some(Value::Null) => None,
         Some(t) => match t.as_str().map(runos_protocol::Tag::parse) {
@@ -256,13 +252,13 @@ pub const RENEW_WAIT: Duration = Duration::from_secs(75);
 
 /// The `renew` answer: `{"renewed":true,…}` or `{"error":…,"code":…}`.
 async fn renew(state: &AdminState) -> Value {
-    use crate::renew::RenewError;
+    use crate::credentials::renew::RenewError;
     let Some(tx) = &state.renew else {
         return json!({"error": "renewal is not available", "code": "failed"});
     };
     let (otx, orx) = oneshot::channel();
     if tx
-        .send(crate::session::RenewRequest { respond: otx })
+        .send(crate::daemon::session::RenewRequest { respond: otx })
         .await
         .is_err()
     {
@@ -288,7 +284,7 @@ async fn renew(state: &AdminState) -> Value {
 
 /// The full status answer.
 pub async fn status(state: &AdminState) -> Value {
-    let mut v = state.status.to_json();
+    let mut v = state.state.to_json();
     let snap = async {
         let tx = state.dispatcher.upgrade()?;
         let (stx, srx) = oneshot::channel();
@@ -317,7 +313,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::dispatch::{self, DispatchConfig};
+    use crate::daemon::dispatch::{self, DispatchConfig};
 
     async fn ask(path: &Path, req: &[u8]) -> Value {
         let mut s = UnixStream::connect(path).await.unwrap();
@@ -348,15 +344,15 @@ mod tests {
             sd_rx,
         );
         let state = AdminState {
-            status: StatusHandle::new(),
+            state: crate::daemon::state::AgentState::new(),
             dispatcher: link.inbound.downgrade(),
             renew: None,
             reconnect: None,
         };
         // A stale socket file (nobody listening) is replaced.
         std::fs::create_dir_all(&run).unwrap();
-        drop(std::os::unix::net::UnixListener::bind(socket_path(&run)).unwrap());
-        let server = start(&run, state.clone()).expect("admin socket");
+        drop(std::os::unix::net::UnixListener::bind(run.join("admin.sock")).unwrap());
+        let server = start(&run.join("admin.sock"), state.clone()).expect("admin socket");
         let mode = std::fs::metadata(server.path())
             .unwrap()
             .permissions()
@@ -394,7 +390,7 @@ mod tests {
         }
 
         // A live socket is not taken over.
-        assert!(start(&run, state).is_none());
+        assert!(start(&run.join("admin.sock"), state).is_none());
         let path = server.path().to_path_buf();
         drop(server);
         assert!(!path.exists());

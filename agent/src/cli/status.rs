@@ -1,4 +1,4 @@
-//! `runos status [--json]`: asks the running daemon over the admin socket ([`crate::admin`]) and
+//! `runos status [--json]`: asks the running daemon over the admin socket ([`crate::daemon::admin`]) and
 //! reads the certificate itself (so its expiry is reported even when the daemon is down).
 //!
 //! Exit codes: 0 healthy; [`Exit::Degraded`] (8) when disconnected for more than
@@ -6,8 +6,6 @@
 //! [`Exit::NotRunning`] (9) when no daemon answers on the socket (what can be known, the
 //! certificate, is still printed).
 
-use std::io::{BufRead as _, Read as _, Write as _};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,25 +13,13 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::exit::Exit;
+use crate::util::admin_client::{AdminError, request};
+use crate::util::time::rfc3339_secs;
 
 /// Disconnected (or connecting) for longer than this is degraded.
 pub const DEGRADED_AFTER: Duration = Duration::from_secs(5 * 60);
 /// A certificate expiring within this is reported with a warning (not degraded).
 pub const CERT_WARN_WITHIN: Duration = Duration::from_secs(24 * 3600);
-/// Bound on talking to the daemon.
-pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest answer read from the daemon.
-const MAX_ANSWER: u64 = 4 * 1024 * 1024;
-
-/// The facts of the node certificate at `path` (the first certificate in the PEM file).
-pub fn read_certificate(path: &Path) -> Result<runos_transport::identity::CertInfo, String> {
-    let pem = crate::fsutil::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
-    let certs = runos_transport::pem::certificates(&pem).map_err(|e| e.to_string())?;
-    let der = certs
-        .first()
-        .ok_or_else(|| "no certificate in the file".to_string())?;
-    runos_transport::identity::cert_info(der).map_err(|e| e.to_string())
-}
 
 /// The time certificate validity is judged at, in seconds since the Unix epoch, and by whose
 /// clock: the control plane's (`now` corrected by the daemon's measured clock offset, in ms,
@@ -49,15 +35,10 @@ pub fn judged_now(now: SystemTime, offset_ms: Option<i64>) -> (i64, &'static str
     }
 }
 
-/// An RFC 3339 rendering of a Unix time in seconds (times before 1970 are clamped).
-pub fn rfc3339_secs(secs: i64) -> String {
-    crate::status::rfc3339(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
-}
-
 /// The certificate part of the status, read from `paths.certificate` and judged at `now`
 /// corrected by `offset_ms` (see [`judged_now`]).
 pub fn certificate(path: &Path, now: SystemTime, offset_ms: Option<i64>) -> Value {
-    match read_certificate(path) {
+    match crate::credentials::read_certificate(path) {
         Ok(info) => {
             let (now_s, judged_by) = judged_now(now, offset_ms);
             json!({
@@ -83,49 +64,6 @@ pub fn query(socket: &Path) -> Result<Value, String> {
     }
 }
 
-/// Why an admin request failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminError {
-    /// No daemon answers on the socket (or its answer is unreadable).
-    NotRunning(String),
-    /// The daemon answered `{"error": …}`.
-    Refused(String),
-}
-
-/// Send `req` (one line of JSON) to the daemon at `socket` and read its one-line answer.
-pub fn request(socket: &Path, req: &Value) -> Result<Value, AdminError> {
-    talk(socket, req)
-        .map_err(AdminError::NotRunning)
-        .and_then(|v| match v.get("error").and_then(Value::as_str) {
-            Some(e) => Err(AdminError::Refused(format!(
-                "the daemon refused the request: {e}"
-            ))),
-            None => Ok(v),
-        })
-}
-
-fn talk(socket: &Path, req: &Value) -> Result<Value, String> {
-    talk_with(socket, req, SOCKET_TIMEOUT)
-}
-
-/// Send `req` and read the one-line answer, waiting at most `timeout` for it. `Err` when no
-/// daemon answers (an `{"error": …}` answer is returned as it is).
-pub fn talk_with(socket: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(timeout))
-        .and_then(|()| s.set_write_timeout(Some(SOCKET_TIMEOUT)))
-        .map_err(|e| e.to_string())?;
-    let mut line = req.to_string().into_bytes();
-    line.push(b'\n');
-    s.write_all(&line)
-        .map_err(|e| format!("sending the request: {e}"))?;
-    let mut line = Vec::new();
-    std::io::BufReader::new((&s).take(MAX_ANSWER))
-        .read_until(b'\n', &mut line)
-        .map_err(|e| format!("reading the answer: {e}"))?;
-    serde_json::from_slice(&line).map_err(|_| "the daemon's answer is not JSON".to_string())
-}
-
 /// Judge a full status: `(degraded reasons, warnings)`.
 pub fn judge(v: &Value) -> (Vec<String>, Vec<String>) {
     let mut degraded = Vec::new();
@@ -141,12 +79,12 @@ pub fn judge(v: &Value) -> (Vec<String>, Vec<String>) {
         warnings.push(format!("the certificate expires in {} h", secs / 3600));
     }
     if let Some(off) = v["clockOffsetMs"].as_i64()
-        && crate::status::clock_offset_exceeds(off)
+        && crate::daemon::status::clock_offset_exceeds(off)
     {
         warnings.push(format!(
             "{} (more than {} s); certificate validity is judged with the control plane's time",
-            crate::status::clock_offset_text(off),
-            crate::status::MAX_CLOCK_OFFSET.as_secs()
+            crate::daemon::status::clock_offset_text(off),
+            crate::daemon::status::MAX_CLOCK_OFFSET.as_secs()
         ));
     }
     let r = &v["renewal"];
@@ -340,7 +278,7 @@ pub fn last_update(state_dir: &Path) -> Value {
 
 /// Run `runos status`; prints the report and returns the exit code.
 pub fn run(cfg: &Config, json_out: bool) -> Exit {
-    let socket = crate::admin::socket_path(&cfg.paths.run_dir);
+    let socket = cfg.paths.admin_socket();
     let now = SystemTime::now();
     let (mut v, exit) = match query(&socket) {
         Ok(mut v) => {
@@ -348,7 +286,7 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
             // An offset beyond the bound is not acted on: the node's own clock judges.
             let offset = v["clockOffsetMs"]
                 .as_i64()
-                .filter(|o| crate::status::clock_offset_trusted(*o));
+                .filter(|o| crate::daemon::status::clock_offset_trusted(*o));
             v["certificate"] = certificate(&cfg.paths.certificate, now, offset);
             (v, Exit::Ok)
         }
@@ -428,7 +366,7 @@ mod tests {
     #[test]
     fn clock_skew_is_a_warning() {
         let sent = 1_800_000_000_000;
-        let skewed = crate::status::clock_offset_ms(sent + 120_000 + 40, sent, 80);
+        let skewed = crate::daemon::status::clock_offset_ms(sent + 120_000 + 40, sent, 80);
         assert_eq!(skewed, 120_000);
         let v = json!({"connection": {"state": "connected"}, "clockOffsetMs": skewed, "certificate": {"expired": false, "expiresInSecs": 999_999}});
         let (d, w) = judge(&v);

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::Dispatcher;
-use crate::audit::Record;
+use crate::daemon::audit::Record;
 use runos_journal::EntryView;
 
 /// Default number of entries `runos journal` shows.
@@ -29,7 +29,7 @@ pub struct JournalQuery {
 
 fn at(ms: Option<u64>) -> Value {
     ms.map_or(Value::Null, |ms| {
-        json!(crate::status::rfc3339(
+        json!(crate::util::time::rfc3339(
             UNIX_EPOCH + Duration::from_millis(ms)
         ))
     })

@@ -43,10 +43,11 @@ use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-use crate::audit::AuditLog;
 use crate::catalog::{Catalog, Job};
+use crate::daemon::audit::AuditLog;
 
 mod cancel;
 // `runos journal`: Inbound::Journal (see `journal_query.rs`).
@@ -255,16 +256,6 @@ struct Queued {
     /// When the dispatcher accepted it (journaled `accepted`).
     accepted: tokio::time::Instant,
     job: Job,
-}
-
-/// Aborts a task when dropped, so that dropping an instruction's task drops its executor (and
-/// the executor's process-group guard).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Dispatcher {
@@ -629,9 +620,11 @@ impl Dispatcher {
             );
             let started = Instant::now();
             let exec = job(ctx).instrument(tracing::Span::current());
-            let mut inner = AbortOnDrop(tokio::spawn(exec));
+            // Aborted when dropped, so that dropping an instruction's task drops its executor
+            // (and the executor's process guard).
+            let mut inner = AbortOnDropHandle::new(tokio::spawn(exec));
             let mut after_ack = None;
-            let reply = match tokio::time::timeout_at(deadline_at, &mut inner.0).await {
+            let reply = match tokio::time::timeout_at(deadline_at, &mut inner).await {
                 Ok(Ok(Ok(done))) => {
                     after_ack = done.after_ack;
                     done.envelope
@@ -650,7 +643,7 @@ impl Dispatcher {
                 Ok(Err(_)) => error_reply(tag, ErrorCode::Interrupted, "the executor was cancelled"),
                 Err(_) => {
                     token.cancel();
-                    inner.0.abort();
+                    inner.abort();
                     tracing::warn!("deadline passed; executor stopped");
                     error_reply(
                         tag,

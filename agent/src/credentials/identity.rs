@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 
 use crate::config::Config;
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 /// Largest PEM file read.
 pub const MAX_PEM_FILE: u64 = 1024 * 1024;
@@ -47,7 +47,7 @@ pub struct NodeIdentity {
     /// The certificate's notAfter, seconds since the Unix epoch.
     pub not_after: i64,
     /// The CAs of the L2Sec bundle (DER): the node's trust, which a renewal may only continue
-    /// ([`crate::trust`]).
+    /// ([`crate::credentials::trust`]).
     pub trusted_cas: Vec<Vec<u8>>,
 }
 

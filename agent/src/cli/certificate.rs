@@ -1,6 +1,6 @@
 //! `runos certificate status [--json]`: the node certificate, read from `paths.certificate`
 //! (works without the daemon). Its remaining validity is judged with the control plane's time
-//! when the running daemon reports a clock offset ([`crate::status`]), else with the local
+//! when the running daemon reports a clock offset ([`crate::daemon::status`]), else with the local
 //! clock (silently).
 //!
 //! Exit codes: 0 valid; [`Exit::Degraded`] (8) expired; [`Exit::NotRegistered`] (3) when the
@@ -11,9 +11,11 @@ use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
+use crate::cli::status::judged_now;
 use crate::config::Config;
+use crate::credentials::read_certificate;
 use crate::exit::Exit;
-use crate::status_cmd::{judged_now, read_certificate, rfc3339_secs};
+use crate::util::time::rfc3339_secs;
 
 /// The percentage of the validity period `[not_before, not_after]` used at `now_s` (0 to 100,
 /// one decimal).
@@ -113,12 +115,12 @@ fn human(v: &Value) -> String {
 /// Run `runos certificate status`; prints the report and returns the exit code.
 pub fn run(cfg: &Config, json_out: bool) -> Exit {
     // The daemon's clock offset, when it runs and has one; silently none otherwise.
-    let socket = crate::admin::socket_path(&cfg.paths.run_dir);
-    let offset = crate::status_cmd::query(&socket)
+    let socket = cfg.paths.admin_socket();
+    let offset = crate::cli::status::query(&socket)
         .ok()
         .and_then(|v| v["clockOffsetMs"].as_i64())
         // An offset beyond the bound is not acted on: the node's own clock judges.
-        .filter(|o| crate::status::clock_offset_trusted(*o));
+        .filter(|o| crate::daemon::status::clock_offset_trusted(*o));
     match report(
         &cfg.paths.certificate,
         &cfg.paths.ca,
@@ -153,8 +155,8 @@ pub fn run(cfg: &Config, json_out: bool) -> Exit {
 }
 
 /// The exit code of a renewal failure.
-pub fn renew_exit(e: &crate::renew::RenewError) -> Exit {
-    use crate::renew::RenewError;
+pub fn renew_exit(e: &crate::credentials::renew::RenewError) -> Exit {
+    use crate::credentials::renew::RenewError;
     match e {
         RenewError::Unreachable(_) => Exit::Unreachable,
         RenewError::Tls(_) => Exit::Tls,
@@ -174,10 +176,13 @@ fn renew_code_exit(code: &str) -> Exit {
 
 /// Renew without a daemon: take the agent's lock, open a probe session with the current
 /// identity, RENEW, and switch to the new set once it is proven.
-async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, String)> {
-    use crate::renew::{self, Probe};
-    let _lock = crate::lock::acquire(&cfg.paths.lock_file()).map_err(|e| match e {
-        crate::lock::LockError::Held(p) => (
+/// The outcome and the promoted renewal's cross-certificate (for the L1Sec pin).
+async fn renew_direct(
+    cfg: &Config,
+) -> Result<(crate::credentials::renew::Outcome, Option<String>), (Exit, String)> {
+    use crate::credentials::renew::{self, Probe};
+    let _lock = crate::util::lock::acquire(&cfg.paths.lock_file()).map_err(|e| match e {
+        crate::util::lock::LockError::Held(p) => (
             Exit::Locked,
             format!(
                 "a runos agent holds {} but its admin socket does not answer; check it with `systemctl status runos`",
@@ -192,7 +197,8 @@ async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, Stri
             format!("cannot finish an interrupted credential switch: {e}"),
         )
     })?;
-    let id = crate::identity::load(cfg).map_err(|e| (Exit::NotRegistered, e.to_string()))?;
+    let id = crate::credentials::identity::load(cfg)
+        .map_err(|e| (Exit::NotRegistered, e.to_string()))?;
     let err = |e: renew::RenewError| (renew_exit(&e), e.to_string());
     let max_frame = cfg.agent.max_frame_bytes;
     let mut probe = Probe::open(&id, max_frame).await.map_err(err)?;
@@ -204,7 +210,7 @@ async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, Stri
         &id,
         key_pem,
         &public_key,
-        renew::judging_now_s(),
+        renew::judging_now_s(0), // a CLI process has no measured clock offset
     )
     .map_err(err)?;
     let out = renew::switch_to(
@@ -218,8 +224,7 @@ async fn renew_direct(cfg: &Config) -> Result<crate::renew::Outcome, (Exit, Stri
     .await
     .map_err(err)?;
     // For the L1Sec pin ([`renew::follow_ca_logged`]).
-    renew::global().succeeded(acc.endorsement);
-    Ok(out)
+    Ok((out, acc.endorsement))
 }
 
 /// Run `runos certificate renew`: through the daemon when it answers, else directly.
@@ -229,13 +234,13 @@ pub fn renew(
     json_out: bool,
     rt: &tokio::runtime::Runtime,
 ) -> Exit {
-    let socket = crate::admin::socket_path(&cfg.paths.run_dir);
-    let wait = crate::admin::RENEW_WAIT + std::time::Duration::from_secs(5);
+    let socket = cfg.paths.admin_socket();
+    let wait = crate::daemon::admin::RENEW_WAIT + std::time::Duration::from_secs(5);
     // Directly only when no agent listens at all: an agent that stops answering midway may
     // still be switching, and must not be raced.
     let listening = std::os::unix::net::UnixStream::connect(&socket).is_ok();
     let (result, via) = if listening {
-        let r = match crate::status_cmd::talk_with(&socket, &json!({"op": "renew"}), wait) {
+        let r = match crate::util::admin_client::talk_with(&socket, &json!({"op": "renew"}), wait) {
             Ok(v) => match v.get("error").and_then(Value::as_str) {
                 None => Ok(v),
                 Some(e) => Err((
@@ -252,10 +257,10 @@ pub fn renew(
         };
         (r, "agent")
     } else {
-        let r = rt.block_on(renew_direct(cfg)).map(|o| o.to_json());
-        if r.is_ok() {
-            crate::renew::follow_ca_logged(config_path);
-        }
+        let r = rt.block_on(renew_direct(cfg)).map(|(o, endorsement)| {
+            crate::credentials::renew::follow_ca_logged(config_path, endorsement, 0);
+            o.to_json()
+        });
         (r, "direct")
     };
     match result {

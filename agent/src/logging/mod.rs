@@ -10,6 +10,8 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::LogFormat;
 
+pub mod recent;
+
 /// The environment variable that overrides the log filter.
 pub const LOG_ENV: &str = "RUNOS_LOG";
 
@@ -41,13 +43,13 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
         LogFormat::Text => tracing_subscriber::registry()
             .with(layer)
             .with(fmt)
-            .with(crate::status::RecentErrorsLayer) // `runos status`: recent errors
+            .with(recent::RecentErrorsLayer) // `runos status`: recent errors
             .try_init()
             .is_ok(),
         LogFormat::Json => tracing_subscriber::registry()
             .with(layer)
             .with(fmt.json().flatten_event(true).with_current_span(true))
-            .with(crate::status::RecentErrorsLayer) // `runos status`: recent errors
+            .with(recent::RecentErrorsLayer) // `runos status`: recent errors
             .try_init()
             .is_ok(),
     };

@@ -46,7 +46,7 @@ pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        crate::fsutil::ensure_dir(dir, 0o755).map_err(|e| io(e.source))?;
+        crate::util::fs::ensure_dir(dir, 0o755).map_err(|e| io(e.source))?;
     }
     let file = OpenOptions::new()
         .read(true)

@@ -37,7 +37,7 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
     /// The cross-certificate (PEM), when it vouched for a CA of the bundle under a CA trusted
-    /// before: the L1Sec pin may follow that CA ([`crate::renew::follow_ca`]).
+    /// before: the L1Sec pin may follow that CA ([`crate::credentials::renew::follow_ca`]).
     pub endorsement: Option<String>,
 }
 

@@ -122,15 +122,28 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: Mode) -> Result<(), FsError>
         f.write_all(data).map_err(fs_err("write", &tmp))?;
         f.sync_all().map_err(fs_err("sync", &tmp))?;
         fs::rename(&tmp, path).map_err(fs_err("replace", path))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(dir);
         Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Make the entries of `dir` durable (a rename, link or unlink in it survives a crash). Best
+/// effort: a directory that cannot be opened or synced is left as it is.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// [`sync_dir`] on the directory that holds `path`.
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
+    }
 }
 
 #[cfg(test)]

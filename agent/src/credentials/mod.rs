@@ -14,10 +14,15 @@
 //! marker or stray `.next` files are discarded (the new set was never proven; the renewal is
 //! simply done again).
 
+pub mod enrol;
+pub mod identity;
+pub mod renew;
+pub mod trust;
+
 use std::path::{Path, PathBuf};
 
 use crate::config::Paths;
-use crate::fsutil::{self, FsError, Mode};
+use crate::util::fs::{self as fsutil, FsError, Mode};
 
 /// Name of the marker file in the state directory.
 pub const MARKER_FILE: &str = "credentials.switch";
@@ -88,14 +93,6 @@ fn remove(path: &Path) -> Result<(), FsError> {
     }
 }
 
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-}
-
 fn read_marker(p: &Paths) -> Option<String> {
     fsutil::read_capped(&marker(p), 64)
         .ok()
@@ -127,7 +124,7 @@ pub fn stage(p: &Paths, set: &CredentialSet) -> Result<(), FsError> {
     }
     // An older staged set is dropped first, so the marker never describes a mix.
     remove(&marker(p))?;
-    sync_dir(&marker(p));
+    crate::util::fs::sync_parent(&marker(p));
     let data = [
         set.key_pem.as_bytes(),
         set.cert_pem.as_bytes(),
@@ -153,22 +150,23 @@ pub fn promote(p: &Paths) -> Result<(), FsError> {
 
 fn finish_promotion(p: &Paths) -> Result<(), FsError> {
     for (cur, next, mode) in files(p) {
-        let data =
-            fsutil::read_capped(&next, crate::identity::MAX_PEM_FILE).map_err(|e| FsError {
+        let data = fsutil::read_capped(&next, crate::credentials::identity::MAX_PEM_FILE).map_err(
+            |e| FsError {
                 action: "read",
                 path: next.clone(),
                 source: match e {
                     fsutil::ReadError::Io(e) => e,
                     other => std::io::Error::other(other.to_string()),
                 },
-            })?;
+            },
+        )?;
         fsutil::write_atomic(&cur, &data, Mode::Exact(mode))?;
     }
     remove(&marker(p))?;
-    sync_dir(&marker(p));
+    crate::util::fs::sync_parent(&marker(p));
     for (_, next, _) in files(p) {
         remove(&next)?;
-        sync_dir(&next);
+        crate::util::fs::sync_parent(&next);
     }
     Ok(())
 }
@@ -177,10 +175,10 @@ fn finish_promotion(p: &Paths) -> Result<(), FsError> {
 pub fn discard(p: &Paths) -> Result<(), FsError> {
     for (_, next, _) in files(p) {
         remove(&next)?;
-        sync_dir(&next);
+        crate::util::fs::sync_parent(&next);
     }
     remove(&marker(p))?;
-    sync_dir(&marker(p));
+    crate::util::fs::sync_parent(&marker(p));
     Ok(())
 }
 
@@ -189,11 +187,11 @@ pub fn discard(p: &Paths) -> Result<(), FsError> {
 pub const SWITCH_LOCK: &str = "credentials.lock";
 
 /// Take the switch lock; `None` when another process (or task) holds it.
-pub fn switch_lock(p: &Paths) -> Result<Option<crate::lock::InstanceLock>, FsError> {
-    match crate::lock::acquire(&p.run_dir.join(SWITCH_LOCK)) {
+pub fn switch_lock(p: &Paths) -> Result<Option<crate::util::lock::InstanceLock>, FsError> {
+    match crate::util::lock::acquire(&p.run_dir.join(SWITCH_LOCK)) {
         Ok(l) => Ok(Some(l)),
-        Err(crate::lock::LockError::Held(_)) => Ok(None),
-        Err(crate::lock::LockError::Io { path, source }) => Err(FsError {
+        Err(crate::util::lock::LockError::Held(_)) => Ok(None),
+        Err(crate::util::lock::LockError::Io { path, source }) => Err(FsError {
             action: "lock",
             path,
             source,
@@ -240,7 +238,7 @@ pub fn install(p: &Paths, set: &CredentialSet) -> Result<(), FsError> {
 /// Read the staged set.
 pub fn read_staged(p: &Paths) -> Result<CredentialSet, String> {
     let read = |path: &Path| -> Result<String, String> {
-        fsutil::read_capped(path, crate::identity::MAX_PEM_FILE)
+        fsutil::read_capped(path, crate::credentials::identity::MAX_PEM_FILE)
             .map_err(|e| format!("{}: {e}", path.display()))
             .and_then(|b| {
                 String::from_utf8(b).map_err(|_| format!("{}: not UTF-8", path.display()))
@@ -252,6 +250,16 @@ pub fn read_staged(p: &Paths) -> Result<CredentialSet, String> {
         cert_pem: read(&c.1)?,
         ca_pem: read(&a.1)?,
     })
+}
+
+/// The facts of the node certificate at `path` (the first certificate in the PEM file).
+pub fn read_certificate(path: &Path) -> Result<runos_transport::identity::CertInfo, String> {
+    let pem = crate::util::fs::read_capped(path, 1024 * 1024).map_err(|e| e.to_string())?;
+    let certs = runos_transport::pem::certificates(&pem).map_err(|e| e.to_string())?;
+    let der = certs
+        .first()
+        .ok_or_else(|| "no certificate in the file".to_string())?;
+    runos_transport::identity::cert_info(der).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

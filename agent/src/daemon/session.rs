@@ -22,26 +22,30 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use runos_protocol::control::{self, Heartbeat, HeartbeatReply, Hello, Welcome, types};
+use runos_protocol::control::{self, Heartbeat, HeartbeatReply, Welcome, types};
 use runos_protocol::frame::{DecodeError, EncodeError};
 use runos_protocol::peertext::{self, PeerText};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::AbortOnDropHandle;
 
-use crate::dispatch::{DispatchLink, Inbound, error_reply};
-use crate::identity::NodeIdentity;
+use crate::credentials::identity::NodeIdentity;
+use crate::credentials::renew::{self, HandshakeError};
+use crate::daemon::dispatch::{DispatchLink, Inbound, error_reply};
+use crate::daemon::notify;
+use crate::daemon::state::{AgentState, State};
 use crate::logging::RateLimit;
-use crate::{net, notify, renew};
+use crate::net::{self, write_within};
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound on writing one frame (`agent.write_timeout_secs`).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest peer message (an ERROR's) kept in a session end, a log line or the status.
-const MAX_PEER_MESSAGE_CHARS: usize = 200;
+use crate::credentials::renew::MAX_PEER_MESSAGE_CHARS;
 /// Warnings about dropped control frames: at most this many lines per [`DROP_LOG_WINDOW`].
 const DROP_LOG_BURST: u32 = 10;
 /// See [`DROP_LOG_BURST`].
@@ -119,6 +123,8 @@ pub struct SessionParams {
     pub paths: crate::config::Paths,
     /// Bound on writing one frame ([`WRITE_TIMEOUT`] by default); beyond it the session ends.
     pub write_timeout: Duration,
+    /// The agent's state (status, renewal, advertised version, clock offset).
+    pub state: State,
 }
 
 /// A request to renew the certificate now (`runos certificate renew` through the admin
@@ -171,10 +177,7 @@ pub struct SessionReport {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    u64::try_from(crate::util::time::now_ms()).unwrap_or(0)
 }
 
 /// The heartbeat interval from WELCOME, clamped to 1 s – 300 s.
@@ -202,7 +205,7 @@ pub async fn run(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
             tracing::error!(
                 "the session failed unexpectedly (a bug in the agent: {msg}); reconnecting"
             );
-            crate::status::global().session_panicked(&msg); // `runos status`
+            p.state.status.session_panicked(&msg); // `runos status`
             report(
                 SessionEnd::Failed(format!("the session failed unexpectedly: {msg}")),
                 None,
@@ -249,21 +252,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     peertext::clean(text, MAX_PEER_MESSAGE_CHARS)
 }
 
-/// Bound a frame write by `within`; a timeout is an I/O error that ends the session.
-async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
-    writer: &mut FrameWriter<W>,
-    env: &Envelope,
-    within: Duration,
-) -> Result<(), FrameError> {
-    match tokio::time::timeout(within, writer.write(env)).await {
-        Ok(r) => r,
-        Err(_) => Err(FrameError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("a frame could not be written within {} s", within.as_secs()),
-        ))),
-    }
-}
-
 /// A frame error as text safe for a log line, a session end and an `ERROR` to the peer: no
 /// peer-supplied value (a JSON error can quote the offending input), on one line.
 fn frame_error_text(e: &FrameError) -> String {
@@ -283,19 +271,19 @@ fn frame_error_text(e: &FrameError) -> String {
 }
 
 /// WELCOME's `sessionId` if it is clean, printable text of at most
-/// [`crate::status::MAX_SESSION_ID_CHARS`] characters; otherwise it is ignored with a warning
+/// [`crate::daemon::status::MAX_SESSION_ID_CHARS`] characters; otherwise it is ignored with a warning
 /// (never logged or shown: it would forge log lines or repaint a terminal).
 fn welcome_session_id(w: &Welcome) -> Option<&str> {
     let id = w.session_id.as_str();
     if id.is_empty() {
         return None;
     }
-    if peertext::is_clean(id, crate::status::MAX_SESSION_ID_CHARS) {
+    if peertext::is_clean(id, crate::daemon::status::MAX_SESSION_ID_CHARS) {
         Some(id)
     } else {
         tracing::warn!(
             "WELCOME sessionId is not printable text of at most {} characters; ignored",
-            crate::status::MAX_SESSION_ID_CHARS
+            crate::daemon::status::MAX_SESSION_ID_CHARS
         );
         None
     }
@@ -340,44 +328,49 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     // Handshake.
     let pending_replies = pending_tags(link).await;
     let hello_tag = Tag::random();
-    let mut hello = hello(id, p.instruction_types.clone(), pending_replies, false);
+    let mut hello = renew::hello(id, p.instruction_types.clone(), pending_replies, false);
     hello.last_update = crate::update::state::report(&p.paths.state_dir);
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();
-    let hello_env = Envelope::with_type(types::HELLO, hello_tag, &hello);
-    if let Err(e) = write_within(&mut writer, &hello_env, p.write_timeout).await {
-        return report(
-            SessionEnd::Failed(format!("sending HELLO to {addr}: {}", frame_error_text(&e))),
-            None,
-        );
-    }
-    let first = match tokio::time::timeout(WELCOME_TIMEOUT, reader.read()).await {
-        Ok(Ok(Some(env))) => env,
-        Ok(Ok(None)) => {
+    let handshake = renew::handshake(
+        &mut reader,
+        &mut writer,
+        &hello,
+        hello_tag,
+        p.write_timeout,
+        WELCOME_TIMEOUT,
+    );
+    let welcome = match handshake.await {
+        Ok(w) => w,
+        Err(HandshakeError::Send(e)) => {
+            return report(
+                SessionEnd::Failed(format!("sending HELLO to {addr}: {}", frame_error_text(&e))),
+                None,
+            );
+        }
+        Err(HandshakeError::Closed) => {
             return report(
                 SessionEnd::Failed(format!("{addr} closed the connection before WELCOME")),
                 None,
             );
         }
-        Ok(Err(e)) => {
+        Err(HandshakeError::Read(e)) => {
             return report(
                 SessionEnd::Failed(format!("waiting for WELCOME: {}", frame_error_text(&e))),
                 None,
             );
         }
-        Err(_) => {
+        Err(HandshakeError::NoAnswer(within)) => {
             return report(
                 SessionEnd::Failed(format!(
                     "no WELCOME from {addr} within {} s",
-                    WELCOME_TIMEOUT.as_secs()
+                    within.as_secs()
                 )),
                 None,
             );
         }
-    };
-    let welcome = match handshake_answer(&first, hello_tag) {
-        Ok(w) => w,
-        Err(end) => {
+        Err(HandshakeError::Refused(refused, first)) => {
+            let end = session_end(refused);
             if let SessionEnd::Failed(m) = &end
                 && first.is(types::WELCOME)
             {
@@ -391,7 +384,8 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     };
     let welcomed_at = Instant::now();
     let rtt_ms = u64::try_from(hello_sent.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let offset_ms = crate::status::clock_offset_ms(welcome.server_time_ms, hello_sent_ms, rtt_ms);
+    let offset_ms =
+        crate::daemon::status::clock_offset_ms(welcome.server_time_ms, hello_sent_ms, rtt_ms);
     writer.set_max(welcome.max_frame_bytes);
     let interval = heartbeat_interval(welcome.heartbeat_interval_ms);
     let session_id = welcome_session_id(&welcome);
@@ -403,31 +397,12 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         "connected to {addr}"
     );
     notify::status(&format!("connected to {addr}"));
-    crate::status::global().connected(&addr, session_id); // `runos status`
-    crate::status::global().set_advertised_version(welcome_advertised_version(&welcome));
-    crate::status::global().observe_clock_offset(offset_ms);
+    p.state.status.connected(&addr, session_id); // `runos status`
+    p.state
+        .set_advertised_version(welcome_advertised_version(&welcome));
+    p.state.observe_clock_offset(offset_ms);
     let end = serve(p, reader, writer, link, ctl, interval).await;
     report(end, Some(welcomed_at))
-}
-
-/// The HELLO of this agent for `id`.
-pub(crate) fn hello(
-    id: &NodeIdentity,
-    instruction_types: Vec<String>,
-    pending_replies: Vec<String>,
-    probe: bool,
-) -> Hello {
-    Hello {
-        protocol_version: runos_protocol::PROTOCOL_VERSION,
-        agent_version: crate::agent_version().to_string(),
-        node_id: id.node_id.clone(),
-        hostname: crate::sysinfo::hostname(),
-        boot_id: crate::sysinfo::boot_id(),
-        instruction_types,
-        pending_replies,
-        probe,
-        last_update: None,
-    }
 }
 
 /// The tags of the replies awaiting ACK, for HELLO (bounded by the dispatcher). Not connected
@@ -456,40 +431,19 @@ async fn pending_tags(link: &mut DispatchLink) -> Vec<String> {
     }
 }
 
-/// Judge the answer to HELLO.
-pub(crate) fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
-    if env.is(types::ERROR) {
-        let e: ErrorPayload = env.payload().unwrap_or_else(|_| {
-            ErrorPayload::new(ErrorCode::Other, "ERROR with an unreadable payload")
-        });
-        let message = peertext::clean(&e.message, MAX_PEER_MESSAGE_CHARS);
-        return Err(match e.code {
-            ErrorCode::Revoked => SessionEnd::Revoked(message),
-            ErrorCode::VersionMismatch => SessionEnd::Incompatible(message),
-            _ => SessionEnd::Failed(format!(
-                "the control plane refused the session ({}): {message}",
-                e.code
-            )),
-        });
+/// How a refused handshake ends the session.
+fn session_end(refused: renew::Refused) -> SessionEnd {
+    match refused {
+        renew::Refused::Revoked(m) => SessionEnd::Revoked(m),
+        renew::Refused::Incompatible(m) => SessionEnd::Incompatible(m),
+        renew::Refused::Failed(m) => SessionEnd::Failed(m),
     }
-    if !env.is(types::WELCOME) || env.tag != hello_tag {
-        return Err(SessionEnd::Failed(format!(
-            "expected WELCOME with the HELLO's tag, got {}",
-            env.kind
-        )));
-    }
-    let w: Welcome = env
-        .payload()
-        .map_err(|_| SessionEnd::Failed("WELCOME payload is malformed".into()))?;
-    control::check_version(w.protocol_version).map_err(|e| SessionEnd::Incompatible(e.message))?;
-    if w.max_frame_bytes < runos_protocol::MIN_MAX_FRAME_BYTES {
-        // Below the floor the agent cannot even send its own heartbeats and ERRORs reliably.
-        return Err(SessionEnd::Failed(format!(
-            "protocol error: WELCOME announces a maximum frame size below the protocol's floor of {} bytes",
-            runos_protocol::MIN_MAX_FRAME_BYTES
-        )));
-    }
-    Ok(w)
+}
+
+/// Judge the answer to HELLO ([`renew::handshake_answer`], shared with the renewal probe).
+#[cfg(test)]
+fn handshake_answer(env: &Envelope, hello_tag: Tag) -> Result<Welcome, SessionEnd> {
+    renew::handshake_answer(env, hello_tag).map_err(session_end)
 }
 
 type Reader =
@@ -556,14 +510,17 @@ async fn read_loop(mut reader: Reader, tx: mpsc::Sender<Result<Envelope, FrameEr
 /// leaves this struct: [`WriteSide::ended`] takes the outcome at most once (afterwards it stays
 /// pending) and [`WriteSide::close`] consumes the side, so no path can await the task twice.
 /// Dropped without `close` (a panic unwinding the session), it aborts the task.
+/// The write task, aborted when dropped.
 struct WriteSide {
-    task: Option<tokio::task::JoinHandle<Result<(), FrameError>>>,
+    task: Option<AbortOnDropHandle<Result<(), FrameError>>>,
 }
 
 impl WriteSide {
     fn spawn(writer: Writer, rx: mpsc::Receiver<Queued>, within: Duration) -> WriteSide {
         WriteSide {
-            task: Some(tokio::spawn(write_loop(writer, rx, within))),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(write_loop(
+                writer, rx, within,
+            )))),
         }
     }
 
@@ -603,23 +560,6 @@ impl WriteSide {
     }
 }
 
-impl Drop for WriteSide {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
-/// A task aborted when this is dropped (so a session unwinding by panic leaves none behind).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn serve(
     p: &SessionParams,
     reader: Reader,
@@ -631,7 +571,8 @@ async fn serve(
     let (wtx, wrx) = WriteQueue::new();
     let (rtx, mut rrx) = mpsc::channel(WRITE_QUEUE);
     let mut write = WriteSide::spawn(writer, wrx, p.write_timeout);
-    let read_task = AbortOnDrop(tokio::spawn(read_loop(reader, rtx)));
+    // Aborted when dropped (so a session unwinding by panic leaves no reader behind).
+    let read_task = AbortOnDropHandle::new(tokio::spawn(read_loop(reader, rtx)));
     let mut renewal = Renewal::new(p);
     let end = serve_loop(
         &wtx,
@@ -731,7 +672,7 @@ async fn serve_loop(
                 return SessionEnd::Failed(format!("no HEARTBEAT_REPLY within {} ms", dead_after.as_millis()));
             }
             frame = rrx.recv() => match frame {
-                Some(Ok(env)) => match route(env, &mut pending, renewal.asked_tag()) {
+                Some(Ok(env)) => match route(env, &mut pending, renewal.asked_tag(), &renewal.state) {
                     Routed::End(end) => return end,
                     Routed::Nothing => {}
                     Routed::Renew(env) => {
@@ -844,7 +785,12 @@ async fn serve_loop(
 
 /// Route one envelope received after WELCOME. Pure: forwarding to the dispatcher is the
 /// caller's job, so the caller can keep draining replies while it waits.
-fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>) -> Routed {
+fn route(
+    env: Envelope,
+    pending: &mut HashMap<Tag, Sent>,
+    renew_tag: Option<Tag>,
+    state: &AgentState,
+) -> Routed {
     let tag = env.tag;
     if renew_tag == Some(tag) && (env.is(types::RENEWED) || env.is(types::ERROR)) {
         return Routed::Renew(env);
@@ -854,10 +800,9 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
             Some(sent) => {
                 let rtt_ms = u64::try_from(sent.at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 tracing::trace!(%tag, rtt_ms, "heartbeat answered");
-                let status = crate::status::global();
-                status.round_trip(); // `runos status`
+                state.status.round_trip(); // `runos status`
                 match env.payload::<HeartbeatReply>() {
-                    Ok(r) => status.observe_clock_offset(crate::status::clock_offset_ms(
+                    Ok(r) => state.observe_clock_offset(crate::daemon::status::clock_offset_ms(
                         r.server_time_ms,
                         sent.wall_ms,
                         rtt_ms,
@@ -917,8 +862,10 @@ fn route(env: Envelope, pending: &mut HashMap<Tag, Sent>, renew_tag: Option<Tag>
     Routed::Nothing
 }
 
-/// The renewal state of one session (see [`crate::renew`]).
+/// The renewal state of one session (see [`crate::credentials::renew`]).
 struct Renewal {
+    /// The agent's state (renewal state, clock offset).
+    state: State,
     identity: NodeIdentity,
     paths: crate::config::Paths,
     max_frame: u32,
@@ -952,8 +899,8 @@ impl Renewal {
     fn new(p: &SessionParams) -> Renewal {
         // Only an offset within the bound moves the renewal: a WELCOME claiming a time weeks
         // ahead must not make the agent renew at once.
-        let offset = crate::status::global().trusted_clock_offset();
-        let due = renew::global().due_in(&p.identity, offset);
+        let offset = p.state.trusted_clock_offset();
+        let due = p.state.renewal.due_in(&p.identity, offset);
         tracing::debug!(
             due_in_secs = due.as_secs(),
             serial = %p.identity.serial_hex,
@@ -969,6 +916,7 @@ impl Renewal {
             busy: 0,
             requests_open: true,
             endorsement: None,
+            state: p.state.clone(),
         }
     }
 
@@ -1017,7 +965,7 @@ impl Renewal {
             %tag,
             "renewing the certificate"
         );
-        renew::global().started();
+        self.state.renewal.started();
         self.phase = RenewPhase::Asked {
             tag,
             key_pem,
@@ -1048,7 +996,7 @@ impl Renewal {
                 &self.identity,
                 key_pem,
                 &public_key,
-                renew::judging_now_s(),
+                renew::judging_now_s(self.state.trusted_clock_offset()),
             )
         });
         match accepted {
@@ -1095,7 +1043,7 @@ impl Renewal {
         self.busy = 0;
         match res {
             Ok(out) => {
-                renew::global().succeeded(self.endorsement.take());
+                self.state.renewal.succeeded(self.endorsement.take());
                 tracing::info!(
                     old_serial = %self.identity.serial_hex,
                     serial = %out.serial_hex,
@@ -1116,7 +1064,7 @@ impl Renewal {
         self.phase = RenewPhase::Idle;
         self.busy = 0;
         self.endorsement = None;
-        let delay = renew::global().failed(&e.to_string(), self.lifetime());
+        let delay = self.state.renewal.failed(&e.to_string(), self.lifetime());
         self.timer = tokio::time::Instant::now() + delay;
         tracing::warn!(
             retry_in_secs = delay.as_secs(),
@@ -1137,7 +1085,7 @@ impl Renewal {
         match std::mem::replace(&mut self.phase, RenewPhase::Idle) {
             RenewPhase::Idle => {}
             RenewPhase::Asked { .. } => {
-                renew::global().interrupted();
+                self.state.renewal.interrupted();
                 let e = renew::RenewError::Unreachable(
                     "the session ended before the control plane answered; the renewal is retried once connected".into(),
                 );
@@ -1202,7 +1150,9 @@ mod tests {
     #[tokio::test]
     async fn the_write_outcome_is_taken_once_and_never_awaited_twice() {
         let mut w = WriteSide {
-            task: Some(tokio::spawn(async { Err(FrameError::Truncated) })),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(async {
+                Err(FrameError::Truncated)
+            }))),
         };
         assert!(w.ended().await.contains("middle of a frame"));
         // Taken: every later look is pending, never a second await of the handle.
@@ -1216,13 +1166,15 @@ mod tests {
 
         // A panicking writer is an ended writer, not a panicking session.
         let mut w = WriteSide {
-            task: Some(tokio::spawn(async { panic!("writer bug") })),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(async {
+                panic!("writer bug")
+            }))),
         };
         assert!(w.ended().await.contains("panic"));
 
         // Closing a writer that does not finish aborts it within the grace.
         let w = WriteSide {
-            task: Some(tokio::spawn(std::future::pending())),
+            task: Some(AbortOnDropHandle::new(tokio::spawn(std::future::pending()))),
         };
         w.close(Duration::from_millis(20)).await;
     }

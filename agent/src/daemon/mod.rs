@@ -7,6 +7,15 @@
 //! drain running instructions within the grace and exit; SIGHUP reloads the configuration and
 //! never exits.
 
+pub mod admin;
+pub mod audit;
+pub mod backoff;
+pub mod dispatch;
+pub mod notify;
+pub mod session;
+pub mod state;
+pub mod status;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,14 +24,15 @@ use runos_journal::Journal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::audit::AuditLog;
-use crate::backoff::Backoff;
 use crate::config::{self, Config};
-use crate::dispatch::{self, DispatchConfig, DispatchLink, Inbound};
+use crate::credentials::identity;
+use crate::daemon::audit::AuditLog;
+use crate::daemon::backoff::Backoff;
+use crate::daemon::dispatch::{DispatchConfig, DispatchLink, Inbound};
+use crate::daemon::session::{Control, SessionEnd, SessionParams};
 use crate::exit::Exit;
 use crate::logging::LogHandle;
-use crate::session::{self, Control, SessionEnd, SessionParams};
-use crate::{identity, lock, notify};
+use crate::util::lock;
 
 /// A daemon that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +95,7 @@ pub async fn run(
             "killed and removed the leftover cgroup of an instruction that a crash of the previous run cut short"
         );
     }
-    let registry = match crate::fsutil::ensure_dir(&groups, 0o700) {
+    let registry = match crate::util::fs::ensure_dir(&groups, 0o700) {
         Ok(()) => Some(groups),
         Err(e) => {
             tracing::warn!(
@@ -156,6 +166,8 @@ pub async fn run(
         }
     });
 
+    // This agent's shared state (status, renewal, advertised version, clock offset).
+    let state = state::AgentState::new();
     // After the lock: one process at a time owns the journal.
     let (journal, audit) = open_journal(&cfg.paths.state_dir, cfg.agent.journal_fsync)?;
     let mut catalog = crate::catalog::with_updates(
@@ -165,8 +177,12 @@ pub async fn run(
     catalog.set_host(crate::exec::host(agent_started));
     let catalog = Arc::new(catalog);
     // `[update] auto`: follow the version the control plane advertises (docs/update.md).
-    let _auto =
-        crate::update::daemon_side::spawn_auto(update_config, cfg_rx.clone(), shutdown_rx.clone());
+    let _auto = crate::update::daemon_side::spawn_auto(
+        update_config,
+        cfg_rx.clone(),
+        state.advertised_version(),
+        shutdown_rx.clone(),
+    );
     let (mut link, dispatcher) = dispatch::spawn_with_audit(
         catalog.clone(),
         DispatchConfig::from_settings(&cfg.agent),
@@ -181,11 +197,11 @@ pub async fn run(
         renew: renew_rx,
     };
     // `runos status`: the local admin socket (see admin.rs, status.rs); removed on drop.
-    let status = crate::status::global();
-    let _admin = crate::admin::start(
-        &cfg.paths.run_dir,
-        crate::admin::AdminState {
-            status: status.clone(),
+    let status = &state.status;
+    let _admin = crate::daemon::admin::start(
+        &cfg.paths.admin_socket(),
+        crate::daemon::admin::AdminState {
+            state: state.clone(),
             dispatcher: link.inbound.downgrade(),
             renew: Some(renew_tx),
             reconnect: Some(reload_tx),
@@ -226,9 +242,10 @@ pub async fn run(
                     instruction_types: catalog.types(),
                     paths: cfg.paths.clone(),
                     write_timeout: cfg.agent.write_timeout,
+                    state: state.clone(),
                 };
                 let rep = session::run(&params, &mut link, &mut ctl).await;
-                status.session_ended(&rep.end); // `runos status`
+                state.session_ended(&rep.end); // `runos status`
                 stable = rep
                     .welcomed_at
                     .is_some_and(|t| t.elapsed() >= cfg.agent.stable_after);
@@ -239,8 +256,10 @@ pub async fn run(
                     }
                     SessionEnd::Renewed => {
                         let path = config_file.clone();
+                        let offset = state.trusted_clock_offset();
+                        let endorsement = state.renewal.take_endorsement();
                         let _ = tokio::task::spawn_blocking(move || {
-                            crate::renew::follow_ca_logged(&path)
+                            crate::credentials::renew::follow_ca_logged(&path, endorsement, offset)
                         })
                         .await;
                         backoff.reset();
@@ -341,7 +360,7 @@ fn open_journal(
         truncated = rec.truncated.is_some(),
         "journal opened"
     );
-    let mut audit = AuditLog::new(state_dir, crate::audit::DEFAULT_MAX_BYTES);
+    let mut audit = AuditLog::new(state_dir, crate::daemon::audit::DEFAULT_MAX_BYTES);
     audit.backfill(&answered_newest_first(&journal));
     Ok((journal, audit))
 }
@@ -368,7 +387,7 @@ fn answered_newest_first(
     views.sort_by_key(|v| std::cmp::Reverse(v.finished_ms));
     views
         .into_iter()
-        .take(crate::audit::BACKFILL_MAX)
+        .take(crate::daemon::audit::BACKFILL_MAX)
         .filter_map(|v| match journal.lookup(&v.tag) {
             runos_journal::Lookup::Done(reply) => Some((v, reply)),
             _ => None,
@@ -388,7 +407,7 @@ async fn wait_disconnected(link: &mut DispatchLink, ctl: &mut Control, delay: Du
             _ = ctl.reconnect.changed() => return,
             r = link.replies.recv() => if r.is_none() { return },
             Some(req) = ctl.renew.recv() => {
-                let _ = req.respond.send(Err(crate::renew::RenewError::Unreachable(
+                let _ = req.respond.send(Err(crate::credentials::renew::RenewError::Unreachable(
                     "the agent is not connected to the control plane; it renews automatically once connected".into(),
                 )));
             }

@@ -1,26 +1,21 @@
 //! The daemon's live status, shared cheaply between the daemon loop, the session and the admin
-//! socket ([`crate::admin`]), and rendered by `runos status` ([`crate::status_cmd`]).
+//! socket ([`crate::daemon::admin`]), and rendered by `runos status` ([`crate::cli::status`]).
 //!
 //! Everything here is the agent's own knowledge: connection state, times, tags and instruction
 //! type names, and the agent's own warning texts. No instruction payload (environment values,
 //! stdin, tokens, keys, script parameters) ever enters this model.
 //!
-//! Recent errors come from a `tracing` layer ([`RecentErrorsLayer`]) that keeps the message of
-//! the last [`RECENT_ERRORS`] WARN/ERROR events, truncated to [`MAX_ERROR_CHARS`]; the logs never
-//! carry secrets, and neither does this ring (event fields are not recorded, only the message).
+//! Recent errors come from the logging layer ([`crate::logging::recent`]).
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use crate::session::SessionEnd;
+use crate::daemon::session::SessionEnd;
+use crate::logging::recent::{recent_errors, short};
+use crate::util::time::rfc3339;
 
-/// How many warning-level events are kept.
-pub const RECENT_ERRORS: usize = 16;
-/// Longest message kept per event (characters).
-pub const MAX_ERROR_CHARS: usize = 300;
 /// Longest WELCOME `sessionId` kept and shown (characters); a longer one is ignored.
 pub const MAX_SESSION_ID_CHARS: usize = 128;
 /// A clock offset from the control plane larger than this (either way) is warned about.
@@ -72,23 +67,8 @@ pub enum ClockCrossing {
     Recovered,
 }
 
-/// An RFC 3339 UTC timestamp.
-pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn secs_since(t: SystemTime, now: SystemTime) -> u64 {
     now.duration_since(t).unwrap_or(Duration::ZERO).as_secs()
-}
-
-fn short(s: &str) -> String {
-    let mut out: String = s.chars().take(MAX_ERROR_CHARS).collect();
-    if s.chars().count() > MAX_ERROR_CHARS {
-        out.push('…');
-    }
-    out
 }
 
 /// The connection state.
@@ -160,13 +140,6 @@ struct Inner {
 pub struct StatusHandle {
     inner: Arc<Mutex<Inner>>,
     started_at: SystemTime,
-}
-
-/// The process's status (one daemon per process): updated by the daemon loop and the session,
-/// served by the admin socket.
-pub fn global() -> &'static StatusHandle {
-    static GLOBAL: std::sync::OnceLock<StatusHandle> = std::sync::OnceLock::new();
-    GLOBAL.get_or_init(StatusHandle::new)
 }
 
 impl Default for StatusHandle {
@@ -393,8 +366,9 @@ impl StatusHandle {
         self.lock().state.clone()
     }
 
-    /// The daemon part of `runos status` (everything but the certificate and the dispatcher).
-    pub fn to_json(&self) -> Value {
+    /// The daemon part of `runos status` (everything but the certificate and the dispatcher),
+    /// with `renewal` (the renewal state's part) in it.
+    pub fn to_json(&self, renewal: Value) -> Value {
         let now = SystemTime::now();
         let g = self.lock();
         let mut conn = json!({
@@ -431,7 +405,7 @@ impl StatusHandle {
             "clockOffsetMs": g.clock_offset.map(|(o, _)| o),
             "clockOffsetAt": g.clock_offset.map(|(_, t)| rfc3339(t)),
             "clockOffsetIgnored": g.clock_untrusted,
-            "renewal": crate::renew::global().to_json(),
+            "renewal": renewal,
             "sessionPanics": g.session_panics,
             "lastSessionPanic": g.last_session_panic.as_ref().map(|(at, m)| json!({
                 "at": rfc3339(*at),
@@ -440,45 +414,6 @@ impl StatusHandle {
             "recentErrors": recent_errors_json(),
         })
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Recent errors: a process-wide ring fed by a `tracing` layer.
-
-/// One warning-level event.
-#[derive(Debug, Clone)]
-pub struct RecentError {
-    /// When.
-    pub at: SystemTime,
-    /// `WARN` or `ERROR`.
-    pub level: &'static str,
-    /// The event's message (the agent's own text), truncated.
-    pub message: String,
-}
-
-static RECENT: Mutex<VecDeque<RecentError>> = Mutex::new(VecDeque::new());
-
-/// Record one event (also usable without `tracing`).
-pub fn record_error(level: &'static str, message: &str) {
-    let mut g = RECENT.lock().unwrap_or_else(|p| p.into_inner());
-    if g.len() >= RECENT_ERRORS {
-        g.pop_front();
-    }
-    g.push_back(RecentError {
-        at: SystemTime::now(),
-        level,
-        message: short(message),
-    });
-}
-
-/// The ring, oldest first.
-pub fn recent_errors() -> Vec<RecentError> {
-    RECENT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .cloned()
-        .collect()
 }
 
 fn recent_errors_json() -> Value {
@@ -490,48 +425,6 @@ fn recent_errors_json() -> Value {
     )
 }
 
-/// A `tracing` layer that keeps the messages of WARN and ERROR events in the ring (only the
-/// `message` field: structured fields are not recorded).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RecentErrorsLayer;
-
-struct MessageVisitor(Option<String>);
-
-impl tracing::field::Visit for MessageVisitor {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "message" {
-            self.0 = Some(value.to_string());
-        }
-    }
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0 = Some(format!("{value:?}"));
-        }
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RecentErrorsLayer {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        let level = *event.metadata().level();
-        let name = if level == tracing::Level::ERROR {
-            "ERROR"
-        } else if level == tracing::Level::WARN {
-            "WARN"
-        } else {
-            return;
-        };
-        let mut v = MessageVisitor(None);
-        event.record(&mut v);
-        if let Some(m) = v.0 {
-            record_error(name, &m);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,11 +434,11 @@ mod tests {
     fn lifecycle() {
         let s = StatusHandle::new();
         assert_eq!(s.state(), ConnState::Disconnected);
-        assert!(s.to_json()["lastRoundTrip"].is_null());
+        assert!(s.to_json(Value::Null)["lastRoundTrip"].is_null());
         s.connecting("h:1");
-        assert_eq!(s.to_json()["connection"]["state"], "connecting");
+        assert_eq!(s.to_json(Value::Null)["connection"]["state"], "connecting");
         s.connected("h:1", Some("sess"));
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["connection"]["state"], "connected");
         assert_eq!(j["connection"]["sessionId"], "sess");
         assert!(j["connection"].get("offlineSince").is_none());
@@ -555,7 +448,7 @@ mod tests {
         s.session_ended(&SessionEnd::Failed(
             "no HEARTBEAT_REPLY within 2000 ms".into(),
         ));
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["connection"]["state"], "disconnected");
         assert!(j["connection"]["offlineForSecs"].is_u64());
         assert!(
@@ -575,7 +468,7 @@ mod tests {
             }
         );
         s.connected("h:1", None);
-        assert!(s.to_json()["connection"]["sessionId"].is_null());
+        assert!(s.to_json(Value::Null)["connection"]["sessionId"].is_null());
         assert_eq!(s.state().name(), "connected");
         s.stopping();
         s.session_ended(&SessionEnd::Failed("x".into()));
@@ -585,12 +478,12 @@ mod tests {
     #[test]
     fn session_panics_are_counted() {
         let s = StatusHandle::new();
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["sessionPanics"], 0);
         assert!(j["lastSessionPanic"].is_null());
         s.session_panicked("first");
         s.session_panicked("JoinHandle polled after completion");
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["sessionPanics"], 2);
         assert_eq!(
             j["lastSessionPanic"]["message"],
@@ -619,7 +512,7 @@ mod tests {
     fn clock_offset_warns_once_per_crossing() {
         let s = StatusHandle::new();
         let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        assert!(s.to_json()["clockOffsetMs"].is_null());
+        assert!(s.to_json(Value::Null)["clockOffsetMs"].is_null());
         assert_eq!(s.clock_offset(100, at), None);
         let sent = 1_800_000_000_000;
         let skewed = clock_offset_ms(sent + 120_000 + 50, sent, 100);
@@ -628,7 +521,7 @@ mod tests {
         assert_eq!(s.clock_offset(-skewed, at), None);
         assert_eq!(s.clock_offset(20, at), Some(ClockCrossing::Recovered));
         assert_eq!(s.clock_offset(25, at), None);
-        let j = s.to_json();
+        let j = s.to_json(Value::Null);
         assert_eq!(j["clockOffsetMs"], 25);
         assert_eq!(j["clockOffsetAt"], rfc3339(at));
         assert_eq!(s.clock_offset_now(), Some(25));
@@ -661,44 +554,12 @@ mod tests {
             "beyond the bound: the node's own clock"
         );
         assert_eq!(s.clock_offset_now(), Some(four_weeks), "shown as measured");
-        assert_eq!(s.to_json()["clockOffsetIgnored"], true);
+        assert_eq!(s.to_json(Value::Null)["clockOffsetIgnored"], true);
         s.observe_clock_offset(-four_weeks);
         assert_eq!(s.trusted_clock_offset(), 0);
         s.observe_clock_offset(500);
         assert_eq!(s.trusted_clock_offset(), 500);
-        assert_eq!(s.to_json()["clockOffsetIgnored"], false);
+        assert_eq!(s.to_json(Value::Null)["clockOffsetIgnored"], false);
         assert!(clock_offset_trusted(day) && !clock_offset_trusted(day + 1));
-    }
-
-    /// The ring is process-wide: tests that read it run one at a time.
-    static RING: Mutex<()> = Mutex::new(());
-
-    #[test]
-    fn ring_is_bounded_and_truncated() {
-        let _g = RING.lock().unwrap_or_else(|p| p.into_inner());
-        for i in 0..(RECENT_ERRORS + 5) {
-            record_error("WARN", &format!("ring-test {i} {}", "x".repeat(1000)));
-        }
-        let r = recent_errors();
-        assert!(r.len() <= RECENT_ERRORS);
-        assert!(
-            r.iter()
-                .all(|e| e.message.chars().count() <= MAX_ERROR_CHARS + 1)
-        );
-    }
-
-    #[test]
-    fn layer_records_only_warnings_messages() {
-        let _g = RING.lock().unwrap_or_else(|p| p.into_inner());
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let sub = tracing_subscriber::registry().with(RecentErrorsLayer);
-        tracing::subscriber::with_default(sub, || {
-            tracing::info!("layer-test info");
-            tracing::warn!(secret = "field-value-xyz", "layer-test warning {}", 7);
-        });
-        let r = recent_errors();
-        assert!(r.iter().any(|e| e.message == "layer-test warning 7"));
-        assert!(!r.iter().any(|e| e.message.contains("layer-test info")));
-        assert!(!r.iter().any(|e| e.message.contains("field-value-xyz")));
     }
 }

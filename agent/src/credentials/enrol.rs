@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::{self, Config};
 use crate::exit::Exit;
-use crate::fsutil::{self, Mode};
+use crate::util::fs::{self as fsutil, Mode};
 use crate::{net, sysinfo};
 
 /// Largest frame on L1Sec.
@@ -249,7 +249,7 @@ fn refusal(e: &ErrorPayload) -> RegisterError {
 }
 
 /// Check the REGISTERED answer against our key and the L1Sec CA the enrolment trusted
-/// (`l1_cas`, DER: the pinned one): the bundle must continue that trust ([`crate::trust`]), the
+/// (`l1_cas`, DER: the pinned one): the bundle must continue that trust ([`crate::credentials::trust`]), the
 /// certificate must be for the node id and our key. Returns the node id.
 fn check_registered(
     r: &Registered,
@@ -266,7 +266,7 @@ fn check_registered(
         return Err(bad("the node id is malformed".into()));
     }
     // No trusted time yet at enrolment: validity periods are the control plane's to judge.
-    crate::trust::admit(
+    crate::credentials::trust::admit(
         l1_cas,
         &r.ca_pem,
         r.ca_cross_pem.as_deref(),
@@ -341,7 +341,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
                 .any(|c| Some(runos_transport::pem::der_sha256(c)) == pin)
         })
     };
-    let ca_pem = match fsutil::read_capped(&ca_path, crate::identity::MAX_PEM_FILE) {
+    let ca_pem = match fsutil::read_capped(&ca_path, crate::credentials::identity::MAX_PEM_FILE) {
         // Re-enrolling, and the stored L1Sec CA of the earlier enrolment does not match the pin
         // given now (another control plane, a rotated CA): learn the CA as if there were none.
         Ok(b) if opts.force && opts.ca_file.is_none() && pin.is_some() && !holds_pin(&b) => {
@@ -506,7 +506,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
     let (l2_verified, l2_error) = match &existing {
         Some(old) => {
             // Replace only once the new identity has carried an L2Sec session.
-            crate::renew::switch_locked(
+            crate::credentials::renew::switch_locked(
                 set,
                 cfg.paths.clone(),
                 opts.server.clone(),
@@ -517,10 +517,10 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
             .map_err(|e| {
                 fail(
                     match e {
-                        crate::renew::RenewError::Unreachable(_) => Exit::Unreachable,
-                        crate::renew::RenewError::Tls(_) => Exit::Tls,
-                        crate::renew::RenewError::Revoked(_) => Exit::Refused,
-                        crate::renew::RenewError::Failed(_) | crate::renew::RenewError::Busy(_) => {
+                        crate::credentials::renew::RenewError::Unreachable(_) => Exit::Unreachable,
+                        crate::credentials::renew::RenewError::Tls(_) => Exit::Tls,
+                        crate::credentials::renew::RenewError::Revoked(_) => Exit::Refused,
+                        crate::credentials::renew::RenewError::Failed(_) | crate::credentials::renew::RenewError::Busy(_) => {
                             Exit::Failure
                         }
                     },
@@ -536,14 +536,18 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
             crate::credentials::install(&cfg.paths, &set).map_err(|e| write_err(e.to_string()))?;
             // A first registration keeps its identity either way (the token is spent), but
             // says at once whether L2Sec works.
-            match crate::renew::identity_of(&set, &cfg.paths, &opts.server, l2_port) {
-                Ok(id) => match crate::renew::Probe::open(&id, cfg.agent.max_frame_bytes).await {
-                    Ok(p) => {
-                        p.close().await;
-                        (true, None)
+            match crate::credentials::renew::identity_of(&set, &cfg.paths, &opts.server, l2_port) {
+                Ok(id) => {
+                    match crate::credentials::renew::Probe::open(&id, cfg.agent.max_frame_bytes)
+                        .await
+                    {
+                        Ok(p) => {
+                            p.close().await;
+                            (true, None)
+                        }
+                        Err(e) => (false, Some(e.to_string())),
                     }
-                    Err(e) => (false, Some(e.to_string())),
-                },
+                }
                 Err(e) => (false, Some(e.to_string())),
             }
         }
@@ -569,7 +573,7 @@ pub async fn register(opts: &Options) -> Result<Outcome, RegisterError> {
 /// Bound on waiting for another credential switch (a renewal) to finish.
 const SWITCH_WAIT: Duration = Duration::from_secs(60);
 
-async fn wait_switch_lock(cfg: &Config) -> Result<crate::lock::InstanceLock, RegisterError> {
+async fn wait_switch_lock(cfg: &Config) -> Result<crate::util::lock::InstanceLock, RegisterError> {
     let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
     loop {
         match crate::credentials::switch_lock(&cfg.paths) {
@@ -602,7 +606,7 @@ async fn wait_switch_lock(cfg: &Config) -> Result<crate::lock::InstanceLock, Reg
 
 /// The node id of the identity on disk, if there is a readable certificate with one.
 fn existing_node(cfg: &Config) -> Option<String> {
-    crate::status_cmd::read_certificate(&cfg.paths.certificate)
+    crate::credentials::read_certificate(&cfg.paths.certificate)
         .ok()
         .map(|i| i.node_id.unwrap_or_else(|| "unknown".into()))
 }

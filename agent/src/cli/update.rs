@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::version::Version;
-use super::{Installed, Request, verify};
 use crate::config::Config;
 use crate::exit::Exit;
+use crate::update::version::Version;
+use crate::update::{Installed, Request, verify};
 
 fn fail(json_out: bool, exit: Exit, message: &str, extra: Value) -> Exit {
     eprintln!("runos: error: {message}");
@@ -48,17 +48,17 @@ pub struct VerifyOptions {
 }
 
 fn read_input(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, (Exit, String)> {
-    match crate::fsutil::read_capped(path, cap) {
+    match crate::util::fs::read_capped(path, cap) {
         Ok(b) => Ok(b),
-        Err(crate::fsutil::ReadError::NotFound) => Err((
+        Err(crate::util::fs::ReadError::NotFound) => Err((
             Exit::Usage,
             format!("{what} {} does not exist", path.display()),
         )),
-        Err(crate::fsutil::ReadError::TooLarge) => Err((
+        Err(crate::util::fs::ReadError::TooLarge) => Err((
             Exit::VerifyFailed,
             format!("{what} {} is larger than {cap} bytes", path.display()),
         )),
-        Err(crate::fsutil::ReadError::Io(e)) => Err((
+        Err(crate::util::fs::ReadError::Io(e)) => Err((
             Exit::Failure,
             format!("cannot read {what} {}: {e}", path.display()),
         )),
@@ -134,7 +134,7 @@ pub fn verify_cmd(cfg: &Config, o: &VerifyOptions) -> Exit {
     };
     let checksums = match &o.checksums {
         None => None,
-        Some(p) => match read_input(p, super::MAX_CHECKSUMS_BYTES, "checksums file") {
+        Some(p) => match read_input(p, crate::update::MAX_CHECKSUMS_BYTES, "checksums file") {
             Ok(b) => Some(b),
             Err((exit, m)) => return fail(j, exit, &m, json!({"verified": false})),
         },
@@ -186,15 +186,15 @@ pub struct UpdateOptions {
 
 /// The version the control plane advertises, from the running daemon's status.
 fn advertised(cfg: &Config) -> Result<Version, String> {
-    let status = crate::status_cmd::request(
-        &crate::admin::socket_path(&cfg.paths.run_dir),
-        &json!({"op": "status"}),
-    )
-    .map_err(|e| {
-        let (crate::status_cmd::AdminError::NotRunning(e)
-        | crate::status_cmd::AdminError::Refused(e)) = e;
-        format!("cannot ask the running agent which version the control plane advertises ({e})")
-    })?;
+    let status =
+        crate::util::admin_client::request(&cfg.paths.admin_socket(), &json!({"op": "status"}))
+            .map_err(|e| {
+                let (crate::util::admin_client::AdminError::NotRunning(e)
+                | crate::util::admin_client::AdminError::Refused(e)) = e;
+                format!(
+                    "cannot ask the running agent which version the control plane advertises ({e})"
+                )
+            })?;
     match status.get("advertisedAgentVersion").and_then(Value::as_str) {
         Some(v) => Version::parse_loose(v)
             .map_err(|e| format!("the control plane advertises a version that {e}")),
@@ -205,11 +205,9 @@ fn advertised(cfg: &Config) -> Result<Version, String> {
 /// The version the running agent reports on its admin socket, if one answers: this command's
 /// own binary (reached through `bin_link`) may already be a newer, not yet started version.
 fn running_agent(cfg: &Config) -> Option<Version> {
-    let status = crate::status_cmd::request(
-        &crate::admin::socket_path(&cfg.paths.run_dir),
-        &json!({"op": "status"}),
-    )
-    .ok()?;
+    let status =
+        crate::util::admin_client::request(&cfg.paths.admin_socket(), &json!({"op": "status"}))
+            .ok()?;
     Version::parse_loose(status.get("agentVersion")?.as_str()?).ok()
 }
 
@@ -246,7 +244,7 @@ pub fn update_cmd(
         cancel: None,
         running: running_agent(cfg),
     };
-    let swap = match super::install_release(cfg, &req, rt.handle()) {
+    let swap = match crate::update::install_release(cfg, &req, rt.handle()) {
         Err(e) => return fail(j, e.exit, &e.message, json!({"to": target.tag()})),
         Ok(Installed::AlreadyCurrent(v)) => {
             if j {
@@ -285,9 +283,9 @@ pub fn update_cmd(
             swap.previous_target.display()
         );
     }
-    let restart = super::handoff::after_install(cfg, config_path, &swap, o.no_restart);
+    let restart = crate::update::handoff::after_install(cfg, config_path, &swap, o.no_restart);
     let exit = match &restart {
-        super::handoff::AfterInstall::NotRestarted(why) => {
+        crate::update::handoff::AfterInstall::NotRestarted(why) => {
             if !j {
                 println!("{why}");
             }
@@ -295,28 +293,28 @@ pub fn update_cmd(
             out["message"] = json!(why);
             Exit::Ok
         }
-        super::handoff::AfterInstall::Finished(last) => {
+        crate::update::handoff::AfterInstall::Finished(last) => {
             out["restart"] = json!(true);
             out["outcome"] = json!(last.outcome.as_str());
             out["message"] = json!(last.message);
             match last.outcome {
-                super::state::Outcome::Ok => {
+                crate::update::state::Outcome::Ok => {
                     if !j {
                         println!("runos {} is running and connected", swap.to.tag());
                     }
                     Exit::Ok
                 }
-                super::state::Outcome::RolledBack => {
+                crate::update::state::Outcome::RolledBack => {
                     eprintln!("runos: error: {}", last.message);
                     Exit::RolledBack
                 }
-                super::state::Outcome::Failed => {
+                crate::update::state::Outcome::Failed => {
                     eprintln!("runos: error: {}", last.message);
                     Exit::Failure
                 }
             }
         }
-        super::handoff::AfterInstall::Unknown(why) => {
+        crate::update::handoff::AfterInstall::Unknown(why) => {
             eprintln!("runos: error: {why}");
             out["restart"] = json!(true);
             out["message"] = json!(why);

@@ -49,7 +49,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use runos_protocol::control::types::ERROR;
 use runos_protocol::{Envelope, ErrorPayload};
@@ -89,12 +89,12 @@ pub struct Record {
 impl Record {
     /// The time field for `ms` milliseconds since the epoch.
     pub fn time_of_ms(ms: u64) -> String {
-        crate::status::rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
+        crate::util::time::rfc3339_ms(ms)
     }
 
     /// The time field for now.
     pub fn now() -> String {
-        crate::status::rfc3339(SystemTime::now())
+        crate::util::time::rfc3339(SystemTime::now())
     }
 
     /// The record of the final reply `reply`, produced now, for the instruction the journal

@@ -63,7 +63,7 @@ impl DispatchSnapshot {
                 .map(|t| {
                     let mut o = json!({"tag": t.tag.to_string(), "type": t.kind});
                     if let Some(s) = t.started_at {
-                        o["startedAt"] = json!(crate::status::rfc3339(s));
+                        o["startedAt"] = json!(crate::util::time::rfc3339(s));
                     }
                     o
                 })
