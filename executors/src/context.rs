@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runos_protocol::control::{self, LogLevel, LogLine};
+use runos_protocol::peertext::PeerText;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -145,9 +146,10 @@ impl Ctx {
     /// - **output**: with [`Secrecy::Public`] every output line is sent as a `LOG` line as it
     ///   comes (stdout `info`, stderr `warn`; cut at 4096 bytes) at the `LOG` rate
     ///   ([`LOG_BURST`], then [`LOG_PER_SEC`] a second); lines over it are dropped and a last
-    ///   line says how many (waiting at most 1 / [`LOG_PER_SEC`] s for the rate to allow it). Every line is sent before this returns, so none follows the
-    ///   reply. The capped tails are in the outcome either way. A spec that brings its own line
-    ///   sink keeps it and nothing is sent.
+    ///   line says how many (waiting at most 1 / [`LOG_PER_SEC`] s for the rate to allow it).
+    ///   Every line is sent before this returns, so none follows the reply. The capped tails
+    ///   are in the outcome either way. A spec that brings its own line sink keeps it and
+    ///   nothing is sent.
     ///
     /// A run ended by the instruction's deadline is [`RunError::Deadline`], one ended by its
     /// cancellation [`RunError::Cancelled`]; both become the matching `ERROR`
@@ -319,7 +321,12 @@ impl LogSink {
             message.truncate(cut);
             message.push_str("...");
         }
-        tracing::info!(log_level = ?level, "{message}");
+        // Escaped in the local log: a program's output may hold escapes that repaint a terminal.
+        tracing::info!(
+            log_level = ?level,
+            "{}",
+            PeerText::capped(&message, control::MAX_LOG_LINE)
+        );
         if let Some(tx) = &self.tx {
             let env =
                 Envelope::with_type(control::types::LOG, self.tag, &LogLine { level, message });
