@@ -5,9 +5,11 @@
 //! Reading a configuration never creates or modifies any file; a missing file means "all
 //! defaults". The only writer is [`update_server`], used by `runos register`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use runos_executors::host::runner::{CgroupMode, Tools};
 use serde::{Deserialize, Serialize};
 
 use crate::util::fs as fsutil;
@@ -85,6 +87,27 @@ pub struct RawConfig {
     pub agent: RawAgent,
     /// `[update]`
     pub update: RawUpdate,
+    /// `[tools]`: a tool name to its absolute path.
+    pub tools: BTreeMap<String, PathBuf>,
+    /// `[runner]`
+    pub runner: RawRunner,
+}
+
+/// `[runner]` as written: the process runner (docs/architecture.md, "Process runner").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRunner {
+    /// Where each run's cgroup is created: `auto` (under the agent's own cgroup v2, when
+    /// writable), `off` (process groups only) or an absolute cgroup v2 directory.
+    pub cgroup_root: String,
+}
+
+impl Default for RawRunner {
+    fn default() -> Self {
+        RawRunner {
+            cgroup_root: "auto".into(),
+        }
+    }
 }
 
 /// `[server]` as written.
@@ -373,6 +396,30 @@ pub struct Config {
     pub agent: AgentSettings,
     /// Self-update.
     pub update: UpdateSettings,
+    /// Where external tools are (`[tools]`; names without an entry are looked up in `PATH`).
+    pub tools: Tools,
+    /// The process runner.
+    pub runner: RunnerSettings,
+}
+
+/// The most `[tools]` entries.
+pub const MAX_TOOLS: usize = 256;
+
+/// Validated `[runner]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerSettings {
+    /// Where run cgroups go.
+    #[serde(serialize_with = "ser_cgroup")]
+    pub cgroup: CgroupMode,
+}
+
+fn ser_cgroup<S: serde::Serializer>(c: &CgroupMode, s: S) -> Result<S::Ok, S::Error> {
+    match c {
+        CgroupMode::Auto => s.serialize_str("auto"),
+        CgroupMode::Off => s.serialize_str("off"),
+        CgroupMode::At(p) => s.serialize_str(&p.to_string_lossy()),
+    }
 }
 
 /// Validated `[server]`.
@@ -564,6 +611,18 @@ impl RawConfig {
         range("agent.stable_after_secs", a.stable_after_secs, 1, 86_400)?;
         range("agent.write_timeout_secs", a.write_timeout_secs, 1, 3600)?;
         let update = self.update.validate(path)?;
+        let tools = validate_tools(&self.tools).map_err(|m| invalid("tools", m))?;
+        let cgroup = match self.runner.cgroup_root.as_str() {
+            "auto" => CgroupMode::Auto,
+            "off" => CgroupMode::Off,
+            p if Path::new(p).is_absolute() && !p.contains('\0') => CgroupMode::At(p.into()),
+            p => {
+                return Err(invalid(
+                    "runner.cgroup_root",
+                    format!("must be \"auto\", \"off\" or an absolute path, got {p:?}"),
+                ));
+            }
+        };
 
         Ok(Config {
             server: ServerConfig {
@@ -589,8 +648,32 @@ impl RawConfig {
                 journal_fsync: a.journal_fsync,
             },
             update,
+            tools,
+            runner: RunnerSettings { cgroup },
         })
     }
+}
+
+/// `[tools]`: bare names to absolute paths (the runner's own check), at most [`MAX_TOOLS`]. The
+/// files need not exist yet: the agent warns at start about those that do not
+/// (`exec::runner_config`).
+fn validate_tools(raw: &BTreeMap<String, PathBuf>) -> Result<Tools, String> {
+    if raw.len() > MAX_TOOLS {
+        return Err(format!("has {} entries; at most {MAX_TOOLS}", raw.len()));
+    }
+    let mut tools = Tools::new();
+    for (name, path) in raw {
+        if name.len() > 255 || path.as_os_str().len() > 4096 {
+            return Err(format!("{name:?}: the name or the path is too long"));
+        }
+        if path.as_os_str().as_encoded_bytes().contains(&0) {
+            return Err(format!("{name:?}: the path holds a NUL"));
+        }
+        tools
+            .set(name, path.clone())
+            .map_err(|e| format!("{name:?}: {e}, got {:?}", path.display().to_string()))?;
+    }
+    Ok(tools)
 }
 
 /// `v` must lie in `lo..=hi`; the error names `key` and the bounds.
@@ -1026,6 +1109,59 @@ journal_fsync = false
             let e = parse_validate(toml).unwrap_err();
             assert_eq!(e.key(), Some(key), "{toml}: {e}");
         }
+    }
+
+    #[test]
+    fn tools_map_bare_names_to_absolute_paths() {
+        let c = parse_validate(
+            "[tools]\nkubectl = \"/usr/local/bin/kubectl\"\n\"wg-quick\" = \"/opt/wg/wg-quick\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.tools.get("kubectl"),
+            Some(Path::new("/usr/local/bin/kubectl"))
+        );
+        assert_eq!(c.tools.get("wg-quick"), Some(Path::new("/opt/wg/wg-quick")));
+        assert_eq!(c.tools.get("helm"), None);
+        // The files need not exist when the configuration is read.
+        assert!(parse_validate("[tools]\nhelm = \"/nonexistent/helm\"\n").is_ok());
+        assert_eq!(parse_validate("").unwrap().tools, Tools::new());
+        for (toml, says) in [
+            ("[tools]\nkubectl = \"bin/kubectl\"\n", "absolute"),
+            ("[tools]\nkubectl = \"kubectl\"\n", "absolute"),
+            (
+                "[tools]\n\"usr/bin/kubectl\" = \"/usr/bin/kubectl\"\n",
+                "bare",
+            ),
+            ("[tools]\n\"..\" = \"/usr/bin/kubectl\"\n", "bare"),
+            ("[tools]\n\"\" = \"/usr/bin/kubectl\"\n", "bare"),
+            ("[tools]\nk = \"/usr/bin/k\\u0000\"\n", "NUL"),
+        ] {
+            let e = parse_validate(toml).unwrap_err();
+            assert_eq!(e.key(), Some("tools"), "{toml}: {e}");
+            assert!(e.to_string().contains(says), "{toml}: {e}");
+        }
+        let e = parse_validate("[tools]\nkubectl = 3\n").unwrap_err();
+        assert!(e.to_string().contains("kubectl"), "{e}");
+    }
+
+    #[test]
+    fn runner_cgroup_root() {
+        assert_eq!(parse_validate("").unwrap().runner.cgroup, CgroupMode::Auto);
+        let c = |v: &str| parse_validate(&format!("[runner]\ncgroup_root = \"{v}\"\n"));
+        assert_eq!(c("off").unwrap().runner.cgroup, CgroupMode::Off);
+        assert_eq!(
+            c("/sys/fs/cgroup/runos.slice").unwrap().runner.cgroup,
+            CgroupMode::At("/sys/fs/cgroup/runos.slice".into())
+        );
+        for bad in ["", "on", "sys/fs/cgroup"] {
+            assert_eq!(
+                c(bad).unwrap_err().key(),
+                Some("runner.cgroup_root"),
+                "{bad}"
+            );
+        }
+        assert!(parse_validate("[runner]\ngrace = 1\n").is_err());
     }
 
     #[test]

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use runos_executors::Ctx;
-use runos_executors::handle::ProcessSpec as Spec;
-use runos_executors::host::runner::{Runner, Spec as RunnerSpec};
+use runos_executors::host::runner::{Runner, Spec};
 use runos_executors::run_command as exec;
 use runos_protocol::Tag;
 use runos_protocol::instructions::{Output, RunCommand};
@@ -59,18 +58,13 @@ async fn signal_is_reported() {
 
 #[tokio::test]
 async fn output_tail_and_truncation_flags() {
-    let spec = Spec {
-        argv: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "printf 0123456789abcdef; printf xyz >&2".into(),
-        ],
-        env: BTreeMap::new(),
-        cwd: "/".into(),
-        stdin: None,
-        timeout: Duration::from_secs(30),
-        output_cap: 6,
-    };
+    let mut spec = Spec::new(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "printf 0123456789abcdef; printf xyz >&2".into(),
+    ]);
+    spec.timeout = Duration::from_secs(30);
+    spec.output_cap = 6;
     let r = exec::run_spec(&ctx(), spec).await.unwrap();
     assert_eq!(text(&r.stdout), "abcdef");
     assert!(r.stdout_truncated);
@@ -141,7 +135,7 @@ async fn dropping_the_future_kills_the_group() {
         "echo $$ > {0}; sleep 1000 & echo $! >> {0}; wait",
         f.display()
     );
-    let mut spec = RunnerSpec::new(vec!["/bin/sh".into(), "-c".into(), script]);
+    let mut spec = Spec::new(vec!["/bin/sh".into(), "-c".into(), script]);
     spec.timeout = Duration::from_secs(600);
     let task = tokio::spawn(async move { Runner::shared().run(spec).await });
     let mut pids = vec![];

@@ -475,3 +475,45 @@ fn a_wrong_protocol_version_is_a_clear_error() {
         assert_eq!(p.code, runos_protocol::ErrorCode::VersionMismatch);
     });
 }
+
+#[test]
+fn run_command_output_arrives_as_log_lines_before_the_reply() {
+    let s = Stack::up("");
+    let r = s.cp.send(
+        &s.node,
+        "RUN_COMMAND",
+        r#"{"argv":["sh","-c","for i in 1 2 3 4; do echo progress-$i; done; echo complaint-1 >&2"]}"#,
+    );
+    assert_eq!(r.payload["exitCode"], json!(0), "{r:?}\n{}", s.logs());
+    // The control plane logs each LOG line with the instruction's tag as it arrives, and the
+    // final reply when it stores it.
+    let stored = |log: &str| {
+        log.lines()
+            .position(|l| l.contains("final reply stored") && l.contains(&r.tag))
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the reply in the control plane's log",
+        || stored(&s.cp.log()).is_some(),
+    );
+    let log = s.cp.log();
+    let reply_at = stored(&log).unwrap();
+    let at = |text: &str| {
+        log.lines()
+            .position(|l| l.contains("agent log") && l.contains(&r.tag) && l.contains(text))
+            .unwrap_or_else(|| panic!("no LOG line {text:?} for {}:\n{}", r.tag, s.logs()))
+    };
+    let progress: Vec<usize> = (1..=4).map(|i| at(&format!("progress-{i}"))).collect();
+    assert!(
+        progress.windows(2).all(|w| w[0] < w[1]),
+        "{progress:?}\n{log}"
+    );
+    assert!(progress[3] < reply_at, "a LOG line after the reply:\n{log}");
+    // stderr lines are warnings.
+    let complaint = at("complaint-1");
+    assert!(complaint < reply_at);
+    assert!(
+        log.lines().nth(complaint).unwrap().contains("WARN"),
+        "{log}"
+    );
+}

@@ -9,24 +9,40 @@
 //! - a log sink for `LOG` lines ([`Ctx::log`]: capped, rate-limited, never a secret);
 //! - a per-executor state directory, created 0700 when first asked for;
 //! - the agent's configuration for this executor (an opaque JSON section);
-//! - the [`Host`] handle, through which external programs and file writes go.
+//! - the [`Host`] handle, through which external programs and file writes go; an executor runs
+//!   a program with [`Ctx::run`], which ties the run to the instruction: its cancellation, its
+//!   deadline, and (unless the output is secret) its `LOG` lines.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runos_protocol::control::{self, LogLevel, LogLine};
+use runos_protocol::peertext::PeerText;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, Tag};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::handle::Host;
+use crate::handle::{Host, Outcome, RunError, Spec};
+use crate::host::runner::{Ended, Line, LineRate, LineSink, Stream};
 
 /// `LOG` lines an instruction may send at once before the rate limit applies.
 pub const LOG_BURST: u32 = 20;
 /// `LOG` lines per second an instruction may send once its burst is spent.
 pub const LOG_PER_SEC: u32 = 10;
+/// What [`Ctx::run`] keeps between the end of a process tree (its grace included) and the
+/// instruction's deadline, to answer in time.
+pub const REPLY_MARGIN: Duration = Duration::from_secs(1);
+
+/// Whether a process's output may be sent as `LOG` lines ([`Ctx::run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrecy {
+    /// The output holds no secret: each line goes out as a `LOG` line as it comes.
+    Public,
+    /// The output may hold a secret (a join token, a key): it stays with the executor.
+    Secret,
+}
 
 /// The context of one running instruction.
 #[derive(Debug, Clone)]
@@ -119,6 +135,82 @@ impl Ctx {
         Ok(dir)
     }
 
+    /// Run `spec` through the host's runner as part of this instruction:
+    ///
+    /// - **cancellation**: the run's token is a child of [`Ctx::cancel`], so `CANCEL`, the
+    ///   deadline and shutdown end the tree (SIGTERM, the grace, SIGKILL); the spec's own token
+    ///   still ends it too;
+    /// - **deadline**: when the spec's timeout plus its grace would pass the instruction's
+    ///   deadline less [`REPLY_MARGIN`], both are shortened (the grace to at most a quarter of
+    ///   what is left) so that the tree has ended before it;
+    /// - **output**: with [`Secrecy::Public`] every output line is sent as a `LOG` line as it
+    ///   comes (stdout `info`, stderr `warn`; cut at 4096 bytes) at the `LOG` rate
+    ///   ([`LOG_BURST`], then [`LOG_PER_SEC`] a second); lines over it are dropped and a last
+    ///   line says how many (waiting at most 1 / [`LOG_PER_SEC`] s for the rate to allow it).
+    ///   Every line is sent before this returns, so none follows the reply. The capped tails
+    ///   are in the outcome either way. A spec that brings its own line sink keeps it and
+    ///   nothing is sent.
+    ///
+    /// A run ended by the instruction's deadline is [`RunError::Deadline`], one ended by its
+    /// cancellation [`RunError::Cancelled`]; both become the matching `ERROR`
+    /// (`ErrorPayload::from`). Environment values and stdin are never logged.
+    pub async fn run(&self, mut spec: Spec, output: Secrecy) -> Result<Outcome, RunError> {
+        let budget = self.remaining().saturating_sub(REPLY_MARGIN);
+        let own_timeout = spec.timeout;
+        if spec.timeout.saturating_add(spec.grace) > budget {
+            spec.grace = spec.grace.min(budget / 4);
+            spec.timeout = spec.timeout.min(budget - spec.grace);
+        }
+        let deadline_first = spec.timeout < own_timeout;
+        let token = self.cancel.child_token();
+        let own = std::mem::replace(&mut spec.cancel, token.clone());
+        let (tx, mut rx) = mpsc::channel(LOG_BURST as usize);
+        if output == Secrecy::Public && spec.lines.is_none() {
+            let rate = LineRate {
+                per_sec: LOG_PER_SEC,
+                burst: LOG_BURST,
+            };
+            spec.lines = Some(LineSink::new(tx, rate));
+        } else {
+            drop(tx);
+        }
+        let run = self.host.run(spec);
+        tokio::pin!(run);
+        let mut own_cancelled = false;
+        let out = loop {
+            tokio::select! {
+                biased;
+                Some(line) = rx.recv() => self.log_line(line),
+                () = own.cancelled(), if !own_cancelled => {
+                    own_cancelled = true;
+                    token.cancel();
+                }
+                out = &mut run => break out?,
+            }
+        };
+        // The runner has joined its readers: what they streamed is in the channel.
+        while let Ok(line) = rx.try_recv() {
+            self.log_line(line);
+        }
+        // Lines over the rate are counted with the context's own drops and said in one last
+        // line (within the rate: it waits for the next token).
+        self.log.add_dropped(out.lines_dropped);
+        self.log.flush().await;
+        match out.ended {
+            Ended::TimedOut if deadline_first => Err(RunError::Deadline),
+            Ended::Cancelled if self.cancel.is_cancelled() => Err(RunError::Cancelled),
+            _ => Ok(out),
+        }
+    }
+
+    fn log_line(&self, line: Line) {
+        let level = match line.stream {
+            Stream::Stdout => LogLevel::Info,
+            Stream::Stderr => LogLevel::Warn,
+        };
+        self.log(level, &line.text);
+    }
+
     /// Send a `LOG` line with the instruction's tag to the control plane and to the local log.
     /// Capped at [`control::MAX_LOG_LINE`] bytes; beyond [`LOG_BURST`] lines at once and
     /// [`LOG_PER_SEC`] a second the rest are dropped, and how many is said in the next line
@@ -157,24 +249,70 @@ impl LogSink {
     }
 
     fn log(&self, level: LogLevel, message: &str) {
-        let dropped = {
-            let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let refill = now.saturating_duration_since(b.at).as_secs_f64() * f64::from(LOG_PER_SEC);
-            b.tokens = (b.tokens + refill).min(f64::from(LOG_BURST));
-            b.at = now;
-            if b.tokens < 1.0 {
-                b.dropped += 1;
+        let Ok(dropped) = self.take(true) else {
+            return;
+        };
+        if dropped > 0 {
+            self.send(
+                level,
+                format!("({dropped} log line(s) dropped: rate limit) {message}"),
+            );
+        } else {
+            self.send(level, message.to_string());
+        }
+    }
+
+    /// Take a token: `Ok(lines dropped since the last line sent)`, or `Err(time until the
+    /// next token)` (the line counted as dropped when `count`).
+    fn take(&self, count: bool) -> Result<u64, Duration> {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.saturating_duration_since(b.at).as_secs_f64() * f64::from(LOG_PER_SEC);
+        b.tokens = (b.tokens + refill).min(f64::from(LOG_BURST));
+        b.at = now;
+        if b.tokens < 1.0 {
+            b.dropped += u64::from(count);
+            return Err(Duration::from_secs_f64(
+                (1.0 - b.tokens) / f64::from(LOG_PER_SEC),
+            ));
+        }
+        b.tokens -= 1.0;
+        Ok(std::mem::take(&mut b.dropped))
+    }
+
+    /// Count `n` lines dropped elsewhere (over the runner's rate).
+    fn add_dropped(&self, n: u64) {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        b.dropped = b.dropped.saturating_add(n);
+    }
+
+    /// Say how many lines were dropped since the last one sent, if any: waits (at most
+    /// 1 / [`LOG_PER_SEC`] s) for the rate to allow one more line.
+    async fn flush(&self) {
+        loop {
+            if self
+                .bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dropped
+                == 0
+            {
                 return;
             }
-            b.tokens -= 1.0;
-            std::mem::take(&mut b.dropped)
-        };
-        let mut message = if dropped > 0 {
-            format!("({dropped} log line(s) dropped: rate limit) {message}")
-        } else {
-            message.to_string()
-        };
+            match self.take(false) {
+                Ok(0) => return,
+                Ok(n) => {
+                    return self.send(
+                        LogLevel::Warn,
+                        format!("({n} log line(s) dropped: rate limit)"),
+                    );
+                }
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    fn send(&self, level: LogLevel, mut message: String) {
         if message.len() > control::MAX_LOG_LINE {
             let mut cut = control::MAX_LOG_LINE - 3;
             while !message.is_char_boundary(cut) {
@@ -183,7 +321,12 @@ impl LogSink {
             message.truncate(cut);
             message.push_str("...");
         }
-        tracing::info!(log_level = ?level, "{message}");
+        // Escaped in the local log: a program's output may hold escapes that repaint a terminal.
+        tracing::info!(
+            log_level = ?level,
+            "{}",
+            PeerText::capped(&message, control::MAX_LOG_LINE)
+        );
         if let Some(tx) = &self.tx {
             let env =
                 Envelope::with_type(control::types::LOG, self.tag, &LogLine { level, message });

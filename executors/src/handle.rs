@@ -2,76 +2,27 @@
 //! [`Host`], so the agent (and a test) decides how programs run, where tools are found and what
 //! the node facts are.
 //!
-//! Kept thin on purpose: the process runner (`host::runner`) slots in behind
-//! [`RunProcess`] and [`Tools`]; until then the agent provides its `process::run`.
+//! Processes are described with the runner's own [`Spec`] and [`Outcome`]; the agent puts its
+//! [`Runner`] behind [`RunProcess`], a test a stand-in. Executors run them through
+//! [`crate::Ctx::run`], which ties a run to the instruction (deadline, cancellation, `LOG`).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use runos_protocol::{ErrorCode, ErrorPayload};
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// A process to run: argv only, never a shell.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ProcessSpec {
-    /// `argv[0]` and its arguments.
-    pub argv: Vec<String>,
-    /// Extra environment on top of the runner's minimal one (nothing else is inherited).
-    /// Values are secret.
-    pub env: BTreeMap<String, String>,
-    /// Working directory.
-    pub cwd: PathBuf,
-    /// Bytes written to stdin, then closed (`None`: stdin is `/dev/null`).
-    pub stdin: Option<Vec<u8>>,
-    /// The process group is killed after this long.
-    pub timeout: Duration,
-    /// Bytes of stdout and of stderr kept (the tail).
-    pub output_cap: usize,
-}
+pub use crate::host::runner::{Outcome, Spec, Tools};
+use crate::host::runner::{Runner, SpawnError};
 
-impl fmt::Debug for ProcessSpec {
-    // Arguments, environment values and stdin may carry secrets: only their sizes are shown.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProcessSpec")
-            .field("program", &self.argv.first())
-            .field("args", &self.argv.len().saturating_sub(1))
-            .field("env", &self.env.keys().collect::<Vec<_>>())
-            .field("cwd", &self.cwd)
-            .field("stdin_bytes", &self.stdin.as_ref().map(Vec::len))
-            .field("timeout", &self.timeout)
-            .field("output_cap", &self.output_cap)
-            .finish()
-    }
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessOutput {
-    /// Exit code, when it exited.
-    pub exit_code: Option<i32>,
-    /// Signal, when it was killed by one.
-    pub signal: Option<i32>,
-    /// Whether the timeout killed it.
-    pub timed_out: bool,
-    /// The kept tail of stdout.
-    pub stdout: Vec<u8>,
-    /// The kept tail of stderr.
-    pub stderr: Vec<u8>,
-    /// Whether stdout was cut to the cap.
-    pub stdout_truncated: bool,
-    /// Whether stderr was cut to the cap.
-    pub stderr_truncated: bool,
-    /// How long it ran.
-    pub duration: Duration,
-}
-
-/// Why a process could not be run.
+/// Why a process could not be run, or did not run to its own end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RunError {
     /// It could not be started (not found, not executable): the instruction `failed`.
@@ -80,45 +31,47 @@ pub enum RunError {
     /// Something of the agent's own failed (pipes, waiting): `internal`.
     #[error("{0}")]
     Internal(String),
+    /// The instruction's deadline ended it ([`crate::Ctx::run`]): `timeout`.
+    #[error("the instruction's deadline passed; its processes were ended")]
+    Deadline,
+    /// The instruction was cancelled ([`crate::Ctx::run`]): `cancelled`.
+    #[error("the instruction was cancelled; its processes were ended")]
+    Cancelled,
 }
 
-/// Runs processes for executors (the agent's process code today, the process runner next).
+impl From<RunError> for ErrorPayload {
+    fn from(e: RunError) -> Self {
+        let code = match e {
+            RunError::Spawn(_) => ErrorCode::Failed,
+            RunError::Internal(_) => ErrorCode::Internal,
+            RunError::Deadline => ErrorCode::Timeout,
+            RunError::Cancelled => ErrorCode::Cancelled,
+        };
+        ErrorPayload::new(code, e.to_string())
+    }
+}
+
+impl From<SpawnError> for RunError {
+    fn from(e: SpawnError) -> Self {
+        match e {
+            SpawnError::Spawn(_) | SpawnError::EmptyArgv => RunError::Spawn(e.to_string()),
+            SpawnError::Wait(_) => RunError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Runs processes for executors: the process runner ([`Runner`]) in the agent, a stand-in in
+/// tests. It takes the runner's own [`Spec`] and answers its [`Outcome`], so the grace, the
+/// inactivity watchdog, cancellation and line streaming reach every executor.
 pub trait RunProcess: Send + Sync {
-    /// Run `spec` to its end (or its timeout). Dropping the future kills the process group.
-    fn run(&self, spec: ProcessSpec) -> BoxFuture<Result<ProcessOutput, RunError>>;
+    /// Run `spec` to its end (see [`Runner::run`]). Dropping the future kills the tree.
+    fn run(&self, spec: Spec) -> BoxFuture<Result<Outcome, RunError>>;
 }
 
-/// The process runner ([`crate::host::runner`]) behind the executors' host handle: the spec's
-/// timeout ends the whole tree (SIGTERM, the default grace, then SIGKILL); dropping the future
-/// kills it at once.
-impl RunProcess for crate::host::runner::Runner {
-    fn run(&self, spec: ProcessSpec) -> BoxFuture<Result<ProcessOutput, RunError>> {
-        use crate::host::runner;
+impl RunProcess for Runner {
+    fn run(&self, spec: Spec) -> BoxFuture<Result<Outcome, RunError>> {
         let me = self.clone();
-        Box::pin(async move {
-            let mut s = runner::Spec::new(spec.argv);
-            s.env = spec.env;
-            s.cwd = spec.cwd;
-            s.stdin = spec.stdin;
-            s.timeout = spec.timeout;
-            s.output_cap = spec.output_cap;
-            let out = me.run(s).await.map_err(|e| match e {
-                runner::SpawnError::Spawn(_) | runner::SpawnError::EmptyArgv => {
-                    RunError::Spawn(e.to_string())
-                }
-                _ => RunError::Internal(e.to_string()),
-            })?;
-            Ok(ProcessOutput {
-                exit_code: out.exit_code,
-                signal: out.signal,
-                timed_out: out.timed_out(),
-                stdout: out.stdout,
-                stderr: out.stderr,
-                stdout_truncated: out.stdout_truncated,
-                stderr_truncated: out.stderr_truncated,
-                duration: out.duration,
-            })
-        })
+        Box::pin(async move { Runner::run(&me, spec).await.map_err(RunError::from) })
     }
 }
 
@@ -127,27 +80,8 @@ impl RunProcess for crate::host::runner::Runner {
 pub struct NoRunner;
 
 impl RunProcess for NoRunner {
-    fn run(&self, _spec: ProcessSpec) -> BoxFuture<Result<ProcessOutput, RunError>> {
+    fn run(&self, _spec: Spec) -> BoxFuture<Result<Outcome, RunError>> {
         Box::pin(async { Err(RunError::Internal("no process runner configured".into())) })
-    }
-}
-
-/// Where external tools are found (`[tools] kubectl = "/usr/bin/kubectl"`). A placeholder the
-/// process runner fills; a name without an entry is looked up in `PATH` by the runner.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tools {
-    paths: BTreeMap<String, PathBuf>,
-}
-
-impl Tools {
-    /// Tools from a name → path table.
-    pub fn new(paths: BTreeMap<String, PathBuf>) -> Self {
-        Tools { paths }
-    }
-
-    /// The configured path of `name`, if any.
-    pub fn get(&self, name: &str) -> Option<&Path> {
-        self.paths.get(name).map(PathBuf::as_path)
     }
 }
 
@@ -184,7 +118,7 @@ impl Default for NodeFacts {
 pub struct Host {
     /// Runs external programs.
     pub runner: Arc<dyn RunProcess>,
-    /// Where tools are.
+    /// Where tools are (the runner's [`Tools`]: `argv[0]` names are resolved through them).
     pub tools: Tools,
     /// Node and agent facts.
     pub facts: NodeFacts,
@@ -210,8 +144,9 @@ impl fmt::Debug for Host {
 }
 
 impl Host {
-    /// Run a process through the configured runner.
-    pub async fn run(&self, spec: ProcessSpec) -> Result<ProcessOutput, RunError> {
+    /// Run a process through the configured runner as it is. Executors use [`crate::Ctx::run`],
+    /// which ties the run to the instruction's deadline, cancellation and `LOG` lines.
+    pub async fn run(&self, spec: Spec) -> Result<Outcome, RunError> {
         self.runner.run(spec).await
     }
 

@@ -1,30 +1,31 @@
-//! `RUN_COMMAND`: argv only, no shell, through the host handle's process runner
-//! ([`crate::handle::Host::run`]). The payload was decoded and validated by the protocol crate
-//! before the instruction was accepted; nothing is checked again here.
+//! `RUN_COMMAND`: argv only, no shell, through the process runner ([`Ctx::run`]): its output
+//! is streamed as `LOG` lines while it runs, and its capped tails are in the reply. The payload
+//! was decoded and validated by the protocol crate before the instruction was accepted; nothing
+//! is checked again here.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use runos_protocol::ErrorPayload;
 use runos_protocol::control::LogLevel;
 use runos_protocol::instructions::{
     Output, RunCommand, RunCommandResponse, run_command_limits as lim,
 };
 use runos_protocol::peertext::PeerText;
-use runos_protocol::{ErrorCode, ErrorPayload};
 
-use crate::context::Ctx;
-use crate::handle::{ProcessSpec, RunError};
+use crate::context::{Ctx, Secrecy};
+use crate::handle::Spec;
 
-/// The process spec of a `RUN_COMMAND` payload.
-pub fn spec(req: RunCommand) -> ProcessSpec {
-    ProcessSpec {
-        timeout: Duration::from_secs(req.effective_timeout_secs()),
-        argv: req.argv,
-        env: req.env,
-        cwd: PathBuf::from(req.cwd.as_deref().unwrap_or("/")),
-        stdin: req.stdin.map(String::into_bytes),
-        output_cap: lim::DEFAULT_OUTPUT_CAP,
-    }
+/// The process spec of a `RUN_COMMAND` payload (the runner's default grace: 10 s, §10).
+pub fn spec(req: RunCommand) -> Spec {
+    let timeout = Duration::from_secs(req.effective_timeout_secs());
+    let mut spec = Spec::new(req.argv);
+    spec.env = req.env;
+    spec.cwd = PathBuf::from(req.cwd.as_deref().unwrap_or("/"));
+    spec.stdin = req.stdin.map(String::into_bytes);
+    spec.timeout = timeout;
+    spec.output_cap = lim::DEFAULT_OUTPUT_CAP;
+    spec
 }
 
 /// `RUN_COMMAND`.
@@ -32,8 +33,10 @@ pub async fn run_command(ctx: Ctx, req: RunCommand) -> Result<RunCommandResponse
     run_spec(&ctx, spec(req)).await
 }
 
-/// Run an already validated spec (also used by tests with small caps).
-pub async fn run_spec(ctx: &Ctx, spec: ProcessSpec) -> Result<RunCommandResponse, ErrorPayload> {
+/// Run an already validated spec (also used by tests with small caps). Its output is not
+/// secret (it is in the reply), so it is streamed as `LOG` lines; environment values and stdin
+/// never are.
+pub async fn run_spec(ctx: &Ctx, spec: Spec) -> Result<RunCommandResponse, ErrorPayload> {
     // argv[0] only: arguments may carry secrets. Escaped and capped: it is the peer's text.
     let program = PeerText::new(spec.argv.first().map_or("", String::as_str)).to_string();
     ctx.log(
@@ -44,21 +47,19 @@ pub async fn run_spec(ctx: &Ctx, spec: ProcessSpec) -> Result<RunCommandResponse
             spec.timeout.as_secs()
         ),
     );
-    let out = ctx.host.run(spec).await.map_err(|e| match e {
-        RunError::Spawn(m) => ErrorPayload::new(ErrorCode::Failed, m),
-        RunError::Internal(m) => ErrorPayload::new(ErrorCode::Internal, m),
-    })?;
+    let out = ctx.run(spec, Secrecy::Public).await?;
     tracing::info!(
         exit_code = ?out.exit_code,
         signal = ?out.signal,
-        timed_out = out.timed_out,
+        ended = ?out.ended,
+        lines_dropped = out.lines_dropped,
         duration_ms = out.duration.as_millis() as u64,
         "{program} finished"
     );
     Ok(RunCommandResponse {
         exit_code: out.exit_code,
         signal: out.signal,
-        timed_out: out.timed_out,
+        timed_out: out.timed_out(),
         stdout: Output::from_bytes(out.stdout),
         stderr: Output::from_bytes(out.stderr),
         stdout_truncated: out.stdout_truncated,
@@ -70,25 +71,28 @@ pub async fn run_spec(ctx: &Ctx, spec: ProcessSpec) -> Result<RunCommandResponse
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handle::{BoxFuture, Host, ProcessOutput, RunProcess};
+    use crate::handle::{BoxFuture, Host, Outcome, RunError, RunProcess};
+    use crate::host::runner::Ended;
+    use runos_protocol::ErrorCode;
     use std::sync::{Arc, Mutex};
 
     /// A stand-in runner: records the spec, answers exit 0 with "ok".
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<ProcessSpec>>);
+    struct Recorder(Mutex<Vec<Spec>>);
 
     impl RunProcess for Recorder {
-        fn run(&self, spec: ProcessSpec) -> BoxFuture<Result<ProcessOutput, RunError>> {
+        fn run(&self, spec: Spec) -> BoxFuture<Result<Outcome, RunError>> {
             self.0.lock().unwrap().push(spec);
             Box::pin(async {
-                Ok(ProcessOutput {
+                Ok(Outcome {
                     exit_code: Some(0),
                     signal: None,
-                    timed_out: false,
+                    ended: Ended::Exited,
                     stdout: b"ok".to_vec(),
                     stderr: vec![],
                     stdout_truncated: false,
                     stderr_truncated: false,
+                    lines_dropped: 0,
                     duration: Duration::from_millis(3),
                 })
             })
@@ -104,19 +108,72 @@ mod tests {
         };
         let ctx = crate::Ctx::new(
             runos_protocol::Tag::random(),
-            tokio::time::Instant::now() + Duration::from_secs(5),
+            tokio::time::Instant::now() + Duration::from_secs(60),
             Arc::new(host),
             None,
         );
         let req: RunCommand =
             serde_json::from_str(r#"{"argv":["/bin/echo","x"],"timeoutSecs":7}"#).unwrap();
-        let r = run_command(ctx, req).await.unwrap();
+        let r = run_command(ctx.clone(), req).await.unwrap();
         assert_eq!(r.exit_code, Some(0));
         assert_eq!(r.duration_ms, 3);
         let specs = rec.0.lock().unwrap();
         assert_eq!(specs[0].argv, vec!["/bin/echo", "x"]);
         assert_eq!(specs[0].timeout, Duration::from_secs(7));
+        assert_eq!(specs[0].grace, Duration::from_secs(10));
         assert_eq!(specs[0].cwd, PathBuf::from("/"));
+        // Output goes out as LOG lines; the run ends with the instruction.
+        assert!(specs[0].lines.is_some());
+        assert!(!specs[0].cancel.is_cancelled());
+        ctx.cancel.cancel();
+        assert!(specs[0].cancel.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_run_that_would_outlast_the_deadline_ends_before_it_and_answers_timeout() {
+        /// Answers what the runner says when the spec's timeout ended the run.
+        struct TimesOut(Mutex<Option<Spec>>);
+        impl RunProcess for TimesOut {
+            fn run(&self, spec: Spec) -> BoxFuture<Result<Outcome, RunError>> {
+                *self.0.lock().unwrap() = Some(spec);
+                Box::pin(async {
+                    Ok(Outcome {
+                        exit_code: None,
+                        signal: Some(15),
+                        ended: Ended::TimedOut,
+                        stdout: vec![],
+                        stderr: vec![],
+                        stdout_truncated: false,
+                        stderr_truncated: false,
+                        lines_dropped: 0,
+                        duration: Duration::from_secs(3),
+                    })
+                })
+            }
+        }
+        let runner = Arc::new(TimesOut(Mutex::new(None)));
+        let host = Host {
+            runner: runner.clone(),
+            ..Default::default()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let ctx = crate::Ctx::new(
+            runos_protocol::Tag::random(),
+            deadline,
+            Arc::new(host),
+            None,
+        );
+        let req: RunCommand =
+            serde_json::from_str(r#"{"argv":["/bin/sleep","1000"],"timeoutSecs":300}"#).unwrap();
+        let e = run_command(ctx, req).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Timeout);
+        let spec = runner.0.lock().unwrap().take().unwrap();
+        // SIGTERM, the grace and the reply all fit before the deadline.
+        assert!(
+            spec.timeout + spec.grace + crate::context::REPLY_MARGIN <= Duration::from_secs(5),
+            "{spec:?}"
+        );
+        assert!(spec.grace > Duration::ZERO && spec.timeout > Duration::ZERO);
     }
 
     #[tokio::test]

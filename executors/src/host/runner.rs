@@ -57,7 +57,8 @@ const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(5);
 
 /// Configured tool paths: a tool name (`kubectl`) to an absolute path. A name without an entry
 /// is looked up in the `PATH`. This is also how tests put stand-ins in place.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
 pub struct Tools {
     paths: BTreeMap<String, PathBuf>,
 }
@@ -94,6 +95,11 @@ impl Tools {
     /// The configured path of `name`, if any.
     pub fn get(&self, name: &str) -> Option<&Path> {
         self.paths.get(name).map(PathBuf::as_path)
+    }
+
+    /// The configured tools, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Path)> {
+        self.paths.iter().map(|(n, p)| (n.as_str(), p.as_path()))
     }
 
     /// Where `program` is: the configured path for a tool name, else [`resolve_program`] in
@@ -236,7 +242,7 @@ impl Streamer {
 }
 
 /// What to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Spec {
     /// Program and arguments (never a shell string). Values may be secret: never logged.
     pub argv: Vec<String>,
@@ -276,6 +282,27 @@ impl Spec {
             cancel: CancellationToken::new(),
             lines: None,
         }
+    }
+}
+
+impl std::fmt::Debug for Spec {
+    // Arguments, environment values and stdin may carry secrets: only their sizes are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spec")
+            .field(
+                "program",
+                &self.argv.first().map(|p| PeerText::new(p).to_string()),
+            )
+            .field("args", &self.argv.len().saturating_sub(1))
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("cwd", &self.cwd)
+            .field("stdin_bytes", &self.stdin.as_ref().map(Vec::len))
+            .field("timeout", &self.timeout)
+            .field("grace", &self.grace)
+            .field("inactivity", &self.inactivity)
+            .field("output_cap", &self.output_cap)
+            .field("lines", &self.lines.as_ref().map(|l| l.rate))
+            .finish_non_exhaustive()
     }
 }
 
@@ -459,6 +486,11 @@ impl Runner {
     /// The cgroup root run cgroups are created under, if cgroups are used.
     pub fn cgroup_root(&self) -> Option<&Path> {
         self.inner.cgroup.as_ref().map(CgroupRoot::dir)
+    }
+
+    /// The configured tool paths.
+    pub fn tools(&self) -> &Tools {
+        &self.inner.tools
     }
 
     /// Where `program` is ([`Tools::resolve`] with this runner's search path).
