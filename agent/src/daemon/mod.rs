@@ -104,11 +104,9 @@ pub async fn run(
             None
         }
     };
+    // `[tools]` and `[runner]` apply from here on; a SIGHUP reload does not change them.
     let runner =
-        runos_executors::host::runner::Runner::new(runos_executors::host::runner::RunnerConfig {
-            registry,
-            ..Default::default()
-        });
+        runos_executors::host::runner::Runner::new(crate::exec::runner_config(&cfg, registry));
     if !runos_executors::host::runner::Runner::install_shared(runner) {
         tracing::debug!("the process runner was already set up in this process");
     }
