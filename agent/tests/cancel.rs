@@ -302,3 +302,54 @@ async fn redelivered_cancel_gets_its_stored_reply_and_cancels_nothing_more() {
     assert!(h.no_reply_within(Duration::from_millis(300)).await);
     h.wait_in_flight(1).await;
 }
+
+/// A command that writes `term` to `marker` when it gets SIGTERM and then exits, so a test can
+/// tell a graceful stop from a SIGKILL.
+fn traps_term(marker: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "argv": ["/bin/sh", "-c",
+            "trap 'echo term > \"$0\"; exit 0' TERM; echo ready > \"$0.ready\"; while :; do sleep 0.05; done",
+            marker],
+        "timeoutSecs": 600,
+    })
+}
+
+/// CANCEL ends a running command gracefully (issue 11): SIGTERM first, so a tool can clean up,
+/// and SIGKILL only after the grace. Before, the process group got SIGKILL at once.
+#[tokio::test]
+async fn cancel_gives_the_processes_sigterm_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker");
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
+    let run = instr(types::RUN_COMMAND, traps_term(&marker));
+    h.send(run.clone()).await;
+    let ready = dir.path().join("marker.ready");
+    assert!(eventually(Duration::from_secs(20), || ready.exists()).await);
+    let c = cancel(run.tag);
+    h.send(c.clone()).await;
+    let rs = h.replies(2).await;
+    assert_eq!(error(find(&rs, run.tag)).code, ErrorCode::Cancelled);
+    assert!(
+        eventually(Duration::from_secs(20), || std::fs::read_to_string(&marker)
+            .is_ok_and(|t| t == "term\n"))
+        .await,
+        "the command never saw SIGTERM"
+    );
+    h.wait_in_flight(0).await;
+}
+
+/// A command whose instruction deadline passes is stopped the same way: SIGTERM first, then the
+/// `timeout` reply once it is gone. (For `RUN_COMMAND` the executor's `Ctx::run` ends the tree
+/// just before the deadline; the dispatcher's own stop at the deadline, SIGTERM and then abort
+/// after the grace, covers executors that do not.)
+#[tokio::test]
+async fn the_deadline_gives_the_processes_sigterm_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker");
+    let mut h = Harness::new(catalog::standard(), cfg(4, 2));
+    let run = instr(types::RUN_COMMAND, traps_term(&marker)).with_timeout_ms(Some(1500));
+    h.send(run.clone()).await;
+    let r = h.reply().await;
+    assert_eq!((r.tag, error(&r).code), (run.tag, ErrorCode::Timeout));
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "term\n");
+}

@@ -230,11 +230,23 @@ struct Running {
     cancel: CancellationToken,
 }
 
+/// How long a stopped executor (CANCEL, its deadline, the end of the shutdown grace) has to end
+/// on its own after its cancellation token fired before its task is aborted: the process
+/// runner's grace between SIGTERM and SIGKILL, plus a moment to report. A tool such as helm,
+/// apt or kubeadm gets SIGTERM first and a chance to leave no lock or half-done state behind.
+pub const STOP_GRACE: Duration =
+    runos_executors::host::runner::DEFAULT_GRACE.saturating_add(Duration::from_secs(1));
+
 impl Running {
-    /// Cancel the token, then abort the task (its executor is dropped).
+    /// Cancel the token (its processes get SIGTERM, then SIGKILL after the runner's grace), and
+    /// abort the task (dropping its executor) if it has not ended [`STOP_GRACE`] later.
     fn stop(&self) {
         self.cancel.cancel();
-        self.abort.abort();
+        let abort = self.abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STOP_GRACE).await;
+            abort.abort();
+        });
     }
 }
 
@@ -435,7 +447,7 @@ impl Dispatcher {
                     self.answer(error_reply(
                         tag,
                         ErrorCode::Interrupted,
-                        "the agent shut down before this instruction finished; its processes were killed",
+                        "the agent shut down before this instruction finished; its processes were stopped",
                     ))
                     .await;
                 }
@@ -642,8 +654,11 @@ impl Dispatcher {
                 }
                 Ok(Err(_)) => error_reply(tag, ErrorCode::Interrupted, "the executor was cancelled"),
                 Err(_) => {
+                    // Asked to stop first (SIGTERM to its processes), killed after the grace.
                     token.cancel();
-                    inner.abort();
+                    if tokio::time::timeout(STOP_GRACE, &mut inner).await.is_err() {
+                        inner.abort();
+                    }
                     tracing::warn!("deadline passed; executor stopped");
                     error_reply(
                         tag,

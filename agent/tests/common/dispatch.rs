@@ -24,7 +24,9 @@ pub fn cfg(queue: usize, conc: usize) -> DispatchConfig {
     }
 }
 
-/// A raw executor that sleeps for the payload's `ms` (or panics when `panic` is set).
+/// A raw executor that sleeps for the payload's `ms` (or panics when `panic` is set), and stops
+/// early when its cancellation token fires, as a well-behaved executor does. With `"stubborn":
+/// true` it ignores the token (the dispatcher must abort it after the stop grace).
 pub fn sleeper() -> ExecFn {
     Arc::new(|ctx, env: Envelope| {
         Box::pin(async move {
@@ -35,7 +37,15 @@ pub fn sleeper() -> ExecFn {
                 panic!("executor bug");
             }
             let ms = v.get("ms").and_then(|m| m.as_u64()).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let sleep = tokio::time::sleep(Duration::from_millis(ms));
+            if v.get("stubborn").is_some() {
+                sleep.await;
+            } else {
+                tokio::select! {
+                    _ = sleep => {}
+                    _ = ctx.cancel.cancelled() => {}
+                }
+            }
             Ok(Envelope::with_type(
                 ctypes::NO_CONTENT,
                 ctx.tag,

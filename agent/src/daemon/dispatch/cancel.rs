@@ -68,7 +68,7 @@ impl Dispatcher {
             tracing::warn!(
                 %tag,
                 cancel_target = %target,
-                "CANCEL: cancelled a running instruction; its processes are killed"
+                "CANCEL: cancelled a running instruction; its processes are stopped (SIGTERM, then SIGKILL after the grace)"
             );
             self.answer(error_reply(
                 target,
