@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use runos_protocol::peertext::PeerText;
 use rustix::process::{Pid, Signal, kill_process_group};
@@ -565,7 +567,7 @@ impl Runner {
         // The pipe tasks are aborted when this future is dropped (deadline, cancel), so a
         // process that escaped and still holds a pipe cannot keep them, and their buffers, alive.
         let stdin_task = match (child.stdin.take(), spec.stdin) {
-            (Some(mut w), Some(data)) => Some(AbortOnDrop(tokio::spawn(async move {
+            (Some(mut w), Some(data)) => Some(AbortOnDropHandle::new(tokio::spawn(async move {
                 // A child that does not read its stdin closes the pipe: ignore that error.
                 let _ = w.write_all(&data).await;
                 let _ = w.shutdown().await;
@@ -578,7 +580,7 @@ impl Runner {
         let cap = spec.output_cap;
         let reader = |r: Option<_>, stream| {
             r.map(|r| {
-                AbortOnDrop(tokio::spawn(read_stream(
+                AbortOnDropHandle::new(tokio::spawn(read_stream(
                     r,
                     cap,
                     stream,
@@ -641,9 +643,9 @@ impl Runner {
         // our pipes would otherwise keep the reply waiting forever).
         guard.kill();
         drop(stdin_task);
-        let collect = |h: Option<AbortOnDrop<TailBuffer>>| async move {
+        let collect = |h: Option<AbortOnDropHandle<TailBuffer>>| async move {
             match h {
-                Some(mut h) => match tokio::time::timeout(DRAIN_GRACE, &mut h.0).await {
+                Some(mut h) => match tokio::time::timeout(DRAIN_GRACE, &mut h).await {
                     Ok(Ok(tail)) => tail.finish(),
                     _ => (Vec::new(), false),
                 },
@@ -944,16 +946,6 @@ async fn read_stream(
         s.offer(stream, &line);
     }
     tail
-}
-
-/// A spawned task that is aborted when the guard is dropped.
-#[derive(Debug)]
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]
