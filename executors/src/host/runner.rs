@@ -29,9 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-
 use std::time::Duration;
-use tokio_util::task::AbortOnDropHandle;
 
 use runos_protocol::peertext::PeerText;
 use rustix::process::{Pid, Signal, kill_process_group};
@@ -40,6 +38,7 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::cgroup::{CgroupRoot, RunCgroup};
 use super::leftover::Record;
