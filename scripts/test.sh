@@ -44,6 +44,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "module cycles"
 python3 scripts/module-cycles.py agent/src
 
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
 step "cargo build"
 cargo build --workspace --bins --locked
 

@@ -1,7 +1,7 @@
 //! The agent's registration of executors: which instruction types this agent runs, in which
 //! lane, with which maximum deadline. Everything else (decoding and validating payloads with the
 //! protocol crate, default deadlines and the re-run and secret flags from the protocol's one
-//! table, the context) is the executors crate's [`Registry`].
+//! table, the context) is the executors crate's [`Registry`](runos_executors::Registry).
 //!
 //! The dispatcher knows instructions only through this registry. `CANCEL` has no entry: the
 //! dispatcher handles it itself ([`DISPATCHER_TYPES`]), and HELLO still lists it. Every other

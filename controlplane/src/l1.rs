@@ -18,7 +18,7 @@ use crate::{Error, util};
 /// Largest frame on L1Sec, both directions.
 pub const L1_MAX_FRAME: u32 = 256 * 1024;
 /// Concurrent enrolment connections; more wait in the accept queue. A connection lasts at most
-/// [`CONNECTION_DEADLINE`], and one source address holds at most `--max-handshakes-per-source`
+/// `CONNECTION_DEADLINE`, and one source address holds at most `--max-handshakes-per-source`
 /// of them.
 pub const MAX_CONNECTIONS: usize = 128;
 /// Upper bound of one whole enrolment connection.

@@ -3,7 +3,7 @@
 //! An executor is an async function `(Ctx, I) -> Result<Done<I::Reply>, ErrorPayload>` over a
 //! typed instruction `I` of the protocol crate ([`runos_protocol::instructions::Instruction`]).
 //! It gets the payload only after the registry decoded **and validated** it with the protocol
-//! crate; it answers the typed success reply, or an [`ErrorPayload`] (sent as `ERROR`). An
+//! crate; it answers the typed success reply, or an [`ErrorPayload`](runos_protocol::ErrorPayload) (sent as `ERROR`). An
 //! executor that returns a plain `Result<I::Reply, ErrorPayload>` is registered with
 //! [`crate::Registry::register`]; one that may ask for an after-ACK step with
 //! [`crate::Registry::register_done`].

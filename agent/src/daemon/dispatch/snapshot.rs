@@ -2,7 +2,7 @@
 //! socket). Only tags, instruction type names and times: never a payload.
 //!
 //! `running` holds only abort handles and cancellation tokens, so the start time and type of each running instruction are
-//! noted by [`StartLog::note`] (one call in `Dispatcher::start`). The log is pruned against
+//! noted by `StartLog::note` (one call in `Dispatcher::start`). The log is pruned against
 //! `running` at every note and every snapshot, so it never holds more than the running set plus
 //! the one being started.
 
