@@ -379,6 +379,14 @@ async fn auto_step(
     let state_dir = cfg_rx.borrow().paths.state_dir.clone();
     if super::state::UpdateState::load(&state_dir).is_ok_and(|st| st.is_refused(adv)) {
         tracing::info!(version = %adv.tag(), "advertised version was refused after a failed health gate; not installing it automatically");
+        // Said once per run: later wake-ups (each reconnect) skip it without reading the state.
+        tried.insert(
+            adv,
+            Attempts {
+                failures: 0,
+                next: None,
+            },
+        );
         return None;
     }
     tracing::info!(from = %current.tag(), to = %adv.tag(), "automatic update to the advertised version");
