@@ -4,6 +4,8 @@
 //! Requests: `{"op":"token_create","ttlSecs":3600}`, `{"op":"nodes"}`,
 //! `{"op":"send","node":..,"type":..,"payload":{..}|"rawB64":..,"timeoutMs":..,"waitMs":..,
 //! "tag":..}`,
+//! `{"op":"send_many","requests":[{"node":..,"type":..,"payload":..,"rawB64":..,"timeoutMs":..},
+//! ..]}` (all stored in one transaction, or none; answers `{"tags":[..]}` in request order),
 //! `{"op":"reply","tag":..,"waitMs":..}`, `{"op":"revoke","node":..}`, `{"op":"ping"}`,
 //! `{"op":"ca_status","seenWithinSecs":..}`, `{"op":"ca_rotate"}`,
 //! `{"op":"ca_cutover","force":..,"seenWithinSecs":..}`.
@@ -69,6 +71,12 @@ pub enum Request {
         /// it is refused (`tag_conflict`).
         #[serde(default)]
         tag: Option<String>,
+    },
+    /// Send many instructions (fresh tags) in one transaction: all are stored, or none when any
+    /// request is invalid. Answers `{"tags":[..]}`, in the order of the requests.
+    SendMany {
+        /// The instructions, at most [`crate::api::MAX_SEND_MANY`].
+        requests: Vec<SendRequest>,
     },
     /// The final reply of an instruction sent earlier: the stored reply, or
     /// `{"tag","pending":true}` when there is none yet; with `wait_ms`, wait that long for it
@@ -326,6 +334,12 @@ async fn handle(api: &Api, req: Request) -> Response {
                 }
             }
         }
+        Request::SendMany { requests } => match api.send_many(&requests) {
+            Ok(tags) => Response::ok(serde_json::json!({
+                "tags": tags.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })),
+            Err(e) => Response::err(&e, None),
+        },
         Request::Reply { tag, wait_ms } => {
             let tag = match parse_tag(&tag) {
                 Ok(t) => t,

@@ -2,13 +2,15 @@
 //! demo): tokens, node listing, sending instructions, waiting for replies, revocation, and CA
 //! rotation.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
 use runos_protocol::control::EnrolmentToken;
 use runos_protocol::{Envelope, MessageType, Tag};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use crate::server::{Shared, shutdown_signalled};
 use crate::{Error, util};
@@ -200,6 +202,65 @@ impl ReplyInfo {
     }
 }
 
+/// Most instructions in one [`Api::send_many`].
+pub const MAX_SEND_MANY: usize = 100_000;
+
+/// Who waits for which final reply: one [`Notify`] per tag waited on, woken by the session that
+/// stores that tag's reply (after the commit). A tag nobody waits on costs a hash lookup.
+#[derive(Debug, Default)]
+pub(crate) struct ReplyWaiters {
+    map: Mutex<HashMap<Tag, Arc<Notify>>>,
+}
+
+/// A registration in [`ReplyWaiters`]; removed on drop when it is the tag's last waiter.
+pub(crate) struct Waiter<'a> {
+    waiters: &'a ReplyWaiters,
+    tag: Tag,
+    pub notify: Arc<Notify>,
+}
+
+impl ReplyWaiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tag, Arc<Notify>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register interest in `tag`'s final reply.
+    pub(crate) fn waiter(&self, tag: Tag) -> Waiter<'_> {
+        let notify = self.lock().entry(tag).or_default().clone();
+        Waiter {
+            waiters: self,
+            tag,
+            notify,
+        }
+    }
+
+    /// The final replies of `tags` are stored (committed): wake whoever waits for them.
+    pub(crate) fn stored<'t>(&self, tags: impl IntoIterator<Item = &'t Tag>) {
+        let mut map = self.lock();
+        if map.is_empty() {
+            return;
+        }
+        for tag in tags {
+            if let Some(n) = map.remove(tag) {
+                n.notify_waiters();
+            }
+        }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut map = self.waiters.lock();
+        // Clones are only made under the lock: two references are the map's and this one.
+        if map
+            .get(&self.tag)
+            .is_some_and(|n| Arc::ptr_eq(n, &self.notify) && Arc::strong_count(n) == 2)
+        {
+            map.remove(&self.tag);
+        }
+    }
+}
+
 /// The operator API of a running control plane.
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -315,6 +376,93 @@ impl Api {
     /// type, `jsonB64` byte for byte, `timeoutMs`) nothing new is stored and the tag is
     /// returned as the first time; otherwise [`Error::TagConflict`].
     pub fn send_with_tag(&self, req: &SendRequest, tag: Option<Tag>) -> Result<Tag, Error> {
+        let chosen = tag.is_some();
+        let node = self.send_target(&req.node)?;
+        let env = self.envelope(req, tag.unwrap_or_else(Tag::random))?;
+        let tag = env.tag;
+        if !self
+            .shared
+            .db
+            .insert_instruction(&node, &env, util::now_ms())?
+        {
+            if !chosen {
+                return Err(Error::Internal("tag collision".into()));
+            }
+            if !self.shared.db.instruction_is(&node, &env)? {
+                tracing::info!(node = %node, tag = %tag, "send refused: the tag is used by a different instruction");
+                return Err(Error::TagConflict(tag.to_string()));
+            }
+            tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction already stored under this tag (a retry); nothing new stored");
+        } else {
+            tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction stored");
+        }
+        self.shared.sessions.wake(&node);
+        Ok(tag)
+    }
+
+    /// Store many instructions (fresh tags) in one transaction and deliver them as
+    /// [`Api::send`] does; their tags, in the order of `reqs`. All or nothing: when any request
+    /// is invalid (bad type, unknown or revoked node, too large, ...) nothing is stored and the
+    /// error names the first such request by its index (from 0). At most [`MAX_SEND_MANY`].
+    pub fn send_many(&self, reqs: &[SendRequest]) -> Result<Vec<Tag>, Error> {
+        if reqs.len() > MAX_SEND_MANY {
+            return Err(Error::BadRequest(format!(
+                "at most {MAX_SEND_MANY} instructions per batch, not {}",
+                reqs.len()
+            )));
+        }
+        // Each node is looked up once per batch.
+        let mut nodes: HashMap<&str, String> = HashMap::new();
+        let mut rows: Vec<(&str, Envelope)> = Vec::with_capacity(reqs.len());
+        for (i, req) in reqs.iter().enumerate() {
+            let in_batch = |e: Error| match e {
+                Error::BadRequest(m) => Error::BadRequest(format!("request {i}: {m}")),
+                other => other,
+            };
+            if !nodes.contains_key(req.node.as_str()) {
+                let id = self.send_target(&req.node)?;
+                nodes.insert(&req.node, id);
+            }
+            let env = self.envelope(req, Tag::random()).map_err(in_batch)?;
+            rows.push((req.node.as_str(), env));
+        }
+        let rows: Vec<(&str, Envelope)> = rows
+            .into_iter()
+            .map(|(key, env)| (nodes[key].as_str(), env))
+            .collect();
+        if let Err(i) = self.shared.db.insert_instructions(&rows, util::now_ms())? {
+            return Err(Error::Internal(format!("tag collision at request {i}")));
+        }
+        for (node, env) in &rows {
+            tracing::debug!(node = %node, tag = %env.tag, kind = %env.kind, "instruction stored");
+        }
+        let mut woken: Vec<&str> = nodes.values().map(String::as_str).collect();
+        woken.sort_unstable();
+        woken.dedup();
+        tracing::info!(
+            instructions = rows.len(),
+            nodes = woken.len(),
+            "instructions stored (one batch)"
+        );
+        for node in woken {
+            self.shared.sessions.wake(node);
+        }
+        Ok(rows.into_iter().map(|(_, env)| env.tag).collect())
+    }
+
+    /// The node an instruction may be sent to: `key` resolved, known and not revoked.
+    fn send_target(&self, key: &str) -> Result<String, Error> {
+        let node = self.resolve_node(key)?;
+        match self.shared.db.node_revoked(&node)? {
+            None => Err(Error::NodeNotFound(node)),
+            Some(true) => Err(Error::Revoked(node)),
+            Some(false) => Ok(node),
+        }
+    }
+
+    /// The envelope of a request under `tag`, checked: an instruction type (not a control
+    /// message) and a frame within the largest accepted.
+    fn envelope(&self, req: &SendRequest, tag: Tag) -> Result<Envelope, Error> {
         let kind = MessageType::new(req.kind.clone())
             .map_err(|e| Error::BadRequest(format!("type {:?}: {e}", req.kind)))?;
         if runos_protocol::control::is_control_type(kind.as_str()) {
@@ -322,17 +470,6 @@ impl Api {
                 "{kind} is a control message type, not an instruction"
             )));
         }
-        let node = self.resolve_node(&req.node)?;
-        let row = self
-            .shared
-            .db
-            .node(&node)?
-            .ok_or_else(|| Error::NodeNotFound(node.clone()))?;
-        if row.revoked_at.is_some() {
-            return Err(Error::Revoked(node));
-        }
-        let chosen = tag.is_some();
-        let tag = tag.unwrap_or_else(Tag::random);
         let env = match (&req.payload, &req.raw_b64) {
             (Some(_), Some(_)) => {
                 return Err(Error::BadRequest(
@@ -352,24 +489,7 @@ impl Api {
         if let Err(e) = runos_protocol::encode_frame(&env, self.shared.opts.max_frame_bytes) {
             return Err(Error::BadRequest(e.to_string()));
         }
-        if !self
-            .shared
-            .db
-            .insert_instruction(&node, &env, util::now_ms())?
-        {
-            if !chosen {
-                return Err(Error::Internal("tag collision".into()));
-            }
-            if !self.shared.db.instruction_is(&node, &env)? {
-                tracing::info!(node = %node, tag = %tag, "send refused: the tag is used by a different instruction");
-                return Err(Error::TagConflict(tag.to_string()));
-            }
-            tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction already stored under this tag (a retry); nothing new stored");
-        } else {
-            tracing::info!(node = %node, tag = %tag, kind = %env.kind, "instruction stored");
-        }
-        self.shared.sessions.wake(&node);
-        Ok(tag)
+        Ok(env)
     }
 
     /// The stored final reply of `tag`, if any. Unknown tag → [`Error::TagNotFound`].
@@ -396,20 +516,21 @@ impl Api {
     /// not arrive in time (the instruction stays pending); [`Error::TagNotFound`] for an
     /// unknown tag.
     pub async fn wait_reply(&self, tag: &Tag, timeout: Duration) -> Result<ReplyInfo, Error> {
-        let mut rx = self.shared.replies.subscribe();
         let mut shutdown = self.shared.shutdown.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            rx.borrow_and_update();
+            // Registered before the look in the database: a reply stored after the look wakes
+            // it. Only the session that stores this tag's reply wakes it (no query per reply
+            // stored elsewhere).
+            let waiter = self.shared.replies.waiter(*tag);
+            let stored = waiter.notify.notified();
+            tokio::pin!(stored);
+            stored.as_mut().enable();
             if let Some(r) = self.reply(tag)? {
                 return Ok(r);
             }
             tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        return Err(Error::ShuttingDown);
-                    }
-                }
+                () = stored => {}
                 () = tokio::time::sleep_until(deadline) => return Err(Error::Timeout),
                 () = shutdown_signalled(&mut shutdown) => return Err(Error::ShuttingDown),
             }

@@ -290,6 +290,60 @@ pub async fn send(client: &Client, a: SendArgs) -> Result<u8, Error> {
     print_final_reply(v, a.json_out)
 }
 
+/// `send-batch`: the instructions of `input` (JSON lines; `-` is standard input), stored in one
+/// transaction, all or none; prints their tags in input order, one per line, or with `--json`
+/// `{"tags":[..]}`.
+pub async fn send_batch(client: &Client, input: &Path, json: bool) -> Result<u8, Error> {
+    let text = if input == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+            .map_err(|e| Error::io(Path::new("standard input"), e))?;
+        text
+    } else {
+        std::fs::read_to_string(input).map_err(|e| Error::io(input, e))?
+    };
+    let requests = parse_batch(&text)?;
+    let n = requests.len();
+    let v = client
+        .request(&Request::SendMany { requests }, SHORT)
+        .await?;
+    if json {
+        print_json(&v, true);
+    } else {
+        for tag in v
+            .get("tags")
+            .and_then(|t| t.as_array())
+            .into_iter()
+            .flatten()
+        {
+            println!("{}", tag.as_str().unwrap_or("?"));
+        }
+        eprintln!("{n} instruction(s) stored");
+    }
+    Ok(exit::OK)
+}
+
+/// The instructions of a batch file: one JSON object per line (`{"node", "type", "payload"?,
+/// "rawB64"?, "timeoutMs"?}`), blank lines skipped, at most [`crate::api::MAX_SEND_MANY`].
+pub fn parse_batch(text: &str) -> Result<Vec<crate::SendRequest>, Error> {
+    let mut requests = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if requests.len() == crate::api::MAX_SEND_MANY {
+            return Err(Error::BadRequest(format!(
+                "more than {} instructions in the batch",
+                crate::api::MAX_SEND_MANY
+            )));
+        }
+        let req = serde_json::from_str(line)
+            .map_err(|e| Error::BadRequest(format!("line {}: {e}", i + 1)))?;
+        requests.push(req);
+    }
+    Ok(requests)
+}
+
 /// Print a result: compact with `--json`, else pretty.
 fn print_json(v: &serde_json::Value, compact: bool) {
     if compact {

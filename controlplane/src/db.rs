@@ -16,6 +16,9 @@ use crate::Error;
 /// The schema version this binary writes (`PRAGMA user_version`).
 pub(crate) const SCHEMA_VERSION: i64 = 4;
 
+/// The first schema. `instructions.sent_count` and `last_sent_at` are no longer written (they
+/// stay 0 and NULL): nothing read them, and keeping them cost a write transaction per
+/// instruction sent. They are kept so that an older binary can still open the database.
 const SCHEMA_V1: &str = "
 CREATE TABLE tokens (
     hash         TEXT PRIMARY KEY,
@@ -80,6 +83,10 @@ ALTER TABLE certificates ADD COLUMN used_at INTEGER;
 const MIGRATE_V4: &str = "
 ALTER TABLE nodes ADD COLUMN last_update TEXT;
 ";
+
+/// Prepared statements kept per connection: every statement this file runs fits, so none is
+/// parsed twice.
+const STATEMENT_CACHE: usize = 64;
 
 /// Why a token could not be consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +170,19 @@ pub(crate) struct StoredReply {
     pub json_b64: String,
 }
 
+/// What became of a final reply handed to [`Db::store_replies`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// Stored: the instruction's first final reply.
+    First,
+    /// The instruction has a final reply already; this one is not stored.
+    Duplicate,
+    /// No instruction has this tag.
+    UnknownTag,
+    /// The tag is another node's instruction.
+    OtherNode,
+}
+
 /// The state database.
 #[derive(Debug)]
 pub(crate) struct Db {
@@ -176,6 +196,7 @@ impl Db {
         let existed = path.exists();
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(mode, "SQLite did not switch to WAL mode");
@@ -195,7 +216,9 @@ impl Db {
     fn migrate(&mut self) -> Result<(), Error> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            let v: i64 = tx
+                .prepare_cached("PRAGMA user_version")?
+                .query_row([], |r| r.get(0))?;
             if v < SCHEMA_VERSION {
                 if v < 1 {
                     tx.execute_batch(SCHEMA_V1)?;
@@ -263,10 +286,10 @@ impl Db {
 
     pub fn insert_token(&self, hash: &str, now: i64, expires_at: i64) -> Result<(), Error> {
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO tokens (hash, created_at, expires_at) VALUES (?1, ?2, ?3)",
-                params![hash, now, expires_at],
-            )
+            )?
+            .execute(params![hash, now, expires_at])
         })?;
         Ok(())
     }
@@ -278,12 +301,9 @@ impl Db {
         now: i64,
     ) -> Result<Result<(), TokenProblem>, Error> {
         let row: Option<(Option<i64>, i64)> = self.with(|c| {
-            c.query_row(
-                "SELECT used_at, expires_at FROM tokens WHERE hash = ?1",
-                params![token_hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
+            c.prepare_cached("SELECT used_at, expires_at FROM tokens WHERE hash = ?1")?
+                .query_row(params![token_hash], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
         })?;
         Ok(match row {
             None => Err(TokenProblem::Unknown),
@@ -305,11 +325,12 @@ impl Db {
     ) -> Result<Result<(), TokenProblem>, Error> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let n = tx.execute(
-                "UPDATE tokens SET used_at = ?1, used_by_node = ?2 \
+            let n = tx
+                .prepare_cached(
+                    "UPDATE tokens SET used_at = ?1, used_by_node = ?2 \
                  WHERE hash = ?3 AND used_at IS NULL AND expires_at > ?1",
-                params![now, node.id, token_hash],
-            )?;
+                )?
+                .execute(params![now, node.id, token_hash])?;
             if n == 0 {
                 let row: Option<(Option<i64>, i64)> = tx
                     .query_row(
@@ -325,29 +346,29 @@ impl Db {
                 };
                 return Ok(Err(problem));
             }
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO nodes (id, machine_id, hostname, os, agent_version, registered_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    node.id,
-                    node.machine_id,
-                    node.hostname,
-                    node.os,
-                    node.agent_version,
-                    now
-                ],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![
+                node.id,
+                node.machine_id,
+                node.hostname,
+                node.os,
+                node.agent_version,
+                now
+            ])?;
+            tx.prepare_cached(
                 "INSERT INTO certificates (serial_hex, node_id, not_before, not_after, ca_sha256) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    cert.serial_hex,
-                    node.id,
-                    cert.not_before_ms,
-                    cert.not_after_ms,
-                    cert.ca_sha256
-                ],
-            )?;
+            )?
+            .execute(params![
+                cert.serial_hex,
+                node.id,
+                cert.not_before_ms,
+                cert.not_after_ms,
+                cert.ca_sha256
+            ])?;
             tx.commit()?;
             Ok(Ok(()))
         })
@@ -366,7 +387,8 @@ impl Db {
             if let Some(id) = by_id {
                 return Ok(vec![id]);
             }
-            let mut st = c.prepare("SELECT id FROM nodes WHERE hostname = ?1 ORDER BY id")?;
+            let mut st =
+                c.prepare_cached("SELECT id FROM nodes WHERE hostname = ?1 ORDER BY id")?;
             let ids = st
                 .query_map(params![key], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
@@ -381,7 +403,7 @@ impl Db {
             {
                 return Ok(Vec::new());
             }
-            let mut st = c.prepare(
+            let mut st = c.prepare_cached(
                 "SELECT id FROM nodes WHERE substr(id, 1, length(?1)) = ?1 ORDER BY id LIMIT 2",
             )?;
             let ids = st
@@ -419,18 +441,15 @@ impl Db {
 
     pub fn node(&self, id: &str) -> Result<Option<NodeRow>, Error> {
         self.with(|c| {
-            c.query_row(
-                &format!("{} WHERE n.id = ?1", Self::NODE_SELECT),
-                params![id],
-                Self::node_from_row,
-            )
-            .optional()
+            c.prepare_cached(&format!("{} WHERE n.id = ?1", Self::NODE_SELECT))?
+                .query_row(params![id], Self::node_from_row)
+                .optional()
         })
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRow>, Error> {
         self.with(|c| {
-            let mut st = c.prepare(&format!(
+            let mut st = c.prepare_cached(&format!(
                 "{} ORDER BY n.registered_at, n.id",
                 Self::NODE_SELECT
             ))?;
@@ -454,30 +473,28 @@ impl Db {
     ) -> Result<(), Error> {
         let types = serde_json::to_string(instruction_types).unwrap_or_else(|_| "[]".into());
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE nodes SET hostname = ?2, agent_version = ?3, boot_id = ?4, \
                  instruction_types = ?5, last_seen_at = ?6, \
                  last_update = COALESCE(?7, last_update) WHERE id = ?1",
-                params![
-                    id,
-                    hostname,
-                    agent_version,
-                    boot_id,
-                    types,
-                    now,
-                    last_update
-                ],
-            )
+            )?
+            .execute(params![
+                id,
+                hostname,
+                agent_version,
+                boot_id,
+                types,
+                now,
+                last_update
+            ])
         })?;
         Ok(())
     }
 
     pub fn touch(&self, id: &str, now: i64) -> Result<(), Error> {
         self.with(|c| {
-            c.execute(
-                "UPDATE nodes SET last_seen_at = ?2 WHERE id = ?1",
-                params![id, now],
-            )
+            c.prepare_cached("UPDATE nodes SET last_seen_at = ?2 WHERE id = ?1")?
+                .execute(params![id, now])
         })?;
         Ok(())
     }
@@ -486,14 +503,14 @@ impl Db {
     pub fn revoke(&self, id: &str, now: i64) -> Result<(), Error> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, now],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![id, now])?;
+            tx.prepare_cached(
                 "UPDATE certificates SET revoked_at = ?2 WHERE node_id = ?1 AND revoked_at IS NULL",
-                params![id, now],
-            )?;
+            )?
+            .execute(params![id, now])?;
             tx.commit()
         })?;
         Ok(())
@@ -535,25 +552,23 @@ impl Db {
             }
             // not_before is backdated by the same amount for every node certificate, so the
             // newest one tells when the node last got one.
-            let newest: Option<i64> = tx.query_row(
-                "SELECT MAX(not_before) FROM certificates WHERE node_id = ?1",
-                params![node_id],
-                |r| r.get(0),
-            )?;
+            let newest: Option<i64> = tx
+                .prepare_cached("SELECT MAX(not_before) FROM certificates WHERE node_id = ?1")?
+                .query_row(params![node_id], |r| r.get(0))?;
             if newest.is_some_and(|t| t > too_soon_since) {
                 return Ok(Renewal::TooSoon);
             }
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO certificates (serial_hex, node_id, not_before, not_after, ca_sha256) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    cert.serial_hex,
-                    node_id,
-                    cert.not_before_ms,
-                    cert.not_after_ms,
-                    cert.ca_sha256
-                ],
-            )?;
+            )?
+            .execute(params![
+                cert.serial_hex,
+                node_id,
+                cert.not_before_ms,
+                cert.not_after_ms,
+                cert.ca_sha256
+            ])?;
             tx.commit()?;
             Ok(Renewal::Recorded)
         })
@@ -562,20 +577,18 @@ impl Db {
     /// Delete certificates that expired before `before` (ms). The number deleted.
     pub fn prune_certs(&self, before: i64) -> Result<usize, Error> {
         self.with(|c| {
-            c.execute(
-                "DELETE FROM certificates WHERE not_after < ?1",
-                params![before],
-            )
+            c.prepare_cached("DELETE FROM certificates WHERE not_after < ?1")?
+                .execute(params![before])
         })
     }
 
     /// Record that the certificate `serial_hex` carried an admitted session (first use only).
     pub fn mark_used(&self, serial_hex: &str, now: i64) -> Result<(), Error> {
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE certificates SET used_at = ?2 WHERE serial_hex = ?1 AND used_at IS NULL",
-                params![serial_hex, now],
-            )
+            )?
+            .execute(params![serial_hex, now])
         })?;
         Ok(())
     }
@@ -584,10 +597,8 @@ impl Db {
     /// that is active when the database is first opened by this version. The number assigned.
     pub fn attribute_certs(&self, ca_sha256: &str) -> Result<usize, Error> {
         self.with(|c| {
-            c.execute(
-                "UPDATE certificates SET ca_sha256 = ?1 WHERE ca_sha256 IS NULL",
-                params![ca_sha256],
-            )
+            c.prepare_cached("UPDATE certificates SET ca_sha256 = ?1 WHERE ca_sha256 IS NULL")?
+                .execute(params![ca_sha256])
         })
     }
 
@@ -595,7 +606,7 @@ impl Db {
     /// valid at `now`.
     pub fn cert_holders(&self, now: i64) -> Result<Vec<(String, u64)>, Error> {
         self.with(|c| {
-            let mut st = c.prepare(
+            let mut st = c.prepare_cached(
                 "SELECT c.ca_sha256, COUNT(DISTINCT c.node_id) FROM certificates c \
                  JOIN nodes n ON n.id = c.node_id \
                  WHERE c.revoked_at IS NULL AND n.revoked_at IS NULL AND c.not_after > ?1 \
@@ -630,12 +641,10 @@ impl Db {
                  AND c2.revoked_at IS NULL AND c2.not_after > ?3 AND c2.ca_sha256 = ?2 \
                  AND c2.used_at IS NOT NULL)";
         self.with(|c| {
-            let total: i64 = c.query_row(
-                &format!("SELECT COUNT(DISTINCT n.id) {FROM}"),
-                params![old_ca, new_ca, now, seen_since],
-                |r| r.get(0),
-            )?;
-            let mut st = c.prepare(&format!(
+            let total: i64 = c
+                .prepare_cached(&format!("SELECT COUNT(DISTINCT n.id) {FROM}"))?
+                .query_row(params![old_ca, new_ca, now, seen_since], |r| r.get(0))?;
+            let mut st = c.prepare_cached(&format!(
                 "SELECT n.id, n.hostname, n.last_seen_at, MAX(c.not_after) {FROM} \
                  GROUP BY n.id ORDER BY COALESCE(n.last_seen_at, n.registered_at) DESC, n.id \
                  LIMIT ?5"
@@ -656,22 +665,25 @@ impl Db {
 
     pub fn cert(&self, serial_hex: &str) -> Result<Option<CertRow>, Error> {
         self.with(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT node_id, revoked_at, not_after FROM certificates WHERE serial_hex = ?1",
-                params![serial_hex],
-                |r| {
-                    Ok(CertRow {
-                        node_id: r.get(0)?,
-                        revoked_at: r.get(1)?,
-                        not_after: r.get(2)?,
-                    })
-                },
-            )
+            )?
+            .query_row(params![serial_hex], |r| {
+                Ok(CertRow {
+                    node_id: r.get(0)?,
+                    revoked_at: r.get(1)?,
+                    not_after: r.get(2)?,
+                })
+            })
             .optional()
         })
     }
 
     // ---- instructions ----
+
+    /// The SQL that stores a new instruction, unless its tag is already used.
+    const INSERT_INSTRUCTION: &'static str = "INSERT OR IGNORE INTO instructions \
+        (tag, node_id, type, json_b64, timeout_ms, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
     /// Store a new instruction. `Ok(false)` when the tag is already used.
     pub fn insert_instruction(
@@ -680,22 +692,37 @@ impl Db {
         env: &Envelope,
         now: i64,
     ) -> Result<bool, Error> {
-        let timeout = env.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
-        let n = self.with(|c| {
-            c.execute(
-                "INSERT OR IGNORE INTO instructions (tag, node_id, type, json_b64, timeout_ms, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    env.tag.to_string(),
-                    node_id,
-                    env.kind.as_str(),
-                    env.json_b64,
-                    timeout,
-                    now
-                ],
-            )
-        })?;
+        let n = self.with(|c| insert_row(c, node_id, env, now))?;
         Ok(n == 1)
+    }
+
+    /// Store new instructions (node id, envelope) in one transaction: all of them, or none when
+    /// a tag is already used (`Ok(Err(index))` of the first such one).
+    pub fn insert_instructions(
+        &self,
+        rows: &[(&str, Envelope)],
+        now: i64,
+    ) -> Result<Result<(), usize>, Error> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (i, (node_id, env)) in rows.iter().enumerate() {
+                if insert_row(&tx, node_id, env, now)? != 1 {
+                    // Dropping the transaction rolls it back.
+                    return Ok(Err(i));
+                }
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Whether the node exists and is not revoked: `None` when it is unknown.
+    pub fn node_revoked(&self, id: &str) -> Result<Option<bool>, Error> {
+        self.with(|c| {
+            c.prepare_cached("SELECT revoked_at IS NOT NULL FROM nodes WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()
+        })
     }
 
     /// Whether the instruction stored under `env`'s tag is `env` for `node_id`: same node,
@@ -703,18 +730,17 @@ impl Db {
     pub fn instruction_is(&self, node_id: &str, env: &Envelope) -> Result<bool, Error> {
         let timeout = env.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
         let row = self.with(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT node_id, type, json_b64, timeout_ms FROM instructions WHERE tag = ?1",
-                params![env.tag.to_string()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                    ))
-                },
-            )
+            )?
+            .query_row(params![env.tag.to_string()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })
             .optional()
         })?;
         Ok(row.is_some_and(|(node, kind, json_b64, t)| {
@@ -726,7 +752,7 @@ impl Db {
     #[cfg(test)]
     pub fn pending(&self, node_id: &str) -> Result<Vec<Envelope>, Error> {
         let rows: Vec<(String, String, String, Option<i64>)> = self.with(|c| {
-            let mut st = c.prepare(
+            let mut st = c.prepare_cached(
                 "SELECT tag, type, json_b64, timeout_ms FROM instructions \
                  WHERE node_id = ?1 AND replied_at IS NULL ORDER BY created_at, rowid",
             )?;
@@ -755,7 +781,7 @@ impl Db {
         limit: u32,
     ) -> Result<Vec<(i64, Option<Envelope>)>, Error> {
         let rows: Vec<(i64, String, String, String, Option<i64>)> = self.with(|c| {
-            let mut st = c.prepare(
+            let mut st = c.prepare_cached(
                 "SELECT rowid, tag, type, json_b64, timeout_ms FROM instructions \
                  WHERE node_id = ?1 AND replied_at IS NULL AND rowid > ?2 \
                  ORDER BY rowid LIMIT ?3",
@@ -778,12 +804,13 @@ impl Db {
     /// One of the node's instructions, as stored, if it has no final reply yet.
     pub fn pending_instruction(&self, node_id: &str, tag: &Tag) -> Result<Option<Envelope>, Error> {
         let row: Option<(String, String, String, Option<i64>)> = self.with(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT tag, type, json_b64, timeout_ms FROM instructions \
                  WHERE tag = ?1 AND node_id = ?2 AND replied_at IS NULL",
-                params![tag.to_string(), node_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
+            )?
+            .query_row(params![tag.to_string(), node_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()
         })?;
         Ok(row.and_then(|(tag, kind, json_b64, timeout)| {
@@ -791,64 +818,74 @@ impl Db {
         }))
     }
 
-    pub fn mark_sent(&self, tag: &Tag, now: i64) -> Result<(), Error> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE instructions SET sent_count = sent_count + 1, last_sent_at = ?2 WHERE tag = ?1",
-                params![tag.to_string(), now],
-            )
-        })?;
-        Ok(())
-    }
-
-    /// The node an instruction was sent to.
-    pub fn instruction_node(&self, tag: &Tag) -> Result<Option<String>, Error> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT node_id FROM instructions WHERE tag = ?1",
-                params![tag.to_string()],
-                |r| r.get(0),
-            )
-            .optional()
-        })
-    }
-
-    /// Store the final reply unless one is stored already. `true` when this was the first.
-    pub fn store_reply(
+    /// Store the final replies (tag, type, `jsonB64`) received from `node_id`, in one
+    /// transaction, each unless one is stored already; what became of each, in order. A reply
+    /// is stored only for an instruction of `node_id`.
+    pub fn store_replies(
         &self,
-        tag: &Tag,
-        kind: &str,
-        json_b64: &str,
+        node_id: &str,
+        replies: &[(Tag, &str, &str)],
         now: i64,
-    ) -> Result<bool, Error> {
-        let n = self.with(|c| {
-            c.execute(
-                "UPDATE instructions SET reply_type = ?2, reply_json_b64 = ?3, replied_at = ?4 \
-                 WHERE tag = ?1 AND replied_at IS NULL",
-                params![tag.to_string(), kind, json_b64, now],
-            )
-        })?;
-        Ok(n == 1)
+    ) -> Result<Vec<Stored>, Error> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut out = Vec::with_capacity(replies.len());
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE instructions SET reply_type = ?3, reply_json_b64 = ?4, replied_at = ?5 \
+                     WHERE tag = ?1 AND node_id = ?2 AND replied_at IS NULL",
+                )?;
+                for (tag, kind, json_b64) in replies {
+                    let tag = tag.to_string();
+                    if update.execute(params![tag, node_id, kind, json_b64, now])? == 1 {
+                        out.push(Stored::First);
+                        continue;
+                    }
+                    // Rare: say why nothing was stored.
+                    let owner: Option<String> = tx
+                        .prepare_cached("SELECT node_id FROM instructions WHERE tag = ?1")?
+                        .query_row(params![tag], |r| r.get(0))
+                        .optional()?;
+                    out.push(match owner {
+                        None => Stored::UnknownTag,
+                        Some(o) if o != node_id => Stored::OtherNode,
+                        Some(_) => Stored::Duplicate,
+                    });
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
     }
 
     /// The stored final reply of an instruction: `None` when the tag is unknown,
     /// `Some(None)` when no reply arrived yet.
     pub fn reply(&self, tag: &Tag) -> Result<Option<Option<StoredReply>>, Error> {
         self.with(|c| {
-            c.query_row(
-                "SELECT reply_type, reply_json_b64 FROM instructions WHERE tag = ?1",
-                params![tag.to_string()],
-                |r| {
+            c.prepare_cached("SELECT reply_type, reply_json_b64 FROM instructions WHERE tag = ?1")?
+                .query_row(params![tag.to_string()], |r| {
                     let kind: Option<String> = r.get(0)?;
                     let json_b64: Option<String> = r.get(1)?;
                     Ok(kind
                         .zip(json_b64)
                         .map(|(kind, json_b64)| StoredReply { kind, json_b64 }))
-                },
-            )
-            .optional()
+                })
+                .optional()
         })
     }
+}
+
+/// Insert one instruction row (`INSERT OR IGNORE`): the number of rows inserted.
+fn insert_row(c: &Connection, node_id: &str, env: &Envelope, now: i64) -> rusqlite::Result<usize> {
+    let timeout = env.timeout_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    c.prepare_cached(Db::INSERT_INSTRUCTION)?.execute(params![
+        env.tag.to_string(),
+        node_id,
+        env.kind.as_str(),
+        env.json_b64,
+        timeout,
+        now
+    ])
 }
 
 /// A stored instruction row as an envelope; `None` (reported) when it no longer parses. Rows are
@@ -952,8 +989,24 @@ mod tests {
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].1, Some(env.clone()));
         assert!(db.pending_after("n1", after[0].0, 10).unwrap().is_empty());
-        assert!(db.store_reply(&env.tag, "NO_CONTENT", "e30=", 7).unwrap());
-        assert!(!db.store_reply(&env.tag, "ERROR", "e30=", 8).unwrap());
+        assert_eq!(
+            db.store_replies(
+                "n1",
+                &[
+                    (env.tag, "NO_CONTENT", "e30="),
+                    (env.tag, "ERROR", "e30="),
+                    (Tag::random(), "ERROR", "e30=")
+                ],
+                7
+            )
+            .unwrap(),
+            vec![Stored::First, Stored::Duplicate, Stored::UnknownTag]
+        );
+        assert_eq!(
+            db.store_replies("n2", &[(env.tag, "ERROR", "e30=")], 8)
+                .unwrap(),
+            vec![Stored::OtherNode]
+        );
         let r = db.reply(&env.tag).unwrap().unwrap().unwrap();
         assert_eq!(r.kind, "NO_CONTENT");
         assert!(db.pending("n1").unwrap().is_empty());
@@ -984,7 +1037,10 @@ mod tests {
         v1_database(&p);
         let db = Db::open(&p).unwrap();
         let v: i64 = db
-            .with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .with(|c| {
+                c.prepare_cached("PRAGMA user_version")?
+                    .query_row([], |r| r.get(0))
+            })
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         // Existing rows are kept; their issuer is unknown until attributed.

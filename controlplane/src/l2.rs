@@ -11,6 +11,13 @@
 //! (same tag, same envelope) after a delay, 1 s doubling per refusal up to 30 s. The waiting
 //! instruction keeps its place in the window; if the session ends first, it is still pending in
 //! the database and the next WELCOME sends it again.
+//!
+//! Batches: the inbound frames already received are handled together (up to [`BATCH_FRAMES`]),
+//! their final replies stored in one transaction, and their answers (ACKs, HEARTBEAT_REPLY,
+//! ...) pushed only after it commits: no ACK ever leaves before its reply is stored. Frames
+//! going out are pushed into the writer and written together, in one write (and one TLS record
+//! where they fit), once no more instructions are ready to be pushed at once. Nothing is
+//! written to the database when an instruction is sent.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,22 +30,33 @@ use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
 use runos_transport::{FrameError, FrameReader, FrameWriter};
 use tokio::io::{AsyncWrite, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::db::Stored;
 use crate::listen::{self, PerSource, RateLimited, SourceSlot};
 use crate::server::{FdPlan, HANDSHAKE_TIMEOUT, Shared, shutdown_signalled};
 use crate::util;
 
-/// Longest time one frame may take to write before the session is dropped.
+/// Longest time one write (of the frames pushed since the last one) may take before the
+/// session is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most instructions written between two looks at the inbound frames.
-const SEND_CHUNK: usize = 16;
+/// Most instructions taken from the database (one read) between two looks at the inbound
+/// frames.
+const SEND_CHUNK: usize = 64;
 /// Most inbound frames handled in a row while instructions are ready to be sent. Reading first
 /// lets final replies free several slots, refilled with one database read.
-const READS_BEFORE_SEND: usize = 64;
+const READS_BEFORE_SEND: usize = 256;
+/// Most inbound frames handled as one batch: their final replies are stored in one
+/// transaction, and their ACKs written after it commits.
+const BATCH_FRAMES: usize = 256;
+/// A batch takes no further frame once its frames hold this many bytes.
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Frames pushed are written (one TLS record where they fit, one `write`) when nothing more is
+/// ready to go out, or once they hold this many bytes.
+const FLUSH_BYTES: usize = 64 * 1024;
 /// First delay before resending an instruction the agent refused (`busy`, `shutting_down`).
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest delay before resending a refused instruction.
@@ -327,15 +345,29 @@ async fn write_bounded<W: AsyncWrite + Unpin>(
         .unwrap_or(Err(FrameError::Truncated))
 }
 
-/// Best effort: send one frame and close, within a short deadline.
+/// Best effort: send the frames pushed so far and one more, and close, within a short deadline.
 async fn send_and_close(w: &mut Writer, env: Option<&Envelope>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         if let Some(env) = env {
-            let _ = w.write(env).await;
+            let _ = w.push(env);
         }
+        let _ = w.flush().await;
         let _ = w.shutdown().await;
     })
     .await;
+}
+
+type Reader = FrameReader<tokio::io::ReadHalf<TlsStream<TcpStream>>>;
+
+/// The next frame if one can be had without waiting: buffered already, or readable from the
+/// TLS stream now. `None` when that would wait. [`FrameReader::read`] is cancellation safe, so
+/// dropping it unfinished loses nothing.
+async fn read_now(reader: &mut Reader) -> Option<Result<Option<Envelope>, FrameError>> {
+    tokio::select! {
+        biased;
+        r = reader.read() => Some(r),
+        () = std::future::ready(()) => None,
+    }
 }
 
 /// The verified facts of an accepted HELLO.
@@ -721,32 +753,34 @@ fn refusal(env: &Envelope) -> Option<ErrorPayload> {
 }
 
 impl Session {
-    async fn run(mut self, mut reader: FrameReader<tokio::io::ReadHalf<TlsStream<TcpStream>>>) {
-        // FrameReader::read is not cancellation safe: it lives in its own task.
-        let (in_tx, mut in_rx) = mpsc::channel::<Result<Envelope, FrameError>>(32);
-        let reader_task = tokio::spawn(async move {
-            loop {
-                match reader.read().await {
-                    Ok(Some(env)) => {
-                        if in_tx.send(Ok(env)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = in_tx.send(Err(e)).await;
-                        break;
-                    }
-                }
-            }
-        });
+    async fn run(mut self, reader: Reader) {
         let idle_limit = self.shared.opts.heartbeat_interval.saturating_mul(3);
         // A probe session is short by design; revocation cannot reach it through the registry.
         let probe_end = self.probe.then(|| Instant::now() + PROBE_MAX);
         let mut last_rx = Instant::now();
         let mut reads_in_a_row = 0usize;
+        let mut inbound = Inbound::new(reader);
         let end = loop {
             let ready = self.can_send();
+            // Coalescing: the frames pushed (answers to a batch of inbound frames, instructions
+            // out of the window) go out in one write once no more instructions are ready to be
+            // pushed at once, or once they hold many bytes.
+            if self.writer.pending() > 0
+                && (!ready || self.writer.pending() >= FLUSH_BYTES)
+                && let Err(end) = self.flush(&mut inbound).await
+            {
+                break end;
+            }
+            // Frames read while writing come first.
+            if inbound.has_queued() {
+                match self
+                    .take_batch(&mut inbound, &mut last_rx, &mut reads_in_a_row)
+                    .await
+                {
+                    Ok(()) => continue,
+                    Err(end) => break end,
+                }
+            }
             let read = !ready || reads_in_a_row < READS_BEFORE_SEND;
             let next_retry = self.retries.first().map(|(due, _)| *due);
             let mut close = self.close.clone();
@@ -755,16 +789,10 @@ impl Session {
                 biased;
                 reason = closed(&mut close) => break End::Closed(reason),
                 () = shutdown_signalled(&mut shutdown) => break End::Closed(CloseReason::Shutdown),
-                msg = in_rx.recv(), if read => match msg {
-                    None => break End::PeerClosed,
-                    Some(Err(FrameError::Decode(e))) => break End::Protocol(e.to_string()),
-                    Some(Err(e)) => break End::Io(e.to_string()),
-                    Some(Ok(env)) => {
-                        last_rx = Instant::now();
-                        reads_in_a_row += 1;
-                        if let Err(end) = self.inbound(env).await {
-                            break end;
-                        }
+                first = inbound.reader.read(), if read => {
+                    inbound.note(first);
+                    if let Err(end) = self.take_batch(&mut inbound, &mut last_rx, &mut reads_in_a_row).await {
+                        break end;
                     }
                 },
                 () = self.wake.notified() => self.more = !self.probe,
@@ -775,13 +803,12 @@ impl Session {
                 // Last: more to send, once nothing above is ready (or after many reads).
                 () = std::future::ready(()), if ready => {
                     reads_in_a_row = 0;
-                    if let Err(end) = self.send_some().await {
+                    if let Err(end) = self.send_some() {
                         break end;
                     }
                 }
             }
         };
-        reader_task.abort();
         let farewell = match &end {
             End::Closed(CloseReason::Revoked) => Some(error_env(
                 Tag::random(),
@@ -815,9 +842,13 @@ impl Session {
                 .is_some_and(|(due, _)| *due <= Instant::now())
     }
 
-    /// Send at most `SEND_CHUNK` instructions: refused ones that are due again, then stored
+    /// Push at most `SEND_CHUNK` instructions: refused ones that are due again, then stored
     /// ones above the cursor, oldest first, as far as the in-flight window allows.
-    async fn send_some(&mut self) -> Result<(), End> {
+    ///
+    /// Nothing is written to the database for a send: what an instruction needs is stored
+    /// before it is sent, and a send is not a fact anyone reads (delivery is proven by the
+    /// final reply; an instruction without one is sent again after each WELCOME).
+    fn send_some(&mut self) -> Result<(), End> {
         let mut budget = SEND_CHUNK;
         let now = Instant::now();
         while budget > 0 {
@@ -829,7 +860,7 @@ impl Session {
             }
             self.retries.remove(&(due, tag));
             budget -= 1;
-            self.resend(tag).await?;
+            self.resend(tag)?;
         }
         while budget > 0 && self.more && self.in_flight.len() < self.max_in_flight {
             let want = budget.min(self.max_in_flight - self.in_flight.len());
@@ -849,7 +880,7 @@ impl Session {
                 budget = budget.saturating_sub(1);
                 self.cursor = rowid;
                 let Some(env) = env else { continue };
-                self.send_instruction(&env).await?;
+                self.push_instruction(&env)?;
                 self.in_flight.insert(env.tag, Flight::default());
             }
         }
@@ -857,13 +888,13 @@ impl Session {
     }
 
     /// Send a refused instruction again, as stored, unless it got a final reply meanwhile.
-    async fn resend(&mut self, tag: Tag) -> Result<(), End> {
+    fn resend(&mut self, tag: Tag) -> Result<(), End> {
         match self.in_flight.get_mut(&tag) {
             Some(f) => f.retry_at = None,
             None => return Ok(()),
         }
         match self.shared.db.pending_instruction(&self.node, &tag) {
-            Ok(Some(env)) => self.send_instruction(&env).await,
+            Ok(Some(env)) => self.push_instruction(&env),
             Ok(None) => {
                 self.in_flight.remove(&tag);
                 Ok(())
@@ -872,12 +903,9 @@ impl Session {
         }
     }
 
-    async fn send_instruction(&mut self, env: &Envelope) -> Result<(), End> {
-        self.send(env).await?;
-        if let Err(e) = self.shared.db.mark_sent(&env.tag, util::now_ms()) {
-            tracing::warn!(node = %self.node, tag = %env.tag, error = %e, "cannot record the send");
-        }
-        tracing::info!(node = %self.node, tag = %env.tag, kind = %env.kind, "instruction sent");
+    fn push_instruction(&mut self, env: &Envelope) -> Result<(), End> {
+        self.push(env)?;
+        tracing::debug!(node = %self.node, tag = %env.tag, kind = %env.kind, "instruction sent");
         Ok(())
     }
 
@@ -915,15 +943,52 @@ impl Session {
         );
     }
 
-    /// Write one frame, giving up at once when the session is closed from our side.
-    async fn send(&mut self, env: &Envelope) -> Result<(), End> {
+    /// Queue one frame for the next [`Session::flush`].
+    fn push(&mut self, env: &Envelope) -> Result<(), End> {
+        self.writer.push(env).map_err(|e| End::Io(e.to_string()))
+    }
+
+    /// Write the frames pushed so far (one write), giving up at once when the session is
+    /// closed from our side. Inbound frames are read meanwhile (queued in `inbound`, up to a
+    /// batch), so a peer that writes while we write never stalls us both.
+    async fn flush(&mut self, inbound: &mut Inbound) -> Result<(), End> {
         let mut close = self.close.clone();
         let mut shutdown = self.shutdown.clone();
-        tokio::select! {
-            r = write_bounded(&mut self.writer, env) => r.map_err(|e| End::Io(e.to_string())),
-            reason = closed(&mut close) => Err(End::Closed(reason)),
-            () = shutdown_signalled(&mut shutdown) => Err(End::Closed(CloseReason::Shutdown)),
+        let write = tokio::time::timeout(WRITE_TIMEOUT, self.writer.flush());
+        tokio::pin!(write);
+        loop {
+            let room = inbound.has_room();
+            tokio::select! {
+                biased;
+                r = &mut write => {
+                    return r
+                        .unwrap_or(Err(FrameError::Truncated))
+                        .map_err(|e| End::Io(e.to_string()));
+                }
+                reason = closed(&mut close) => return Err(End::Closed(reason)),
+                () = shutdown_signalled(&mut shutdown) => {
+                    return Err(End::Closed(CloseReason::Shutdown));
+                }
+                r = inbound.reader.read(), if room => inbound.note(r),
+            }
         }
+    }
+
+    /// Handle the frames queued and those that can be read without waiting, as one batch;
+    /// then how the session ends, if the stream ended or failed after them.
+    async fn take_batch(
+        &mut self,
+        inbound: &mut Inbound,
+        last_rx: &mut Instant,
+        reads_in_a_row: &mut usize,
+    ) -> Result<(), End> {
+        let (batch, end) = inbound.batch().await;
+        if !batch.is_empty() {
+            *last_rx = Instant::now();
+            *reads_in_a_row += batch.len();
+            self.inbound(batch)?;
+        }
+        end.map_or(Ok(()), Err)
     }
 
     fn touch(&mut self) {
@@ -936,8 +1001,39 @@ impl Session {
         }
     }
 
-    async fn inbound(&mut self, env: Envelope) -> Result<(), End> {
+    /// Handle a batch of inbound frames, in order. The final replies among them are stored in
+    /// one transaction; every answer (ACKs, HEARTBEAT_REPLY, RENEWED, ...) is pushed after it
+    /// commits, so no ACK leaves before its reply is stored. A frame that ends the session
+    /// (a renewal refused as revoked) ends the batch: what came before it is still stored and
+    /// answered.
+    fn inbound(&mut self, batch: Vec<Envelope>) -> Result<(), End> {
         self.touch();
+        let mut out: Vec<Envelope> = Vec::with_capacity(batch.len());
+        let mut replies: Vec<Envelope> = Vec::new();
+        let mut end = None;
+        for env in batch {
+            if let Err(e) = self.frame(env, &mut out, &mut replies) {
+                end = Some(e);
+                break;
+            }
+        }
+        if !replies.is_empty() {
+            self.store(&replies)?;
+        }
+        for env in &out {
+            self.push(env)?;
+        }
+        end.map_or(Ok(()), Err)
+    }
+
+    /// One inbound frame: answers go to `out`, final replies to store to `replies` (their ACK
+    /// is in `out` already, to be pushed only once they are stored).
+    fn frame(
+        &mut self,
+        env: Envelope,
+        out: &mut Vec<Envelope>,
+        replies: &mut Vec<Envelope>,
+    ) -> Result<(), End> {
         let kind = env.kind.as_str();
         if self.probe {
             // Revocation cannot reach a probe through the registry: look on every frame.
@@ -952,14 +1048,14 @@ impl Session {
         }
         match kind {
             types::HEARTBEAT => {
-                let reply = Envelope::with_type(
+                out.push(Envelope::with_type(
                     types::HEARTBEAT_REPLY,
                     env.tag,
                     &HeartbeatReply {
                         server_time_ms: u64::try_from(util::now_ms()).unwrap_or(0),
                     },
-                );
-                self.send(&reply).await
+                ));
+                Ok(())
             }
             types::LOG => {
                 match env.payload::<LogLine>() {
@@ -990,20 +1086,26 @@ impl Session {
                 }
                 Ok(())
             }
-            types::RENEW => self.renew(env).await,
-            types::ERROR | types::NO_CONTENT => self.final_reply(env).await,
+            types::RENEW => self.renew(env, out),
+            types::ERROR | types::NO_CONTENT => {
+                self.final_reply(env, out, replies);
+                Ok(())
+            }
             k if control::is_control_type(k) => {
                 tracing::warn!(node = %self.node, tag = %env.tag, kind = %k, "unexpected control message dropped");
                 Ok(())
             }
-            _ => self.final_reply(env).await,
+            _ => {
+                self.final_reply(env, out, replies);
+                Ok(())
+            }
         }
     }
 
     /// `RENEW`: sign a new certificate for the session's node, unless the node or the
     /// certificate the session was opened with has been revoked meanwhile (then the session
     /// ends as revoked). At most one renewal per [`RENEW_INTERVAL`] per session.
-    async fn renew(&mut self, env: Envelope) -> Result<(), End> {
+    fn renew(&mut self, env: Envelope, out: &mut Vec<Envelope>) -> Result<(), End> {
         let tag = env.tag;
         if let Some(at) = self.last_renewal {
             let wait = RENEW_INTERVAL.saturating_sub(at.elapsed());
@@ -1012,14 +1114,16 @@ impl Session {
                     "a certificate was renewed moments ago; try again in {} s",
                     wait.as_secs().max(1)
                 );
-                return self.send(&error_env(tag, ErrorCode::Busy, msg)).await;
+                out.push(error_env(tag, ErrorCode::Busy, msg));
+                return Ok(());
             }
         }
         let req: control::Renew = match env.payload() {
             Ok(r) => r,
             Err(e) => {
                 let msg = format!("RENEW payload: {e}");
-                return self.send(&error_env(tag, ErrorCode::BadRequest, msg)).await;
+                out.push(error_env(tag, ErrorCode::BadRequest, msg));
+                return Ok(());
             }
         };
         let ca = self.shared.ca();
@@ -1027,15 +1131,13 @@ impl Session {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::info!(node = %self.node, error = %e, "renewal refused: bad CSR");
-                return self
-                    .send(&error_env(tag, ErrorCode::BadRequest, e.to_string()))
-                    .await;
+                out.push(error_env(tag, ErrorCode::BadRequest, e.to_string()));
+                return Ok(());
             }
             Err(e) => {
                 tracing::error!(node = %self.node, error = %e, "renewal failed");
-                return self
-                    .send(&error_env(tag, ErrorCode::Internal, "internal error"))
-                    .await;
+                out.push(error_env(tag, ErrorCode::Internal, "internal error"));
+                return Ok(());
             }
         };
         let cert = crate::db::NewCert {
@@ -1058,7 +1160,8 @@ impl Session {
                     "this node got a certificate moments ago; try again in {} s",
                     RENEW_NODE_INTERVAL.as_secs()
                 );
-                return self.send(&error_env(tag, ErrorCode::Busy, msg)).await;
+                out.push(error_env(tag, ErrorCode::Busy, msg));
+                return Ok(());
             }
             Ok(crate::db::Renewal::Refused) => {
                 tracing::info!(node = %self.node, "renewal refused: the node or its certificate is revoked or expired");
@@ -1067,14 +1170,13 @@ impl Session {
                     ErrorCode::Revoked,
                     "the node or the certificate of this session is revoked or expired",
                 );
-                let _ = self.send(&env).await;
+                out.push(env);
                 return Err(End::Closed(CloseReason::Revoked));
             }
             Err(e) => {
                 tracing::error!(node = %self.node, error = %e, "renewal: cannot record the certificate");
-                return self
-                    .send(&error_env(tag, ErrorCode::Internal, "internal error"))
-                    .await;
+                out.push(error_env(tag, ErrorCode::Internal, "internal error"));
+                return Ok(());
             }
         }
         self.last_renewal = Some(Instant::now());
@@ -1096,47 +1198,127 @@ impl Session {
                 ca_cross_pem: ca.cross_pem().map(str::to_string),
             },
         );
-        self.send(&reply).await
+        out.push(reply);
+        Ok(())
     }
 
-    async fn final_reply(&mut self, env: Envelope) -> Result<(), End> {
+    /// A reply: a refusal (`busy`, `shutting_down`) schedules the instruction again; anything
+    /// else is final and goes to `replies` to be stored. Either way it is acknowledged.
+    fn final_reply(&mut self, env: Envelope, out: &mut Vec<Envelope>, replies: &mut Vec<Envelope>) {
         let tag = env.tag;
-        match self.shared.db.instruction_node(&tag) {
-            Ok(None) => {
-                tracing::warn!(node = %self.node, tag = %tag, kind = %env.kind, "reply for an unknown tag (acknowledged, not stored)");
-            }
-            Ok(Some(owner)) if owner != self.node => {
-                tracing::warn!(node = %self.node, tag = %tag, "reply for another node's instruction (acknowledged, not stored)");
-            }
-            Ok(Some(_)) => {
-                if let Some(why) = refusal(&env) {
-                    self.refused(tag, &why);
-                    let ack = Envelope::with_type(types::ACK, tag, &control::Ack::default());
-                    return self.send(&ack).await;
-                }
-                self.answered(&tag);
-                match self.shared.db.store_reply(
-                    &tag,
-                    env.kind.as_str(),
-                    &env.json_b64,
-                    util::now_ms(),
-                ) {
-                    Ok(true) => {
-                        tracing::info!(node = %self.node, tag = %tag, kind = %env.kind, "final reply stored");
-                        self.shared.replies.send_modify(|v| *v = v.wrapping_add(1));
-                    }
-                    Ok(false) => {
-                        tracing::debug!(node = %self.node, tag = %tag, "duplicate final reply");
-                    }
-                    Err(e) => {
-                        // Not ACKed: the agent keeps it and resends after the next WELCOME.
-                        return Err(End::Internal(format!("storing the reply of {tag}: {e}")));
-                    }
-                }
-            }
-            Err(e) => return Err(End::Internal(format!("looking up {tag}: {e}"))),
+        out.push(Envelope::with_type(
+            types::ACK,
+            tag,
+            &control::Ack::default(),
+        ));
+        if let Some(why) = refusal(&env) {
+            self.refused(tag, &why);
+            return;
         }
-        let ack = Envelope::with_type(types::ACK, tag, &control::Ack::default());
-        self.send(&ack).await
+        self.answered(&tag);
+        replies.push(env);
+    }
+
+    /// Store final replies in one transaction and wake whoever waits for them. A failure ends
+    /// the session without any of their ACKs: the agent keeps them and sends them again after
+    /// the next WELCOME.
+    fn store(&mut self, replies: &[Envelope]) -> Result<(), End> {
+        let rows: Vec<(Tag, &str, &str)> = replies
+            .iter()
+            .map(|e| (e.tag, e.kind.as_str(), e.json_b64.as_str()))
+            .collect();
+        let outcomes = self
+            .shared
+            .db
+            .store_replies(&self.node, &rows, util::now_ms())
+            .map_err(|e| End::Internal(format!("storing {} final replies: {e}", rows.len())))?;
+        for (env, outcome) in replies.iter().zip(&outcomes) {
+            match outcome {
+                Stored::First => {
+                    tracing::info!(node = %self.node, tag = %env.tag, kind = %env.kind, "final reply stored")
+                }
+                Stored::Duplicate => {
+                    tracing::debug!(node = %self.node, tag = %env.tag, "duplicate final reply")
+                }
+                Stored::UnknownTag => {
+                    tracing::warn!(node = %self.node, tag = %env.tag, kind = %env.kind, "reply for an unknown tag (acknowledged, not stored)")
+                }
+                Stored::OtherNode => {
+                    tracing::warn!(node = %self.node, tag = %env.tag, "reply for another node's instruction (acknowledged, not stored)")
+                }
+            }
+        }
+        self.shared.replies.stored(
+            replies
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == Stored::First)
+                .map(|(e, _)| &e.tag),
+        );
+        Ok(())
+    }
+}
+
+/// Why a failed read ends the session.
+fn frame_end(e: FrameError) -> End {
+    match e {
+        FrameError::Decode(e) => End::Protocol(e.to_string()),
+        e => End::Io(e.to_string()),
+    }
+}
+
+/// The read side of a session: the reader, and the frames read but not handled yet (read
+/// while a write was in progress, or gathered into a batch).
+struct Inbound {
+    reader: Reader,
+    queued: Vec<Envelope>,
+    bytes: usize,
+    /// How the stream ended (cleanly or not) after the queued frames.
+    end: Option<End>,
+}
+
+impl Inbound {
+    fn new(reader: Reader) -> Self {
+        Inbound {
+            reader,
+            queued: Vec::new(),
+            bytes: 0,
+            end: None,
+        }
+    }
+
+    /// Whether there is something to handle without reading.
+    fn has_queued(&self) -> bool {
+        !self.queued.is_empty() || self.end.is_some()
+    }
+
+    /// Whether one more frame may join the batch being gathered.
+    fn has_room(&self) -> bool {
+        self.end.is_none() && self.queued.len() < BATCH_FRAMES && self.bytes < BATCH_BYTES
+    }
+
+    /// Queue the outcome of a read.
+    fn note(&mut self, r: Result<Option<Envelope>, FrameError>) {
+        match r {
+            Ok(Some(env)) => {
+                self.bytes += env.json_b64.len();
+                self.queued.push(env);
+            }
+            Ok(None) => self.end = Some(End::PeerClosed),
+            Err(e) => self.end = Some(frame_end(e)),
+        }
+    }
+
+    /// The frames queued and those that follow without waiting, up to [`BATCH_FRAMES`] or
+    /// [`BATCH_BYTES`]; and how the stream ended after them, if it did.
+    async fn batch(&mut self) -> (Vec<Envelope>, Option<End>) {
+        while self.has_room() {
+            match read_now(&mut self.reader).await {
+                Some(r) => self.note(r),
+                None => break,
+            }
+        }
+        self.bytes = 0;
+        (std::mem::take(&mut self.queued), self.end.take())
     }
 }

@@ -109,6 +109,20 @@ enum Command {
         #[arg(long, value_name = "UUID")]
         tag: Option<String>,
     },
+    /// Send many instructions at once, from JSON lines (one instruction per line:
+    /// {"node", "type", "payload"?, "rawB64"?, "timeoutMs"?}); they are stored in one
+    /// transaction, all or none (an invalid line or request refuses the whole batch). Prints
+    /// the tags in input order, one per line.
+    SendBatch {
+        #[command(flatten)]
+        loc: Locator,
+        /// The file of JSON lines; `-` reads standard input.
+        #[arg(value_name = "FILE")]
+        input: PathBuf,
+        /// Print {"tags": [..]} on one line instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the final reply of an instruction sent earlier (printed like `send --wait`);
     /// without one yet, say it is pending (exit 4), or with --wait wait for it.
     Reply {
@@ -399,6 +413,9 @@ async fn run(command: Command) -> Result<u8, Error> {
                 },
             )
             .await
+        }
+        Command::SendBatch { loc, input, json } => {
+            cli::send_batch(&loc.client(), &input, json).await
         }
         Command::Reply {
             loc,

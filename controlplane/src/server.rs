@@ -250,8 +250,8 @@ pub(crate) struct Shared {
     pub ca_ops: Arc<tokio::sync::Mutex<()>>,
     pub opts: ServeOptions,
     pub sessions: Arc<Sessions>,
-    /// Bumped whenever a final reply is stored; waiters re-check the database.
-    pub replies: watch::Sender<u64>,
+    /// Who waits for which final reply; sessions wake them once a reply is stored.
+    pub replies: crate::api::ReplyWaiters,
     pub shutdown: watch::Receiver<bool>,
     /// L2Sec capacity: session and handshake slots, per-source handshakes.
     pub l2_limits: l2::Limits,
@@ -514,7 +514,6 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
     let admin_listener = admin::bind(&admin_path).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (replies, _) = watch::channel(0u64);
     let shared = Arc::new(Shared {
         db,
         ca: std::sync::RwLock::new(Arc::new(ca)),
@@ -522,7 +521,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ServerHandle, Error> {
         ca_ops: Arc::new(tokio::sync::Mutex::new(())),
         opts: opts.clone(),
         sessions: Arc::new(Sessions::default()),
-        replies,
+        replies: crate::api::ReplyWaiters::default(),
         shutdown: shutdown_rx,
         l2_limits: l2::Limits::new(&plan, opts.max_sessions, opts.max_handshakes_per_source),
         l1_sources: crate::listen::PerSource::new(opts.max_handshakes_per_source),
