@@ -738,3 +738,28 @@ impl Api {
         Ok(node)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stored_reply_wakes_its_waiters_and_a_waiter_leaves_no_trace() {
+        let waiters = ReplyWaiters::default();
+        let (a, b) = (Tag::random(), Tag::random());
+        let first = waiters.waiter(a);
+        let second = waiters.waiter(a);
+        let other = waiters.waiter(b);
+        {
+            let woken = first.notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            waiters.stored([&a]);
+            woken.await;
+        }
+        drop((first, second));
+        assert_eq!(waiters.lock().len(), 1, "only b is waited on");
+        drop(other);
+        assert!(waiters.lock().is_empty());
+    }
+}

@@ -5,6 +5,8 @@
 //! cargo test -p runos-controlplane --release --locked --test throughput -- --ignored --nocapture
 //! ```
 //!
+//! `RUNOS_WINDOW=N` in the environment sets `--max-in-flight`.
+//!
 //! The control plane runs on its own runtime, whose threads are named `cp-rt`; the scripted
 //! agent runs on another thread. The CPU figures are those of the `cp-rt` threads only
 //! (`/proc/self/task/*/schedstat`), so they include storing the instructions (the sends run on
@@ -94,7 +96,15 @@ fn instructions_per_second_and_cpu_per_instruction() {
         .enable_all()
         .build()
         .unwrap();
-    let cp = cp_rt.block_on(start());
+    // `RUNOS_WINDOW=N` sets `--max-in-flight` (default 128).
+    let window: Option<u32> = std::env::var("RUNOS_WINDOW")
+        .ok()
+        .map(|w| w.parse().unwrap());
+    let cp = cp_rt.block_on(start_with(|o| {
+        if let Some(w) = window {
+            o.max_in_flight = w;
+        }
+    }));
     let node = agent_rt.block_on(enrol(&cp));
     let api = cp.server.api();
 
@@ -128,32 +138,39 @@ fn instructions_per_second_and_cpu_per_instruction() {
         per(run_cpu, PIPELINED),
     );
 
-    // One at a time: send, wait for the reply through the Api, again.
-    let (c, _) = agent_rt.block_on(session(&cp, &node));
-    let agent = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(answer(c, ONE_AT_A_TIME));
-    });
+    // One at a time: send, wait for the reply through the Api, again. The scripted agent runs
+    // on its own thread (its own runtime and connection).
     let id = node.id.clone();
-    let cpu2 = cp_cpu_ns();
-    let mut rtts = cp_rt
-        .block_on(cp_rt.spawn(async move {
-            let mut rtts = Vec::with_capacity(ONE_AT_A_TIME);
-            for _ in 0..ONE_AT_A_TIME {
-                let t = Instant::now();
-                api.send_and_wait(&request(&id), Duration::from_secs(10))
-                    .await
-                    .unwrap();
-                rtts.push(t.elapsed());
-            }
-            rtts
-        }))
-        .unwrap();
-    let cpu = cp_cpu_ns() - cpu2;
-    agent.join().unwrap();
+    let (online_tx, online_rx) = std::sync::mpsc::channel();
+    let (cpu, mut rtts) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let (c, _) = session(&cp, &node).await;
+                    online_tx.send(()).unwrap();
+                    answer(c, ONE_AT_A_TIME).await;
+                });
+        });
+        online_rx.recv().unwrap();
+        let cpu2 = cp_cpu_ns();
+        let rtts = cp_rt
+            .block_on(cp_rt.spawn(async move {
+                let mut rtts = Vec::with_capacity(ONE_AT_A_TIME);
+                for _ in 0..ONE_AT_A_TIME {
+                    let t = Instant::now();
+                    api.send_and_wait(&request(&id), Duration::from_secs(10))
+                        .await
+                        .unwrap();
+                    rtts.push(t.elapsed());
+                }
+                rtts
+            }))
+            .unwrap();
+        (cp_cpu_ns() - cpu2, rtts)
+    });
     rtts.sort();
     println!(
         "one at a time {ONE_AT_A_TIME}: p50 {:?}, p99 {:?}, control plane CPU {:.1} µs per \
