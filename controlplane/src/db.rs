@@ -84,6 +84,15 @@ const MIGRATE_V4: &str = "
 ALTER TABLE nodes ADD COLUMN last_update TEXT;
 ";
 
+/// The index of a node's instructions without a final reply, in row order: the session takes
+/// them from it a chunk at a time above a row id (a seek, where the index of v1, ordered by
+/// creation time, read every pending row and sorted them for each chunk). It changes no
+/// column, so it is not a schema version: an older binary opens the database as before.
+const PENDING_INDEX: &str = "
+CREATE INDEX IF NOT EXISTS instructions_node_replied ON instructions(node_id, replied_at);
+DROP INDEX IF EXISTS instructions_node_pending;
+";
+
 /// Prepared statements kept per connection: every statement this file runs fits, so none is
 /// parsed twice.
 const STATEMENT_CACHE: usize = 64;
@@ -235,6 +244,9 @@ impl Db {
                     tx.execute_batch(MIGRATE_V4)?;
                 }
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+            }
+            if v <= SCHEMA_VERSION {
+                tx.execute_batch(PENDING_INDEX)?;
             }
             tx.commit()?;
             if (1..SCHEMA_VERSION).contains(&v) {
