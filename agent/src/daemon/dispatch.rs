@@ -32,8 +32,8 @@
 //! (logged), as when a write fails.
 //!
 //! Acknowledged entries expire on a timer armed at the next expiry (the oldest ACK plus the
-//! retention, at least [`EXPIRY_GRANULARITY`] ahead), not on a periodic tick: an idle agent is
-//! not woken by the journal. Immediate answers (`unknown_type`, `unsupported`, a bad
+//! retention, at most once per [`EXPIRY_GRANULARITY`]), not on a periodic tick: an idle agent
+//! is not woken by the journal. Immediate answers (`unknown_type`, `unsupported`, a bad
 //! `CANCEL`, `cancelled`, `interrupted`, `CANCEL`'s `NO_CONTENT`) are journaled too, so a
 //! redelivery gets the same reply. `busy` and `shutting_down` are not: the control plane resends
 //! those with the same tag, and the tag must then be new. A journal that cannot record an
@@ -160,10 +160,33 @@ pub fn spawn_with_audit(
     audit: Option<AuditLog>,
     shutdown: watch::Receiver<bool>,
 ) -> (DispatchLink, tokio::task::JoinHandle<()>) {
+    spawn_with_sync(
+        catalog,
+        cfg,
+        journal,
+        audit,
+        shutdown,
+        Arc::new(SyncJob::run),
+    )
+}
+
+/// What runs the journal's syncs on the sync thread: [`SyncJob::run`], or a test's wrapper
+/// around it (to count or hold them).
+pub type SyncRunner = Arc<dyn Fn(SyncJob) -> SyncDone + Send + Sync>;
+
+/// [`spawn_with_audit`] with the syncs run by `runner`.
+pub fn spawn_with_sync(
+    catalog: Arc<Catalog>,
+    cfg: DispatchConfig,
+    journal: Journal,
+    audit: Option<AuditLog>,
+    shutdown: watch::Receiver<bool>,
+    runner: SyncRunner,
+) -> (DispatchLink, tokio::task::JoinHandle<()>) {
     let (in_tx, in_rx) = mpsc::channel(256);
     let (reply_tx, reply_rx) = mpsc::channel(cfg.reply_channel.max(1));
     let (flight_tx, flight_rx) = watch::channel(0usize);
-    let (sync_tx, sync_rx) = match spawn_sync_thread() {
+    let (sync_tx, sync_rx) = match spawn_sync_thread(runner) {
         Some((tx, rx)) => (Some(tx), rx),
         None => (None, mpsc::unbounded_channel().1),
     };
@@ -187,6 +210,7 @@ pub fn spawn_with_audit(
         durable_tx,
         outbox: VecDeque::new(),
         expiry: None,
+        expired_at: tokio::time::Instant::now(),
     };
     d.resume_steps();
     let join = tokio::spawn(d.run(in_rx, sync_rx, shutdown));
@@ -200,14 +224,16 @@ pub fn spawn_with_audit(
     )
 }
 
-/// The expiry timer never fires sooner than this after the last event: expiries closer
-/// together are handled by one wake-up.
+/// The expiry timer fires at most once in this interval: expiries closer together are handled
+/// by one wake-up.
 pub const EXPIRY_GRANULARITY: Duration = Duration::from_secs(1);
 
 /// Start the journal's sync thread: it runs each [`SyncJob`] it gets (one `fdatasync`) and
 /// sends the outcome back. It ends when the dispatcher drops its sender. `None` when the thread
 /// cannot be created (the dispatcher then syncs inline).
-fn spawn_sync_thread() -> Option<(
+fn spawn_sync_thread(
+    runner: SyncRunner,
+) -> Option<(
     std::sync::mpsc::Sender<SyncJob>,
     mpsc::UnboundedReceiver<SyncDone>,
 )> {
@@ -217,7 +243,7 @@ fn spawn_sync_thread() -> Option<(
         .name("runos-journal-sync".into())
         .spawn(move || {
             while let Ok(job) = job_rx.recv() {
-                if done_tx.send(job.run()).is_err() {
+                if done_tx.send(runner(job)).is_err() {
                     break;
                 }
             }
@@ -270,6 +296,8 @@ struct Dispatcher {
     outbox: VecDeque<(Lsn, Envelope)>,
     /// When the oldest acknowledged entry's retention ends (see [`EXPIRY_GRANULARITY`]).
     expiry: Option<tokio::time::Instant>,
+    /// When the expiry timer last fired.
+    expired_at: tokio::time::Instant,
 }
 
 /// A running instruction.
@@ -346,6 +374,7 @@ impl Dispatcher {
                     }
                 }
                 () = sleep_until_some(expiry), if expiry.is_some() => {
+                    self.expired_at = tokio::time::Instant::now();
                     let n = self.journal.expire();
                     tracing::debug!(dropped = n, "journal: acknowledged entries past retention dropped");
                 }
@@ -387,7 +416,7 @@ impl Dispatcher {
         self.release().await;
         self.expiry = self.journal.next_expiry_ms().map(|at| {
             let wait = Duration::from_millis(at.saturating_sub(self.journal.now_ms()));
-            tokio::time::Instant::now() + wait.max(EXPIRY_GRANULARITY)
+            (tokio::time::Instant::now() + wait).max(self.expired_at + EXPIRY_GRANULARITY)
         });
     }
 
