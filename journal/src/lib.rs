@@ -492,6 +492,9 @@ pub struct Stats {
     pub syncs: u64,
     /// Compactions since open.
     pub compactions: u64,
+    /// Bytes of memory the index of the entries takes (the hash table and the ACK order, by
+    /// their capacity): what the journal holds in memory grows by this, not by the replies.
+    pub index_bytes: u64,
 }
 
 /// An instruction the previous run left running.
@@ -653,16 +656,15 @@ const SAFE: u8 = 1 << 4;
 const SECRET: u8 = 1 << 5;
 
 /// What the journal keeps in memory of an entry: where its records are in the file, their size
-/// and its state, 28 bytes. Everything else (type, payload digest, times, the reply) is read
+/// and its state, 24 bytes. Everything else (type, payload digest, times, the reply) is read
 /// back from the file when asked for. An offset of 0 means "no such record" for every record
 /// but `accepted` (which precedes the others, so only it can be at offset 0).
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
     accepted_off: u32,
     started_off: u32,
-    /// The `finished` (or `discarded`) frame.
+    /// The `finished` (or `discarded`) frame (its length is in its header).
     reply_off: u32,
-    reply_len: u32,
     /// 0 with `ACKED`: the ACK of a secret reply, not yet in the file (see
     /// `Journal::pending_acks`).
     acked_off: u32,
@@ -1130,7 +1132,6 @@ impl Journal {
                         return false;
                     }
                     e.reply_off = off;
-                    e.reply_len = frame_len;
                     e.flags |= FINISHED;
                     if discarded {
                         e.flags |= DISCARDED;
@@ -1559,10 +1560,7 @@ impl Journal {
             match which {
                 Which::Accepted => n.accepted_off = pos,
                 Which::Started => n.started_off = pos,
-                Which::Reply => {
-                    n.reply_off = pos;
-                    n.reply_len = out.len() as u32;
-                }
+                Which::Reply => n.reply_off = pos,
                 Which::Acked => n.acked_off = pos,
             }
             n.bytes += out.len() as u32;
@@ -2076,6 +2074,7 @@ impl Journal {
             unacked_bytes: self.unacked_bytes,
             syncs: self.syncs,
             compactions: self.compactions,
+            index_bytes: self.index_bytes(),
             ..Stats::default()
         };
         let mut oldest_unacked: Option<&Entry> = None;
@@ -2105,6 +2104,23 @@ impl Journal {
             _ => None,
         });
         s
+    }
+
+    /// See [`Stats::index_bytes`]: a hash table of `capacity` entries has a power of two of
+    /// buckets, at least 8/7 of it, each with one control byte.
+    fn index_bytes(&self) -> u64 {
+        fn table<K, V>(capacity: usize) -> usize {
+            if capacity == 0 {
+                return 0;
+            }
+            let buckets = (capacity * 8 / 7).next_power_of_two();
+            buckets * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let bytes = table::<Tag, Entry>(self.entries.capacity())
+            + table::<Tag, u64>(self.running_since.capacity())
+            + self.acked_order.capacity() * std::mem::size_of::<Tag>()
+            + self.pending_acks.capacity() * std::mem::size_of::<(Tag, u64)>();
+        bytes as u64
     }
 
     /// The `n` most recently accepted entries, newest first.
@@ -2863,5 +2879,168 @@ mod tests {
             assert!(syncs >= 1);
             drop(j);
         }
+    }
+
+    #[test]
+    fn one_sync_covers_every_record_appended_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let (mut j, _) = open(d.path(), &clock);
+        assert!(j.sync_job().is_none(), "nothing to sync");
+        let syncs = j.stats().syncs;
+        let mut lsns = Vec::new();
+        for i in 0..10u8 {
+            let t = Tag::random();
+            j.accepted(t, "RUN_COMMAND", &sha(i)).unwrap();
+            lsns.push(j.started(t, None).unwrap().expect("must be durable"));
+            if i % 2 == 0 {
+                lsns.push(
+                    j.finished(t, &reply(t, "r"))
+                        .unwrap()
+                        .expect("must be durable"),
+                );
+            }
+        }
+        assert!(lsns.windows(2).all(|w| w[0] < w[1]));
+        assert!(lsns.iter().all(|l| *l > j.durable()));
+        let job = j.sync_job().expect("a sync is due");
+        assert!(j.sync_job().is_none(), "one job at a time");
+        // Appended while the job runs: for the next one.
+        let late = Tag::random();
+        j.accepted(late, "RUN_COMMAND", &sha(99)).unwrap();
+        let late_lsn = j.started(late, None).unwrap().unwrap();
+        let done = job.run();
+        let durable = j.synced(done).unwrap();
+        assert!(
+            lsns.iter().all(|l| *l <= durable),
+            "one sync for 15 records"
+        );
+        assert!(late_lsn > durable);
+        assert_eq!(j.stats().syncs, syncs + 1);
+        let job = j.sync_job().expect("the late record");
+        j.synced(job.run()).unwrap();
+        assert!(late_lsn <= j.durable());
+        assert!(j.sync_job().is_none());
+        // A rewrite syncs itself: everything before it is durable.
+        let t = Tag::random();
+        j.accepted(t, "RUN_COMMAND", &sha(1)).unwrap();
+        let lsn = j.started(t, None).unwrap().unwrap();
+        j.compact().unwrap();
+        assert!(lsn <= j.durable());
+        assert!(j.sync_job().is_none());
+        let lsn2 = j.finished(t, &reply(t, "after")).unwrap().unwrap();
+        assert!(
+            lsn2 > j.durable(),
+            "positions go on growing after a rewrite"
+        );
+        assert!(j.sync_now().unwrap() >= lsn2);
+    }
+
+    #[test]
+    fn sync_modes_decide_which_records_must_be_durable() {
+        let clock = TestClock::new();
+        for (mode, safe, unsafe_) in [
+            (SyncMode::Needed, false, true),
+            (SyncMode::Always, true, true),
+            (SyncMode::Never, false, false),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let limits = Limits {
+                sync: mode,
+                ..Limits::default()
+            };
+            let (mut j, _) = open_with(d.path(), &clock, limits);
+            for (kind, want) in [("GET_NODE_STATUS", safe), ("RUN_COMMAND", unsafe_)] {
+                let t = Tag::random();
+                j.accepted(t, kind, &sha(1)).unwrap();
+                assert_eq!(
+                    j.started(t, None).unwrap().is_some(),
+                    want,
+                    "{mode:?} {kind}"
+                );
+                assert_eq!(
+                    j.finished(t, &reply(t, "r")).unwrap().is_some(),
+                    want,
+                    "{mode:?} {kind}"
+                );
+                assert_eq!(j.sync_job().is_some(), want, "{mode:?} {kind}");
+                j.sync_now().unwrap();
+                j.syncing = false;
+                // `accepted` and `acked` never need a sync.
+                j.acked(t).unwrap();
+                assert!(j.sync_job().is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn replies_are_read_back_from_the_file_across_compactions() {
+        let d = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let limits = Limits {
+            retention: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let (mut j, _) = open_with(d.path(), &clock, limits.clone());
+        let mut kept = Vec::new();
+        let filler = "z".repeat(2000);
+        for i in 0..2000 {
+            let t = Tag::random();
+            let r = run(&mut j, t, &format!("{i} {filler}"));
+            if i % 100 == 0 {
+                kept.push((t, r)); // never acknowledged
+            } else {
+                assert!(j.acked(t).unwrap());
+            }
+            clock.advance(20);
+        }
+        // Acknowledged ones expired and the file was compacted by itself, several times: the
+        // offsets of the replies kept moved with it.
+        let s = j.stats();
+        assert!(s.compactions >= 1, "{s:?}");
+        assert!(s.entries < 2000, "{s:?}");
+        for (t, r) in &kept {
+            assert_eq!(j.lookup(t), Lookup::Done(r.clone()));
+        }
+        assert_eq!(
+            j.unacked(),
+            kept.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()
+        );
+        j.compact().unwrap();
+        for (t, r) in &kept {
+            assert_eq!(j.lookup(t), Lookup::Done(r.clone()));
+            assert_eq!(j.get(t).unwrap().state, EntryState::Finished);
+        }
+        drop(j);
+        let (j, _) = open_with(d.path(), &clock, limits);
+        for (t, r) in &kept {
+            assert_eq!(j.lookup(t), Lookup::Done(r.clone()));
+        }
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_oldest_ack_plus_the_retention() {
+        let d = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let limits = Limits {
+            retention: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let (mut j, _) = open_with(d.path(), &clock, limits);
+        assert_eq!(j.next_expiry_ms(), None);
+        let (a, b) = (Tag::random(), Tag::random());
+        run(&mut j, a, "a");
+        run(&mut j, b, "b");
+        assert!(j.acked(a).unwrap());
+        clock.advance(1000);
+        assert!(j.acked(b).unwrap());
+        assert_eq!(j.next_expiry_ms(), Some(T0 + 60_000));
+        clock.advance(59_000);
+        assert_eq!(j.expire(), 1);
+        assert_eq!(j.lookup(&a), Lookup::New);
+        assert_eq!(j.next_expiry_ms(), Some(T0 + 61_000));
+        clock.advance(1000);
+        assert_eq!(j.expire(), 1);
+        assert_eq!(j.next_expiry_ms(), None);
     }
 }
