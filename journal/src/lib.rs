@@ -18,19 +18,30 @@
 //! 2. [`Journal::accepted`] with the payload's sha256 ([`payload_sha256`]), never the payload.
 //!    [`JournalError::Full`] maps to `ERROR` `busy`. When the dispatcher then refuses the
 //!    instruction without starting it (`shutting_down`), it calls [`Journal::forget`].
-//! 3. [`Journal::started`], which returns only once the record is on disk, **before** the
-//!    executor starts.
-//! 4. [`Journal::finished`], which returns only once the reply is on disk, **before** the reply is
-//!    sent. Replies that need no executor (`unknown_type`, `unsupported`, `bad_payload`) go
-//!    through `accepted` then `finished` directly.
+//! 3. [`Journal::started`] before the executor starts. When it returns a position ([`Lsn`]),
+//!    the executor starts only once [`Journal::durable`] has reached it.
+//! 4. [`Journal::finished`] before the reply is sent. When it returns a position, the reply is
+//!    sent only once [`Journal::durable`] has reached it (and a redelivery of the tag meanwhile
+//!    gets nothing: the reply goes out once durable). Replies that need no executor
+//!    (`unknown_type`, `unsupported`, `bad_payload`) go through `accepted` then `finished`
+//!    directly.
 //! 5. [`Journal::acked`] when the control plane's `ACK` arrives.
+//!
+//! Group commit: no method syncs on the caller's behalf (but a rewrite, see below). The caller
+//! takes a [`SyncJob`] from [`Journal::sync_job`] whenever one is due, runs it on a thread of its
+//! own ([`SyncJob::run`], one `fdatasync` of everything appended so far) and hands the outcome
+//! to [`Journal::synced`]; records appended while it runs wait for the next job, so one
+//! `fdatasync` covers the records of many instructions. [`Journal::sync_now`] does the same
+//! inline. A failed sync poisons the journal ([`JournalError::Poisoned`]).
 //!
 //! After each `WELCOME`, [`Journal::unacked`] gives the replies to resend, oldest first (the order
 //! they were produced). [`Journal::open`] replays the file and returns a [`Recovery`]: what was
-//! cut short by the previous run (see below).
+//! cut short by the previous run (see below). [`Journal::next_expiry_ms`] and
+//! [`Journal::expire`] let the caller drop expired entries on a timer.
 //!
-//! Every method is synchronous and meant to be called from the dispatcher task; a synced
-//! append costs one `fdatasync` (see the test `synced_append_cost` for a measurement).
+//! Every other method is synchronous and cheap (a `write`, or a `pread` to read a record back)
+//! and meant to be called from the dispatcher task; see the test `synced_append_cost` for what a
+//! sync costs, per record and per batch.
 //!
 //! # Storage: an append-only log of our own
 //!
@@ -56,10 +67,24 @@
 //! or acknowledged and past retention).
 //!
 //! Why not SQLite or redb: the agent stays free of C code (SQLite), the access pattern is a pure
-//! append of small records with one `fdatasync` per state change (which a log does with one
-//! `write` and one sync, where a B-tree commit writes and syncs several pages), the whole live
-//! state fits in memory (it is bounded by [`Limits`]), and the recovery rules (a torn tail is
-//! cut, everything before it kept) are a few dozen lines we can test exhaustively.
+//! append of small records with at most one `fdatasync` per batch of state changes (which a log
+//! does with `write`s and one sync, where a B-tree commit writes and syncs several pages), the
+//! index of the live entries fits in memory (it is bounded by [`Limits`]), and the recovery
+//! rules (a torn tail is cut, everything before it kept) are a few dozen lines we can test
+//! exhaustively.
+//!
+//! # Memory: an index in memory, the records on disk
+//!
+//! For each entry the journal keeps in memory only where its records are in the file (32-bit
+//! offsets of its `accepted`, `started`, `finished` and `acked` records), their total size and a
+//! few flags (its state; whether its type is safe to re-run and whether its replies are secret,
+//! asked of the [`Policy`] once, at `accepted`): 24 bytes, about 75 bytes per entry with the
+//! hash table and the order of the ACKs ([`Stats::index_bytes`]; the test `tests/memory.rs`
+//! measures it with 100 000 entries). The type, the payload digest, the times and the reply are
+//! read back from the file (`pread`) when asked for: a redelivery of a completed tag, the
+//! resend after `WELCOME`, `runos journal`, the audit line. A rewrite moves the records and
+//! the offsets with them. Hence the file is at most 4 GiB ([`JournalError::FileTooLarge`]; the
+//! default bounds keep it far below).
 //!
 //! The checksum is CRC-32C, from the `crc32c` crate (the same values as the table-driven code of
 //! earlier versions, so their files open unchanged; see the tests). It guards against
@@ -69,14 +94,32 @@
 //!
 //! # Durability (fsync policy)
 //!
-//! - `started` and `finished` are `fdatasync`'d before they return. Since the file is written
-//!   strictly in order, a sync also makes every earlier record durable.
-//! - `accepted` and `acked` are written without a sync. Losing an `accepted` (power loss before
-//!   the next sync) means the tag was never started: the control plane redelivers it and it runs
+//! Which records must be durable before the action they allow is [`Limits::sync`]
+//! ([`SyncMode`]); [`Stats::syncs`] counts the syncs performed. Since the file is written
+//! strictly in order, a sync makes every earlier record durable.
+//!
+//! - [`SyncMode::Needed`] (the default): the `started` and `finished` records of types **not**
+//!   safe to re-run must be durable before the executor starts and before the reply is sent.
+//!   Those of types safe to re-run ([`Policy::safe_to_rerun`]) are never waited for: "nothing
+//!   lost, nothing run twice" holds without them. Losing (power loss before some later sync) the
+//!   `accepted`, `started` or `finished` of such a type leaves the tag queued, running or
+//!   unknown after the restart, and a queued or running entry of a type safe to re-run is
+//!   forgotten at open: the control plane, which has no reply stored (or has one and ignores a
+//!   second as a duplicate), redelivers the instruction and it runs again, which the catalog
+//!   declares harmless for that type. A reply sent before its `finished` record was durable is
+//!   the same case: if the record is lost, a redelivery re-runs the instruction and answers
+//!   again; the control plane stores only the first reply it gets. Nothing is lost (an
+//!   unanswered instruction is always redelivered) and nothing that may not run twice runs
+//!   twice.
+//! - [`SyncMode::Always`]: the same for every type (paranoid operators; the benchmark's journaled
+//!   throughput with `GET_NODE_STATUS`).
+//! - [`SyncMode::Never`]: no record is waited for (benchmarks only).
+//! - `accepted` and `acked` are never waited for. Losing an `accepted` (power loss before the
+//!   next sync) means the tag was never started: the control plane redelivers it and it runs
 //!   once. Losing an `acked` means the reply is resent after the next `WELCOME`; the control plane
 //!   acknowledges duplicates and stores only the first. Both are handled by the tag logic.
-//! - [`Limits::sync`] set to false skips every sync (for benchmarks only; [`Stats::syncs`] counts
-//!   the syncs performed).
+//! - A rewrite (compaction, secret scrubbing) syncs the new file before renaming it: everything
+//!   appended before it is durable then.
 //!
 //! # Recovery on open
 //!
@@ -108,9 +151,12 @@
 //! - When the entries not yet acknowledged alone reach `max_bytes` or `max_entries`,
 //!   [`Journal::accepted`] refuses with [`JournalError::Full`]. The bound is soft by the replies
 //!   of instructions already accepted (each at most [`MAX_RECORD_BYTES`]).
-//! - The file is compacted (live entries rewritten to `journal.log.tmp`, synced, renamed over
-//!   `journal.log`, directory synced) when it is over 1 MiB and more than twice the live size, and
-//!   on open when the previous run left something to forget.
+//! - The file is compacted (live records copied, in order, to `journal.log.tmp`, synced, renamed
+//!   over `journal.log`, directory synced) when it is over 1 MiB and more than twice the live
+//!   size, and on open when the previous run left something to forget.
+//! - Expiry happens at every write and at [`Journal::expire`], which the dispatcher calls from
+//!   a timer armed at [`Journal::next_expiry_ms`] (so an idle agent drops expired entries too,
+//!   without a periodic wake-up).
 //!
 //! # Secrets
 //!
