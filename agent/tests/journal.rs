@@ -606,3 +606,33 @@ async fn acknowledged_entries_expire_on_a_timer_while_idle() {
     }
     a.stop().await;
 }
+
+#[tokio::test]
+async fn cancelled_while_its_start_waits_for_the_sync_it_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (runner, mut syncs) = sync_runner(true);
+    let mut a = start_with_syncs(
+        dir.path(),
+        counting(runs.clone()),
+        Limits::default(),
+        runner,
+    );
+    let e = run_command(0);
+    a.send(e.clone()).await;
+    syncs.waiting.recv().await.unwrap(); // its `started` record's sync, held
+    let c = instr(types::CANCEL, serde_json::json!({"tag": e.tag.to_string()}));
+    a.send(c.clone()).await;
+    // Both replies must be durable: let the next syncs run.
+    for _ in 0..16 {
+        syncs.permits.send(()).unwrap();
+    }
+    let mut got = a.replies(2).await;
+    got.sort_by_key(|r| r.tag != e.tag);
+    assert_eq!(code(&got[0]), ErrorCode::Cancelled);
+    assert!(got[1].is(ctypes::NO_CONTENT));
+    assert!(a.no_reply_within(Duration::from_millis(200)).await);
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "never started");
+    drop(syncs);
+    a.stop().await;
+}

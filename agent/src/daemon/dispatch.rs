@@ -804,10 +804,20 @@ impl Dispatcher {
         let fut = async move {
             // The `started` record durable first, when the type needs it (group commit).
             if let Some(lsn) = gate {
-                let durable = durable
-                    .wait_for(|(d, failed)| *d >= lsn || *failed)
-                    .await
-                    .is_ok_and(|v| v.0 >= lsn);
+                let durable = tokio::select! {
+                    d = durable.wait_for(|(d, failed)| *d >= lsn || *failed) => {
+                        d.is_ok_and(|v| v.0 >= lsn)
+                    }
+                    // CANCEL or the end of the shutdown grace (already answered): never start.
+                    () = token.cancelled() => {
+                        return Finished {
+                            tag,
+                            kind,
+                            reply: error_reply(tag, ErrorCode::Cancelled, "cancelled before it started"),
+                            after_ack: None,
+                        };
+                    }
+                };
                 if !durable {
                     tracing::error!("cannot record the start durably; not run");
                     return Finished {
