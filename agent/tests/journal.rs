@@ -447,7 +447,7 @@ fn start_with_syncs(
     let (j, _) = Journal::open(dir, limits, JOURNAL_POLICY).unwrap();
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let (link, join) =
-        dispatch::spawn_with_sync(Arc::new(catalog), cfg(64, 16), j, None, rx, runner);
+        dispatch::spawn_with_sync(Arc::new(catalog), cfg(1024, 16), j, None, rx, runner);
     Harness::from_spawned(link, join, shutdown)
 }
 
@@ -634,5 +634,46 @@ async fn cancelled_while_its_start_waits_for_the_sync_it_never_runs() {
     assert!(a.no_reply_within(Duration::from_millis(200)).await);
     assert_eq!(runs.load(Ordering::SeqCst), 0, "never started");
     drop(syncs);
+    a.stop().await;
+}
+
+/// How many syncs pipelined instructions share, printed for the benchmark notes:
+/// `cargo test -p runos-agent --release --test journal pipelined -- --nocapture`.
+#[tokio::test]
+async fn pipelined_instructions_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (runner, syncs) = sync_runner(false);
+    let mut a = start_with_syncs(
+        dir.path(),
+        counting(runs.clone()),
+        Limits::default(),
+        runner,
+    );
+    let n = 500;
+    let start = std::time::Instant::now();
+    let sender = {
+        let inbound = a.link.inbound.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                inbound
+                    .send(Inbound::Instruction(run_command(0)))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let replies = a.replies(n).await;
+    sender.await.unwrap();
+    let elapsed = start.elapsed();
+    assert!(replies.iter().all(|r| r.is(ctypes::NO_CONTENT)));
+    assert_eq!(runs.load(Ordering::SeqCst), n);
+    let count = syncs.count.load(Ordering::SeqCst);
+    eprintln!(
+        "{n} pipelined RUN_COMMANDs (2 records each that must be durable): {count} syncs, {:.3} per instruction, {:?} per instruction",
+        count as f64 / n as f64,
+        elapsed / n as u32
+    );
+    assert!(count <= 2 * n);
     a.stop().await;
 }
