@@ -137,7 +137,8 @@ pub struct DispatchLink {
     /// Replies and `LOG` lines from the dispatcher, to send on the live session (they are
     /// dropped while disconnected: final replies stay in the journal and are resent).
     pub replies: mpsc::Receiver<Envelope>,
-    /// Instructions accepted and not yet answered (queued or running).
+    /// Instructions accepted whose reply has not yet been handed to the session (queued,
+    /// running, or answered with the reply waiting for its journal record to be durable).
     pub in_flight: watch::Receiver<usize>,
 }
 
