@@ -237,9 +237,36 @@ pub struct RawAgent {
     pub stable_after_secs: u64,
     /// Bound on writing one frame to the control plane; beyond it the session ends.
     pub write_timeout_secs: u64,
-    /// Whether the journal syncs (`fdatasync`) before an executor starts and before a reply is
-    /// sent. `false` gives up durability across power loss and machine crashes: benchmarks only.
+    /// Which journal records are synced (`fdatasync`) before an executor starts and before a
+    /// reply is sent (docs/cli.md): `needed` (the default), `always`, `never`.
+    pub journal_sync: Option<JournalSync>,
+    /// Older spelling: `false` means `journal_sync = "never"`.
     pub journal_fsync: bool,
+}
+
+/// `[agent] journal_sync`: which journal records must be durable before the action they allow
+/// (see `runos_journal::SyncMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalSync {
+    /// `started` and `finished` of the types not safe to re-run: what the guarantee needs.
+    #[default]
+    Needed,
+    /// `started` and `finished` of every type.
+    Always,
+    /// None: benchmarks only (a warning at start).
+    Never,
+}
+
+impl JournalSync {
+    /// The journal's sync mode.
+    pub fn mode(self) -> runos_journal::SyncMode {
+        match self {
+            JournalSync::Needed => runos_journal::SyncMode::Needed,
+            JournalSync::Always => runos_journal::SyncMode::Always,
+            JournalSync::Never => runos_journal::SyncMode::Never,
+        }
+    }
 }
 
 impl Default for RawAgent {
@@ -253,6 +280,7 @@ impl Default for RawAgent {
             reconnect_max_ms: 60_000,
             stable_after_secs: 60,
             write_timeout_secs: 30,
+            journal_sync: None,
             journal_fsync: true,
         }
     }
@@ -500,8 +528,8 @@ pub struct AgentSettings {
     /// Bound on writing one frame to the control plane.
     #[serde(serialize_with = "ser_secs")]
     pub write_timeout: Duration,
-    /// Journal syncs on (see [`RawAgent::journal_fsync`]).
-    pub journal_fsync: bool,
+    /// Which journal records are synced (see [`RawAgent::journal_sync`]).
+    pub journal_sync: JournalSync,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -610,6 +638,17 @@ impl RawConfig {
         )?;
         range("agent.stable_after_secs", a.stable_after_secs, 1, 86_400)?;
         range("agent.write_timeout_secs", a.write_timeout_secs, 1, 3600)?;
+        let journal_sync = match (a.journal_sync, a.journal_fsync) {
+            (None, true) => JournalSync::Needed,
+            (None, false) | (Some(JournalSync::Never), _) => JournalSync::Never,
+            (Some(s), true) => s,
+            (Some(_), false) => {
+                return Err(invalid(
+                    "agent.journal_fsync",
+                    "false means journal_sync = \"never\", which contradicts agent.journal_sync; keep only journal_sync".into(),
+                ));
+            }
+        };
         let update = self.update.validate(path)?;
         let tools = validate_tools(&self.tools).map_err(|m| invalid("tools", m))?;
         let cgroup = match self.runner.cgroup_root.as_str() {
@@ -645,7 +684,7 @@ impl RawConfig {
                 reconnect_max: Duration::from_millis(a.reconnect_max_ms),
                 stable_after: Duration::from_secs(a.stable_after_secs),
                 write_timeout: Duration::from_secs(a.write_timeout_secs),
-                journal_fsync: a.journal_fsync,
+                journal_sync,
             },
             update,
             tools,
@@ -947,7 +986,7 @@ mod tests {
         assert_eq!(c.agent.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.agent.reconnect_max, Duration::from_secs(60));
         assert_eq!(c.agent.max_frame_bytes, 16 * 1024 * 1024);
-        assert!(c.agent.journal_fsync);
+        assert_eq!(c.agent.journal_sync, JournalSync::Needed);
     }
 
     #[test]
@@ -988,7 +1027,30 @@ journal_fsync = false
         assert_eq!(c.server.l1_ca_sha256, Some("ab".repeat(32)));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.agent.reconnect_initial, Duration::from_millis(100));
-        assert!(!c.agent.journal_fsync);
+        assert_eq!(c.agent.journal_sync, JournalSync::Never);
+    }
+
+    #[test]
+    fn journal_sync_values_and_the_older_key() {
+        for (text, want) in [
+            ("journal_sync = \"needed\"", JournalSync::Needed),
+            ("journal_sync = \"always\"", JournalSync::Always),
+            ("journal_sync = \"never\"", JournalSync::Never),
+            ("journal_fsync = true", JournalSync::Needed),
+            ("journal_fsync = false", JournalSync::Never),
+            (
+                "journal_sync = \"never\"\njournal_fsync = false",
+                JournalSync::Never,
+            ),
+        ] {
+            let c = parse_validate(&format!("[agent]\n{text}\n")).unwrap();
+            assert_eq!(c.agent.journal_sync, want, "{text}");
+        }
+        let e = parse_validate("[agent]\njournal_sync = \"sometimes\"\n").unwrap_err();
+        assert!(e.to_string().contains("journal_sync"), "{e}");
+        let e = parse_validate("[agent]\njournal_sync = \"always\"\njournal_fsync = false\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("journal_fsync"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::dispatch::{Harness, catalog_with_run_command, cfg, code, instr};
 use runos_agent::catalog::{Catalog, ExecFn};
 use runos_agent::daemon::JOURNAL_POLICY;
+use runos_agent::daemon::dispatch::{self, Inbound};
 use runos_journal::{self as journal, Journal, Limits, Lookup};
 use runos_protocol::control::types as ctypes;
 use runos_protocol::instructions::types;
@@ -400,5 +401,279 @@ async fn a_crash_between_the_ack_and_the_discard_is_completed_at_the_next_start(
     a.send(script.clone()).await;
     assert_eq!(code(&a.reply().await), ErrorCode::ReplyDiscarded);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    a.stop().await;
+}
+
+// Group commit and the sync policy (current-thread runtime, as the daemon's).
+
+/// A sync runner that counts the syncs and, when `held`, runs each only once the test lets it
+/// (one permit per sync), telling the test when one is waiting.
+struct Syncs {
+    count: Arc<AtomicUsize>,
+    waiting: tokio::sync::mpsc::UnboundedReceiver<()>,
+    permits: std::sync::mpsc::Sender<()>,
+}
+
+fn sync_runner(held: bool) -> (dispatch::SyncRunner, Syncs) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let (waiting_tx, waiting) = tokio::sync::mpsc::unbounded_channel();
+    let (permits, permit_rx) = std::sync::mpsc::channel::<()>();
+    let permit_rx = std::sync::Mutex::new(permit_rx);
+    let c = count.clone();
+    let runner: dispatch::SyncRunner = Arc::new(move |job: journal::SyncJob| {
+        if held {
+            let _ = waiting_tx.send(());
+            let _ = permit_rx.lock().unwrap().recv();
+        }
+        c.fetch_add(1, Ordering::SeqCst);
+        job.run()
+    });
+    (
+        runner,
+        Syncs {
+            count,
+            waiting,
+            permits,
+        },
+    )
+}
+
+fn start_with_syncs(
+    dir: &std::path::Path,
+    catalog: Catalog,
+    limits: Limits,
+    runner: dispatch::SyncRunner,
+) -> Harness {
+    let (j, _) = Journal::open(dir, limits, JOURNAL_POLICY).unwrap();
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let (link, join) =
+        dispatch::spawn_with_sync(Arc::new(catalog), cfg(1024, 16), j, None, rx, runner);
+    Harness::from_spawned(link, join, shutdown)
+}
+
+#[tokio::test]
+async fn group_commit_holds_starts_and_replies_until_durable_and_batches_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (runner, mut syncs) = sync_runner(true);
+    let mut a = start_with_syncs(
+        dir.path(),
+        counting(runs.clone()),
+        Limits::default(),
+        runner,
+    );
+    let first = run_command(0);
+    a.send(first.clone()).await;
+    // The sync of its `started` record is out and held: the executor has not started.
+    syncs.waiting.recv().await.unwrap();
+    let rest: Vec<Envelope> = (0..9).map(|_| run_command(0)).collect();
+    for e in &rest {
+        a.send(e.clone()).await;
+    }
+    assert!(a.no_reply_within(Duration::from_millis(200)).await);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "no executor before its record is durable"
+    );
+    assert_eq!(syncs.count.load(Ordering::SeqCst), 0);
+    // Released one sync at a time: every instruction runs once and is answered.
+    let mut replies = Vec::new();
+    while replies.len() < 10 {
+        syncs.permits.send(()).unwrap();
+        tokio::select! {
+            r = a.reply() => replies.push(r),
+            _ = syncs.waiting.recv() => {}
+        }
+        // Every reply received was durable: its sync had completed.
+        assert!(syncs.count.load(Ordering::SeqCst) >= 1);
+    }
+    drop(syncs.permits);
+    assert_eq!(runs.load(Ordering::SeqCst), 10);
+    let mut tags: Vec<Tag> = replies.iter().map(|r| r.tag).collect();
+    tags.sort();
+    let mut want: Vec<Tag> = rest.iter().chain([&first]).map(|e| e.tag).collect();
+    want.sort();
+    assert_eq!(tags, want);
+    // 20 records had to be durable; one sync covered many of them.
+    let n = syncs.count.load(Ordering::SeqCst);
+    assert!(n < 10, "{n} syncs for 10 instructions");
+    a.stop().await;
+    // All of them stored and found again.
+    let (j, rec) = Journal::open(dir.path(), Limits::default(), JOURNAL_POLICY).unwrap();
+    assert_eq!(rec, journal::Recovery::default());
+    assert_eq!(j.unacked_tags().len(), 10);
+}
+
+#[tokio::test]
+async fn a_redelivery_while_the_reply_waits_for_its_sync_gets_nothing_until_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (runner, mut syncs) = sync_runner(true);
+    let mut a = start_with_syncs(
+        dir.path(),
+        counting(runs.clone()),
+        Limits::default(),
+        runner,
+    );
+    let e = run_command(0);
+    a.send(e.clone()).await;
+    syncs.waiting.recv().await.unwrap();
+    syncs.permits.send(()).unwrap(); // `started`
+    syncs.waiting.recv().await.unwrap(); // `finished`, held
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    a.send(e.clone()).await; // redelivered: the stored reply is not durable yet
+    assert!(a.pending_tags().await.contains(&e.tag));
+    assert!(a.held().await.is_empty(), "not resent before it is durable");
+    assert!(a.no_reply_within(Duration::from_millis(200)).await);
+    syncs.permits.send(()).unwrap();
+    let r = a.reply().await;
+    assert_eq!(r.tag, e.tag);
+    assert!(
+        a.no_reply_within(Duration::from_millis(200)).await,
+        "one reply"
+    );
+    drop(syncs.permits);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn types_safe_to_rerun_are_not_synced_unless_always() {
+    use runos_journal::SyncMode;
+    for (mode, synced) in [
+        (SyncMode::Needed, false),
+        (SyncMode::Always, true),
+        (SyncMode::Never, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (runner, syncs) = sync_runner(false);
+        let limits = Limits {
+            sync: mode,
+            ..Limits::default()
+        };
+        let mut a = start_with_syncs(dir.path(), runos_agent::catalog::standard(), limits, runner);
+        for _ in 0..5 {
+            let e = instr(types::GET_NODE_STATUS, serde_json::json!({}));
+            a.send(e.clone()).await;
+            let r = a.reply().await;
+            assert_eq!(r.tag, e.tag);
+            assert!(!r.is(ctypes::ERROR), "{mode:?}");
+        }
+        a.stop().await;
+        let n = syncs.count.load(Ordering::SeqCst);
+        assert_eq!(n > 0, synced, "{mode:?}: {n} syncs");
+        // Every reply was journaled all the same.
+        let (j, _) = Journal::open(dir.path(), Limits::default(), JOURNAL_POLICY).unwrap();
+        assert_eq!(j.unacked_tags().len(), 5, "{mode:?}");
+    }
+}
+
+#[tokio::test]
+async fn acknowledged_entries_expire_on_a_timer_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        retention: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (mut a, _) = Harness::start(dir.path(), counting(runs), cfg(4, 1), limits);
+    let e = run_command(0);
+    a.send(e.clone()).await;
+    a.reply().await;
+    a.ack(e.tag).await;
+    let held = |a: &Harness, tag: Tag| {
+        let inbound = a.link.inbound.clone();
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let q = dispatch::journal_query::JournalQuery {
+                tag: Some(tag),
+                limit: 1,
+            };
+            inbound.send(Inbound::Journal(q, tx)).await.unwrap();
+            !rx.await.unwrap().is_empty()
+        }
+    };
+    assert!(held(&a, e.tag).await, "kept within retention");
+    // Nothing is written any more (a query evicts nothing): only the timer armed at the expiry
+    // can drop it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while held(&a, e.tag).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dropped by the timer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn cancelled_while_its_start_waits_for_the_sync_it_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (runner, mut syncs) = sync_runner(true);
+    let mut a = start_with_syncs(
+        dir.path(),
+        counting(runs.clone()),
+        Limits::default(),
+        runner,
+    );
+    let e = run_command(0);
+    a.send(e.clone()).await;
+    syncs.waiting.recv().await.unwrap(); // its `started` record's sync, held
+    let c = instr(types::CANCEL, serde_json::json!({"tag": e.tag.to_string()}));
+    a.send(c.clone()).await;
+    // Both replies must be durable: let the next syncs run.
+    for _ in 0..16 {
+        syncs.permits.send(()).unwrap();
+    }
+    let mut got = a.replies(2).await;
+    got.sort_by_key(|r| r.tag != e.tag);
+    assert_eq!(code(&got[0]), ErrorCode::Cancelled);
+    assert!(got[1].is(ctypes::NO_CONTENT));
+    assert!(a.no_reply_within(Duration::from_millis(200)).await);
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "never started");
+    drop(syncs);
+    a.stop().await;
+}
+
+/// How many syncs pipelined instructions share, printed for the benchmark notes:
+/// `cargo test -p runos-agent --release --test journal pipelined -- --nocapture`.
+#[tokio::test]
+async fn pipelined_instructions_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (runner, syncs) = sync_runner(false);
+    let mut a = start_with_syncs(
+        dir.path(),
+        counting(runs.clone()),
+        Limits::default(),
+        runner,
+    );
+    let n = 500;
+    let start = std::time::Instant::now();
+    let sender = {
+        let inbound = a.link.inbound.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                inbound
+                    .send(Inbound::Instruction(run_command(0)))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let replies = a.replies(n).await;
+    sender.await.unwrap();
+    let elapsed = start.elapsed();
+    assert!(replies.iter().all(|r| r.is(ctypes::NO_CONTENT)));
+    assert_eq!(runs.load(Ordering::SeqCst), n);
+    let count = syncs.count.load(Ordering::SeqCst);
+    eprintln!(
+        "{n} pipelined RUN_COMMANDs (2 records each that must be durable): {count} syncs, {:.3} per instruction, {:?} per instruction",
+        count as f64 / n as f64,
+        elapsed / n as u32
+    );
+    assert!(count <= 2 * n);
     a.stop().await;
 }

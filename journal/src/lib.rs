@@ -18,19 +18,30 @@
 //! 2. [`Journal::accepted`] with the payload's sha256 ([`payload_sha256`]), never the payload.
 //!    [`JournalError::Full`] maps to `ERROR` `busy`. When the dispatcher then refuses the
 //!    instruction without starting it (`shutting_down`), it calls [`Journal::forget`].
-//! 3. [`Journal::started`], which returns only once the record is on disk, **before** the
-//!    executor starts.
-//! 4. [`Journal::finished`], which returns only once the reply is on disk, **before** the reply is
-//!    sent. Replies that need no executor (`unknown_type`, `unsupported`, `bad_payload`) go
-//!    through `accepted` then `finished` directly.
+//! 3. [`Journal::started`] before the executor starts. When it returns a position ([`Lsn`]),
+//!    the executor starts only once [`Journal::durable`] has reached it.
+//! 4. [`Journal::finished`] before the reply is sent. When it returns a position, the reply is
+//!    sent only once [`Journal::durable`] has reached it (and a redelivery of the tag meanwhile
+//!    gets nothing: the reply goes out once durable). Replies that need no executor
+//!    (`unknown_type`, `unsupported`, `bad_payload`) go through `accepted` then `finished`
+//!    directly.
 //! 5. [`Journal::acked`] when the control plane's `ACK` arrives.
+//!
+//! Group commit: no method syncs on the caller's behalf (but a rewrite, see below). The caller
+//! takes a [`SyncJob`] from [`Journal::sync_job`] whenever one is due, runs it on a thread of its
+//! own ([`SyncJob::run`], one `fdatasync` of everything appended so far) and hands the outcome
+//! to [`Journal::synced`]; records appended while it runs wait for the next job, so one
+//! `fdatasync` covers the records of many instructions. [`Journal::sync_now`] does the same
+//! inline. A failed sync poisons the journal ([`JournalError::Poisoned`]).
 //!
 //! After each `WELCOME`, [`Journal::unacked`] gives the replies to resend, oldest first (the order
 //! they were produced). [`Journal::open`] replays the file and returns a [`Recovery`]: what was
-//! cut short by the previous run (see below).
+//! cut short by the previous run (see below). [`Journal::next_expiry_ms`] and
+//! [`Journal::expire`] let the caller drop expired entries on a timer.
 //!
-//! Every method is synchronous and meant to be called from the dispatcher task; a synced
-//! append costs one `fdatasync` (see the test `synced_append_cost` for a measurement).
+//! Every other method is synchronous and cheap (a `write`, or a `pread` to read a record back)
+//! and meant to be called from the dispatcher task; see the test `synced_append_cost` for what a
+//! sync costs, per record and per batch.
 //!
 //! # Storage: an append-only log of our own
 //!
@@ -56,10 +67,24 @@
 //! or acknowledged and past retention).
 //!
 //! Why not SQLite or redb: the agent stays free of C code (SQLite), the access pattern is a pure
-//! append of small records with one `fdatasync` per state change (which a log does with one
-//! `write` and one sync, where a B-tree commit writes and syncs several pages), the whole live
-//! state fits in memory (it is bounded by [`Limits`]), and the recovery rules (a torn tail is
-//! cut, everything before it kept) are a few dozen lines we can test exhaustively.
+//! append of small records with at most one `fdatasync` per batch of state changes (which a log
+//! does with `write`s and one sync, where a B-tree commit writes and syncs several pages), the
+//! index of the live entries fits in memory (it is bounded by [`Limits`]), and the recovery
+//! rules (a torn tail is cut, everything before it kept) are a few dozen lines we can test
+//! exhaustively.
+//!
+//! # Memory: an index in memory, the records on disk
+//!
+//! For each entry the journal keeps in memory only where its records are in the file (32-bit
+//! offsets of its `accepted`, `started`, `finished` and `acked` records), their total size and a
+//! few flags (its state; whether its type is safe to re-run and whether its replies are secret,
+//! asked of the [`Policy`] once, at `accepted`): 24 bytes, about 75 bytes per entry with the
+//! hash table and the order of the ACKs ([`Stats::index_bytes`]; the test `tests/memory.rs`
+//! measures it with 100 000 entries). The type, the payload digest, the times and the reply are
+//! read back from the file (`pread`) when asked for: a redelivery of a completed tag, the
+//! resend after `WELCOME`, `runos journal`, the audit line. A rewrite moves the records and
+//! the offsets with them. Hence the file is at most 4 GiB ([`JournalError::FileTooLarge`]; the
+//! default bounds keep it far below).
 //!
 //! The checksum is CRC-32C, from the `crc32c` crate (the same values as the table-driven code of
 //! earlier versions, so their files open unchanged; see the tests). It guards against
@@ -69,14 +94,32 @@
 //!
 //! # Durability (fsync policy)
 //!
-//! - `started` and `finished` are `fdatasync`'d before they return. Since the file is written
-//!   strictly in order, a sync also makes every earlier record durable.
-//! - `accepted` and `acked` are written without a sync. Losing an `accepted` (power loss before
-//!   the next sync) means the tag was never started: the control plane redelivers it and it runs
+//! Which records must be durable before the action they allow is [`Limits::sync`]
+//! ([`SyncMode`]); [`Stats::syncs`] counts the syncs performed. Since the file is written
+//! strictly in order, a sync makes every earlier record durable.
+//!
+//! - [`SyncMode::Needed`] (the default): the `started` and `finished` records of types **not**
+//!   safe to re-run must be durable before the executor starts and before the reply is sent.
+//!   Those of types safe to re-run ([`Policy::safe_to_rerun`]) are never waited for: "nothing
+//!   lost, nothing run twice" holds without them. Losing (power loss before some later sync) the
+//!   `accepted`, `started` or `finished` of such a type leaves the tag queued, running or
+//!   unknown after the restart, and a queued or running entry of a type safe to re-run is
+//!   forgotten at open: the control plane, which has no reply stored (or has one and ignores a
+//!   second as a duplicate), redelivers the instruction and it runs again, which the catalog
+//!   declares harmless for that type. A reply sent before its `finished` record was durable is
+//!   the same case: if the record is lost, a redelivery re-runs the instruction and answers
+//!   again; the control plane stores only the first reply it gets. Nothing is lost (an
+//!   unanswered instruction is always redelivered) and nothing that may not run twice runs
+//!   twice.
+//! - [`SyncMode::Always`]: the same for every type (paranoid operators; the benchmark's journaled
+//!   throughput with `GET_NODE_STATUS`).
+//! - [`SyncMode::Never`]: no record is waited for (benchmarks only).
+//! - `accepted` and `acked` are never waited for. Losing an `accepted` (power loss before the
+//!   next sync) means the tag was never started: the control plane redelivers it and it runs
 //!   once. Losing an `acked` means the reply is resent after the next `WELCOME`; the control plane
 //!   acknowledges duplicates and stores only the first. Both are handled by the tag logic.
-//! - [`Limits::sync`] set to false skips every sync (for benchmarks only; [`Stats::syncs`] counts
-//!   the syncs performed).
+//! - A rewrite (compaction, secret scrubbing) syncs the new file before renaming it: everything
+//!   appended before it is durable then.
 //!
 //! # Recovery on open
 //!
@@ -108,9 +151,12 @@
 //! - When the entries not yet acknowledged alone reach `max_bytes` or `max_entries`,
 //!   [`Journal::accepted`] refuses with [`JournalError::Full`]. The bound is soft by the replies
 //!   of instructions already accepted (each at most [`MAX_RECORD_BYTES`]).
-//! - The file is compacted (live entries rewritten to `journal.log.tmp`, synced, renamed over
-//!   `journal.log`, directory synced) when it is over 1 MiB and more than twice the live size, and
-//!   on open when the previous run left something to forget.
+//! - The file is compacted (live records copied, in order, to `journal.log.tmp`, synced, renamed
+//!   over `journal.log`, directory synced) when it is over 1 MiB and more than twice the live
+//!   size, and on open when the previous run left something to forget.
+//! - Expiry happens at every write and at [`Journal::expire`], which the dispatcher calls from
+//!   a timer armed at [`Journal::next_expiry_ms`] (so an idle agent drops expired entries too,
+//!   without a periodic wake-up).
 //!
 //! # Secrets
 //!
@@ -151,11 +197,11 @@
 //! as root; encrypted storage is the defence against that.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,9 +237,23 @@ pub struct Limits {
     pub retention: Duration,
     /// Most entries kept (default 100 000).
     pub max_entries: usize,
-    /// Whether `started` and `finished` are synced to disk before they return (default true;
-    /// false only for benchmarks).
-    pub sync: bool,
+    /// Which `started` and `finished` records must be durable before the executor starts and
+    /// before the reply is sent (default [`SyncMode::Needed`]).
+    pub sync: SyncMode,
+}
+
+/// Which records must reach the disk before the action they allow (see "Durability" in the
+/// crate documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `started` and `finished` of the types not safe to re-run ([`Policy::safe_to_rerun`]):
+    /// what "nothing lost, nothing run twice" needs.
+    #[default]
+    Needed,
+    /// `started` and `finished` of every type, safe to re-run or not.
+    Always,
+    /// None: a crash of the machine may lose or repeat instructions (benchmarks only).
+    Never,
 }
 
 impl Default for Limits {
@@ -202,7 +262,7 @@ impl Default for Limits {
             max_bytes: 64 * 1024 * 1024,
             retention: Duration::from_secs(24 * 3600),
             max_entries: 100_000,
-            sync: true,
+            sync: SyncMode::Needed,
         }
     }
 }
@@ -360,6 +420,12 @@ pub enum JournalError {
         /// The cause (serde_json's serialization errors name no value).
         source: serde_json::Error,
     },
+    /// The journal file would grow past 4 GiB (its offsets are 32-bit).
+    #[error("journal {path} would grow past 4 GiB")]
+    FileTooLarge {
+        /// The journal file.
+        path: PathBuf,
+    },
     /// An earlier write or sync failed and could not be undone: the file's state is unknown,
     /// so nothing more is written until the journal is opened again.
     #[error(
@@ -472,6 +538,9 @@ pub struct Stats {
     pub syncs: u64,
     /// Compactions since open.
     pub compactions: u64,
+    /// Bytes of memory the index of the entries takes (the hash table and the ACK order, by
+    /// their capacity): what the journal holds in memory grows by this, not by the replies.
+    pub index_bytes: u64,
 }
 
 /// An instruction the previous run left running.
@@ -615,149 +684,180 @@ fn frame_problem(header: [u8; 8], remaining_after_header: u64) -> Result<(u32, u
     }
     Ok((len, crc))
 }
-
 // ---------------------------------------------------------------------------------------------
 // Entries
 
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    ms: u64,
-    seq: u64,
-}
+/// The `started` record is in the file.
+const STARTED: u8 = 1;
+/// The `finished` (or `discarded`) record is in the file.
+const FINISHED: u8 = 1 << 1;
+/// The reply is acknowledged.
+const ACKED: u8 = 1 << 2;
+/// A secret reply, acknowledged and discarded: its record is a `discarded` one, or becomes one at
+/// the next rewrite (`Journal::scrub_pending`).
+const DISCARDED: u8 = 1 << 3;
+/// The type is safe to re-run ([`Policy::safe_to_rerun`], asked once, at `accepted`).
+const SAFE: u8 = 1 << 4;
+/// The type's replies are secret ([`Policy::secret_reply`], asked once, at `accepted`).
+const SECRET: u8 = 1 << 5;
 
-#[derive(Debug)]
+/// What the journal keeps in memory of an entry: where its records are in the file, their size
+/// and its state, 24 bytes. Everything else (type, payload digest, times, the reply) is read
+/// back from the file when asked for. An offset of 0 means "no such record" for every record
+/// but `accepted` (which precedes the others, so only it can be at offset 0).
+#[derive(Debug, Clone, Copy, Default)]
 struct Entry {
-    kind: String,
-    sha: String,
-    accepted: Mark,
-    started: Option<Mark>,
-    pgid: Option<i32>,
-    finished: Option<Mark>,
-    reply: Option<Reply>,
-    duration_ms: Option<u64>,
-    acked: Option<Mark>,
+    accepted_off: u32,
+    started_off: u32,
+    /// The `finished` (or `discarded`) frame (its length is in its header).
+    reply_off: u32,
+    /// 0 with `ACKED`: the ACK of a secret reply, not yet in the file (see
+    /// `Journal::pending_acks`).
+    acked_off: u32,
     /// Bytes of this entry's frames in the file.
-    bytes: u64,
-}
-
-/// A stored final reply.
-#[derive(Debug)]
-enum Reply {
-    /// The whole envelope.
-    Full(Envelope),
-    /// A secret reply, acknowledged: its body is gone.
-    Discarded(Discarded),
-}
-
-impl Reply {
-    fn full(&self) -> Option<&Envelope> {
-        match self {
-            Reply::Full(env) => Some(env),
-            Reply::Discarded(_) => None,
-        }
-    }
+    bytes: u32,
+    flags: u8,
 }
 
 impl Entry {
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
     fn state(&self) -> EntryState {
-        if self.acked.is_some() {
+        if self.has(ACKED) {
             EntryState::Acked
-        } else if self.finished.is_some() {
+        } else if self.has(FINISHED) {
             EntryState::Finished
-        } else if self.started.is_some() {
+        } else if self.has(STARTED) {
             EntryState::Running
         } else {
             EntryState::Queued
         }
     }
+}
 
-    fn view(&self, tag: Tag) -> EntryView {
-        let (reply_type, error_code) = match &self.reply {
-            None => (None, None),
-            Some(Reply::Full(r)) => (Some(r.kind.to_string()), error_code_of(r)),
-            Some(Reply::Discarded(d)) => (Some(d.reply_type.clone()), d.error_code.clone()),
-        };
-        EntryView {
-            tag,
-            kind: self.kind.clone(),
-            payload_sha256: self.sha.clone(),
-            state: self.state(),
-            accepted_ms: self.accepted.ms,
-            started_ms: self.started.map(|m| m.ms),
-            finished_ms: self.finished.map(|m| m.ms),
-            acked_ms: self.acked.map(|m| m.ms),
-            duration_ms: self.duration_ms,
-            pgid: self.pgid,
-            reply_type,
-            error_code,
+/// Just what a rewrite needs of a record: its kind and tag.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    rec: Cow<'a, str>,
+    tag: Tag,
+}
+
+/// Reads a file from a position of its own with `pread`, leaving the descriptor's offset alone.
+struct At<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// The body of the frame at `off`, its checksum verified: one `pread` for most records (a
+/// first read of up to 4 KiB), two for longer ones.
+fn read_frame(file: &File, off: u64) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    let n = file.read_at(&mut buf, off)?;
+    if n < HEADER_BYTES as usize {
+        file.read_exact_at(&mut buf[..HEADER_BYTES as usize], off)?;
+    }
+    let header: [u8; 8] = buf[..8].try_into().unwrap_or_default();
+    let (len, crc) = frame_problem(header, u64::from(MAX_RECORD_BYTES))
+        .map_err(|p| io::Error::new(io::ErrorKind::InvalidData, p))?;
+    let total = HEADER_BYTES as usize + len as usize;
+    let have = n.max(HEADER_BYTES as usize).min(total);
+    buf.resize(total, 0);
+    if have < total {
+        file.read_exact_at(&mut buf[have..], off + have as u64)?;
+    }
+    let body = buf.split_off(HEADER_BYTES as usize);
+    if crc32c(&body) != crc {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "checksum mismatch",
+        ));
+    }
+    Ok(body)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit
+
+/// A position in the journal's history (bytes appended since open, across rewrites): a record
+/// that must be durable is durable once [`Journal::durable`] reaches the position
+/// [`Journal::started`] or [`Journal::finished`] returned for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(u64);
+
+/// One `fdatasync` of the journal file, to run on a thread of the caller's choice
+/// ([`SyncJob::run`]); its outcome goes back to [`Journal::synced`]. It covers every record
+/// appended before [`Journal::sync_job`] made it.
+#[derive(Debug)]
+pub struct SyncJob {
+    file: Arc<File>,
+    upto: u64,
+}
+
+impl SyncJob {
+    /// Sync the file (blocks for the duration of an `fdatasync`).
+    pub fn run(self) -> SyncDone {
+        let result = self.file.sync_data();
+        SyncDone {
+            upto: self.upto,
+            result,
         }
     }
+}
 
-    /// The records that rebuild this entry, with their sequence numbers.
-    fn records(&self, tag: Tag) -> Vec<(u64, Record<'_>)> {
-        let mut out = vec![(
-            self.accepted.seq,
-            Record::Accepted {
-                tag,
-                kind: Cow::Borrowed(&self.kind),
-                payload_sha256: Cow::Borrowed(&self.sha),
-                at_ms: self.accepted.ms,
-            },
-        )];
-        if let Some(m) = self.started {
-            out.push((
-                m.seq,
-                Record::Started {
-                    tag,
-                    at_ms: m.ms,
-                    pgid: self.pgid,
-                },
-            ));
-        }
-        match (self.finished, &self.reply) {
-            (Some(m), Some(Reply::Full(reply))) => out.push((
-                m.seq,
-                Record::Finished {
-                    tag,
-                    at_ms: m.ms,
-                    reply: Cow::Borrowed(reply),
-                    duration_ms: self.duration_ms,
-                },
-            )),
-            (Some(m), Some(Reply::Discarded(d))) => out.push((
-                m.seq,
-                Record::Discarded {
-                    tag,
-                    at_ms: m.ms,
-                    reply: d.clone(),
-                    duration_ms: self.duration_ms,
-                },
-            )),
-            _ => {}
-        }
-        if let Some(m) = self.acked {
-            out.push((m.seq, Record::Acked { tag, at_ms: m.ms }));
-        }
-        out
-    }
+/// The outcome of a [`SyncJob`], for [`Journal::synced`].
+#[derive(Debug)]
+pub struct SyncDone {
+    upto: u64,
+    result: io::Result<()>,
 }
 
 // ---------------------------------------------------------------------------------------------
 // The journal
 
-/// The journal: the file, and the state of every entry it holds, in memory.
+/// The largest journal file, so that offsets fit in 32 bits (see "Bounds and retention").
+const MAX_FILE_BYTES: u64 = u32::MAX as u64;
+
+/// The journal: the file, and a small index of every entry it holds, in memory.
 pub struct Journal {
     dir: PathBuf,
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     limits: Limits,
     policy: Policy,
     clock: Arc<dyn Clock>,
     entries: HashMap<Tag, Entry>,
-    /// Acknowledged entries by the sequence number of their ACK (oldest first).
-    acked_order: BTreeMap<u64, Tag>,
-    next_seq: u64,
+    /// Tags of acknowledged entries in the order of their ACK, oldest first. Entries dropped
+    /// otherwise are skipped when they reach the front.
+    acked_order: VecDeque<Tag>,
+    /// The time of the ACK at the front of `acked_order` (tag, `acked_off`, ms), read back once.
+    front_ack: Option<(Tag, u32, u64)>,
+    /// ACKs of secret replies applied but not yet in the file (written by the rewrite that
+    /// discards the reply), with their time.
+    pending_acks: Vec<(Tag, u64)>,
+    /// When the instructions started in this run started (ms), until they finish: for the
+    /// duration in `finished`.
+    running_since: HashMap<Tag, u64>,
+    acked_count: usize,
+    /// The [`Lsn`] of offset 0 of the current file.
+    base: u64,
     file_len: u64,
+    /// Everything up to here is on disk.
+    durable: u64,
+    /// The last record that must become durable ends here.
+    want: u64,
+    /// A [`SyncJob`] is out.
+    syncing: bool,
     live_bytes: u64,
     unacked_bytes: u64,
     syncs: u64,
@@ -769,7 +869,7 @@ pub struct Journal {
 }
 
 impl fmt::Debug for Journal {
-    // No entries: they hold replies, which have no place in a debug dump.
+    // No entries: they lead to replies, which have no place in a debug dump.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Journal")
             .field("path", &self.path)
@@ -809,7 +909,7 @@ impl Journal {
                 .map_err(io_err("create the directory", dir))?;
         }
         let existed = path.exists();
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
@@ -833,14 +933,21 @@ impl Journal {
         let mut j = Journal {
             dir: dir.to_path_buf(),
             path: path.clone(),
-            file: file.try_clone().map_err(io_err("open", &path))?,
+            file: Arc::new(file),
             limits,
             policy,
             clock,
             entries: HashMap::new(),
-            acked_order: BTreeMap::new(),
-            next_seq: 0,
+            acked_order: VecDeque::new(),
+            front_ack: None,
+            pending_acks: Vec::new(),
+            running_since: HashMap::new(),
+            acked_count: 0,
+            base: 0,
             file_len: 0,
+            durable: 0,
+            want: 0,
+            syncing: false,
             live_bytes: 0,
             unacked_bytes: 0,
             syncs: 0,
@@ -849,21 +956,31 @@ impl Journal {
             scrub_pending: false,
         };
         let mut recovery = Recovery {
-            truncated: j.replay(&mut file)?,
+            truncated: j.replay()?,
             ..Recovery::default()
         };
-        drop(file);
+        // What the file held when opened is taken as durable (it was written by a run that
+        // synced what it had to, or is all that survived).
+        j.durable = j.file_len;
         j.recover(&mut recovery)?;
+        j.entries.shrink_to_fit();
         Ok((j, recovery))
     }
 
     /// Read every good record; cut the file at the first bad one.
-    fn replay(&mut self, file: &mut File) -> Result<Option<Truncation>, JournalError> {
+    fn replay(&mut self) -> Result<Option<Truncation>, JournalError> {
+        let file = self.file.clone();
         let len = file
             .metadata()
             .map_err(io_err("read the metadata of", &self.path))?
             .len();
-        let mut reader = BufReader::with_capacity(1 << 16, &mut *file);
+        let mut reader = BufReader::with_capacity(
+            1 << 16,
+            At {
+                file: &file,
+                pos: 0,
+            },
+        );
         let mut offset = 0u64;
         let mut problem = None;
         while offset < len {
@@ -883,6 +1000,11 @@ impl Journal {
                     break;
                 }
             };
+            let frame_len = HEADER_BYTES + u64::from(body_len);
+            if offset + frame_len > MAX_FILE_BYTES {
+                problem = Some("record past the 4 GiB a journal file may hold");
+                break;
+            }
             // Bounded by MAX_RECORD_BYTES and by the bytes actually in the file.
             let mut body = vec![0u8; body_len as usize];
             reader
@@ -892,8 +1014,7 @@ impl Journal {
                 problem = Some("checksum mismatch");
                 break;
             }
-            let frame_len = HEADER_BYTES + u64::from(body_len);
-            let record: Record<'static> = match serde_json::from_slice(&body) {
+            let record: Record<'_> = match serde_json::from_slice(&body) {
                 Ok(r) => r,
                 Err(_) if is_foreign_record(&body) => {
                     // Intact (the checksum matches) but not understood: written by another
@@ -911,13 +1032,13 @@ impl Journal {
                     break;
                 }
             };
-            let (tag, name) = (record.tag(), record.name());
-            if !self.apply(record, frame_len) {
+            // Both fit: checked against MAX_FILE_BYTES above.
+            if !self.apply(&record, offset as u32, frame_len as u32) {
                 tracing::warn!(
                     path = %self.path.display(),
                     offset,
-                    %tag,
-                    record = name,
+                    tag = %record.tag(),
+                    record = record.name(),
                     "journal record does not follow from the tag's state; ignored"
                 );
             }
@@ -948,16 +1069,16 @@ impl Journal {
 
     /// Answer or forget what the previous run left unfinished; drop expired entries; compact.
     fn recover(&mut self, rec: &mut Recovery) -> Result<(), JournalError> {
-        let mut unfinished: Vec<(u64, Tag)> = self
+        let mut unfinished: Vec<(u32, Tag)> = self
             .entries
             .iter()
             .filter(|(_, e)| matches!(e.state(), EntryState::Queued | EntryState::Running))
-            .map(|(t, e)| (e.accepted.seq, *t))
+            .map(|(t, e)| (e.accepted_off, *t))
             .collect();
         unfinished.sort_unstable();
         let mut forgot = false;
         for (_, tag) in unfinished {
-            let Some(e) = self.entries.get(&tag) else {
+            let Some(e) = self.entries.get(&tag).copied() else {
                 continue;
             };
             if e.state() == EntryState::Queued {
@@ -966,12 +1087,16 @@ impl Journal {
                 forgot = true;
                 continue;
             }
-            let cut = CutShort {
-                tag,
-                kind: e.kind.clone(),
-                pgid: e.pgid,
+            let kind = match self.read_record(e.accepted_off)? {
+                Record::Accepted { kind, .. } => kind.into_owned(),
+                _ => return Err(self.misplaced()),
             };
-            if (self.policy.safe_to_rerun)(&e.kind) {
+            let pgid = match self.read_record(e.started_off)? {
+                Record::Started { pgid, .. } => pgid,
+                _ => return Err(self.misplaced()),
+            };
+            let cut = CutShort { tag, kind, pgid };
+            if e.has(SAFE) {
                 tracing::warn!(%tag, r#type = %cut.kind, "instruction cut short by the agent's stop; safe to re-run, forgotten");
                 self.drop_entry(&tag);
                 rec.rerunnable.push(cut);
@@ -993,8 +1118,7 @@ impl Journal {
         let secret_acked: Vec<Tag> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.acked.is_some() && (self.policy.secret_reply)(&e.kind))
-            .filter(|(_, e)| matches!(e.reply, Some(Reply::Full(_))))
+            .filter(|(_, e)| e.has(ACKED) && e.has(SECRET) && !e.has(DISCARDED))
             .map(|(t, _)| *t)
             .collect();
         if !secret_acked.is_empty() {
@@ -1020,89 +1144,60 @@ impl Journal {
                 }
             }
         }
+        // The `interrupted` replies are durable before anyone can send them.
+        self.sync_now()?;
         Ok(())
     }
 
-    /// Apply one record to the state; false when it does not follow from the tag's state.
-    fn apply(&mut self, record: Record<'_>, frame_len: u64) -> bool {
-        let seq = self.next_seq;
+    /// Apply one record, whose frame of `frame_len` bytes is at `off`, to the state; false
+    /// when it does not follow from the tag's state.
+    fn apply(&mut self, record: &Record<'_>, off: u32, frame_len: u32) -> bool {
         let tag = record.tag();
         let applied = match record {
-            Record::Accepted {
-                kind,
-                payload_sha256,
-                at_ms,
-                ..
-            } => {
+            Record::Accepted { kind, .. } => {
                 // A fresh `accepted` replaces a forgotten entry of the same tag.
                 self.drop_entry(&tag);
+                let mut flags = 0;
+                if (self.policy.safe_to_rerun)(kind) {
+                    flags |= SAFE;
+                }
+                if (self.policy.secret_reply)(kind) {
+                    flags |= SECRET;
+                }
                 let entry = Entry {
-                    kind: kind.into_owned(),
-                    sha: payload_sha256.into_owned(),
-                    accepted: Mark { ms: at_ms, seq },
-                    started: None,
-                    pgid: None,
-                    finished: None,
-                    reply: None,
-                    duration_ms: None,
-                    acked: None,
-                    bytes: 0,
+                    accepted_off: off,
+                    flags,
+                    ..Entry::default()
                 };
-                self.account(tag, entry);
+                self.weigh(&entry, true);
+                self.entries.insert(tag, entry);
                 true
             }
-            Record::Started { at_ms, pgid, .. } => self.update(tag, |e| {
+            Record::Started { .. } => self.update(tag, |e| {
                 if e.state() != EntryState::Queued {
                     return false;
                 }
-                e.started = Some(Mark { ms: at_ms, seq });
-                e.pgid = pgid;
+                e.started_off = off;
+                e.flags |= STARTED;
                 true
             }),
-            Record::Finished {
-                at_ms,
-                reply,
-                duration_ms,
-                ..
-            } => {
-                let mut reply = Some(reply);
+            Record::Finished { .. } | Record::Discarded { .. } => {
+                let discarded = matches!(record, Record::Discarded { .. });
                 self.update(tag, |e| {
                     if !matches!(e.state(), EntryState::Queued | EntryState::Running) {
                         return false;
                     }
-                    e.finished = Some(Mark { ms: at_ms, seq });
-                    e.reply = reply.take().map(|r| Reply::Full(r.into_owned()));
-                    e.duration_ms = duration_ms;
-                    true
-                })
-            }
-            Record::Discarded {
-                at_ms,
-                reply,
-                duration_ms,
-                ..
-            } => {
-                let mut reply = Some(reply);
-                self.update(tag, |e| {
-                    if !matches!(e.state(), EntryState::Queued | EntryState::Running) {
-                        return false;
+                    e.reply_off = off;
+                    e.flags |= FINISHED;
+                    if discarded {
+                        e.flags |= DISCARDED;
                     }
-                    e.finished = Some(Mark { ms: at_ms, seq });
-                    e.reply = reply.take().map(Reply::Discarded);
-                    e.duration_ms = duration_ms;
                     true
                 })
             }
-            Record::Acked { at_ms, .. } => self.update(tag, |e| {
-                if e.state() != EntryState::Finished {
-                    return false;
-                }
-                e.acked = Some(Mark { ms: at_ms, seq });
-                true
-            }),
+            Record::Acked { .. } => self.mark_acked(tag, off),
         };
         if applied {
-            self.next_seq += 1;
             self.update(tag, |e| {
                 e.bytes += frame_len;
                 true
@@ -1111,66 +1206,124 @@ impl Journal {
         applied
     }
 
-    /// Take the entry out of the accounting, change it, put it back.
+    /// Record the ACK (its record at `off`, 0 when not in the file yet) of a finished entry.
+    fn mark_acked(&mut self, tag: Tag, off: u32) -> bool {
+        let done = self.update(tag, |e| {
+            if e.state() != EntryState::Finished {
+                return false;
+            }
+            e.acked_off = off;
+            e.flags |= ACKED;
+            true
+        });
+        if done {
+            self.acked_order.push_back(tag);
+        }
+        done
+    }
+
+    /// Add (`true`) or remove an entry's weight from the totals.
+    fn weigh(&mut self, e: &Entry, add: bool) {
+        let bytes = u64::from(e.bytes);
+        let acked = e.has(ACKED);
+        if add {
+            self.live_bytes += bytes;
+            if acked {
+                self.acked_count += 1;
+            } else {
+                self.unacked_bytes += bytes;
+            }
+        } else {
+            self.live_bytes -= bytes;
+            if acked {
+                self.acked_count -= 1;
+            } else {
+                self.unacked_bytes -= bytes;
+            }
+        }
+    }
+
+    /// Change the entry of `tag`, keeping the totals right.
     fn update(&mut self, tag: Tag, f: impl FnOnce(&mut Entry) -> bool) -> bool {
-        let Some(mut e) = self.unaccount(&tag) else {
+        let Some(e) = self.entries.get_mut(&tag) else {
             return false;
         };
-        let changed = f(&mut e);
-        self.account(tag, e);
+        let before = *e;
+        let changed = f(e);
+        let after = *e;
+        self.weigh(&before, false);
+        self.weigh(&after, true);
         changed
     }
 
-    fn account(&mut self, tag: Tag, e: Entry) {
-        self.live_bytes += e.bytes;
-        match e.acked {
-            Some(m) => {
-                self.acked_order.insert(m.seq, tag);
-            }
-            None => self.unacked_bytes += e.bytes,
-        }
-        self.entries.insert(tag, e);
-    }
-
-    fn unaccount(&mut self, tag: &Tag) -> Option<Entry> {
-        let e = self.entries.remove(tag)?;
-        self.live_bytes -= e.bytes;
-        match e.acked {
-            Some(m) => {
-                self.acked_order.remove(&m.seq);
-            }
-            None => self.unacked_bytes -= e.bytes,
-        }
-        Some(e)
-    }
-
     fn drop_entry(&mut self, tag: &Tag) -> bool {
-        self.unaccount(tag).is_some()
+        let Some(e) = self.entries.remove(tag) else {
+            return false;
+        };
+        self.weigh(&e, false);
+        self.running_since.remove(tag);
+        true
     }
 
     fn unacked_entries(&self) -> usize {
-        self.entries.len() - self.acked_order.len()
+        self.entries.len() - self.acked_count
+    }
+
+    /// The oldest ACK still held: its tag and time.
+    fn front_ack(&mut self) -> Option<(Tag, u64)> {
+        loop {
+            let tag = *self.acked_order.front()?;
+            let Some(e) = self.entries.get(&tag).copied().filter(|e| e.has(ACKED)) else {
+                // Dropped (or accepted again) since its ACK.
+                self.acked_order.pop_front();
+                continue;
+            };
+            if let Some((t, off, ms)) = self.front_ack
+                && t == tag
+                && off == e.acked_off
+            {
+                return Some((tag, ms));
+            }
+            let ms = self.acked_ms(&tag, &e).unwrap_or_else(|err| {
+                // Unreadable: treated as expired (the entry only serves redeliveries).
+                tracing::warn!(%tag, error = %err, "cannot read back the time of an ACK; the entry is dropped");
+                0
+            });
+            self.front_ack = Some((tag, e.acked_off, ms));
+            return Some((tag, ms));
+        }
+    }
+
+    fn retention_ms(&self) -> u64 {
+        u64::try_from(self.limits.retention.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Drop acknowledged entries past retention, and the oldest acknowledged ones while the
     /// journal (with `room` more entries) is over its bounds. Returns how many were dropped.
     fn evict(&mut self, now: u64, room: usize) -> usize {
-        let retention = u64::try_from(self.limits.retention.as_millis()).unwrap_or(u64::MAX);
+        let retention = self.retention_ms();
         let mut dropped = 0;
-        while let Some((_, &tag)) = self.acked_order.first_key_value() {
-            let acked_ms = self
-                .entries
-                .get(&tag)
-                .and_then(|e| e.acked)
-                .map_or(0, |m| m.ms);
+        while let Some((tag, acked_ms)) = self.front_ack() {
             let expired = acked_ms.saturating_add(retention) <= now;
             let over = self.live_bytes > self.limits.max_bytes
                 || self.entries.len() + room > self.limits.max_entries;
             if !(expired || over) {
                 break;
             }
+            self.acked_order.pop_front();
             self.drop_entry(&tag);
             dropped += 1;
+        }
+        if self.acked_order.capacity() > 64
+            && self.acked_order.len() < self.acked_order.capacity() / 4
+        {
+            self.acked_order.shrink_to(self.acked_order.len() * 2);
+        }
+        if dropped > 0
+            && self.entries.capacity() > 64
+            && self.entries.len() < self.entries.capacity() / 4
+        {
+            self.entries.shrink_to(self.entries.len() * 2);
         }
         dropped
     }
@@ -1179,8 +1332,8 @@ impl Journal {
         self.file_len > COMPACT_MIN_BYTES && self.file_len > 2 * self.live_bytes
     }
 
-    /// Compact when there is enough garbage; a failed compaction is logged, not returned (the
-    /// append that preceded it succeeded).
+    /// Evict and compact when there is enough garbage; a failed compaction is logged, not
+    /// returned (the append that preceded it succeeded).
     fn maintain(&mut self) {
         let now = self.clock.now_ms();
         self.evict(now, 0);
@@ -1214,56 +1367,70 @@ impl Journal {
         Ok(buf)
     }
 
-    /// Append one record (synced when asked and [`Limits::sync`]), then apply it.
-    fn write(&mut self, record: Record<'_>, sync: bool) -> Result<(), JournalError> {
+    fn check_poisoned(&self) -> Result<(), JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned {
                 path: self.path.clone(),
             });
         }
-        let frame = Self::encode(record.tag(), &self.path, &record)?;
-        self.append(&frame, sync)?;
-        let applied = self.apply(record, frame.len() as u64);
-        debug_assert!(applied, "the caller checked the state");
         Ok(())
     }
 
-    /// Append one encoded frame (synced when asked and [`Limits::sync`]).
-    fn append(&mut self, frame: &[u8], sync: bool) -> Result<(), JournalError> {
-        if self.poisoned {
-            return Err(JournalError::Poisoned {
+    /// Whether the `started` and `finished` records of an entry with these flags must be
+    /// durable before the executor starts and before the reply is sent ([`SyncMode`]).
+    fn must_sync(&self, flags: u8) -> bool {
+        match self.limits.sync {
+            SyncMode::Needed => flags & SAFE == 0,
+            SyncMode::Always => true,
+            SyncMode::Never => false,
+        }
+    }
+
+    /// Append one record, then apply it. With `durable`, the position it must be durable at.
+    fn write(&mut self, record: Record<'_>, durable: bool) -> Result<Option<Lsn>, JournalError> {
+        self.check_poisoned()?;
+        let frame = Self::encode(record.tag(), &self.path, &record)?;
+        let off = self.append(&frame)?;
+        let applied = self.apply(&record, off, frame.len() as u32);
+        debug_assert!(applied, "the caller checked the state");
+        if !durable {
+            return Ok(None);
+        }
+        let end = self.base + self.file_len;
+        self.want = self.want.max(end);
+        Ok(Some(Lsn(end)))
+    }
+
+    /// Append one encoded frame (a plain `write`, no sync); its offset.
+    fn append(&mut self, frame: &[u8]) -> Result<u32, JournalError> {
+        self.check_poisoned()?;
+        let off = self.file_len;
+        if off + frame.len() as u64 > MAX_FILE_BYTES {
+            return Err(JournalError::FileTooLarge {
                 path: self.path.clone(),
             });
         }
-        if let Err(e) = self.file.write_all(frame) {
+        if let Err(e) = (&*self.file).write_all(frame) {
             // Cut a partial frame off, or later records would sit behind a torn one.
             if self.file.set_len(self.file_len).is_err() {
                 self.poisoned = true;
             }
             return Err(io_err("append to", &self.path)(e));
         }
-        if sync && self.limits.sync {
-            if let Err(e) = self.file.sync_data() {
-                // After a failed fsync the page cache may have dropped the data: trust
-                // nothing more until a reopen rereads the file.
-                self.poisoned = true;
-                return Err(io_err("sync", &self.path)(e));
-            }
-            self.syncs += 1;
-        }
         self.file_len += frame.len() as u64;
-        Ok(())
+        Ok(off as u32)
     }
 
-    /// Replace the acknowledged reply of `tag` by what [`Discarded`] keeps of it, in memory;
-    /// the file is rewritten by the caller (or the next write, or the next open).
+    /// Mark the acknowledged reply of `tag` discarded, in memory; the file is rewritten by the
+    /// caller (or the next write, or the next open).
     fn discard(&mut self, tag: Tag) {
-        let changed = self.update(tag, |e| match &e.reply {
-            Some(Reply::Full(env)) => {
-                e.reply = Some(Reply::Discarded(Discarded::of(env)));
+        let changed = self.update(tag, |e| {
+            if e.has(FINISHED) && !e.has(DISCARDED) {
+                e.flags |= DISCARDED;
                 true
+            } else {
+                false
             }
-            _ => false,
         });
         self.scrub_pending |= changed;
     }
@@ -1274,16 +1441,12 @@ impl Journal {
     /// again), a crash after it the new one, where the reply is gone. Only when that rewrite
     /// fails is the `acked` record appended to the old file, and the rewrite retried at every
     /// later write and at the next open.
-    fn acked_secret(&mut self, record: Record<'_>) -> Result<(), JournalError> {
-        if self.poisoned {
-            return Err(JournalError::Poisoned {
-                path: self.path.clone(),
-            });
-        }
-        let tag = record.tag();
-        let frame = Self::encode(tag, &self.path, &record)?;
-        let applied = self.apply(record, 0);
+    fn acked_secret(&mut self, tag: Tag, now: u64) -> Result<(), JournalError> {
+        self.check_poisoned()?;
+        let frame = Self::encode(tag, &self.path, &Record::Acked { tag, at_ms: now })?;
+        let applied = self.mark_acked(tag, 0);
         debug_assert!(applied, "the caller checked the state");
+        self.pending_acks.push((tag, now));
         self.discard(tag);
         let Err(e) = self.rewrite() else {
             return Ok(());
@@ -1293,9 +1456,11 @@ impl Journal {
             error = %e,
             "cannot rewrite the journal without the acknowledged secret reply; it stays in the file until a rewrite succeeds (retried at every write and at the next open)"
         );
-        self.append(&frame, false)?;
+        let off = self.append(&frame)?;
+        self.pending_acks.retain(|(t, _)| *t != tag);
         self.update(tag, |e| {
-            e.bytes += frame.len() as u64;
+            e.acked_off = off;
+            e.bytes += frame.len() as u32;
             true
         });
         Ok(())
@@ -1303,23 +1468,29 @@ impl Journal {
 
     /// Rewrite the live entries to a new file and rename it over the journal.
     fn rewrite(&mut self) -> Result<(), JournalError> {
-        if self.poisoned {
-            return Err(JournalError::Poisoned {
-                path: self.path.clone(),
-            });
-        }
+        self.check_poisoned()?;
         let tmp = self.dir.join(TMP_FILE);
-        let result = self.write_compacted(&tmp);
-        match result {
-            Ok((file, len, sizes)) => {
-                self.file = file;
+        match self.write_compacted(&tmp) {
+            Ok((file, len, entries)) => {
+                // Everything before the rename is durable: the new file was synced.
+                self.base += self.file_len;
+                self.file = Arc::new(file);
                 self.file_len = len;
-                for (tag, bytes) in sizes {
-                    self.update(tag, |e| {
-                        e.bytes = bytes;
-                        true
-                    });
+                self.durable = self.base + len;
+                self.entries = entries;
+                self.live_bytes = 0;
+                self.unacked_bytes = 0;
+                self.acked_count = 0;
+                let all: Vec<Entry> = self.entries.values().copied().collect();
+                for e in &all {
+                    self.weigh(e, true);
                 }
+                drop(all);
+                self.pending_acks.clear();
+                self.front_ack = None;
+                let entries = &self.entries;
+                self.acked_order
+                    .retain(|t| entries.get(t).is_some_and(|e| e.has(ACKED)));
                 self.compactions += 1;
                 self.scrub_pending = false;
                 Ok(())
@@ -1331,11 +1502,15 @@ impl Journal {
         }
     }
 
+    /// Copy the live records, in their order, to `tmp` (a `discarded` record in place of the
+    /// `finished` one of a discarded secret reply, and the ACKs not yet in the file at the
+    /// end), sync it and rename it over the journal. Returns the new file, its length and the
+    /// entries with their new offsets.
     #[allow(clippy::type_complexity)]
     fn write_compacted(
         &mut self,
         tmp: &Path,
-    ) -> Result<(File, u64, Vec<(Tag, u64)>), JournalError> {
+    ) -> Result<(File, u64, HashMap<Tag, Entry>), JournalError> {
         match fs::remove_file(tmp) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1351,24 +1526,125 @@ impl Journal {
             .map_err(io_err("create", tmp))?;
         file.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(io_err("set the mode of", tmp))?;
-        let mut records: Vec<(u64, Record<'_>)> = self
-            .entries
-            .iter()
-            .flat_map(|(tag, e)| e.records(*tag))
-            .collect();
-        records.sort_unstable_by_key(|(seq, _)| *seq);
-        let mut sizes: HashMap<Tag, u64> = HashMap::with_capacity(self.entries.len());
+        let mut new: HashMap<Tag, Entry> = HashMap::with_capacity(self.entries.len());
         let mut len = 0u64;
         let mut w = BufWriter::with_capacity(1 << 16, &file);
-        for (_, rec) in &records {
-            let frame = Self::encode(rec.tag(), tmp, rec)?;
+        let old = self.file.clone();
+        let mut r = BufReader::with_capacity(1 << 16, At { file: &old, pos: 0 });
+        let mut off = 0u64;
+        let read_err = io_err("read", &self.path);
+        let unreadable = || {
+            io_err("read", &self.path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a record changed since it was written",
+            ))
+        };
+        let mut read_failure = None;
+        while off < self.file_len {
+            let mut header = [0u8; 8];
+            if let Err(e) = r.read_exact(&mut header) {
+                read_failure = Some(e);
+                break;
+            }
+            let Ok((body_len, crc)) = frame_problem(header, self.file_len - off - HEADER_BYTES)
+            else {
+                return Err(unreadable());
+            };
+            let mut frame = header.to_vec();
+            frame.resize(HEADER_BYTES as usize + body_len as usize, 0);
+            if let Err(e) = r.read_exact(&mut frame[HEADER_BYTES as usize..]) {
+                read_failure = Some(e);
+                break;
+            }
+            let at = off as u32;
+            off += frame.len() as u64;
+            let body = &frame[HEADER_BYTES as usize..];
+            if crc32c(body) != crc {
+                return Err(unreadable());
+            }
+            let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
+                continue; // a record of another version: dropped
+            };
+            let (tag, is_finished) = (head.tag, head.rec == "finished");
+            let Some(e) = self.entries.get(&tag) else {
+                continue; // dropped, forgotten, expired
+            };
+            #[derive(PartialEq)]
+            enum Which {
+                Accepted,
+                Started,
+                Reply,
+                Acked,
+            }
+            let which = if at == e.accepted_off {
+                Which::Accepted
+            } else if e.has(STARTED) && at == e.started_off {
+                Which::Started
+            } else if e.has(FINISHED) && at == e.reply_off {
+                Which::Reply
+            } else if e.has(ACKED) && e.acked_off != 0 && at == e.acked_off {
+                Which::Acked
+            } else {
+                continue; // an earlier entry of the same tag, or a record replay ignored
+            };
+            let out = if which == Which::Reply && e.has(DISCARDED) && is_finished {
+                let Ok(Record::Finished {
+                    at_ms,
+                    reply,
+                    duration_ms,
+                    ..
+                }) = serde_json::from_slice::<Record<'_>>(body)
+                else {
+                    return Err(unreadable());
+                };
+                let rec = Record::Discarded {
+                    tag,
+                    at_ms,
+                    reply: Discarded::of(&reply),
+                    duration_ms,
+                };
+                Self::encode(tag, tmp, &rec)?
+            } else {
+                frame
+            };
+            w.write_all(&out).map_err(io_err("write", tmp))?;
+            let n = new.entry(tag).or_insert(Entry {
+                flags: e.flags,
+                ..Entry::default()
+            });
+            let pos = len as u32; // the new file is no longer than the old one
+            match which {
+                Which::Accepted => n.accepted_off = pos,
+                Which::Started => n.started_off = pos,
+                Which::Reply => n.reply_off = pos,
+                Which::Acked => n.acked_off = pos,
+            }
+            n.bytes += out.len() as u32;
+            len += out.len() as u64;
+        }
+        drop(r);
+        if let Some(e) = read_failure {
+            return Err(read_err(e));
+        }
+        // The ACKs of secret replies that reach the file with this rewrite.
+        for &(tag, at_ms) in &self.pending_acks {
+            let Some(n) = new.get_mut(&tag).filter(|n| n.has(ACKED)) else {
+                continue;
+            };
+            let frame = Self::encode(tag, tmp, &Record::Acked { tag, at_ms })?;
             w.write_all(&frame).map_err(io_err("write", tmp))?;
-            *sizes.entry(rec.tag()).or_default() += frame.len() as u64;
+            n.acked_off = len as u32;
+            n.bytes += frame.len() as u32;
             len += frame.len() as u64;
         }
         w.flush().map_err(io_err("write", tmp))?;
         drop(w);
-        drop(records);
+        if new.len() != self.entries.len() {
+            return Err(io_err("rewrite", &self.path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "records of live entries are missing from the file",
+            )));
+        }
         file.sync_all().map_err(io_err("sync", tmp))?;
         fs::rename(tmp, &self.path)
             .map_err(io_err("rename the compacted journal to", &self.path))?;
@@ -1379,7 +1655,116 @@ impl Journal {
         } else {
             self.syncs += 1;
         }
-        Ok((file, len, sizes.into_iter().collect()))
+        Ok((file, len, new))
+    }
+
+    /// The error for a record that is not where the index says.
+    fn misplaced(&self) -> JournalError {
+        io_err("read back a record of", &self.path)(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the record at the recorded offset is of another kind",
+        ))
+    }
+
+    /// The record at `off` of the current file.
+    fn read_record(&self, off: u32) -> Result<Record<'static>, JournalError> {
+        let body = read_frame(&self.file, u64::from(off))
+            .map_err(io_err("read back a record of", &self.path))?;
+        serde_json::from_slice(&body).map_err(|_| {
+            io_err("read back a record of", &self.path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a record",
+            ))
+        })
+    }
+
+    /// The stored reply of a finished entry.
+    fn reply_of(&self, e: &Entry) -> Result<Envelope, JournalError> {
+        match self.read_record(e.reply_off)? {
+            Record::Finished { reply, .. } => Ok(reply.into_owned()),
+            _ => Err(self.misplaced()),
+        }
+    }
+
+    /// What is left of the discarded reply of an entry.
+    fn discarded_of(&self, e: &Entry) -> Result<Discarded, JournalError> {
+        match self.read_record(e.reply_off)? {
+            Record::Finished { reply, .. } => Ok(Discarded::of(&reply)),
+            Record::Discarded { reply, .. } => Ok(reply),
+            _ => Err(self.misplaced()),
+        }
+    }
+
+    fn acked_ms(&self, tag: &Tag, e: &Entry) -> Result<u64, JournalError> {
+        if e.acked_off == 0 {
+            return Ok(self
+                .pending_acks
+                .iter()
+                .find(|(t, _)| t == tag)
+                .map_or(0, |(_, ms)| *ms));
+        }
+        match self.read_record(e.acked_off)? {
+            Record::Acked { at_ms, .. } => Ok(at_ms),
+            _ => Err(self.misplaced()),
+        }
+    }
+
+    fn view(&self, tag: Tag, e: &Entry) -> Result<EntryView, JournalError> {
+        let Record::Accepted {
+            kind,
+            payload_sha256,
+            at_ms,
+            ..
+        } = self.read_record(e.accepted_off)?
+        else {
+            return Err(self.misplaced());
+        };
+        let mut v = EntryView {
+            tag,
+            kind: kind.into_owned(),
+            payload_sha256: payload_sha256.into_owned(),
+            state: e.state(),
+            accepted_ms: at_ms,
+            started_ms: None,
+            finished_ms: None,
+            acked_ms: None,
+            duration_ms: None,
+            pgid: None,
+            reply_type: None,
+            error_code: None,
+        };
+        if e.has(STARTED) {
+            let Record::Started { at_ms, pgid, .. } = self.read_record(e.started_off)? else {
+                return Err(self.misplaced());
+            };
+            v.started_ms = Some(at_ms);
+            v.pgid = pgid;
+        }
+        if e.has(FINISHED) {
+            let (at, d, duration) = match self.read_record(e.reply_off)? {
+                Record::Finished {
+                    at_ms,
+                    reply,
+                    duration_ms,
+                    ..
+                } => (at_ms, Discarded::of(&reply), duration_ms),
+                Record::Discarded {
+                    at_ms,
+                    reply,
+                    duration_ms,
+                    ..
+                } => (at_ms, reply, duration_ms),
+                _ => return Err(self.misplaced()),
+            };
+            v.finished_ms = Some(at);
+            v.duration_ms = duration;
+            v.reply_type = Some(d.reply_type);
+            v.error_code = d.error_code;
+        }
+        if e.has(ACKED) {
+            v.acked_ms = Some(self.acked_ms(&tag, e)?);
+        }
+        Ok(v)
     }
 
     fn state_name(&self, tag: &Tag) -> &'static str {
@@ -1400,17 +1785,39 @@ impl Journal {
     // -----------------------------------------------------------------------------------------
     // The API
 
-    /// What the journal knows of `tag`.
+    /// What the journal knows of `tag`. A stored reply is read back from the file; when that
+    /// fails (logged), [`Lookup::InProgress`]: nothing is run, nothing is sent.
     pub fn lookup(&self, tag: &Tag) -> Lookup {
-        match self.entries.get(tag) {
-            None => Lookup::New,
-            Some(e) => match &e.reply {
-                Some(Reply::Full(reply)) => Lookup::Done(reply.clone()),
-                Some(Reply::Discarded(_)) if (self.policy.safe_to_rerun)(&e.kind) => Lookup::New,
-                Some(Reply::Discarded(d)) => Lookup::Discarded(d.clone()),
-                None => Lookup::InProgress,
-            },
+        let Some(e) = self.entries.get(tag) else {
+            return Lookup::New;
+        };
+        if !e.has(FINISHED) {
+            return Lookup::InProgress;
         }
+        let read = if e.has(DISCARDED) {
+            if e.has(SAFE) {
+                return Lookup::New;
+            }
+            self.discarded_of(e).map(Lookup::Discarded)
+        } else {
+            self.reply_of(e).map(Lookup::Done)
+        };
+        read.unwrap_or_else(|err| {
+            tracing::error!(%tag, error = %err, "cannot read back the stored reply; nothing sent, nothing run");
+            Lookup::InProgress
+        })
+    }
+
+    /// The state of the entry of `tag` (no read from the file).
+    pub fn state(&self, tag: &Tag) -> Option<EntryState> {
+        self.entries.get(tag).map(Entry::state)
+    }
+
+    /// Whether `tag` is unknown, or may be accepted again (see [`Journal::lookup`]).
+    fn is_new(&self, tag: &Tag) -> bool {
+        self.entries
+            .get(tag)
+            .is_none_or(|e| e.has(DISCARDED) && e.has(SAFE))
     }
 
     /// Record that the instruction `tag` of type `kind` was accepted (queued). `payload_sha256`
@@ -1431,7 +1838,7 @@ impl Journal {
         }
         // An entry whose secret reply was discarded and whose type is safe to re-run looks up
         // as new: its `accepted` replaces it (as at replay).
-        if self.lookup(&tag) != Lookup::New {
+        if !self.is_new(&tag) {
             return Err(JournalError::AlreadyRecorded {
                 path: self.path.clone(),
                 tag,
@@ -1465,35 +1872,44 @@ impl Journal {
     }
 
     /// Record that the executor of `tag` is about to start, in process group `pgid` when known.
-    /// Synced: returns once the record is on disk. Call it before starting the executor.
-    pub fn started(&mut self, tag: Tag, pgid: Option<i32>) -> Result<(), JournalError> {
-        if self.entries.get(&tag).map(Entry::state) != Some(EntryState::Queued) {
+    /// The record is appended, not synced: when it must be durable before the executor starts
+    /// ([`SyncMode`]), the position to wait for ([`Journal::durable`]); `None` when the
+    /// executor may start now.
+    pub fn started(&mut self, tag: Tag, pgid: Option<i32>) -> Result<Option<Lsn>, JournalError> {
+        let Some(e) = self
+            .entries
+            .get(&tag)
+            .filter(|e| e.state() == EntryState::Queued)
+        else {
             return Err(self.wrong_state(tag, "started"));
-        }
+        };
+        let sync = self.must_sync(e.flags);
         let now = self.clock.now_ms();
-        self.write(
+        let lsn = self.write(
             Record::Started {
                 tag,
                 at_ms: now,
                 pgid,
             },
-            true,
+            sync,
         )?;
+        self.running_since.insert(tag, now);
         self.maintain();
-        Ok(())
+        Ok(lsn)
     }
 
-    /// Store the final reply of `tag` (queued or running). Synced: returns once the reply is on
-    /// disk. Call it before sending the reply.
-    pub fn finished(&mut self, tag: Tag, reply: &Envelope) -> Result<(), JournalError> {
+    /// Store the final reply of `tag` (queued or running). The record is appended, not synced:
+    /// when it must be durable before the reply is sent ([`SyncMode`]), the position to wait
+    /// for ([`Journal::durable`]); `None` when the reply may go now.
+    pub fn finished(&mut self, tag: Tag, reply: &Envelope) -> Result<Option<Lsn>, JournalError> {
         let duration = self
-            .entries
+            .running_since
             .get(&tag)
-            .and_then(|e| e.started)
-            .map(|s| self.clock.now_ms().saturating_sub(s.ms));
-        self.finish(tag, reply, duration)?;
+            .map(|s| self.clock.now_ms().saturating_sub(*s));
+        let lsn = self.finish(tag, reply, duration)?;
+        self.running_since.remove(&tag);
         self.maintain();
-        Ok(())
+        Ok(lsn)
     }
 
     fn finish(
@@ -1501,7 +1917,7 @@ impl Journal {
         tag: Tag,
         reply: &Envelope,
         duration_ms: Option<u64>,
-    ) -> Result<(), JournalError> {
+    ) -> Result<Option<Lsn>, JournalError> {
         if reply.tag != tag {
             return Err(JournalError::ReplyTagMismatch {
                 path: self.path.clone(),
@@ -1509,12 +1925,14 @@ impl Journal {
                 reply_tag: reply.tag,
             });
         }
-        if !matches!(
-            self.entries.get(&tag).map(Entry::state),
-            Some(EntryState::Queued | EntryState::Running)
-        ) {
+        let Some(e) = self
+            .entries
+            .get(&tag)
+            .filter(|e| matches!(e.state(), EntryState::Queued | EntryState::Running))
+        else {
             return Err(self.wrong_state(tag, "finished"));
-        }
+        };
+        let sync = self.must_sync(e.flags);
         let now = self.clock.now_ms();
         self.write(
             Record::Finished {
@@ -1523,7 +1941,7 @@ impl Journal {
                 reply: Cow::Borrowed(reply),
                 duration_ms,
             },
-            true,
+            sync,
         )
     }
 
@@ -1533,19 +1951,18 @@ impl Journal {
     /// recorded by a synced rewrite of the file, done when this returns (see "Secret replies"
     /// in the crate documentation).
     pub fn acked(&mut self, tag: Tag) -> Result<bool, JournalError> {
-        if self.entries.get(&tag).map(Entry::state) != Some(EntryState::Finished) {
-            return Ok(false);
-        }
-        let now = self.clock.now_ms();
-        let record = Record::Acked { tag, at_ms: now };
-        let secret = self
+        let Some(e) = self
             .entries
             .get(&tag)
-            .is_some_and(|e| (self.policy.secret_reply)(&e.kind));
-        if secret {
-            self.acked_secret(record)?;
+            .filter(|e| e.state() == EntryState::Finished)
+        else {
+            return Ok(false);
+        };
+        let now = self.clock.now_ms();
+        if e.has(SECRET) {
+            self.acked_secret(tag, now)?;
         } else {
-            self.write(record, false)?;
+            self.write(Record::Acked { tag, at_ms: now }, false)?;
         }
         self.maintain();
         Ok(true)
@@ -1569,77 +1986,218 @@ impl Journal {
         self.rewrite()
     }
 
-    fn unacked_sorted(&self) -> Vec<(u64, Tag, &Envelope)> {
-        let mut v: Vec<_> = self
+    /// Drop the acknowledged entries whose retention is over (compacting when that leaves
+    /// enough garbage), as the writes do; for a timer armed at [`Journal::next_expiry_ms`].
+    /// Returns how many were dropped.
+    pub fn expire(&mut self) -> usize {
+        let now = self.clock.now_ms();
+        let dropped = self.evict(now, 0);
+        if dropped > 0 && (self.scrub_pending || self.wants_compaction()) {
+            if let Err(e) = self.rewrite() {
+                tracing::warn!(error = %e, "journal compaction failed; retried later");
+            }
+        }
+        dropped
+    }
+
+    /// When (ms since the epoch, by the journal's clock) the oldest acknowledged entry's
+    /// retention ends; `None` when no entry is acknowledged.
+    pub fn next_expiry_ms(&mut self) -> Option<u64> {
+        let retention = self.retention_ms();
+        self.front_ack().map(|(_, ms)| ms.saturating_add(retention))
+    }
+
+    /// The journal's clock, now.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    // --- Group commit -------------------------------------------------------------------------
+
+    /// A sync of everything appended so far, when a record that must be durable is not yet and
+    /// no other job is out; run it ([`SyncJob::run`], on another thread) and pass its outcome
+    /// to [`Journal::synced`]. Records appended meanwhile wait for the next job: one
+    /// `fdatasync` covers all of them.
+    pub fn sync_job(&mut self) -> Option<SyncJob> {
+        if self.poisoned || self.syncing || self.want <= self.durable {
+            return None;
+        }
+        self.syncing = true;
+        Some(SyncJob {
+            file: self.file.clone(),
+            upto: self.base + self.file_len,
+        })
+    }
+
+    /// Record the outcome of a [`SyncJob`]: the new durable position, or the error (which
+    /// leaves the journal [`JournalError::Poisoned`], as any failed sync does, unless a rewrite
+    /// made those records durable meanwhile).
+    pub fn synced(&mut self, done: SyncDone) -> Result<Lsn, JournalError> {
+        self.syncing = false;
+        self.sync_outcome(done.upto, done.result)
+    }
+
+    fn sync_outcome(&mut self, upto: u64, result: io::Result<()>) -> Result<Lsn, JournalError> {
+        match result {
+            Ok(()) => {
+                self.syncs += 1;
+                self.durable = self.durable.max(upto);
+                Ok(Lsn(self.durable))
+            }
+            Err(_) if upto <= self.durable => Ok(Lsn(self.durable)),
+            Err(e) => {
+                // After a failed fsync the page cache may have dropped the data: trust
+                // nothing more until a reopen rereads the file.
+                self.poisoned = true;
+                Err(io_err("sync", &self.path)(e))
+            }
+        }
+    }
+
+    /// Sync now, on this thread, when a record that must be durable is not yet.
+    pub fn sync_now(&mut self) -> Result<Lsn, JournalError> {
+        self.check_poisoned()?;
+        if self.want <= self.durable {
+            return Ok(Lsn(self.durable));
+        }
+        let upto = self.base + self.file_len;
+        let result = self.file.sync_data();
+        self.sync_outcome(upto, result)
+    }
+
+    /// Everything up to this position is on disk.
+    pub fn durable(&self) -> Lsn {
+        Lsn(self.durable)
+    }
+
+    /// Whether a failed write or sync made the journal unusable until it is opened again.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    // --- Views ----------------------------------------------------------------------------------
+
+    /// Tags of the replies awaiting ACK, oldest first.
+    fn unacked_sorted(&self) -> Vec<Tag> {
+        let mut v: Vec<(u32, Tag)> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.acked.is_none())
-            .filter_map(|(t, e)| Some((e.finished?.seq, *t, e.reply.as_ref()?.full()?)))
+            .filter(|(_, e)| e.state() == EntryState::Finished && !e.has(DISCARDED))
+            .map(|(t, e)| (e.reply_off, *t))
             .collect();
-        v.sort_unstable_by_key(|(seq, _, _)| *seq);
-        v
+        v.sort_unstable();
+        v.into_iter().map(|(_, t)| t).collect()
     }
 
     /// The replies awaiting ACK, oldest first: to send after each `WELCOME` (HELLO lists their
-    /// tags, [`Journal::unacked_tags`]).
+    /// tags, [`Journal::unacked_tags`]). Read back from the file (one that cannot be read is
+    /// logged and left out).
     pub fn unacked(&self) -> Vec<Envelope> {
         self.unacked_sorted()
             .into_iter()
-            .map(|(_, _, r)| r.clone())
+            .filter_map(|t| match self.lookup(&t) {
+                Lookup::Done(r) => Some(r),
+                _ => None,
+            })
             .collect()
     }
 
     /// The tags of [`Journal::unacked`], in the same order.
     pub fn unacked_tags(&self) -> Vec<Tag> {
         self.unacked_sorted()
-            .into_iter()
-            .map(|(_, t, _)| t)
-            .collect()
     }
 
-    /// Sizes and counts.
+    /// The tags of the `n` entries answered last (their reply stored last), newest first.
+    pub fn answered_newest_first(&self, n: usize) -> Vec<Tag> {
+        let mut v: Vec<(u32, Tag)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.has(FINISHED))
+            .map(|(t, e)| (e.reply_off, *t))
+            .collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.truncate(n);
+        v.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Sizes and counts (the two times are read back from the file).
     pub fn stats(&self) -> Stats {
         let mut s = Stats {
             entries: self.entries.len(),
-            acked: self.acked_order.len(),
+            acked: self.acked_count,
             file_bytes: self.file_len,
             live_bytes: self.live_bytes,
             unacked_bytes: self.unacked_bytes,
             syncs: self.syncs,
             compactions: self.compactions,
+            index_bytes: self.index_bytes(),
             ..Stats::default()
         };
+        let mut oldest_unacked: Option<&Entry> = None;
+        let mut oldest: Option<&Entry> = None;
         for e in self.entries.values() {
             match e.state() {
                 EntryState::Queued => s.queued += 1,
                 EntryState::Running => s.running += 1,
                 EntryState::Finished => {
                     s.unacked += 1;
-                    let at = e.finished.map_or(0, |m| m.ms);
-                    s.oldest_unacked_ms = Some(s.oldest_unacked_ms.map_or(at, |o| o.min(at)));
+                    if oldest_unacked.is_none_or(|o| e.reply_off < o.reply_off) {
+                        oldest_unacked = Some(e);
+                    }
                 }
                 EntryState::Acked => {}
             }
-            let at = e.accepted.ms;
-            s.oldest_entry_ms = Some(s.oldest_entry_ms.map_or(at, |o| o.min(at)));
+            if oldest.is_none_or(|o| e.accepted_off < o.accepted_off) {
+                oldest = Some(e);
+            }
         }
+        s.oldest_unacked_ms = oldest_unacked.and_then(|e| match self.read_record(e.reply_off) {
+            Ok(Record::Finished { at_ms, .. }) => Some(at_ms),
+            _ => None,
+        });
+        s.oldest_entry_ms = oldest.and_then(|e| match self.read_record(e.accepted_off) {
+            Ok(Record::Accepted { at_ms, .. }) => Some(at_ms),
+            _ => None,
+        });
         s
+    }
+
+    /// See [`Stats::index_bytes`]: a hash table of `capacity` entries has a power of two of
+    /// buckets, at least 8/7 of it, each with one control byte.
+    fn index_bytes(&self) -> u64 {
+        fn table<K, V>(capacity: usize) -> usize {
+            if capacity == 0 {
+                return 0;
+            }
+            let buckets = (capacity * 8 / 7).next_power_of_two();
+            buckets * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let bytes = table::<Tag, Entry>(self.entries.capacity())
+            + table::<Tag, u64>(self.running_since.capacity())
+            + self.acked_order.capacity() * std::mem::size_of::<Tag>()
+            + self.pending_acks.capacity() * std::mem::size_of::<(Tag, u64)>();
+        bytes as u64
     }
 
     /// The `n` most recently accepted entries, newest first.
     pub fn recent(&self, n: usize) -> Vec<EntryView> {
-        let mut v: Vec<_> = self
+        let mut v: Vec<(u32, Tag)> = self
             .entries
             .iter()
-            .map(|(t, e)| (e.accepted.seq, *t, e))
+            .map(|(t, e)| (e.accepted_off, *t))
             .collect();
-        v.sort_unstable_by_key(|(seq, _, _)| std::cmp::Reverse(*seq));
-        v.into_iter().take(n).map(|(_, t, e)| e.view(t)).collect()
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.truncate(n);
+        v.into_iter().filter_map(|(_, t)| self.get(&t)).collect()
     }
 
-    /// The entry of `tag`.
+    /// The entry of `tag`, read back from the file (`None` when unknown, or unreadable:
+    /// logged).
     pub fn get(&self, tag: &Tag) -> Option<EntryView> {
-        self.entries.get(tag).map(|e| e.view(*tag))
+        let e = self.entries.get(tag)?;
+        self.view(*tag, e)
+            .map_err(|err| tracing::error!(%tag, error = %err, "cannot read back a journal entry"))
+            .ok()
     }
 
     /// The journal file.
@@ -2334,38 +2892,217 @@ mod tests {
         assert_eq!(j.lookup(&t), Lookup::New);
     }
 
-    /// The cost of one synced append (`started` or `finished`), printed for the report:
-    /// `cargo test -p runos-journal --lib tests::synced_append_cost -- --nocapture`.
+    /// The cost of a synced append (`started` or `finished`), printed for the report:
+    /// `cargo test -p runos-journal --lib tests::synced_append_cost -- --nocapture`. One sync
+    /// per record (as before group commit) against one sync per batch of 64 instructions.
     #[test]
     fn synced_append_cost() {
         let d = tempfile::tempdir().unwrap();
         let clock = TestClock::new();
-        for sync in [true, false] {
-            let limits = Limits {
-                sync,
-                ..Limits::default()
-            };
-            let (mut j, _) = open_with(d.path(), &clock, limits);
-            let n = 100;
+        for batch in [1usize, 64] {
+            let (mut j, _) = open(d.path(), &clock);
+            let n = 128;
+            let syncs0 = j.stats().syncs;
             let start = std::time::Instant::now();
+            let mut tags = Vec::new();
             for _ in 0..n {
                 let t = Tag::random();
                 j.accepted(t, "RUN_COMMAND", &sha(1)).unwrap();
                 j.started(t, Some(1)).unwrap();
+                if batch == 1 {
+                    j.sync_now().unwrap();
+                }
                 j.finished(t, &reply(t, "a short reply of some sixty bytes, like most"))
                     .unwrap();
-                j.acked(t).unwrap();
+                if batch == 1 {
+                    j.sync_now().unwrap();
+                }
+                tags.push(t);
+                if tags.len() == batch / 2 || batch == 1 {
+                    if let Some(job) = j.sync_job() {
+                        j.synced(job.run()).unwrap();
+                    }
+                    for t in tags.drain(..) {
+                        j.acked(t).unwrap();
+                    }
+                }
             }
-            let per = start.elapsed() / (2 * n);
-            let syncs = j.stats().syncs;
+            let per = start.elapsed() / n as u32;
+            let syncs = j.stats().syncs - syncs0;
             eprintln!(
-                "journal sync={sync}: {per:?} per synced append ({n} instructions, each 2 synced appends (started, finished) and 2 unsynced (accepted, acked); {syncs} syncs)"
+                "journal, sync every {batch} records: {per:?} per instruction ({n} instructions of 4 records, 2 that must be durable; {syncs} syncs)"
             );
-            if sync {
-                assert!(syncs >= u64::from(2 * n));
-            } else {
-                assert_eq!(syncs, 0);
+            assert!(syncs >= 1);
+            drop(j);
+        }
+    }
+
+    #[test]
+    fn one_sync_covers_every_record_appended_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let (mut j, _) = open(d.path(), &clock);
+        assert!(j.sync_job().is_none(), "nothing to sync");
+        let syncs = j.stats().syncs;
+        let mut lsns = Vec::new();
+        for i in 0..10u8 {
+            let t = Tag::random();
+            j.accepted(t, "RUN_COMMAND", &sha(i)).unwrap();
+            lsns.push(j.started(t, None).unwrap().expect("must be durable"));
+            if i % 2 == 0 {
+                lsns.push(
+                    j.finished(t, &reply(t, "r"))
+                        .unwrap()
+                        .expect("must be durable"),
+                );
             }
         }
+        assert!(lsns.windows(2).all(|w| w[0] < w[1]));
+        assert!(lsns.iter().all(|l| *l > j.durable()));
+        let job = j.sync_job().expect("a sync is due");
+        assert!(j.sync_job().is_none(), "one job at a time");
+        // Appended while the job runs: for the next one.
+        let late = Tag::random();
+        j.accepted(late, "RUN_COMMAND", &sha(99)).unwrap();
+        let late_lsn = j.started(late, None).unwrap().unwrap();
+        let done = job.run();
+        let durable = j.synced(done).unwrap();
+        assert!(
+            lsns.iter().all(|l| *l <= durable),
+            "one sync for 15 records"
+        );
+        assert!(late_lsn > durable);
+        assert_eq!(j.stats().syncs, syncs + 1);
+        let job = j.sync_job().expect("the late record");
+        j.synced(job.run()).unwrap();
+        assert!(late_lsn <= j.durable());
+        assert!(j.sync_job().is_none());
+        // A rewrite syncs itself: everything before it is durable.
+        let t = Tag::random();
+        j.accepted(t, "RUN_COMMAND", &sha(1)).unwrap();
+        let lsn = j.started(t, None).unwrap().unwrap();
+        j.compact().unwrap();
+        assert!(lsn <= j.durable());
+        assert!(j.sync_job().is_none());
+        let lsn2 = j.finished(t, &reply(t, "after")).unwrap().unwrap();
+        assert!(
+            lsn2 > j.durable(),
+            "positions go on growing after a rewrite"
+        );
+        assert!(j.sync_now().unwrap() >= lsn2);
+    }
+
+    #[test]
+    fn sync_modes_decide_which_records_must_be_durable() {
+        let clock = TestClock::new();
+        for (mode, safe, unsafe_) in [
+            (SyncMode::Needed, false, true),
+            (SyncMode::Always, true, true),
+            (SyncMode::Never, false, false),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let limits = Limits {
+                sync: mode,
+                ..Limits::default()
+            };
+            let (mut j, _) = open_with(d.path(), &clock, limits);
+            for (kind, want) in [("GET_NODE_STATUS", safe), ("RUN_COMMAND", unsafe_)] {
+                let t = Tag::random();
+                j.accepted(t, kind, &sha(1)).unwrap();
+                assert_eq!(
+                    j.started(t, None).unwrap().is_some(),
+                    want,
+                    "{mode:?} {kind}"
+                );
+                assert_eq!(
+                    j.finished(t, &reply(t, "r")).unwrap().is_some(),
+                    want,
+                    "{mode:?} {kind}"
+                );
+                assert_eq!(j.sync_job().is_some(), want, "{mode:?} {kind}");
+                j.sync_now().unwrap();
+                j.syncing = false;
+                // `accepted` and `acked` never need a sync.
+                j.acked(t).unwrap();
+                assert!(j.sync_job().is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn replies_are_read_back_from_the_file_across_compactions() {
+        let d = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let limits = Limits {
+            retention: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let (mut j, _) = open_with(d.path(), &clock, limits.clone());
+        let mut kept = Vec::new();
+        let filler = "z".repeat(2000);
+        for i in 0..2000 {
+            let t = Tag::random();
+            // Some over the 4 KiB a first read takes.
+            let text = if i % 300 == 0 {
+                format!("{i} {filler}{filler}{filler}")
+            } else {
+                format!("{i} {filler}")
+            };
+            let r = run(&mut j, t, &text);
+            if i % 100 == 0 {
+                kept.push((t, r)); // never acknowledged
+            } else {
+                assert!(j.acked(t).unwrap());
+            }
+            clock.advance(20);
+        }
+        // Acknowledged ones expired and the file was compacted by itself, several times: the
+        // offsets of the replies kept moved with it.
+        let s = j.stats();
+        assert!(s.compactions >= 1, "{s:?}");
+        assert!(s.entries < 2000, "{s:?}");
+        for (t, r) in &kept {
+            assert_eq!(j.lookup(t), Lookup::Done(r.clone()));
+        }
+        assert_eq!(
+            j.unacked(),
+            kept.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()
+        );
+        j.compact().unwrap();
+        for (t, r) in &kept {
+            assert_eq!(j.lookup(t), Lookup::Done(r.clone()));
+            assert_eq!(j.get(t).unwrap().state, EntryState::Finished);
+        }
+        drop(j);
+        let (j, _) = open_with(d.path(), &clock, limits);
+        for (t, r) in &kept {
+            assert_eq!(j.lookup(t), Lookup::Done(r.clone()));
+        }
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_oldest_ack_plus_the_retention() {
+        let d = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let limits = Limits {
+            retention: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let (mut j, _) = open_with(d.path(), &clock, limits);
+        assert_eq!(j.next_expiry_ms(), None);
+        let (a, b) = (Tag::random(), Tag::random());
+        run(&mut j, a, "a");
+        run(&mut j, b, "b");
+        assert!(j.acked(a).unwrap());
+        clock.advance(1000);
+        assert!(j.acked(b).unwrap());
+        assert_eq!(j.next_expiry_ms(), Some(T0 + 60_000));
+        clock.advance(59_000);
+        assert_eq!(j.expire(), 1);
+        assert_eq!(j.lookup(&a), Lookup::New);
+        assert_eq!(j.next_expiry_ms(), Some(T0 + 61_000));
+        clock.advance(1000);
+        assert_eq!(j.expire(), 1);
+        assert_eq!(j.next_expiry_ms(), None);
     }
 }

@@ -18,8 +18,22 @@
 //!
 //! Every instruction goes through the journal (see the `runos_journal` crate for the contract):
 //! `lookup` first (a completed tag gets its stored reply again, a queued or running one nothing),
-//! then `accepted`, `started` (on disk before the executor starts), `finished` (on disk before
-//! the reply is sent) and `acked`. Immediate answers (`unknown_type`, `unsupported`, a bad
+//! then `accepted`, `started` (on disk before the executor starts, when the type needs it),
+//! `finished` (on disk before the reply is sent, when the type needs it) and `acked`.
+//!
+//! Group commit: the journal only appends (a plain `write`); the `fdatasync`s run on one
+//! dedicated thread, one at a time, each covering every record appended before it started. An
+//! instruction whose `started` record must be durable gets its task at once (so that `CANCEL`
+//! and the shutdown find it running) but the task waits for the durable position before it
+//! starts the executor; a reply whose `finished` record must be durable waits in the outbox and
+//! is sent (and audited) once it is. While one sync runs, the records of many instructions
+//! accumulate, and the next sync covers them all. A sync that fails poisons the journal: the
+//! waiting executors are not started (answered `internal`), the waiting replies are sent anyway
+//! (logged), as when a write fails.
+//!
+//! Acknowledged entries expire on a timer armed at the next expiry (the oldest ACK plus the
+//! retention, at most once per [`EXPIRY_GRANULARITY`]), not on a periodic tick: an idle agent
+//! is not woken by the journal. Immediate answers (`unknown_type`, `unsupported`, a bad
 //! `CANCEL`, `cancelled`, `interrupted`, `CANCEL`'s `NO_CONTENT`) are journaled too, so a
 //! redelivery gets the same reply. `busy` and `shutting_down` are not: the control plane resends
 //! those with the same tag, and the tag must then be new. A journal that cannot record an
@@ -36,7 +50,9 @@ use std::time::{Duration, Instant};
 use runos_executors::after_ack::{self, PendingStep};
 use runos_executors::lanes::{Lane, Lanes};
 use runos_executors::{AfterAck, StepCtx};
-use runos_journal::{EntryState, Journal, JournalError, Lookup, payload_sha256};
+use runos_journal::{
+    EntryState, Journal, JournalError, Lookup, Lsn, SyncDone, SyncJob, payload_sha256,
+};
 use runos_protocol::control::{self, is_control_type};
 use runos_protocol::instructions::is_instruction_type;
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload, MessageType, Tag};
@@ -121,7 +137,8 @@ pub struct DispatchLink {
     /// Replies and `LOG` lines from the dispatcher, to send on the live session (they are
     /// dropped while disconnected: final replies stay in the journal and are resent).
     pub replies: mpsc::Receiver<Envelope>,
-    /// Instructions accepted and not yet answered (queued or running).
+    /// Instructions accepted whose reply has not yet been handed to the session (queued,
+    /// running, or answered with the reply waiting for its journal record to be durable).
     pub in_flight: watch::Receiver<usize>,
 }
 
@@ -144,9 +161,37 @@ pub fn spawn_with_audit(
     audit: Option<AuditLog>,
     shutdown: watch::Receiver<bool>,
 ) -> (DispatchLink, tokio::task::JoinHandle<()>) {
+    spawn_with_sync(
+        catalog,
+        cfg,
+        journal,
+        audit,
+        shutdown,
+        Arc::new(SyncJob::run),
+    )
+}
+
+/// What runs the journal's syncs on the sync thread: [`SyncJob::run`], or a test's wrapper
+/// around it (to count or hold them).
+pub type SyncRunner = Arc<dyn Fn(SyncJob) -> SyncDone + Send + Sync>;
+
+/// [`spawn_with_audit`] with the syncs run by `runner`.
+pub fn spawn_with_sync(
+    catalog: Arc<Catalog>,
+    cfg: DispatchConfig,
+    journal: Journal,
+    audit: Option<AuditLog>,
+    shutdown: watch::Receiver<bool>,
+    runner: SyncRunner,
+) -> (DispatchLink, tokio::task::JoinHandle<()>) {
     let (in_tx, in_rx) = mpsc::channel(256);
     let (reply_tx, reply_rx) = mpsc::channel(cfg.reply_channel.max(1));
     let (flight_tx, flight_rx) = watch::channel(0usize);
+    let (sync_tx, sync_rx) = match spawn_sync_thread(runner) {
+        Some((tx, rx)) => (Some(tx), rx),
+        None => (None, mpsc::unbounded_channel().1),
+    };
+    let durable_tx = watch::Sender::new((journal.durable(), journal.is_poisoned()));
     let mut d = Dispatcher {
         journal,
         audit,
@@ -162,9 +207,14 @@ pub fn spawn_with_audit(
         flight_tx,
         shutting_down: false,
         started: Default::default(), // status: see `snapshot.rs`
+        sync_tx,
+        durable_tx,
+        outbox: VecDeque::new(),
+        expiry: None,
+        expired_at: tokio::time::Instant::now(),
     };
     d.resume_steps();
-    let join = tokio::spawn(d.run(in_rx, shutdown));
+    let join = tokio::spawn(d.run(in_rx, sync_rx, shutdown));
     (
         DispatchLink {
             inbound: in_tx,
@@ -175,19 +225,36 @@ pub fn spawn_with_audit(
     )
 }
 
-/// Run a synchronous journal call (it may `fdatasync`, a few milliseconds) from the dispatcher
-/// task.
-///
-/// The dispatcher is one task that handles one message at a time, and the journal's order is
-/// the dispatcher's order, so the call stays on this task rather than moving to a blocking
-/// thread (which would need the journal behind a lock and reorder nothing useful). On the
-/// multi-threaded runtime the daemon uses, `block_in_place` hands this worker's other tasks
-/// (the session: heartbeats, reading, writing) to another worker while the sync runs. On a
-/// current-thread runtime (unit tests) that is impossible and the call simply runs inline.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
+/// The expiry timer fires at most once in this interval: expiries closer together are handled
+/// by one wake-up.
+pub const EXPIRY_GRANULARITY: Duration = Duration::from_secs(1);
+
+/// Start the journal's sync thread: it runs each [`SyncJob`] it gets (one `fdatasync`) and
+/// sends the outcome back. It ends when the dispatcher drops its sender. `None` when the thread
+/// cannot be created (the dispatcher then syncs inline).
+fn spawn_sync_thread(
+    runner: SyncRunner,
+) -> Option<(
+    std::sync::mpsc::Sender<SyncJob>,
+    mpsc::UnboundedReceiver<SyncDone>,
+)> {
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<SyncJob>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("runos-journal-sync".into())
+        .spawn(move || {
+            while let Ok(job) = job_rx.recv() {
+                if done_tx.send(runner(job)).is_err() {
+                    break;
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some((job_tx, done_rx)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the journal's sync thread; syncing inline");
+            None
+        }
     }
 }
 
@@ -221,6 +288,17 @@ struct Dispatcher {
     shutting_down: bool,
     /// Type and start time of running instructions, for `runos status` (see `snapshot.rs`).
     started: snapshot::StartLog,
+    /// To the journal's sync thread (`None`: sync inline).
+    sync_tx: Option<std::sync::mpsc::Sender<SyncJob>>,
+    /// The journal's durable position, and whether the journal failed: tasks wait on it before
+    /// they start their executor.
+    durable_tx: watch::Sender<(Lsn, bool)>,
+    /// Final replies waiting for their `finished` record to be durable, in journal order.
+    outbox: VecDeque<(Lsn, Envelope)>,
+    /// When the oldest acknowledged entry's retention ends (see [`EXPIRY_GRANULARITY`]).
+    expiry: Option<tokio::time::Instant>,
+    /// When the expiry timer last fired.
+    expired_at: tokio::time::Instant,
 }
 
 /// A running instruction.
@@ -271,11 +349,18 @@ struct Queued {
 }
 
 impl Dispatcher {
-    async fn run(mut self, mut rx: mpsc::Receiver<Inbound>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Inbound>,
+        mut synced: mpsc::UnboundedReceiver<SyncDone>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         if *shutdown.borrow() {
             self.begin_shutdown().await;
         }
         loop {
+            self.after_event().await;
+            let expiry = self.expiry;
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => self.handle(m).await,
@@ -283,6 +368,16 @@ impl Dispatcher {
                 },
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.finished(done).await;
+                }
+                Some(done) = synced.recv() => {
+                    if let Err(e) = self.journal.synced(done) {
+                        tracing::error!(error = %e, "cannot sync the journal: instructions waiting to start are not run, waiting replies are sent anyway");
+                    }
+                }
+                () = sleep_until_some(expiry), if expiry.is_some() => {
+                    self.expired_at = tokio::time::Instant::now();
+                    let n = self.journal.expire();
+                    tracing::debug!(dropped = n, "journal: acknowledged entries past retention dropped");
                 }
                 changed = shutdown.changed(), if !self.shutting_down => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -292,10 +387,79 @@ impl Dispatcher {
             }
         }
         self.tasks.abort_all();
+        // Replies still waiting: durable now, resent after the next WELCOME.
+        if let Err(e) = self.journal.sync_now() {
+            tracing::error!(error = %e, "cannot sync the journal at the dispatcher's end");
+        }
+    }
+
+    /// After each event: start a sync when a record waits for one, tell waiting tasks how far
+    /// the journal is durable, send the replies that became durable, re-arm the expiry timer.
+    async fn after_event(&mut self) {
+        if let Some(job) = self.journal.sync_job() {
+            let job = match &self.sync_tx {
+                Some(tx) => tx.send(job).err().map(|e| e.0),
+                None => Some(job),
+            };
+            if let Some(job) = job {
+                // No sync thread: sync here.
+                if let Err(e) = self.journal.synced(job.run()) {
+                    tracing::error!(error = %e, "cannot sync the journal");
+                }
+            }
+        }
+        let d = (self.journal.durable(), self.journal.is_poisoned());
+        self.durable_tx.send_if_modified(|v| {
+            let changed = *v != d;
+            *v = d;
+            changed
+        });
+        self.release().await;
+        self.expiry = self.journal.next_expiry_ms().map(|at| {
+            let wait = Duration::from_millis(at.saturating_sub(self.journal.now_ms()));
+            (tokio::time::Instant::now() + wait).max(self.expired_at + EXPIRY_GRANULARITY)
+        });
+    }
+
+    /// Send (and audit) the replies of the outbox whose record is durable, in order; all of
+    /// them when the journal failed (logged).
+    async fn release(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let durable = self.journal.durable();
+        let failed = self.journal.is_poisoned();
+        while let Some((lsn, _)) = self.outbox.front() {
+            if *lsn > durable && !failed {
+                break;
+            }
+            let Some((lsn, env)) = self.outbox.pop_front() else {
+                break;
+            };
+            if lsn > durable {
+                tracing::error!(tag = %env.tag, "cannot store the reply durably; sending it anyway");
+            }
+            self.audit(&env); // see `journal_query.rs`
+            self.send(env).await;
+        }
+        self.publish();
+    }
+
+    /// Sync inline and send what waited for it (shutdown: before reporting the replies queued).
+    async fn flush(&mut self) {
+        if let Err(e) = self.journal.sync_now() {
+            tracing::error!(error = %e, "cannot sync the journal");
+        }
+        self.after_event().await;
+    }
+
+    /// Whether the reply of `tag` waits in the outbox for its record to be durable.
+    fn in_outbox(&self, tag: &Tag) -> bool {
+        self.outbox.iter().any(|(_, e)| e.tag == *tag)
     }
 
     fn publish(&self) {
-        let n = self.queue.len() + self.running.len();
+        let n = self.queue.len() + self.running.len() + self.outbox.len();
         self.flight_tx.send_if_modified(|v| {
             let changed = *v != n;
             *v = n;
@@ -309,7 +473,8 @@ impl Dispatcher {
         let _ = self.reply_tx.send(env).await;
     }
 
-    /// Store the final reply of a tag already accepted (queued or running), then send it.
+    /// Store the final reply of a tag already accepted (queued or running), then send it: at
+    /// once when its type needs no sync, else from the outbox once its record is durable.
     ///
     /// When the journal cannot store it, the reply is sent anyway (the work is done; the
     /// control plane stores the first reply it gets) and the failure is logged: after a
@@ -317,8 +482,15 @@ impl Dispatcher {
     /// as a duplicate.
     async fn answer(&mut self, env: Envelope) {
         let tag = env.tag;
-        if let Err(e) = blocking(|| self.journal.finished(tag, &env)) {
-            tracing::error!(%tag, error = %e, "cannot store the reply durably; sending it anyway");
+        match self.journal.finished(tag, &env) {
+            Ok(Some(lsn)) => {
+                self.outbox.push_back((lsn, env));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(%tag, error = %e, "cannot store the reply durably; sending it anyway");
+            }
         }
         self.audit(&env); // see `journal_query.rs`
         self.send(env).await;
@@ -329,7 +501,7 @@ impl Dispatcher {
     fn accept(&mut self, env: &Envelope) -> Result<(), Envelope> {
         let tag = env.tag;
         let sha = payload_sha256(env);
-        match blocking(|| self.journal.accepted(tag, env.kind.as_str(), &sha)) {
+        match self.journal.accepted(tag, env.kind.as_str(), &sha) {
             Ok(()) => Ok(()),
             Err(e @ JournalError::Full { .. }) => {
                 tracing::warn!(%tag, r#type = %env.kind, error = %e, "journal full: answered busy");
@@ -383,7 +555,7 @@ impl Dispatcher {
     async fn handle(&mut self, msg: Inbound) {
         match msg {
             Inbound::Instruction(env) => self.submit(env).await,
-            Inbound::Ack(tag) => match blocking(|| self.journal.acked(tag)) {
+            Inbound::Ack(tag) => match self.journal.acked(tag) {
                 Ok(true) => {
                     tracing::debug!(%tag, "reply acknowledged");
                     if let Some((file, step)) = self.steps.remove(&tag) {
@@ -414,10 +586,9 @@ impl Dispatcher {
                         break;
                     }
                     looked += 1;
-                    let awaiting = self
-                        .journal
-                        .get(tag)
-                        .is_some_and(|v| v.state == runos_journal::EntryState::Finished);
+                    // One in the outbox goes out once durable.
+                    let awaiting = self.journal.state(tag) == Some(EntryState::Finished)
+                        && !self.in_outbox(tag);
                     if awaiting && let Lookup::Done(reply) = self.journal.lookup(tag) {
                         bytes = bytes.saturating_add(reply.json_b64.len());
                         page.push(reply);
@@ -451,7 +622,8 @@ impl Dispatcher {
                     ))
                     .await;
                 }
-                self.publish();
+                // Durable and queued to the session before the sender is told.
+                self.flush().await;
                 let _ = done.send(());
             }
         }
@@ -468,6 +640,10 @@ impl Dispatcher {
             Lookup::New => {}
             Lookup::InProgress => {
                 tracing::info!(%tag, r#type = %kind, "already queued or running; not started again");
+                return;
+            }
+            Lookup::Done(_) if self.in_outbox(&tag) => {
+                tracing::info!(%tag, r#type = %kind, "already answered; the reply goes out once stored durably");
                 return;
             }
             Lookup::Done(reply) => {
@@ -607,14 +783,18 @@ impl Dispatcher {
         }
         // The executor's process group is created inside it, so it is not known here: the
         // journal records none (recovery then has no group to kill; see docs/architecture.md).
-        if let Err(e) = blocking(|| self.journal.started(tag, None)) {
-            // Still queued in the journal (the record was not applied): forget it, so that a
-            // redelivery after a restart is new.
-            self.journal.forget(&tag);
-            let reply = self.not_recorded(tag, &kind, &e);
-            self.send(reply).await;
-            return;
-        }
+        let gate = match self.journal.started(tag, None) {
+            Ok(gate) => gate,
+            Err(e) => {
+                // Still queued in the journal (the record was not applied): forget it, so that
+                // a redelivery after a restart is new.
+                self.journal.forget(&tag);
+                let reply = self.not_recorded(tag, &kind, &e);
+                self.send(reply).await;
+                return;
+            }
+        };
+        let mut durable = self.durable_tx.subscribe();
         self.started.note(tag, kind.as_str(), &self.running); // status: see `snapshot.rs`
         let span = tracing::info_span!("instruction", %tag, r#type = %kind);
         let ctx =
@@ -623,6 +803,36 @@ impl Dispatcher {
         let cancel = ctx.cancel.clone();
         let token = ctx.cancel.clone();
         let fut = async move {
+            // The `started` record durable first, when the type needs it (group commit).
+            if let Some(lsn) = gate {
+                let durable = tokio::select! {
+                    d = durable.wait_for(|(d, failed)| *d >= lsn || *failed) => {
+                        d.is_ok_and(|v| v.0 >= lsn)
+                    }
+                    // CANCEL or the end of the shutdown grace (already answered): never start.
+                    () = token.cancelled() => {
+                        return Finished {
+                            tag,
+                            kind,
+                            reply: error_reply(tag, ErrorCode::Cancelled, "cancelled before it started"),
+                            after_ack: None,
+                        };
+                    }
+                };
+                if !durable {
+                    tracing::error!("cannot record the start durably; not run");
+                    return Finished {
+                        tag,
+                        kind,
+                        reply: error_reply(
+                            tag,
+                            ErrorCode::Internal,
+                            "cannot record the instruction durably (the journal's sync failed); nothing was run",
+                        ),
+                        after_ack: None,
+                    };
+                }
+            }
             // However the task ends (deadline, CANCEL, shutdown, done), the token is cancelled.
             let _cancel_on_drop = token.clone().drop_guard();
             tracing::info!(
@@ -753,7 +963,7 @@ impl Dispatcher {
             step,
         };
         let file = self.catalog.state_dir(kind.as_str()).and_then(|dir| {
-            blocking(|| after_ack::save(&dir, &pending))
+            after_ack::save(&dir, &pending)
                 .map_err(|e| {
                     tracing::error!(%tag, error = %e, "cannot store the after-ACK step; it runs after the ACK unless the agent stops first");
                 })
@@ -825,5 +1035,13 @@ impl Dispatcher {
                 }
             }
         }
+    }
+}
+
+/// Sleep until `at` (never when `None`; the caller guards the branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

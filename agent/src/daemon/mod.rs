@@ -167,7 +167,7 @@ pub async fn run(
     // This agent's shared state (status, renewal, advertised version, clock offset).
     let state = state::AgentState::new();
     // After the lock: one process at a time owns the journal.
-    let (journal, audit) = open_journal(&cfg.paths.state_dir, cfg.agent.journal_fsync)?;
+    let (journal, audit) = open_journal(&cfg.paths.state_dir, cfg.agent.journal_sync)?;
     let mut catalog = crate::catalog::with_updates(
         update_config.clone(),
         Some(cfg.paths.state_dir.join("executors")),
@@ -329,15 +329,15 @@ pub async fn run(
 /// crash between the journal's `finished` record and the audit write prevented.
 fn open_journal(
     state_dir: &std::path::Path,
-    fsync: bool,
+    sync: config::JournalSync,
 ) -> Result<(Journal, AuditLog), DaemonError> {
-    if !fsync {
+    if sync == config::JournalSync::Never {
         tracing::warn!(
-            "agent.journal_fsync = false: the journal is not synced to disk; a power loss or a crash of the machine may lose or repeat instructions (for benchmarks only)"
+            "agent.journal_sync = \"never\" (or agent.journal_fsync = false): the journal is not synced to disk; a power loss or a crash of the machine may lose or repeat instructions (for benchmarks only)"
         );
     }
     let limits = runos_journal::Limits {
-        sync: fsync,
+        sync: sync.mode(),
         ..runos_journal::Limits::default()
     };
     let (journal, rec) = Journal::open(state_dir, limits, JOURNAL_POLICY).map_err(|e| {
@@ -377,17 +377,11 @@ pub const JOURNAL_POLICY: runos_journal::Policy = runos_journal::Policy {
 fn answered_newest_first(
     journal: &Journal,
 ) -> Vec<(runos_journal::EntryView, runos_protocol::Envelope)> {
-    let mut views: Vec<_> = journal
-        .recent(usize::MAX)
+    journal
+        .answered_newest_first(crate::daemon::audit::BACKFILL_MAX)
         .into_iter()
-        .filter(|v| v.finished_ms.is_some())
-        .collect();
-    views.sort_by_key(|v| std::cmp::Reverse(v.finished_ms));
-    views
-        .into_iter()
-        .take(crate::daemon::audit::BACKFILL_MAX)
-        .filter_map(|v| match journal.lookup(&v.tag) {
-            runos_journal::Lookup::Done(reply) => Some((v, reply)),
+        .filter_map(|tag| match journal.lookup(&tag) {
+            runos_journal::Lookup::Done(reply) => Some((journal.get(&tag)?, reply)),
             _ => None,
         })
         .collect()
