@@ -46,7 +46,7 @@ use crate::net::{self, write_within};
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default bound on writing one frame (`agent.write_timeout_secs`).
+/// Default bound on one write of the frames ready together (`agent.write_timeout_secs`).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest peer message (an ERROR's) kept in a session end, a log line or the status.
 use crate::credentials::renew::MAX_PEER_MESSAGE_CHARS;
@@ -125,7 +125,7 @@ pub struct SessionParams {
     pub instruction_types: Vec<String>,
     /// Where the credentials live (a renewal stages and promotes there).
     pub paths: crate::config::Paths,
-    /// Bound on writing one frame ([`WRITE_TIMEOUT`] by default); beyond it the session ends.
+    /// Bound on one write ([`WRITE_TIMEOUT`] by default); beyond it the session ends.
     pub write_timeout: Duration,
     /// The agent's state (status, renewal, advertised version, clock offset).
     pub state: State,
