@@ -592,7 +592,7 @@ impl WriteSide {
 
 async fn serve(
     p: &SessionParams,
-    reader: Reader,
+    mut reader: Reader,
     writer: Writer,
     link: &mut DispatchLink,
     ctl: &mut Control,
@@ -600,7 +600,6 @@ async fn serve(
 ) -> SessionEnd {
     let (wtx, wrx) = WriteQueue::new();
     let mut write = WriteSide::spawn(writer, wrx, p.write_timeout);
-    let mut reader = reader;
     let mut renewal = Renewal::new(p);
     let end = serve_loop(
         &wtx,
