@@ -233,7 +233,8 @@ pub struct RawAgent {
     pub reconnect_initial_ms: u64,
     /// Largest reconnect backoff step.
     pub reconnect_max_ms: u64,
-    /// A session that stayed up this long resets the backoff.
+    /// A session that stayed up this long resets the backoff, and the first reconnect after it
+    /// waits only a moment (a shorter one counts as a failed attempt).
     pub stable_after_secs: u64,
     /// Bound on writing one frame to the control plane; beyond it the session ends.
     pub write_timeout_secs: u64,
@@ -278,7 +279,7 @@ impl Default for RawAgent {
             shutdown_grace_secs: 10,
             reconnect_initial_ms: 1000,
             reconnect_max_ms: 60_000,
-            stable_after_secs: 60,
+            stable_after_secs: 2,
             write_timeout_secs: 30,
             journal_sync: None,
             journal_fsync: true,

@@ -18,6 +18,7 @@ use runos_protocol::control::{HeartbeatReply, Hello, Welcome, types as ct};
 use runos_protocol::instructions::types;
 use runos_protocol::{Envelope, Tag};
 use runos_transport::{FrameReader, FrameWriter};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -30,14 +31,20 @@ const NODE: &str = "0b7e3f3c-1d2a-4c5b-8e9f-001122334455";
 const STEP: Duration = Duration::from_secs(10);
 
 async fn accept(l: &TcpListener, acc: &TlsAcceptor) -> (R, W, Hello) {
+    let (r, w, hello) = accept_raw(l, acc).await;
+    (r, FrameWriter::new(w, 1 << 20), hello)
+}
+
+/// [`accept`], with the raw write half (to send a frame in pieces).
+async fn accept_raw(l: &TcpListener, acc: &TlsAcceptor) -> (R, tokio::io::WriteHalf<Srv>, Hello) {
     let (tcp, _) = tokio::time::timeout(STEP, l.accept())
         .await
         .unwrap()
         .unwrap();
     let tls = acc.accept(tcp).await.unwrap();
-    let (r, w) = tokio::io::split(tls);
+    let (r, mut w) = tokio::io::split(tls);
     let mut r = FrameReader::new(r, 1 << 20);
-    let mut w = FrameWriter::new(w, 1 << 20);
+    let mut fw = FrameWriter::new(&mut w, 1 << 20);
     let hello_env = tokio::time::timeout(STEP, r.read())
         .await
         .unwrap()
@@ -53,14 +60,18 @@ async fn accept(l: &TcpListener, acc: &TlsAcceptor) -> (R, W, Hello) {
         advertised_agent_version: None,
         session_id: "test".into(),
     };
-    w.write(&Envelope::with_type(ct::WELCOME, hello_env.tag, &welcome))
+    fw.write(&Envelope::with_type(ct::WELCOME, hello_env.tag, &welcome))
         .await
         .unwrap();
     (r, w, hello)
 }
 
 /// Read until a non-heartbeat frame arrives, answering heartbeats when `answer` is set.
-async fn next_reply(r: &mut R, w: &mut W, answer: bool) -> Option<Envelope> {
+async fn next_reply<X: tokio::io::AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut FrameWriter<X>,
+    answer: bool,
+) -> Option<Envelope> {
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
         let env = tokio::time::timeout_at(deadline, r.read())
@@ -248,7 +259,8 @@ async fn session_lifecycle() {
 
     // Session 2: fresh TLS; HELLO lists the un-ACKed reply, which comes again; the ACKed one
     // does not.
-    let (mut r, mut w, hello) = accept(&listener, &acc).await;
+    let (mut r, mut raw, hello) = accept_raw(&listener, &acc).await;
+    let mut w = FrameWriter::new(&mut raw, 1 << 20);
     assert_eq!(hello.pending_replies, vec![t2.tag.to_string()]);
     let rep = next_reply(&mut r, &mut w, true).await.unwrap();
     assert_eq!(rep.tag, t2.tag);
@@ -268,6 +280,31 @@ async fn session_lifecycle() {
     let b = next_reply(&mut r, &mut w, true).await.unwrap();
     assert_eq!((a.tag, b.tag), (t3.tag, t3.tag));
     assert_eq!(a, b, "the held reply is resent unchanged");
+
+    // A frame split across reads arrives whole: the session reads in its select loop, and a
+    // heartbeat going out between the halves shows the loop ran (dropping a pending read)
+    // while half the frame was buffered.
+    let t4 = instr(types::GET_NODE_STATUS);
+    let bytes = runos_protocol::frame::encode_frame(&t4, 1 << 20).unwrap();
+    let (first, rest) = bytes.split_at(bytes.len() / 2);
+    raw.write_all(first).await.unwrap();
+    raw.flush().await.unwrap();
+    loop {
+        let env = tokio::time::timeout(STEP, r.read())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if env.is(ct::HEARTBEAT) {
+            break;
+        }
+    }
+    raw.write_all(rest).await.unwrap();
+    raw.flush().await.unwrap();
+    let mut w = FrameWriter::new(&mut raw, 1 << 20);
+    let rep = next_reply(&mut r, &mut w, true).await.unwrap();
+    assert_eq!(rep.tag, t4.tag);
+    assert!(rep.is(types::NODE_STATUS));
 
     // Graceful shutdown: the session ends and the server sees the connection close.
     shutdown_tx.send(true).unwrap();

@@ -258,6 +258,66 @@ async fn output_keeps_a_capped_tail() {
     assert!(!out.stderr_truncated);
 }
 
+/// One task reads both pipes: a program that fills both (each beyond a pipe's buffer,
+/// interleaved) never blocks, and each stream keeps its own tail and lines.
+#[tokio::test]
+async fn both_pipes_are_read_together() {
+    let (s, mut rx) = sink(UNLIMITED);
+    let mut spec = sh(
+        "i=0; while [ $i -lt 3000 ]; do echo out-$i-0123456789abcdef; echo err-$i-0123456789abcdef >&2; i=$((i+1)); done",
+    );
+    spec.lines = Some(s);
+    spec.output_cap = 1 << 20;
+    let out = Runner::default().run(spec).await.unwrap();
+    assert_eq!(out.exit_code, Some(0));
+    let expect = |p: &str| -> String {
+        (0..3000)
+            .map(|i| format!("{p}-{i}-0123456789abcdef\n"))
+            .collect()
+    };
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expect("out"));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), expect("err"));
+    let (mut outs, mut errs) = (0, 0);
+    while let Ok(l) = rx.try_recv() {
+        match l.stream {
+            Stream::Stdout => {
+                assert_eq!(l.text, format!("out-{outs}-0123456789abcdef"));
+                outs += 1;
+            }
+            Stream::Stderr => {
+                assert_eq!(l.text, format!("err-{errs}-0123456789abcdef"));
+                errs += 1;
+            }
+        }
+    }
+    assert_eq!((outs, errs, out.lines_dropped), (3000, 3000, 0));
+}
+
+/// `argv[0]` is resolved before the spawn: a bare name through the runner's PATH, an absolute
+/// path as it is; the program sees the `argv[0]` it was given either way.
+#[tokio::test]
+async fn argv0_is_resolved_and_kept_as_given() {
+    let echo0 = |p: &str| Spec::new(vec![p.into(), "-c".into(), "echo $0".into()]);
+    let out = Runner::default().run(echo0("sh")).await.unwrap();
+    assert_eq!(out.stdout, b"sh\n");
+    let out = Runner::default().run(echo0("/bin/sh")).await.unwrap();
+    assert_eq!(out.stdout, b"/bin/sh\n");
+    let e = Runner::default()
+        .run(echo0("runos-no-such-program"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SpawnError::Spawn(ref e) if e.kind() == std::io::ErrorKind::NotFound));
+    assert_eq!(
+        e.to_string(),
+        "cannot start the program (argv[0]): not found in the agent's PATH"
+    );
+    let e = Runner::default()
+        .run(echo0("/nonexistent/sh"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SpawnError::Spawn(ref e) if e.kind() == std::io::ErrorKind::NotFound));
+}
+
 #[tokio::test]
 async fn the_environment_is_cleared() {
     let mut spec = Spec::new(vec!["env".into()]);

@@ -276,12 +276,49 @@ fn report_error(json_out: bool, exit: Exit, message: &str) -> Exit {
     exit
 }
 
+/// Threads the blocking pool grows to at most (`spawn_blocking`: the updater's downloads and
+/// installs, the renewal's file steps, after-ACK steps): beyond it, blocking work waits for a
+/// free thread.
+pub const MAX_BLOCKING_THREADS: usize = 16;
+/// How long an idle blocking thread is kept before it exits.
+pub const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The runtime a command runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// One thread runs every task (the daemon: session, dispatcher and executors' async parts
+    /// hand work to each other without a thread switch); blocking work goes to the blocking
+    /// pool (`spawn_blocking`), never `block_in_place`.
+    CurrentThread,
+    /// Worker threads: for commands that drive async work from synchronous code with
+    /// `Handle::block_on` outside `Runtime::block_on` (`update`, `update-finish`), which a
+    /// current-thread runtime cannot drive.
+    MultiThread,
+}
+
+/// Build the runtime of `flavor`, with a bounded blocking pool.
+pub fn runtime(flavor: Flavor) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match flavor {
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Flavor::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+    };
+    b.enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .build()
+}
+
+/// The runtime flavor of `command`.
+fn flavor_of(command: &Command) -> Flavor {
+    match command {
+        Command::Update { .. } | Command::UpdateFinish { .. } => Flavor::MultiThread,
+        _ => Flavor::CurrentThread,
+    }
+}
+
 /// Run a parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> Exit {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime(flavor_of(&cli.command)) {
         Ok(rt) => rt,
         Err(e) => {
             return report_error(

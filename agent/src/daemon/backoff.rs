@@ -1,5 +1,11 @@
 //! Reconnect backoff: exponential steps from an initial value, capped, with full jitter (the
 //! wait is uniform in `[0, step]`), reset after a stable session. Never gives up.
+//!
+//! The first attempt after a stable session does not wait a whole step: the control plane just
+//! proved itself reachable (a restart of it is the common cause), so it waits
+//! [`Backoff::after_stable`], between a tenth and half of the initial step (100–500 ms by
+//! default), jittered so that a fleet still spreads out. Without this, a control plane
+//! restarted every few seconds would see each reconnect wait a little longer than the last.
 
 use std::time::Duration;
 
@@ -47,6 +53,15 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.step = self.initial;
     }
+
+    /// The wait before the first attempt after a stable session: the step goes back to the
+    /// initial one, and the wait is uniform in `[initial / 10, initial / 2]`. An attempt that
+    /// then fails before WELCOME waits [`Backoff::next_delay`] as usual.
+    pub fn after_stable(&mut self, rng: &mut impl Rng) -> Duration {
+        self.reset();
+        let initial_ms = u64::try_from(self.initial.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rng.random_range(initial_ms / 10..=initial_ms / 2))
+    }
 }
 
 #[cfg(test)]
@@ -76,6 +91,33 @@ mod tests {
         assert!(waits.iter().all(|w| *w <= Duration::from_millis(1000)));
         assert!(waits.iter().any(|w| *w < Duration::from_millis(250)));
         assert!(waits.iter().any(|w| *w > Duration::from_millis(750)));
+    }
+
+    /// Control-plane restarts do not ratchet the backoff: after each stable session the wait is
+    /// short, however many sessions came before; failures before WELCOME still double.
+    #[test]
+    fn the_first_attempt_after_a_stable_session_is_short() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut rng = rand::rng();
+        for _ in 0..20 {
+            // Some attempts failed before WELCOME: the step grew.
+            for _ in 0..3 {
+                b.next_delay(&mut rng);
+            }
+            assert_eq!(b.step(), Duration::from_secs(8));
+            let d = b.after_stable(&mut rng);
+            assert!(
+                d >= Duration::from_millis(100) && d <= Duration::from_millis(500),
+                "{d:?}"
+            );
+            assert_eq!(b.step(), Duration::from_secs(1));
+        }
+        let waits: Vec<_> = (0..500).map(|_| b.after_stable(&mut rng)).collect();
+        assert!(waits.iter().any(|w| *w < Duration::from_millis(200)));
+        assert!(waits.iter().any(|w| *w > Duration::from_millis(400)));
+        // It scales with the configured initial step.
+        let mut fast = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert!(fast.after_stable(&mut rng) <= Duration::from_millis(50));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Startup: configuration, registration check, instance lock, journal (recovery of what the
 //! previous run left unfinished), dispatcher, `READY=1`. Then the
 //! reconnect loop: one [`session`] at a time, exponential backoff with full jitter between
-//! attempts (reset after a stable session, the cap after `revoked`), forever. SIGTERM/SIGINT
+//! attempts (reset after a stable session, whose first reconnect waits only a moment; the cap
+//! after `revoked`), forever. SIGTERM/SIGINT
 //! drain running instructions within the grace and exit; SIGHUP reloads the configuration and
 //! never exits.
 
@@ -286,15 +287,16 @@ pub async fn run(
                 }
             }
         }
-        if stable {
-            backoff.reset();
-        }
         let b = Backoff::new(cfg.agent.reconnect_initial, cfg.agent.reconnect_max);
         if b.max() != backoff.max() {
             backoff = b;
         }
         let delay = if wait_max {
             backoff.max()
+        } else if stable {
+            // The control plane was there a moment ago (most often it restarted): come back
+            // soon, with the backoff from its start.
+            backoff.after_stable(&mut rand::rng())
         } else {
             backoff.next_delay(&mut rand::rng())
         };

@@ -1,5 +1,9 @@
-//! One L2Sec session: connect, HELLO/WELCOME, then a read task, a write task with a bounded
-//! channel, and one select loop for frames, replies, heartbeat, shutdown and reconnect requests.
+//! One L2Sec session: connect, HELLO/WELCOME, then a write task with a bounded channel, and one
+//! select loop that reads frames (the framed reader is cancellation safe) and handles replies,
+//! heartbeat, shutdown and reconnect requests. The write task coalesces: every frame that is
+//! ready goes out in one write (see [`write_loop`]); it stays a task of its own so that a
+//! control plane that stops reading never blocks the select loop (heartbeat, dead-peer
+//! detection, shutdown).
 //!
 //! Routing of received envelopes after WELCOME:
 //! - `HEARTBEAT_REPLY` is matched by tag to this session's outstanding heartbeats; an unmatched
@@ -42,7 +46,7 @@ use crate::net::{self, write_within};
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default bound on writing one frame (`agent.write_timeout_secs`).
+/// Default bound on one write of the frames ready together (`agent.write_timeout_secs`).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest peer message (an ERROR's) kept in a session end, a log line or the status.
 use crate::credentials::renew::MAX_PEER_MESSAGE_CHARS;
@@ -121,7 +125,7 @@ pub struct SessionParams {
     pub instruction_types: Vec<String>,
     /// Where the credentials live (a renewal stages and promotes there).
     pub paths: crate::config::Paths,
-    /// Bound on writing one frame ([`WRITE_TIMEOUT`] by default); beyond it the session ends.
+    /// Bound on one write ([`WRITE_TIMEOUT`] by default); beyond it the session ends.
     pub write_timeout: Duration,
     /// The agent's state (status, renewal, advertised version, clock offset).
     pub state: State,
@@ -457,52 +461,78 @@ fn is_final_reply(env: &Envelope) -> bool {
     !(env.is(types::LOG) || env.is(types::HEARTBEAT) || env.is(types::RENEW))
 }
 
-/// The write task: sends queued frames, each within `within`. Returns when the queue closes
+/// Bytes the write task pushes at most before it flushes, even if more frames are ready: one
+/// write, a few TLS records.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// The write task: sends queued frames. Every frame that is ready is pushed and the batch is
+/// flushed once (one write, frames sharing TLS records) when the queue is empty or
+/// [`FLUSH_BYTES`] are pushed; each flush must finish within `within`. The frames' share of the
+/// queue's byte budget is given back once their flush is done. Returns when the queue closes
 /// (after closing the stream) or with the error that ends the session.
-async fn write_loop(
-    mut writer: Writer,
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Queued>,
     within: Duration,
 ) -> Result<(), FrameError> {
-    while let Some(Queued { env, _budget }) = rx.recv().await {
-        match write_within(&mut writer, &env, within).await {
-            Ok(()) => {}
-            Err(FrameError::Encode(EncodeError::TooLarge { len, max })) => {
-                // Never send a frame above the peer's maximum (protocol.md §7.6): a final reply
-                // that cannot fit is answered `internal` under its tag; a LOG line is dropped.
-                tracing::warn!(tag = %env.tag, r#type = %env.kind, len, max, "reply too large for the control plane's maximum frame size");
-                if is_final_reply(&env) {
-                    let sub = error_reply(
-                        env.tag,
-                        ErrorCode::Internal,
-                        format!(
-                            "the reply of {len} bytes exceeds the control plane's maximum frame size of {max} bytes"
-                        ),
-                    );
-                    write_within(&mut writer, &sub, within).await?;
-                }
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(Queued {
+            env,
+            _budget: permit,
+        }) = next.take()
+        {
+            push(&mut writer, &env)?;
+            batch.push(permit);
+            if writer.pending() < FLUSH_BYTES {
+                next = rx.try_recv().ok();
             }
-            Err(e) => return Err(e),
         }
+        flush_within(&mut writer, within).await?;
+        batch.clear();
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), writer.shutdown()).await;
     Ok(())
 }
 
-async fn read_loop(mut reader: Reader, tx: mpsc::Sender<Result<Envelope, FrameError>>) {
-    loop {
-        match reader.read().await {
-            Ok(Some(env)) => {
-                if tx.send(Ok(env)).await.is_err() {
-                    return;
-                }
+/// Push `env` for the next flush. A frame above the peer's maximum is never sent (protocol.md
+/// §7.6): a final reply that cannot fit is answered `internal` under its tag; a LOG line is
+/// dropped.
+fn push<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    env: &Envelope,
+) -> Result<(), FrameError> {
+    match writer.push(env) {
+        Err(FrameError::Encode(EncodeError::TooLarge { len, max })) => {
+            tracing::warn!(tag = %env.tag, r#type = %env.kind, len, max, "reply too large for the control plane's maximum frame size");
+            if is_final_reply(env) {
+                let sub = error_reply(
+                    env.tag,
+                    ErrorCode::Internal,
+                    format!(
+                        "the reply of {len} bytes exceeds the control plane's maximum frame size of {max} bytes"
+                    ),
+                );
+                writer.push(&sub)?;
             }
-            Ok(None) => return,
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
+            Ok(())
         }
+        other => other,
+    }
+}
+
+/// Send what was pushed, within `within`.
+async fn flush_within<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    within: Duration,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(within, writer.flush()).await {
+        Ok(r) => r,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("frames could not be written within {} s", within.as_secs()),
+        ))),
     }
 }
 
@@ -562,21 +592,18 @@ impl WriteSide {
 
 async fn serve(
     p: &SessionParams,
-    reader: Reader,
+    mut reader: Reader,
     writer: Writer,
     link: &mut DispatchLink,
     ctl: &mut Control,
     interval: Duration,
 ) -> SessionEnd {
     let (wtx, wrx) = WriteQueue::new();
-    let (rtx, mut rrx) = mpsc::channel(WRITE_QUEUE);
     let mut write = WriteSide::spawn(writer, wrx, p.write_timeout);
-    // Aborted when dropped (so a session unwinding by panic leaves no reader behind).
-    let read_task = AbortOnDropHandle::new(tokio::spawn(read_loop(reader, rtx)));
     let mut renewal = Renewal::new(p);
     let end = serve_loop(
         &wtx,
-        &mut rrx,
+        &mut reader,
         &mut write,
         link,
         ctl,
@@ -585,7 +612,7 @@ async fn serve(
     )
     .await;
     renewal.session_ended().await;
-    drop(read_task);
+    drop(reader);
     drop(wtx);
     // Let queued frames out (bounded), then the write task closes the TLS stream.
     write.close(Duration::from_secs(5)).await;
@@ -594,7 +621,7 @@ async fn serve(
 
 async fn serve_loop(
     wtx: &WriteQueue,
-    rrx: &mut mpsc::Receiver<Result<Envelope, FrameError>>,
+    reader: &mut Reader,
     write: &mut WriteSide,
     link: &mut DispatchLink,
     ctl: &mut Control,
@@ -671,8 +698,9 @@ async fn serve_loop(
                 tracing::warn!("no HEARTBEAT_REPLY within {} ms: the control plane is unreachable; reconnecting", dead_after.as_millis());
                 return SessionEnd::Failed(format!("no HEARTBEAT_REPLY within {} ms", dead_after.as_millis()));
             }
-            frame = rrx.recv() => match frame {
-                Some(Ok(env)) => match route(env, &mut pending, renewal.asked_tag(), &renewal.state) {
+            // Cancellation safe: bytes of a frame read so far stay in the reader's buffer.
+            frame = reader.read() => match frame {
+                Ok(Some(env)) => match route(env, &mut pending, renewal.asked_tag(), &renewal.state) {
                     Routed::End(end) => return end,
                     Routed::Nothing => {}
                     Routed::Renew(env) => {
@@ -705,7 +733,7 @@ async fn serve_loop(
                         }
                     }
                 },
-                Some(Err(e)) => {
+                Err(e) => {
                     let why = frame_error_text(&e);
                     tracing::warn!("closing the session: {why}");
                     if matches!(e, FrameError::Decode(_)) {
@@ -713,7 +741,7 @@ async fn serve_loop(
                     }
                     return SessionEnd::Failed(why);
                 }
-                None => return SessionEnd::Failed("the control plane closed the connection".into()),
+                Ok(None) => return SessionEnd::Failed("the control plane closed the connection".into()),
             },
             reply = link.replies.recv() => match reply {
                 Some(env) => {
@@ -1177,6 +1205,102 @@ mod tests {
             task: Some(AbortOnDropHandle::new(tokio::spawn(std::future::pending()))),
         };
         w.close(Duration::from_millis(20)).await;
+    }
+
+    /// Counts flushes (one per batch the write task sends).
+    struct Counting {
+        inner: tokio::io::DuplexStream,
+        flushes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncWrite for Counting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    fn padded(kind: &str, pad: usize) -> Envelope {
+        Envelope::new(
+            runos_protocol::MessageType::new(kind).unwrap(),
+            Tag::random(),
+            &serde_json::json!({ "pad": "x".repeat(pad) }),
+        )
+    }
+
+    /// Run the write task over `frames` queued at once; what the peer reads and how many
+    /// flushes it took.
+    async fn write_all_queued(frames: &[Envelope], max: u32) -> (Vec<Envelope>, usize) {
+        let (a, b) = tokio::io::duplex(8 << 20);
+        let flushes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer = FrameWriter::new(
+            Counting {
+                inner: a,
+                flushes: flushes.clone(),
+            },
+            max,
+        );
+        let (q, rx) = WriteQueue::new();
+        for f in frames {
+            assert!(q.send(f.clone()).await);
+        }
+        drop(q);
+        write_loop(writer, rx, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut reader = FrameReader::new(b, 1 << 20);
+        let mut got = Vec::new();
+        while let Some(env) = reader.read().await.unwrap() {
+            got.push(env);
+        }
+        (got, flushes.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Frames that are ready together leave in one flush, in order; past the byte budget the
+    /// batch is cut; a final reply over the peer's maximum is answered `internal` in its place
+    /// and a LOG line over it is dropped.
+    #[tokio::test]
+    async fn ready_frames_are_coalesced_in_order() {
+        let small: Vec<Envelope> = (0..10).map(|i| padded("NODE_STATUS", i * 10)).collect();
+        let (got, flushes) = write_all_queued(&small, 1 << 20).await;
+        assert_eq!(got, small);
+        assert_eq!(flushes, 1, "ten small frames ready at once: one write");
+
+        let big: Vec<Envelope> = (0..8).map(|_| padded("NODE_STATUS", 20_000)).collect();
+        let (got, flushes) = write_all_queued(&big, 1 << 20).await;
+        assert_eq!(got, big);
+        assert!(
+            (2..big.len()).contains(&flushes),
+            "{flushes} flushes for {} frames of ~27 KiB",
+            big.len()
+        );
+
+        let reply = padded("NODE_STATUS", 10);
+        let too_large = padded("NODE_STATUS", 70_000);
+        let log = padded(types::LOG, 70_000);
+        let after = padded("NODE_STATUS", 10);
+        let frames = [reply.clone(), too_large.clone(), log, after.clone()];
+        let (got, _) = write_all_queued(&frames, 65_536).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], reply);
+        assert!(got[1].is(types::ERROR) && got[1].tag == too_large.tag);
+        let e: ErrorPayload = got[1].payload().unwrap();
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert_eq!(got[2], after);
     }
 
     #[test]

@@ -317,11 +317,23 @@ pub async fn update_agent(
 /// configuration changes, or when a retry is due; it does not poll.
 pub fn spawn_auto(
     config_path: PathBuf,
+    cfg_rx: watch::Receiver<Config>,
+    advertised: watch::Receiver<Option<String>>,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let looks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn(auto_loop(config_path, cfg_rx, advertised, shutdown, looks))
+}
+
+/// The automatic updater's loop ([`spawn_auto`]); `looks` counts its wake-ups.
+async fn auto_loop(
+    config_path: PathBuf,
     mut cfg_rx: watch::Receiver<Config>,
     mut advertised: watch::Receiver<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    looks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    {
         let mut tried = BTreeMap::new();
         // A closed channel (its sender dropped) never wakes the updater again.
         let (mut cfg_open, mut adv_open) = (true, true);
@@ -329,6 +341,7 @@ pub fn spawn_auto(
             if *shutdown.borrow() {
                 return;
             }
+            looks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let retry_at = auto_step(&config_path, &cfg_rx, &mut advertised, &mut tried).await;
             let retry = async {
                 match retry_at {
@@ -343,7 +356,7 @@ pub fn spawn_auto(
                 _ = shutdown.changed() => return,
             }
         }
-    })
+    }
 }
 
 /// One look at the advertised version: installs it when it is due. Returns when to look again
@@ -431,6 +444,45 @@ async fn auto_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Idle means idle: the updater looks only when the advertised version or the
+    /// configuration changes, never on a timer (an hour of paused time passes without a look).
+    #[tokio::test(start_paused = true)]
+    async fn the_updater_sleeps_until_something_changes() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (mut cfg, _) = config::load(Path::new("/nonexistent/runos.toml")).unwrap();
+        cfg.update.auto = false;
+        let (cfg_tx, cfg_rx) = watch::channel(cfg.clone());
+        let (adv_tx, adv_rx) = watch::channel(None::<String>);
+        let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+        let looks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn(auto_loop(
+            "/nonexistent/runos.toml".into(),
+            cfg_rx,
+            adv_rx,
+            shutdown_rx,
+            looks.clone(),
+        ));
+        let settle = || tokio::time::sleep(Duration::from_secs(3600));
+        settle().await;
+        assert_eq!(
+            looks.load(Relaxed),
+            1,
+            "one look at start, then none for an hour"
+        );
+        // A newer version advertised while `auto` is off: one look, no install, no timer.
+        adv_tx.send_replace(Some("v999.0.0".into()));
+        settle().await;
+        assert_eq!(looks.load(Relaxed), 2);
+        // `auto` on, but the advertised version is not newer: one look, then asleep again.
+        adv_tx.send_replace(Some("v0.0.1".into()));
+        settle().await;
+        cfg.update.auto = true;
+        cfg_tx.send_replace(cfg);
+        settle().await;
+        assert_eq!(looks.load(Relaxed), 4);
+        task.abort();
+    }
 
     #[test]
     fn automatic_retries_back_off_and_are_capped() {

@@ -3,6 +3,12 @@
 //! - **argv only**, never a shell string. `argv[0]` is a configured tool ([`Tools`]), an
 //!   absolute path, or a bare name looked up in the agent's own `PATH`
 //!   ([`resolve_program`]); the program is started by its absolute path.
+//! - **Spawned without forking the agent**: because the program is an absolute path and
+//!   nothing runs in the child before `exec` (the process group is a spawn attribute, the
+//!   cgroup is entered around the spawn, [`super::cgroup`]; never a `pre_exec` hook), the
+//!   standard library starts it with `posix_spawn` (`clone(CLONE_VM | CLONE_VFORK)`), not
+//!   `fork`. Keep it so: a `pre_exec` closure, a `uid`/`gid`/`groups` change or a bare program
+//!   name with a custom `PATH` would make every spawn copy the agent's page tables.
 //! - **A cleared environment**: `PATH` ([`DEFAULT_PATH`]), `LANG=C.UTF-8`, `HOME`, and the
 //!   caller's entries.
 //! - **The whole tree ends**: each run gets its own process group and, where cgroup v2 is
@@ -11,9 +17,9 @@
 //!   fires, the tree gets SIGTERM, then [`Spec::grace`] to exit, then SIGKILL. When the
 //!   program exits by itself, whatever it left running is killed at once. Dropping the future
 //!   of [`Runner::run`] kills the tree with SIGKILL.
-//! - **Output**: stdout and stderr are kept as capped tails for the reply, and streamed line by
-//!   line to an optional [`LineSink`] at a bounded rate (lines over the rate are dropped and
-//!   counted).
+//! - **Output**: stdout and stderr are read by one task, kept as capped tails for the reply,
+//!   and streamed line by line to an optional [`LineSink`] at a bounded rate (lines over the
+//!   rate are dropped and counted).
 //! - **Secret-safe**: argv values, environment values and stdin are never logged; only the
 //!   program name, escaped.
 //! - **Leftovers**: with a registry ([`RunnerConfig::registry`]) each run is recorded so that
@@ -27,8 +33,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use runos_protocol::peertext::PeerText;
@@ -199,45 +204,43 @@ impl LineSink {
     }
 }
 
-/// The sink's state during one run, shared by the two output readers.
+/// The sink's state during one run, owned by the run's output reader.
 #[derive(Debug)]
 struct Streamer {
     tx: mpsc::Sender<Line>,
     rate: LineRate,
-    bucket: Mutex<(f64, Instant)>,
-    dropped: AtomicU64,
+    /// Tokens left and when they were last refilled.
+    tokens: f64,
+    refilled: Instant,
+    dropped: u64,
 }
 
 impl Streamer {
     fn new(sink: LineSink) -> Self {
         Streamer {
-            bucket: Mutex::new((f64::from(sink.rate.burst), Instant::now())),
+            tokens: f64::from(sink.rate.burst),
+            refilled: Instant::now(),
             tx: sink.tx,
             rate: sink.rate,
-            dropped: AtomicU64::new(0),
+            dropped: 0,
         }
     }
 
-    fn offer(&self, stream: Stream, bytes: &[u8]) {
-        let allowed = {
-            let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let refill = now.duration_since(b.1).as_secs_f64() * f64::from(self.rate.per_sec);
-            b.0 = (b.0 + refill).min(f64::from(self.rate.burst));
-            b.1 = now;
-            if b.0 >= 1.0 {
-                b.0 -= 1.0;
-                true
-            } else {
-                false
-            }
-        };
+    fn offer(&mut self, stream: Stream, bytes: &[u8]) {
+        let now = Instant::now();
+        let refill = now.duration_since(self.refilled).as_secs_f64() * f64::from(self.rate.per_sec);
+        self.tokens = (self.tokens + refill).min(f64::from(self.rate.burst));
+        self.refilled = now;
+        let allowed = self.tokens >= 1.0;
+        if allowed {
+            self.tokens -= 1.0;
+        }
         let line = Line {
             stream,
             text: String::from_utf8_lossy(bytes).into_owned(),
         };
         if !allowed || self.tx.try_send(line).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped += 1;
         }
     }
 }
@@ -573,24 +576,17 @@ impl Runner {
             }))),
             _ => None,
         };
-        let streamer = spec.lines.map(|s| Arc::new(Streamer::new(s)));
         let (activity, mut last_output) = watch::channel(Instant::now());
-        let activity = Arc::new(activity);
-        let cap = spec.output_cap;
-        let reader = |r: Option<_>, stream| {
-            r.map(|r| {
-                AbortOnDropHandle::new(tokio::spawn(read_stream(
-                    r,
-                    cap,
-                    stream,
-                    streamer.clone(),
-                    activity.clone(),
-                )))
-            })
-        };
-        let out = reader(child.stdout.take().map(Pipe::Out), Stream::Stdout);
-        let err = reader(child.stderr.take().map(Pipe::Err), Stream::Stderr);
-        drop(activity);
+        // One task reads both pipes (it is aborted when this future is dropped).
+        let stop_reading = CancellationToken::new();
+        let mut output = AbortOnDropHandle::new(tokio::spawn(read_output(
+            child.stdout.take(),
+            child.stderr.take(),
+            spec.output_cap,
+            spec.lines.map(Streamer::new),
+            activity,
+            stop_reading.clone(),
+        )));
 
         let deadline = started + spec.timeout;
         let watchdog = async {
@@ -642,19 +638,27 @@ impl Runner {
         // our pipes would otherwise keep the reply waiting forever).
         guard.kill();
         drop(stdin_task);
-        let collect = |h: Option<AbortOnDropHandle<TailBuffer>>| async move {
-            match h {
-                Some(mut h) => match tokio::time::timeout(DRAIN_GRACE, &mut h).await {
-                    Ok(Ok(tail)) => tail.finish(),
-                    _ => (Vec::new(), false),
-                },
-                None => (Vec::new(), false),
+        // What escaped the tree's end and still holds a pipe gets a moment; then the reader
+        // stops and hands over what it has.
+        let output = match tokio::time::timeout(DRAIN_GRACE, &mut output).await {
+            Ok(res) => res.ok(),
+            Err(_) => {
+                stop_reading.cancel();
+                (&mut output).await.ok()
             }
         };
+        let Output {
+            stdout,
+            stderr,
+            lines_dropped,
+        } = output.unwrap_or_else(|| Output {
+            stdout: TailBuffer::new(0),
+            stderr: TailBuffer::new(0),
+            lines_dropped: 0,
+        });
         let ((stdout, stdout_truncated), (stderr, stderr_truncated)) =
-            tokio::join!(collect(out), collect(err));
+            (stdout.finish(), stderr.finish());
         guard.finish().await;
-        let lines_dropped = streamer.map_or(0, |s| s.dropped.load(Ordering::Relaxed));
         Ok(Outcome {
             exit_code: status.code(),
             signal: status.signal(),
@@ -887,64 +891,106 @@ impl TailBuffer {
     }
 }
 
-/// A child's stdout or stderr.
-enum Pipe {
-    Out(tokio::process::ChildStdout),
-    Err(tokio::process::ChildStderr),
+/// What the output reader collected.
+#[derive(Debug)]
+struct Output {
+    stdout: TailBuffer,
+    stderr: TailBuffer,
+    lines_dropped: u64,
 }
 
-impl AsyncRead for Pipe {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Pipe::Out(r) => std::pin::Pin::new(r).poll_read(cx, buf),
-            Pipe::Err(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+/// One output stream being read: its pipe (until its end), tail and partial line.
+struct Reading<R> {
+    pipe: Option<R>,
+    tail: TailBuffer,
+    line: Vec<u8>,
+    chunk: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> Reading<R> {
+    fn new(pipe: Option<R>, cap: usize) -> Self {
+        Reading {
+            pipe,
+            tail: TailBuffer::new(cap),
+            line: Vec::new(),
+            chunk: vec![0u8; 16 * 1024],
         }
     }
-}
 
-/// Read a stream to its end: keep the tail, note the activity, stream the lines.
-async fn read_stream(
-    mut r: Pipe,
-    cap: usize,
-    stream: Stream,
-    streamer: Option<Arc<Streamer>>,
-    activity: Arc<watch::Sender<Instant>>,
-) -> TailBuffer {
-    let mut tail = TailBuffer::new(cap);
-    let mut line = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    loop {
-        let n = match r.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+    /// Read once (cancellation safe); `None` at the end of the stream or on an error.
+    async fn read(&mut self) -> Option<usize> {
+        let pipe = self.pipe.as_mut()?;
+        match pipe.read(&mut self.chunk).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(n),
+        }
+    }
+
+    /// Take in `n` bytes just read (`None`: the stream ended): keep the tail, stream the lines.
+    fn took(&mut self, n: Option<usize>, stream: Stream, streamer: &mut Option<Streamer>) {
+        let Some(n) = n else {
+            self.pipe = None;
+            if let Some(s) = streamer.as_mut()
+                && !self.line.is_empty()
+            {
+                s.offer(stream, &self.line);
+                self.line.clear();
+            }
+            return;
         };
-        tail.push(&chunk[..n]);
-        activity.send_replace(Instant::now());
-        if let Some(s) = &streamer {
-            for &b in &chunk[..n] {
+        let data = &self.chunk[..n];
+        self.tail.push(data);
+        if let Some(s) = streamer.as_mut() {
+            for &b in data {
                 if b == b'\n' {
-                    s.offer(stream, &line);
-                    line.clear();
+                    s.offer(stream, &self.line);
+                    self.line.clear();
                 } else {
-                    line.push(b);
-                    if line.len() >= MAX_LINE {
-                        s.offer(stream, &line);
-                        line.clear();
+                    self.line.push(b);
+                    if self.line.len() >= MAX_LINE {
+                        s.offer(stream, &self.line);
+                        self.line.clear();
                     }
                 }
             }
         }
     }
-    if let Some(s) = &streamer
-        && !line.is_empty()
-    {
-        s.offer(stream, &line);
+}
+
+/// Read stdout and stderr to their ends (or until `stop`), in one task: keep the tails, note
+/// the activity, stream the lines.
+async fn read_output(
+    stdout: Option<tokio::process::ChildStdout>,
+    stderr: Option<tokio::process::ChildStderr>,
+    cap: usize,
+    mut streamer: Option<Streamer>,
+    activity: watch::Sender<Instant>,
+    stop: CancellationToken,
+) -> Output {
+    let mut out = Reading::new(stdout, cap);
+    let mut err = Reading::new(stderr, cap);
+    while out.pipe.is_some() || err.pipe.is_some() {
+        tokio::select! {
+            n = out.read(), if out.pipe.is_some() => {
+                if n.is_some() {
+                    activity.send_replace(Instant::now());
+                }
+                out.took(n, Stream::Stdout, &mut streamer);
+            }
+            n = err.read(), if err.pipe.is_some() => {
+                if n.is_some() {
+                    activity.send_replace(Instant::now());
+                }
+                err.took(n, Stream::Stderr, &mut streamer);
+            }
+            () = stop.cancelled() => break,
+        }
     }
-    tail
+    Output {
+        stdout: out.tail,
+        stderr: err.tail,
+        lines_dropped: streamer.map_or(0, |s| s.dropped),
+    }
 }
 
 #[cfg(test)]
