@@ -730,19 +730,20 @@ fn report(args: &Args, s: &Sizes, m: &Machine, f: &Floors, st: &Stack) {
         if r.busy > 0 {
             println!();
             println!(
-                "Note: the agent answered `busy` {} times in a run of {} (resent a second later): \
+                "Note: the agent answered `busy` in the run of {} ({}×; resent a second later): \
                  that run's figure includes the wait.",
-                r.busy, r.n
+                fmt_count(r.n as f64),
+                r.busy
             );
         }
         if r.reconnects > 0 {
             println!();
             println!(
-                "Note: the agent reconnected {} times during the run of {} (the session ended \
-                 while it was stopped for an enqueue of {}?): that run's figure includes the \
+                "Note: the agent reconnected during the run of {} ({}×; the session ended while \
+                 it was stopped for an enqueue of {}?): that run's figure includes the \
                  reconnect and the resend.",
+                fmt_count(r.n as f64),
                 r.reconnects,
-                r.n,
                 fmt_dur(r.enqueue)
             );
         }
