@@ -19,8 +19,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Slots of the fast lane.
-pub const FAST_SLOTS: usize = 4;
+/// Slots of the fast lane. Fast work is short and async (it holds the runtime thread for
+/// microseconds), so many may be in flight; the bound matters when the journal syncs fast
+/// types too (`journal_sync = "always"`): an instruction holds its slot while its `started`
+/// record waits for the group commit, so one sync starts at most this many.
+pub const FAST_SLOTS: usize = 32;
 
 /// A named resource that exclusive work locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -254,10 +254,9 @@ async fn latency(api: &Api, req: &SendRequest, n: usize) -> Result<Vec<Duration>
     Ok(samples)
 }
 
-/// Store every request through the operator API, in order; returns their tags.
-// TODO(lead): send_many — `api.send_many(reqs)` stores them in one transaction.
+/// Store every instruction in one transaction (`Api::send_many`).
 fn enqueue(api: &Api, reqs: &[SendRequest]) -> Result<Vec<Tag>, CpError> {
-    reqs.iter().map(|r| api.send(r)).collect()
+    api.send_many(reqs)
 }
 
 /// Instructions of `node` without a stored final reply.
