@@ -199,6 +199,7 @@ pub fn spawn_with_sync(
         catalog,
         cfg,
         queue: VecDeque::new(),
+        queued_slow: 0,
         running: HashMap::new(),
         task_lanes: HashMap::new(),
         steps: HashMap::new(),
@@ -271,6 +272,9 @@ struct Dispatcher {
     catalog: Arc<Catalog>,
     cfg: DispatchConfig,
     queue: VecDeque<Queued>,
+    /// How many of `queue` are not fast-lane work (so that `pump` stops scanning a queue of
+    /// fast work at once when the fast lane is full).
+    queued_slow: usize,
     /// Started and not yet answered.
     running: HashMap<Tag, Running>,
     /// What each task holds of the lanes, released when the task has ended (not when its
@@ -537,6 +541,7 @@ impl Dispatcher {
     async fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         let queued: Vec<_> = self.queue.drain(..).collect();
+        self.queued_slow = 0;
         for q in queued {
             tracing::info!(tag = %q.tag, "not started: the agent is shutting down");
             // Not journaled: the control plane redelivers it to the next agent run, where it
@@ -751,6 +756,7 @@ impl Dispatcher {
             self.start(q).await;
         } else {
             tracing::debug!(%tag, r#type = %kind, %lane, "queued");
+            self.queued_slow += usize::from(q.lane != Lane::Fast);
             self.queue.push_back(q);
         }
         self.publish();
@@ -935,15 +941,32 @@ impl Dispatcher {
 
     /// Start every queued instruction whose lane has room, in queue order; one that cannot
     /// start does not hold back later ones of other lanes (see `runos_executors::lanes`).
+    ///
+    /// Linear in the queue only while something can start: the scan stops as soon as neither
+    /// the fast lane nor the pool has a free slot (or the pool has one but nothing but fast work
+    /// waits), so a queue thousands deep costs nothing per finished instruction.
     async fn pump(&mut self) {
         let mut i = 0;
         while i < self.queue.len() {
+            let fast_room = self.lanes.can_start(Lane::Fast, std::iter::empty());
+            let slow_room =
+                self.queued_slow > 0 && self.lanes.can_start(Lane::Pool, std::iter::empty());
+            if !fast_room && !slow_room {
+                break;
+            }
             let lane = self.queue[i].lane;
-            if self
-                .lanes
-                .can_start(lane, self.queue.iter().take(i).map(|q| &q.lane))
+            let room = if lane == Lane::Fast {
+                fast_room
+            } else {
+                slow_room
+            };
+            if room
+                && self
+                    .lanes
+                    .can_start(lane, self.queue.iter().take(i).map(|q| &q.lane))
             {
                 if let Some(q) = self.queue.remove(i) {
+                    self.queued_slow -= usize::from(q.lane != Lane::Fast);
                     self.start(q).await;
                 }
             } else {

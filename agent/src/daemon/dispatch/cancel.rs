@@ -19,6 +19,7 @@ use runos_protocol::instructions::{Cancel, Instruction as _};
 use runos_protocol::{Envelope, ErrorCode, ErrorPayload};
 
 use super::{Dispatcher, error_reply};
+use runos_executors::lanes::Lane;
 use runos_journal::Lookup;
 
 impl Dispatcher {
@@ -48,6 +49,7 @@ impl Dispatcher {
             .position(|q| q.tag == target)
             .and_then(|i| self.queue.remove(i))
         {
+            self.queued_slow -= usize::from(victim.lane != Lane::Fast);
             tracing::info!(
                 %tag,
                 cancel_target = %target,
