@@ -1,7 +1,7 @@
 //! One L2Sec session: connect, HELLO/WELCOME, then a write task with a bounded channel, and one
 //! select loop that reads frames (the framed reader is cancellation safe) and handles replies,
 //! heartbeat, shutdown and reconnect requests. The write task coalesces: every frame that is
-//! ready goes out in one write (see [`write_loop`]); it stays a task of its own so that a
+//! ready goes out in one write (see `write_loop`); it stays a task of its own so that a
 //! control plane that stops reading never blocks the select loop (heartbeat, dead-peer
 //! detection, shutdown).
 //!
