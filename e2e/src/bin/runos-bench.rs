@@ -337,17 +337,11 @@ async fn pipelined(api: &Api, agent: &Agent, node: &str, n: usize) -> Result<Pip
     // Every wait bounded: at least 200 instructions/s, plus a minute.
     let deadline = t0 + WAIT * 2 + Duration::from_millis(5) * n as u32;
     let tick = Duration::from_millis(1);
-    // The last one stored is (nearly always) the last one sent; then count what is left.
-    while api.reply(last).map_err(|e| e.to_string())?.is_none() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "pipelined run: not finished after {:?} ({} of {n} unanswered)",
-                t0.elapsed(),
-                pending(api, node)?
-            ));
-        }
-        tokio::time::sleep(tick).await;
-    }
+    // The last one stored is (nearly always) the last one sent: wait for it (woken by its
+    // store, no polling), then count what is left.
+    let _ = api
+        .wait_reply(last, deadline.saturating_duration_since(Instant::now()))
+        .await;
     while pending(api, node)? > 0 {
         if Instant::now() > deadline {
             return Err(format!(
