@@ -43,6 +43,7 @@ use crate::daemon::notify;
 use crate::daemon::state::{AgentState, State};
 use crate::logging::RateLimit;
 use crate::net::{self, write_within};
+use crate::util::fd_timer::FdTimer;
 
 /// Bound on waiting for WELCOME after HELLO.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -667,8 +668,13 @@ async fn serve_loop(
     }
 
     let dead_after = interval * 2;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The long timers are timerfds outside tokio's wheel (an idle agent is woken by the
+    // heartbeat alone: see `util::fd_timer`), set on every turn (free when unchanged). The next
+    // heartbeat is `interval` after the previous one was sent (a late tick is not made up).
+    let mut next_heartbeat = tokio::time::Instant::now() + interval;
+    let mut heartbeat_timer = FdTimer::new();
+    let mut dead_timer = FdTimer::new();
+    let mut renewal_timer = FdTimer::new();
     // Outstanding heartbeats: tag → when sent. Bounded: an entry older than `dead_after` ends
     // the session.
     let mut pending: HashMap<Tag, Sent> = HashMap::new();
@@ -680,9 +686,18 @@ async fn serve_loop(
     let mut drain_check = tokio::time::interval(Duration::from_millis(50));
 
     loop {
-        let oldest = pending.values().map(|s| s.at).min();
+        heartbeat_timer.set(Some(next_heartbeat));
+        dead_timer.set(
+            pending
+                .values()
+                .map(|s| s.at)
+                .min()
+                .map(|oldest| oldest + dead_after),
+        );
+        renewal_timer.set((renewal.is_idle() && draining.is_none()).then_some(renewal.timer));
         tokio::select! {
-            _ = ticker.tick() => {
+            _ = heartbeat_timer.fired() => {
+                next_heartbeat = tokio::time::Instant::now() + interval;
                 let tag = Tag::random();
                 let hb = Heartbeat {
                     sent_at_ms: now_ms(),
@@ -694,7 +709,7 @@ async fn serve_loop(
                     return write.lost().await;
                 }
             }
-            _ = tokio::time::sleep_until(oldest.unwrap_or_else(tokio::time::Instant::now) + dead_after), if oldest.is_some() => {
+            _ = dead_timer.fired() => {
                 tracing::warn!("no HEARTBEAT_REPLY within {} ms: the control plane is unreachable; reconnecting", dead_after.as_millis());
                 return SessionEnd::Failed(format!("no HEARTBEAT_REPLY within {} ms", dead_after.as_millis()));
             }
@@ -760,7 +775,7 @@ async fn serve_loop(
                 tracing::info!("configuration changed: reconnecting");
                 return SessionEnd::Reconnect;
             }
-            _ = tokio::time::sleep_until(renewal.timer), if renewal.is_idle() && draining.is_none() => {
+            _ = renewal_timer.fired() => {
                 if let Some(env) = renewal.start() && !send(env).await {
                     return write.lost().await;
                 }

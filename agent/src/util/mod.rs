@@ -2,6 +2,7 @@
 //! Nothing here depends on another module of the agent.
 
 pub mod admin_client;
+pub mod fd_timer;
 pub mod fs;
 pub mod lock;
 pub mod time;
