@@ -837,11 +837,12 @@ pub struct Journal {
     policy: Policy,
     clock: Arc<dyn Clock>,
     entries: HashMap<Tag, Entry>,
-    /// Tags of acknowledged entries in the order of their ACK, oldest first. Entries dropped
-    /// otherwise are skipped when they reach the front.
-    acked_order: VecDeque<Tag>,
-    /// The time of the ACK at the front of `acked_order` (tag, `acked_off`, ms), read back once.
-    front_ack: Option<(Tag, u32, u64)>,
+    /// Offsets of the `acked` records of acknowledged entries in the order of their ACK, oldest
+    /// first (4 bytes each: the record names the tag and the time). An offset whose entry was
+    /// dropped, or acknowledged again elsewhere, is skipped when it reaches the front.
+    acked_order: VecDeque<u32>,
+    /// The ACK at the front of `acked_order` (`acked_off`, tag, ms), read back once.
+    front_ack: Option<(u32, Tag, u64)>,
     /// ACKs of secret replies applied but not yet in the file (written by the rewrite that
     /// discards the reply), with their time.
     pending_acks: Vec<(Tag, u64)>,
@@ -1216,8 +1217,10 @@ impl Journal {
             e.flags |= ACKED;
             true
         });
-        if done {
-            self.acked_order.push_back(tag);
+        // An ACK not in the file yet (a secret reply's, see `acked_secret`) is queued when its
+        // record is written (the rewrite rebuilds the queue, or the fallback append).
+        if done && off != 0 {
+            self.acked_order.push_back(off);
         }
         done
     }
@@ -1272,24 +1275,49 @@ impl Journal {
     /// The oldest ACK still held: its tag and time.
     fn front_ack(&mut self) -> Option<(Tag, u64)> {
         loop {
-            let tag = *self.acked_order.front()?;
-            let Some(e) = self.entries.get(&tag).copied().filter(|e| e.has(ACKED)) else {
-                // Dropped (or accepted again) since its ACK.
-                self.acked_order.pop_front();
-                continue;
-            };
-            if let Some((t, off, ms)) = self.front_ack
-                && t == tag
-                && off == e.acked_off
+            let off = *self.acked_order.front()?;
+            if let Some((o, tag, ms)) = self.front_ack
+                && o == off
+                && self.entries.get(&tag).is_some_and(|e| e.acked_off == off)
             {
                 return Some((tag, ms));
             }
-            let ms = self.acked_ms(&tag, &e).unwrap_or_else(|err| {
-                // Unreadable: treated as expired (the entry only serves redeliveries).
-                tracing::warn!(%tag, error = %err, "cannot read back the time of an ACK; the entry is dropped");
-                0
-            });
-            self.front_ack = Some((tag, e.acked_off, ms));
+            let (tag, ms) = match self.read_record(off) {
+                Ok(Record::Acked { tag, at_ms }) => (tag, at_ms),
+                Ok(_) => {
+                    tracing::warn!(
+                        off,
+                        "the journal's ACK queue names a record that is not an ACK"
+                    );
+                    self.acked_order.pop_front();
+                    continue;
+                }
+                Err(err) => {
+                    // Unreadable: the entry it belongs to is treated as expired (it only serves
+                    // redeliveries). Found by its offset (a scan, on this rare path only).
+                    let Some(tag) = self
+                        .entries
+                        .iter()
+                        .find(|(_, e)| e.has(ACKED) && e.acked_off == off)
+                        .map(|(t, _)| *t)
+                    else {
+                        self.acked_order.pop_front();
+                        continue;
+                    };
+                    tracing::warn!(%tag, error = %err, "cannot read back the time of an ACK; the entry is dropped");
+                    (tag, 0)
+                }
+            };
+            if !self
+                .entries
+                .get(&tag)
+                .is_some_and(|e| e.has(ACKED) && e.acked_off == off)
+            {
+                // Dropped (or accepted again) since its ACK.
+                self.acked_order.pop_front();
+                continue;
+            }
+            self.front_ack = Some((off, tag, ms));
             return Some((tag, ms));
         }
     }
@@ -1463,6 +1491,7 @@ impl Journal {
             e.bytes += frame.len() as u32;
             true
         });
+        self.acked_order.push_back(off);
         Ok(())
     }
 
@@ -1488,9 +1517,16 @@ impl Journal {
                 drop(all);
                 self.pending_acks.clear();
                 self.front_ack = None;
-                let entries = &self.entries;
-                self.acked_order
-                    .retain(|t| entries.get(t).is_some_and(|e| e.has(ACKED)));
+                // The new file holds the `acked` records in the order of the old one (the ACKs
+                // not yet in the file last): its order of ACKs.
+                let mut order: Vec<u32> = self
+                    .entries
+                    .values()
+                    .filter(|e| e.has(ACKED) && e.acked_off != 0)
+                    .map(|e| e.acked_off)
+                    .collect();
+                order.sort_unstable();
+                self.acked_order = order.into();
                 self.compactions += 1;
                 self.scrub_pending = false;
                 Ok(())
@@ -2174,7 +2210,7 @@ impl Journal {
         }
         let bytes = table::<Tag, Entry>(self.entries.capacity())
             + table::<Tag, u64>(self.running_since.capacity())
-            + self.acked_order.capacity() * std::mem::size_of::<Tag>()
+            + self.acked_order.capacity() * std::mem::size_of::<u32>()
             + self.pending_acks.capacity() * std::mem::size_of::<(Tag, u64)>();
         bytes as u64
     }
@@ -2663,6 +2699,44 @@ mod tests {
         let (j, rec) = open(d.path(), &clock);
         assert_eq!(rec, Recovery::default());
         assert_eq!(j.lookup(&t), Lookup::Done(r));
+    }
+
+    /// The ACK queue holds the offsets of the `acked` records: across a compaction (which moves
+    /// every record) and a re-ACK of a tag accepted again, entries still expire in the order of
+    /// their ACK, each at its own time.
+    #[test]
+    fn acks_expire_in_their_order_across_compactions() {
+        let d = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let limits = Limits {
+            retention: Duration::from_secs(100),
+            ..Limits::default()
+        };
+        let (mut j, _) = open_with(d.path(), &clock, limits);
+        let tags: Vec<Tag> = (0..6).map(|_| Tag::random()).collect();
+        for (i, t) in tags.iter().enumerate() {
+            run(&mut j, *t, &format!("reply {i}"));
+        }
+        // ACKed in reverse order of acceptance, 10 s apart.
+        for t in tags.iter().rev() {
+            assert!(j.acked(*t).unwrap());
+            clock.advance(10_000);
+        }
+        j.compact().unwrap();
+        // The first ACK (tags[5]) was at T0, the last (tags[0]) at T0 + 50 s; now T0 + 60 s.
+        clock.advance(100_000 - 60_000 + 15_000); // T0 + 115 s: ACKs at T0 and T0 + 10 s expire
+        assert_eq!(j.expire(), 2);
+        assert_eq!(j.lookup(&tags[5]), Lookup::New);
+        assert_eq!(j.lookup(&tags[4]), Lookup::New);
+        assert!(matches!(j.lookup(&tags[3]), Lookup::Done(_)));
+        j.compact().unwrap();
+        clock.advance(20_000); // T0 + 135 s: the ACKs at T0 + 20 s and T0 + 30 s
+        assert_eq!(j.expire(), 2);
+        assert!(matches!(j.lookup(&tags[1]), Lookup::Done(_)));
+        assert!(matches!(j.lookup(&tags[0]), Lookup::Done(_)));
+        clock.advance(20_000);
+        assert_eq!(j.expire(), 2);
+        assert_eq!(j.stats().entries, 0);
     }
 
     #[test]

@@ -23,7 +23,13 @@ fn tag(s: &str) -> Tag {
 fn a_journal_of_the_previous_format_opens_with_every_entry() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join(LOG_FILE), FIXTURE).unwrap();
-    let (j, rec) = Journal::open(d.path(), Limits::default(), POLICY).unwrap();
+    // The fixture's ACK is weeks old by now: a retention long enough that it is still held
+    // (with the default 24 h the acknowledged entry expires at open, whatever today's date).
+    let limits = Limits {
+        retention: std::time::Duration::from_secs(100 * 365 * 86_400),
+        ..Limits::default()
+    };
+    let (j, rec) = Journal::open(d.path(), limits, POLICY).unwrap();
     assert_eq!(rec.truncated, None, "every frame's CRC-32C checks");
     let (acked, unacked, unknown, running) = (
         tag("11111111-1111-4111-8111-111111111111"),
