@@ -78,8 +78,9 @@
 //! For each entry the journal keeps in memory only where its records are in the file (32-bit
 //! offsets of its `accepted`, `started`, `finished` and `acked` records), their total size and a
 //! few flags (its state; whether its type is safe to re-run and whether its replies are secret,
-//! asked of the [`Policy`] once, at `accepted`): 24 bytes, about 75 bytes per entry with the
-//! hash table and the order of the ACKs ([`Stats::index_bytes`]; the test `tests/memory.rs`
+//! asked of the [`Policy`] once, at `accepted`): 24 bytes, about 59 bytes per entry with the
+//! hash table and the order of the ACKs, a queue of the 4-byte offsets of the `acked` records
+//! (each names its tag and time) ([`Stats::index_bytes`]; the test `tests/memory.rs`
 //! measures it with 100 000 entries). The type, the payload digest, the times and the reply are
 //! read back from the file (`pread`) when asked for: a redelivery of a completed tag, the
 //! resend after `WELCOME`, `runos journal`, the audit line. A rewrite moves the records and
