@@ -1273,13 +1273,21 @@ impl Journal {
         self.entries.len() - self.acked_count
     }
 
+    /// Whether the entry of `tag` is acknowledged by the `acked` record at `off` (not dropped,
+    /// nor accepted again since).
+    fn acked_at(&self, tag: &Tag, off: u32) -> bool {
+        self.entries
+            .get(tag)
+            .is_some_and(|e| e.has(ACKED) && e.acked_off == off)
+    }
+
     /// The oldest ACK still held: its tag and time.
     fn front_ack(&mut self) -> Option<(Tag, u64)> {
         loop {
             let off = *self.acked_order.front()?;
             if let Some((o, tag, ms)) = self.front_ack
                 && o == off
-                && self.entries.get(&tag).is_some_and(|e| e.acked_off == off)
+                && self.acked_at(&tag, off)
             {
                 return Some((tag, ms));
             }
@@ -1309,11 +1317,7 @@ impl Journal {
                     (tag, 0)
                 }
             };
-            if !self
-                .entries
-                .get(&tag)
-                .is_some_and(|e| e.has(ACKED) && e.acked_off == off)
-            {
+            if !self.acked_at(&tag, off) {
                 // Dropped (or accepted again) since its ACK.
                 self.acked_order.pop_front();
                 continue;
