@@ -33,6 +33,37 @@ pub fn status_frame() -> Result<Vec<u8>, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Size of the record the durability floor appends: about a journal `started` record.
+pub const SYNC_RECORD_BYTES: usize = 160;
+
+/// The durability floor: appending a journal-sized record to a fresh file in `dir` and
+/// `fdatasync`ing it, `n` times (after 10 unmeasured ones), the way the journal makes a record
+/// durable. `dir` should be on the file system the agent's state directory is on.
+pub fn fdatasync_floor(dir: &std::path::Path, n: usize) -> Result<Vec<Duration>, String> {
+    use std::io::Write as _;
+    let path = dir.join("fdatasync-floor");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let record = [0x5a_u8; SYNC_RECORD_BYTES];
+    let mut took = Vec::with_capacity(n);
+    for i in 0..10 + n {
+        let t = Instant::now();
+        file.write_all(&record)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| format!("append and fdatasync {}: {e}", path.display()))?;
+        if i >= 10 {
+            took.push(t.elapsed());
+        }
+    }
+    drop(file);
+    std::fs::remove_file(&path).map_err(|e| format!("remove {}: {e}", path.display()))?;
+    took.sort_unstable();
+    Ok(took)
+}
+
 /// The TLS echo floor.
 #[derive(Debug, Clone)]
 pub struct EchoFloor {

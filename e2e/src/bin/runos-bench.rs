@@ -7,9 +7,11 @@
 //!
 //! - the floors: a raw TLS 1.3 echo on loopback of frames the size of a `GET_NODE_STATUS`
 //!   instruction frame (round trip one at a time, and pipelined frames/s), and a spawn of `true`
-//!   the way the agent spawns (absolute `/bin/true`, and bare `true` looked up in `PATH`);
+//!   the way the agent spawns (absolute `/bin/true`, and bare `true` looked up in `PATH`), and an
+//!   append + `fdatasync` of a journal-sized record in the temporary directory;
 //! - round trips one at a time: `GET_NODE_STATUS`, `RUN_COMMAND ["true"]` and
-//!   `RUN_COMMAND ["/bin/true"]`, with their ratios to the floors;
+//!   `RUN_COMMAND ["/bin/true"]`, with their ratios to the floors (and `RUN_COMMAND` also to
+//!   the floor that includes the two `fdatasync`s its guarantee needs);
 //! - pipelined throughput, the clock started after the enqueue: `GET_NODE_STATUS` with the
 //!   agent's default configuration, then journaled with every sync (the agent restarted with
 //!   `--journaled-config`);
@@ -158,6 +160,9 @@ struct Floors {
     echo: EchoFloor,
     spawn_abs: Vec<Duration>,
     spawn_bare: Vec<Duration>,
+    /// Append + `fdatasync` of a journal-sized record in the temporary directory the stack's
+    /// state directories are made in.
+    fdatasync: Vec<Duration>,
 }
 
 fn floors(s: &Sizes) -> Result<Floors, String> {
@@ -170,10 +175,14 @@ fn floors(s: &Sizes) -> Result<Floors, String> {
     progress("floor: spawning /bin/true and true");
     let spawn_abs = bench::spawn_floor("/bin/true", s.spawns)?;
     let spawn_bare = bench::spawn_floor("true", s.spawns)?;
+    progress("floor: append + fdatasync");
+    let dir = std::env::temp_dir();
+    let fdatasync = bench::fdatasync_floor(&dir, s.spawns)?;
     Ok(Floors {
         echo,
         spawn_abs,
         spawn_bare,
+        fdatasync,
     })
 }
 
@@ -689,6 +698,22 @@ fn report(args: &Args, s: &Sizes, m: &Machine, f: &Floors, st: &Stack) {
             ratio(percentile(v, 0.5), spawn_p50 + echo_p50)
         );
     }
+    // What the guarantee itself costs: a command that is not safe to re-run has its `started`
+    // record durable before the spawn and its `finished` record durable before the reply, two
+    // syncs in series that no batching can overlap for one instruction at a time.
+    let sync_p50 = percentile(&f.fdatasync, 0.5);
+    let (a, b) = p(&st.cmd_abs);
+    println!(
+        "| `RUN_COMMAND [\"/bin/true\"]` against its durable floor | {} | {a} | {b} | spawn {} + echo {} + 2 × fdatasync {} | {} | |",
+        st.cmd_abs.len(),
+        fmt_dur(spawn_p50),
+        fmt_dur(echo_p50),
+        fmt_dur(sync_p50),
+        ratio(
+            percentile(&st.cmd_abs, 0.5),
+            spawn_p50 + echo_p50 + 2 * sync_p50
+        )
+    );
     println!();
 
     println!(
@@ -837,6 +862,13 @@ fn print_floors(f: &Floors) {
     println!(
         "| spawn `true` looked up in the command's `PATH` (a forked child) | {} | {a} | {b} |",
         f.spawn_bare.len()
+    );
+    let (a, b) = p(&f.fdatasync);
+    println!(
+        "| append a {}-byte record and `fdatasync` it (the journal's durability step) in `{}` | {} | {a} | {b} |",
+        bench::SYNC_RECORD_BYTES,
+        std::env::temp_dir().display(),
+        f.fdatasync.len()
     );
     println!(
         "| TLS 1.3 echo pipelined, {} frames | | {} frames/s | |",
