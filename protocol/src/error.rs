@@ -46,6 +46,9 @@ pub enum ErrorCode {
     /// A redelivered instruction's reply was secret and was discarded once acknowledged; the
     /// instruction is not run again.
     ReplyDiscarded,
+    /// The instruction carries a generation older than one this node already applied
+    /// (`SET_VPN_PEERS`); nothing was changed.
+    Stale,
     /// The receiver does not know this code.
     #[serde(other)]
     Other,
@@ -73,6 +76,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Revoked => "revoked",
             ErrorCode::ReplyDiscarded => "reply_discarded",
+            ErrorCode::Stale => "stale",
             ErrorCode::Other => "other",
         }
     }
@@ -128,6 +132,7 @@ mod tests {
             ErrorCode::BadRequest,
             ErrorCode::Revoked,
             ErrorCode::ReplyDiscarded,
+            ErrorCode::Stale,
         ] {
             let s = serde_json::to_string(&c).unwrap();
             assert_eq!(s, format!("\"{}\"", c.as_str()));

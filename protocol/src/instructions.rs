@@ -345,30 +345,70 @@ pub struct VpnPeer {
     /// The peer's WireGuard public key: 44 characters of standard base64 encoding 32 bytes.
     #[serde(deserialize_with = "null_as_default")]
     pub pub_key: String,
-    /// The peer's underlay address (IPv4 or IPv6); WireGuard listens on port 51820.
+    /// The peer's underlay address (IPv4 or IPv6).
     #[serde(deserialize_with = "null_as_default")]
     pub endpoint_ip: String,
     /// The peer's overlay address; its allowed IPs are this address alone (/32 or /128).
     #[serde(deserialize_with = "null_as_default")]
     pub vpn_ip: String,
+    /// runos: the peer's WireGuard UDP port (default 51820, the Go agent's fixed port). Two
+    /// nodes behind one NAT need different ones. In `NODE_VPN_PEER`: this node's listen port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_port: Option<u16>,
+    /// runos: this peer's persistent keepalive in seconds, 0 for none (default: the agent's
+    /// `[wireguard] keepalive_secs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_secs: Option<u16>,
 }
 
-/// `SET_VPN_PEERS`: add or update WireGuard peers on `wg0`. Every peer is validated; one invalid
-/// peer rejects the whole instruction (the Go agent skipped it and still answered success).
+/// The WireGuard port of a peer without `endpointPort`.
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+
+/// `SET_VPN_PEERS`: add or update WireGuard peers on the overlay interface (`wg0`). Every peer
+/// is validated; one invalid peer rejects the whole instruction (the Go agent skipped it and
+/// still answered success).
+///
+/// runos extensions: with `generation`, a set older than the one the node applied last is
+/// refused (`ERROR` `stale`) and an equal one changes nothing; with `complete: true` (which
+/// requires `generation`) the payload is the whole desired peer set, and peers absent from it are
+/// removed. Without either, peers are only added or updated, as in the Go agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SetVpnPeers {
     /// The peers to configure. `null` reads as an empty list.
     #[serde(deserialize_with = "null_as_default")]
     pub peers: Vec<VpnPeer>,
+    /// runos: the set's generation (0 or more; increases with every change the control plane
+    /// makes to this node's peer set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// runos: `peers` is the whole desired set (peers not in it are removed).
+    #[serde(skip_serializing_if = "is_false", deserialize_with = "null_as_default")]
+    pub complete: bool,
 }
 
-/// `NODE_VPN_PEER`: this node's own WireGuard identity, after the peers were applied.
+/// `NODE_VPN_PEER`: this node's own WireGuard identity, after the peers were applied, and
+/// (runos) what the instruction changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct NodeVpnPeer {
-    /// This node as a peer: its public key, underlay address and overlay address.
+    /// This node as a peer: its public key, underlay address, overlay address and listen port.
     pub node_peer: VpnPeer,
+    /// runos: the generation now applied (absent while no set with a generation was applied).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// runos: public keys of the peers this instruction added to the interface.
+    #[serde(deserialize_with = "null_as_default")]
+    pub added: Vec<String>,
+    /// runos: public keys of the peers whose endpoint, allowed IPs or keepalive it changed.
+    #[serde(deserialize_with = "null_as_default")]
+    pub changed: Vec<String>,
+    /// runos: public keys of the peers it removed (only a `complete` set removes peers).
+    #[serde(deserialize_with = "null_as_default")]
+    pub removed: Vec<String>,
+    /// runos: how many peers of the set were already as asked (left alone: no handshake reset).
+    #[serde(deserialize_with = "null_as_default")]
+    pub unchanged: usize,
 }
 
 impl Instruction for SetVpnPeers {
@@ -378,10 +418,52 @@ impl Instruction for SetVpnPeers {
 
     fn validate(&self) -> Result<(), ValidationError> {
         validate::count("peers", self.peers.len(), MAX_VPN_PEERS)?;
+        if let Some(g) = self.generation
+            && g < 0
+        {
+            return Err(ValidationError::new(
+                "generation",
+                Problem::OutOfRange {
+                    min: 0,
+                    max: i64::MAX as u64,
+                },
+            ));
+        }
+        if self.complete && self.generation.is_none() {
+            return Err(ValidationError::new(
+                "complete",
+                Problem::Requires {
+                    other: "generation",
+                },
+            ));
+        }
+        let mut keys = std::collections::HashSet::with_capacity(self.peers.len());
+        let mut vpn_ips = std::collections::HashSet::with_capacity(self.peers.len());
         for (i, p) in self.peers.iter().enumerate() {
             validate::wireguard_key(&format!("peers[{i}].pubKey"), &p.pub_key)?;
             validate::ip(&format!("peers[{i}].endpointIp"), &p.endpoint_ip)?;
-            validate::ip(&format!("peers[{i}].vpnIp"), &p.vpn_ip)?;
+            let vpn_ip = validate::ip(&format!("peers[{i}].vpnIp"), &p.vpn_ip)?;
+            if let Some(port) = p.endpoint_port {
+                validate::range(
+                    &format!("peers[{i}].endpointPort"),
+                    u64::from(port),
+                    1,
+                    65535,
+                )?;
+            }
+            if !keys.insert(p.pub_key.as_str()) {
+                return Err(ValidationError::new(
+                    format!("peers[{i}].pubKey"),
+                    Problem::Duplicate,
+                ));
+            }
+            // Two peers with one allowed IP: WireGuard would silently move it to the last one.
+            if !vpn_ips.insert(vpn_ip) {
+                return Err(ValidationError::new(
+                    format!("peers[{i}].vpnIp"),
+                    Problem::Duplicate,
+                ));
+            }
         }
         Ok(())
     }
@@ -1482,6 +1564,59 @@ mod tests {
         );
     }
 
+    #[test]
+    fn vpn_peer_sets_are_checked_as_a_whole() {
+        let peer = |k: &str, ip: &str| json!({"pubKey": k, "endpointIp": "192.0.2.1", "vpnIp": ip});
+        const KEY2: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        let bad = |v: Value| -> String {
+            let e = decode(types::SET_VPN_PEERS, &v)
+                .unwrap_err()
+                .to_error_payload();
+            assert_eq!(e.code, ErrorCode::BadPayload, "{v}");
+            e.message
+        };
+        let m = bad(json!({"peers": [peer(KEY, "10.0.0.1"), peer(KEY, "10.0.0.2")]}));
+        assert!(
+            m.contains("`peers[1].pubKey`") && m.contains("more than once"),
+            "{m}"
+        );
+        let m = bad(json!({"peers": [peer(KEY, "10.0.0.1"), peer(KEY2, "10.0.0.1")]}));
+        assert!(m.contains("`peers[1].vpnIp`"), "{m}");
+        let m = bad(json!({"peers": [], "complete": true}));
+        assert!(m.contains("`complete`") && m.contains("generation"), "{m}");
+        let m = bad(json!({"peers": [], "generation": -1}));
+        assert!(m.contains("`generation`"), "{m}");
+        let mut p = peer(KEY, "10.0.0.1");
+        p["endpointPort"] = json!(0);
+        let m = bad(json!({"peers": [p]}));
+        assert!(m.contains("`peers[0].endpointPort`"), "{m}");
+        let mut p = peer(KEY, "10.0.0.1");
+        p["endpointPort"] = json!(70000);
+        bad(json!({"peers": [p]}));
+        // The runos form.
+        let mut p = peer(KEY, "10.0.0.1");
+        p["endpointPort"] = json!(51821);
+        p["keepaliveSecs"] = json!(0);
+        let Ok(AnyInstruction::SetVpnPeers(s)) = decode(
+            types::SET_VPN_PEERS,
+            &json!({"peers": [p, peer(KEY2, "10.0.0.2")], "generation": 3, "complete": true}),
+        ) else {
+            panic!("valid")
+        };
+        assert_eq!((s.generation, s.complete), (Some(3), true));
+        assert_eq!(s.peers[0].endpoint_port, Some(51821));
+        assert_eq!(s.peers[0].keepalive_secs, Some(0));
+        assert_eq!(s.peers[1].endpoint_port, None);
+        // The Go form: no generation, not complete.
+        let Ok(AnyInstruction::SetVpnPeers(s)) = decode(
+            types::SET_VPN_PEERS,
+            &json!({"peers": null, "complete": null}),
+        ) else {
+            panic!("valid")
+        };
+        assert_eq!((s.generation, s.complete, s.peers.len()), (None, false, 0));
+    }
+
     fn reply_round_trip<I: Instruction>(json: Value)
     where
         I::Reply: fmt::Debug,
@@ -1499,7 +1634,14 @@ mod tests {
     #[test]
     fn golden_replies() {
         reply_round_trip::<SetVpnPeers>(json!({"nodePeer": {"pubKey": KEY,
-            "endpointIp": "203.0.113.8", "vpnIp": "172.24.0.3"}}));
+            "endpointIp": "203.0.113.8", "vpnIp": "172.24.0.3", "endpointPort": 51820},
+            "generation": 7, "added": [KEY], "changed": [], "removed": [], "unchanged": 2}));
+        // The Go agent's reply (no runos fields) still reads.
+        let go: NodeVpnPeer = serde_json::from_value(json!({"nodePeer": {"pubKey": KEY,
+            "endpointIp": "203.0.113.8", "vpnIp": "172.24.0.3"}}))
+        .unwrap();
+        assert_eq!(go.generation, None);
+        assert!(go.added.is_empty());
         reply_round_trip::<GetNodeStatus>(json!({"nodeIsReady": false, "agentVersion": "0.1.0",
             "agentUptimeSecs": 12, "systemUptimeSecs": 3600, "hostname": "n1",
             "bootId": "9f1c3c1e-8a43-4c5e-a1d5-0d6f3f1b2c3d"}));

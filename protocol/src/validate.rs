@@ -171,6 +171,15 @@ pub enum Problem {
     /// start with one, so it would be resolved against the working directory).
     #[error("must be an absolute path or a program name without '/'")]
     NotAProgram,
+    /// A value that must be unique in its list appears more than once.
+    #[error("appears more than once")]
+    Duplicate,
+    /// The field is set, but only makes sense together with another one that is missing.
+    #[error("requires `{other}`")]
+    Requires {
+        /// The field it needs.
+        other: &'static str,
+    },
     /// A dnsmasq configuration line uses a directive that is not in
     /// [`DNSMASQ_ALLOWED_DIRECTIVES`], or `log-facility` with a file path.
     #[error("uses a dnsmasq directive or value that is not allowed")]
