@@ -12,7 +12,8 @@
 //! - [`handle`]: the [`Host`] handle (processes, files, node facts);
 //! - [`lanes`]: fast lane, shared pool, resource locks;
 //! - [`after_ack`]: pending after-ACK steps on disk;
-//! - one module per executor domain: [`node_status`], [`run_command`].
+//! - one module per executor domain: [`node_status`], [`run_command`], [`overlay`]
+//!   (WireGuard peers).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -23,6 +24,7 @@ pub mod handle;
 pub mod host;
 pub mod lanes;
 pub mod node_status;
+pub mod overlay;
 pub mod registry;
 pub mod run_command;
 

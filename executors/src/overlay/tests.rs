@@ -1,0 +1,320 @@
+//! The overlay's rules against an in-memory device (the real one is driven by the agent's
+//! end-to-end tests with wireguard-go in network namespaces: `e2e/tests/overlay.rs`).
+
+use super::*;
+use runos_protocol::Tag;
+use serde_json::json;
+
+/// An in-memory device: peers by key, the number of applies, the interface present or not.
+#[derive(Default)]
+struct Fake {
+    peers: Mutex<Vec<Have>>,
+    applies: Mutex<usize>,
+    exists: Mutex<bool>,
+    underlay: Vec<IpAddr>,
+}
+
+impl System for Fake {
+    fn ensure(&self, _spec: Arc<Spec>) -> BoxFuture<io::Result<Vec<String>>> {
+        let mut e = self.exists.lock().unwrap();
+        let r = if *e {
+            vec![]
+        } else {
+            *e = true;
+            vec!["created wg0".to_string()]
+        };
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn device(&self, _spec: Arc<Spec>) -> BoxFuture<io::Result<(Kind, DeviceView)>> {
+        let peers = self.peers.lock().unwrap().clone();
+        Box::pin(async move {
+            Ok((
+                Kind::Userspace,
+                DeviceView {
+                    public_key: None,
+                    listen_port: Some(51820),
+                    peers: peers.into_iter().map(|h| (h, (0, 0))).collect(),
+                },
+            ))
+        })
+    }
+
+    fn apply(&self, _spec: Arc<Spec>, _kind: Kind, u: Update) -> BoxFuture<io::Result<()>> {
+        *self.applies.lock().unwrap() += 1;
+        let mut peers = self.peers.lock().unwrap();
+        peers.retain(|h| !u.remove.contains(&h.key) && !u.upsert.iter().any(|w| w.key == h.key));
+        for w in u.upsert {
+            peers.push(Have {
+                key: w.key,
+                endpoint: Some(w.endpoint),
+                allowed: vec![(w.allowed, w.prefix())],
+                keepalive: Some(w.keepalive),
+                last_handshake: None,
+            });
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn addresses(&self, _iface: String) -> BoxFuture<io::Result<Addresses>> {
+        let underlay = self.underlay.clone();
+        Box::pin(async move {
+            Ok(Addresses {
+                overlay: vec![],
+                underlay,
+            })
+        })
+    }
+}
+
+fn key(n: u8) -> String {
+    b64(&public_key(&[n; 32]))
+}
+
+fn peer(n: u8) -> serde_json::Value {
+    json!({"pubKey": key(n), "endpointIp": format!("192.0.2.{n}"), "vpnIp": format!("10.9.0.{n}")})
+}
+
+fn set(v: serde_json::Value) -> SetVpnPeers {
+    let s: SetVpnPeers = serde_json::from_value(v).unwrap();
+    runos_protocol::instructions::Instruction::validate(&s).unwrap();
+    s
+}
+
+fn ctx() -> Ctx {
+    Ctx::detached(Tag::random(), Duration::from_secs(30))
+}
+
+fn overlay(dir: &Path, fake: Arc<Fake>, cp: &[&str]) -> Overlay {
+    let control = Arc::new(ControlPaths::default());
+    for ip in cp {
+        control.connected(ip.parse().unwrap());
+    }
+    let mut s = Settings::new(dir.to_path_buf());
+    s.address = Some(("10.9.0.100".parse().unwrap(), 24));
+    s.endpoint_ip = Some("192.0.2.100".parse().unwrap());
+    Overlay::new(s, fake, control)
+}
+
+fn keys(fake: &Fake) -> Vec<[u8; 32]> {
+    let mut k: Vec<_> = fake.peers.lock().unwrap().iter().map(|h| h.key).collect();
+    k.sort();
+    k
+}
+
+#[tokio::test]
+async fn complete_sets_are_declarative_and_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::default());
+    let o = overlay(dir.path(), fake.clone(), &["198.51.100.1"]);
+    let r = o
+        .set_vpn_peers(
+            &ctx(),
+            set(json!({"peers": [peer(1), peer(2), peer(3)], "generation": 1, "complete": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.added.len(), 3);
+    assert_eq!(r.generation, Some(1));
+    assert_eq!(r.node_peer.vpn_ip, "10.9.0.100");
+    assert_eq!(r.node_peer.endpoint_ip, "192.0.2.100");
+    assert_eq!(r.node_peer.endpoint_port, Some(51820));
+    assert_eq!(r.node_peer.pub_key, o.public_key_b64().unwrap());
+
+    // Generation 2 without peer 3: removed; the others untouched.
+    let r = o
+        .set_vpn_peers(
+            &ctx(),
+            set(json!({"peers": [peer(1), peer(2)], "generation": 2, "complete": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.removed, vec![key(3)]);
+    assert_eq!((r.added.len(), r.changed.len(), r.unchanged), (0, 0, 2));
+    assert_eq!(fake.peers.lock().unwrap().len(), 2);
+
+    // A stale generation is refused and changes nothing (device or file).
+    let saved = std::fs::read(dir.path().join(APPLIED_FILE)).unwrap();
+    let applies = *fake.applies.lock().unwrap();
+    let e = o
+        .set_vpn_peers(
+            &ctx(),
+            set(json!({"peers": [peer(1), peer(2), peer(3)], "generation": 1, "complete": true})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Stale);
+    assert!(
+        e.message.contains("generation 1") && e.message.contains("2"),
+        "{}",
+        e.message
+    );
+    assert_eq!(*fake.applies.lock().unwrap(), applies);
+    assert_eq!(std::fs::read(dir.path().join(APPLIED_FILE)).unwrap(), saved);
+    assert_eq!(fake.peers.lock().unwrap().len(), 2);
+
+    // The same generation again: nothing to change.
+    let r = o
+        .set_vpn_peers(
+            &ctx(),
+            set(json!({"peers": [peer(1)], "generation": 2, "complete": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.added.len(), r.removed.len(), r.unchanged), (0, 0, 2));
+    assert_eq!(*fake.applies.lock().unwrap(), applies);
+}
+
+#[tokio::test]
+async fn sets_without_the_runos_fields_only_add_or_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::default());
+    let o = overlay(dir.path(), fake.clone(), &[]);
+    o.set_vpn_peers(&ctx(), set(json!({"peers": [peer(1), peer(2)]})))
+        .await
+        .unwrap();
+    let mut moved = peer(2);
+    moved["endpointIp"] = json!("192.0.2.222");
+    moved["endpointPort"] = json!(51999);
+    let r = o
+        .set_vpn_peers(&ctx(), set(json!({"peers": [moved, peer(3)]})))
+        .await
+        .unwrap();
+    assert_eq!((r.added, r.changed), (vec![key(3)], vec![key(2)]));
+    assert!(r.removed.is_empty());
+    assert_eq!(r.generation, None);
+    assert_eq!(keys(&fake).len(), 3);
+    let p2 = fake
+        .peers
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|h| b64(&h.key) == key(2))
+        .cloned()
+        .unwrap();
+    assert_eq!(p2.endpoint, Some("192.0.2.222:51999".parse().unwrap()));
+    // A peer removed by hand is not removed from the set: the reconcile puts it back.
+    fake.peers.lock().unwrap().retain(|h| b64(&h.key) != key(1));
+    let r = o.reconcile().await.unwrap();
+    assert_eq!(r, vec!["restored 1 missing peer(s)".to_string()]);
+    assert_eq!(keys(&fake).len(), 3);
+}
+
+#[tokio::test]
+async fn the_set_survives_a_restart_and_the_device_is_restored_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::default());
+    let o = overlay(dir.path(), fake.clone(), &[]);
+    o.set_vpn_peers(
+        &ctx(),
+        set(json!({"peers": [peer(1), peer(2)], "generation": 5, "complete": true})),
+    )
+    .await
+    .unwrap();
+    let public = o.public_key_b64().unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A new agent, a device that lost everything (interface recreated), a stray peer.
+    let fresh = Arc::new(Fake::default());
+    fresh.peers.lock().unwrap().push(Have {
+        key: [7; 32],
+        endpoint: None,
+        allowed: vec![],
+        keepalive: None,
+        last_handshake: None,
+    });
+    let o2 = overlay(dir.path(), fresh.clone(), &[]);
+    assert_eq!(o2.public_key_b64().unwrap(), public, "the key is kept");
+    let r = o2.reconcile().await.unwrap();
+    assert!(r.contains(&"created wg0".to_string()), "{r:?}");
+    assert!(
+        r.contains(&"restored 2 missing peer(s)".to_string()),
+        "{r:?}"
+    );
+    assert!(
+        r.contains(&"removed 1 peer(s) not in the set".to_string()),
+        "{r:?}"
+    );
+    assert_eq!(keys(&fresh), keys(&fake));
+    // The fence survived too.
+    let e = o2
+        .set_vpn_peers(
+            &ctx(),
+            set(json!({"peers": [], "generation": 4, "complete": true})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Stale);
+    // Nothing drifted: nothing to say.
+    assert_eq!(o2.reconcile().await.unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_set_that_captures_the_control_plane_is_refused_and_not_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake {
+        underlay: vec!["192.0.2.100".parse().unwrap()],
+        ..Fake::default()
+    });
+    let o = overlay(dir.path(), fake.clone(), &["10.9.0.7"]);
+    let mut cp = peer(7);
+    cp["vpnIp"] = json!("10.9.0.7");
+    let e = o
+        .set_vpn_peers(
+            &ctx(),
+            set(json!({"peers": [peer(1), cp], "generation": 1, "complete": true})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Failed);
+    // The overlay's own prefix (10.9.0.100/24) already contains the control plane.
+    assert!(e.message.contains("control plane"), "{}", e.message);
+    assert!(!dir.path().join(APPLIED_FILE).exists());
+    assert!(fake.peers.lock().unwrap().is_empty());
+
+    let fake = Arc::new(Fake {
+        underlay: vec!["192.0.2.100".parse().unwrap()],
+        ..Fake::default()
+    });
+    let o = overlay(dir.path(), fake.clone(), &["198.51.100.1"]);
+    let mut own = peer(8);
+    own["vpnIp"] = json!("192.0.2.100");
+    let e = o
+        .set_vpn_peers(&ctx(), set(json!({"peers": [own]})))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("underlay"), "{}", e.message);
+    // Our own key as a peer.
+    let me = json!({"pubKey": o.public_key_b64().unwrap(), "endpointIp": "192.0.2.9", "vpnIp": "10.9.0.9"});
+    let e = o
+        .set_vpn_peers(&ctx(), set(json!({"peers": [me]})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadPayload);
+    assert!(e.message.contains("own key"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn a_damaged_saved_set_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(APPLIED_FILE),
+        b"{\"peers\": [{\"pubKey\": \"x\"}]}",
+    )
+    .unwrap();
+    let o = overlay(dir.path(), Arc::new(Fake::default()), &[]);
+    let e = o.reconcile().await.unwrap_err();
+    assert!(e.to_string().contains("peers.json"), "{e}");
+    std::fs::write(dir.path().join(KEY_FILE), b"not a key").unwrap();
+    assert!(
+        o.private_key()
+            .unwrap_err()
+            .to_string()
+            .contains("remove it")
+    );
+}
