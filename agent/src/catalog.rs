@@ -21,7 +21,8 @@ pub use runos_executors::registry::{
     DISPATCHER_TYPES, Entry, ExecFn, ExecResult, Job, Prepared, Registry as Catalog, Reply,
 };
 
-/// Catalog types this agent version answers `unsupported`.
+/// Catalog types this agent version answers `unsupported` (`SET_VPN_PEERS` only until
+/// [`add_overlay`] registers it: the daemon does).
 pub const UNSUPPORTED: &[&str] = &[
     types::SET_VPN_PEERS,
     types::GET_CLUSTER_JOIN_CMD,
@@ -83,6 +84,19 @@ pub fn standard() -> Catalog {
     );
     c.unsupported(UNSUPPORTED);
     c
+}
+
+/// Register `SET_VPN_PEERS` on `overlay` (the daemon's; see `runos_executors::overlay`). Its
+/// maximum deadline is 5 minutes: a 4096-peer set on a userspace device that must be started
+/// first fits many times over.
+pub fn add_overlay(c: &mut Catalog, overlay: std::sync::Arc<runos_executors::overlay::Overlay>) {
+    c.register::<instructions::SetVpnPeers, _, _>(
+        Settings::new(Duration::from_secs(300), lane_of(types::SET_VPN_PEERS)),
+        move |ctx, p| {
+            let o = overlay.clone();
+            async move { o.set_vpn_peers(&ctx, p).await }
+        },
+    );
 }
 
 /// [`standard`] plus `UPDATE_AGENT`, which reads the configuration at `config_path` when it

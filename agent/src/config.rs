@@ -91,6 +91,192 @@ pub struct RawConfig {
     pub tools: BTreeMap<String, PathBuf>,
     /// `[runner]`
     pub runner: RawRunner,
+    /// `[wireguard]`
+    pub wireguard: RawWireguard,
+}
+
+/// `[wireguard]` as written: the overlay interface (docs/overlay.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWireguard {
+    /// The overlay interface.
+    pub interface: String,
+    /// `auto`, `kernel` or `userspace`.
+    pub backend: String,
+    /// The UDP port WireGuard listens on.
+    pub listen_port: u16,
+    /// The interface's MTU; 0 leaves it as it is.
+    pub mtu: u32,
+    /// Persistent keepalive for peers without `keepaliveSecs`; 0 for none.
+    pub keepalive_secs: u16,
+    /// This node's overlay address with its prefix (`172.24.1.5/16`); empty: the interface's.
+    pub address: String,
+    /// This node's underlay address as reported to the control plane; empty: the address the
+    /// host uses towards the control plane.
+    pub endpoint_ip: String,
+    /// The userspace implementation's argv (the interface name is appended).
+    pub userspace_command: Vec<String>,
+    /// Seconds between two checks of the device against the applied peer set.
+    pub reconcile_secs: u64,
+}
+
+impl Default for RawWireguard {
+    fn default() -> Self {
+        RawWireguard {
+            interface: "wg0".into(),
+            backend: "auto".into(),
+            listen_port: 51820,
+            mtu: 1420,
+            keepalive_secs: 25,
+            address: String::new(),
+            endpoint_ip: String::new(),
+            userspace_command: vec!["wireguard-go".into(), "-f".into()],
+            reconcile_secs: 30,
+        }
+    }
+}
+
+/// Validated `[wireguard]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireguardSettings {
+    /// The interface.
+    pub interface: String,
+    /// The backend choice.
+    pub backend: String,
+    /// The listen port.
+    pub listen_port: u16,
+    /// The MTU (`None`: left alone).
+    pub mtu: Option<u32>,
+    /// Default persistent keepalive.
+    pub keepalive_secs: u16,
+    /// The overlay address.
+    pub address: Option<(std::net::IpAddr, u8)>,
+    /// The reported underlay address.
+    pub endpoint_ip: Option<std::net::IpAddr>,
+    /// The userspace implementation.
+    pub userspace_command: Vec<String>,
+    /// The reconcile interval.
+    pub reconcile_interval: Duration,
+}
+
+impl RawWireguard {
+    fn validate(&self, path: &Path) -> Result<WireguardSettings, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let i = &self.interface;
+        if i.is_empty()
+            || i.len() > 15
+            || i.starts_with('-')
+            || !i
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            || i == "."
+            || i == ".."
+        {
+            return Err(invalid(
+                "wireguard.interface",
+                "must be an interface name: 1 to 15 of A-Z a-z 0-9 _ - . (not starting with '-')"
+                    .into(),
+            ));
+        }
+        if !matches!(self.backend.as_str(), "auto" | "kernel" | "userspace") {
+            return Err(invalid(
+                "wireguard.backend",
+                format!(
+                    "must be \"auto\", \"kernel\" or \"userspace\", got {:?}",
+                    self.backend
+                ),
+            ));
+        }
+        if self.listen_port == 0 {
+            return Err(invalid(
+                "wireguard.listen_port",
+                "must be between 1 and 65535".into(),
+            ));
+        }
+        check_range(path, "wireguard.mtu", u64::from(self.mtu), 0, 65_535)?;
+        if self.mtu != 0 && self.mtu < 1280 {
+            return Err(invalid(
+                "wireguard.mtu",
+                "must be 0 (leave it) or at least 1280".into(),
+            ));
+        }
+        let address = if self.address.is_empty() {
+            None
+        } else {
+            let bad = || {
+                invalid(
+                    "wireguard.address",
+                    format!(
+                        "must be an address with its prefix, like 172.24.1.5/16, got {:?}",
+                        self.address
+                    ),
+                )
+            };
+            let (ip, prefix) = self.address.split_once('/').ok_or_else(bad)?;
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+            let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+            if prefix > if ip.is_ipv4() { 32 } else { 128 } {
+                return Err(bad());
+            }
+            Some((ip, prefix))
+        };
+        let endpoint_ip = if self.endpoint_ip.is_empty() {
+            None
+        } else {
+            Some(self.endpoint_ip.parse().map_err(|_| {
+                invalid(
+                    "wireguard.endpoint_ip",
+                    format!("must be an IP address, got {:?}", self.endpoint_ip),
+                )
+            })?)
+        };
+        match self.userspace_command.first() {
+            Some(p)
+                if !p.is_empty()
+                    && !p.contains('\0')
+                    && (p.starts_with('/') || !p.contains('/')) => {}
+            _ => {
+                return Err(invalid(
+                    "wireguard.userspace_command",
+                    "must start with an absolute path or a program name, like [\"wireguard-go\", \"-f\"]".into(),
+                ));
+            }
+        }
+        if self.userspace_command.len() > 32
+            || self
+                .userspace_command
+                .iter()
+                .any(|a| a.contains('\0') || a.len() > 4096)
+        {
+            return Err(invalid(
+                "wireguard.userspace_command",
+                "at most 32 arguments of at most 4096 bytes, without NUL".into(),
+            ));
+        }
+        check_range(
+            path,
+            "wireguard.reconcile_secs",
+            self.reconcile_secs,
+            1,
+            3600,
+        )?;
+        Ok(WireguardSettings {
+            interface: i.clone(),
+            backend: self.backend.clone(),
+            listen_port: self.listen_port,
+            mtu: (self.mtu != 0).then_some(self.mtu),
+            keepalive_secs: self.keepalive_secs,
+            address,
+            endpoint_ip,
+            userspace_command: self.userspace_command.clone(),
+            reconcile_interval: Duration::from_secs(self.reconcile_secs),
+        })
+    }
 }
 
 /// `[runner]` as written: the process runner (docs/architecture.md, "Process runner").
@@ -429,6 +615,8 @@ pub struct Config {
     pub tools: Tools,
     /// The process runner.
     pub runner: RunnerSettings,
+    /// The overlay interface.
+    pub wireguard: WireguardSettings,
 }
 
 /// The most `[tools]` entries.
@@ -651,6 +839,7 @@ impl RawConfig {
             }
         };
         let update = self.update.validate(path)?;
+        let wireguard = self.wireguard.validate(path)?;
         let tools = validate_tools(&self.tools).map_err(|m| invalid("tools", m))?;
         let cgroup = match self.runner.cgroup_root.as_str() {
             "auto" => CgroupMode::Auto,
@@ -690,6 +879,7 @@ impl RawConfig {
             update,
             tools,
             runner: RunnerSettings { cgroup },
+            wireguard,
         })
     }
 }

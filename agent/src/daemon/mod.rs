@@ -174,6 +174,15 @@ pub async fn run(
         Some(cfg.paths.state_dir.join("executors")),
     );
     catalog.set_host(crate::exec::host(agent_started));
+    // The overlay (`SET_VPN_PEERS`): restored from its saved set and kept so by its reconcile
+    // loop, before and whether or not a control plane answers (docs/overlay.md).
+    let overlay = Arc::new(runos_executors::overlay::Overlay::new(
+        crate::exec::overlay_settings(&cfg),
+        Arc::new(runos_executors::overlay::device::HostSystem),
+        state.control_paths.clone(),
+    ));
+    crate::catalog::add_overlay(&mut catalog, overlay.clone());
+    let _reconcile = tokio::spawn(overlay.clone().reconcile_loop(shutdown_rx.clone()));
     let catalog = Arc::new(catalog);
     // `[update] auto`: follow the version the control plane advertises (docs/update.md).
     let _auto = crate::update::daemon_side::spawn_auto(

@@ -326,6 +326,10 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
         },
         _ = until_shutdown(&mut shutdown) => return report(SessionEnd::Shutdown, None),
     };
+    // The overlay never routes this address into its tunnel.
+    if let Ok(peer) = tls.get_ref().0.peer_addr() {
+        p.state.control_paths.connected(peer.ip());
+    }
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, p.max_frame_bytes);
     let mut writer = FrameWriter::new(w, p.max_frame_bytes);

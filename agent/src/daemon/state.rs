@@ -31,6 +31,8 @@ pub struct AgentState {
     advertised: watch::Sender<Option<String>>,
     /// The trusted clock offset (server − node, ms; 0 when none or not trusted).
     clock_offset: watch::Sender<i64>,
+    /// The control plane's addresses as connected to (the overlay's control-path guard).
+    pub control_paths: Arc<runos_executors::overlay::ControlPaths>,
 }
 
 impl AgentState {
@@ -41,6 +43,7 @@ impl AgentState {
             renewal: Renewer::default(),
             advertised: watch::channel(None).0,
             clock_offset: watch::channel(0).0,
+            control_paths: Arc::default(),
         })
     }
 
