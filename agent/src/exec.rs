@@ -54,6 +54,27 @@ pub fn host(agent_started: std::time::Instant) -> Host {
     }
 }
 
+/// The overlay's settings from `[wireguard]`, with its state in `<state_dir>/wireguard`.
+pub fn overlay_settings(cfg: &Config) -> runos_executors::overlay::Settings {
+    use runos_executors::overlay::{BackendChoice, Settings};
+    let w = &cfg.wireguard;
+    let mut s = Settings::new(cfg.paths.state_dir.join("wireguard"));
+    s.interface = w.interface.clone();
+    s.backend = match w.backend.as_str() {
+        "kernel" => BackendChoice::Kernel,
+        "userspace" => BackendChoice::Userspace,
+        _ => BackendChoice::Auto,
+    };
+    s.listen_port = w.listen_port;
+    s.mtu = w.mtu;
+    s.keepalive_secs = w.keepalive_secs;
+    s.address = w.address;
+    s.endpoint_ip = w.endpoint_ip;
+    s.userspace_command = w.userspace_command.clone();
+    s.reconcile_interval = w.reconcile_interval;
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,25 +104,4 @@ mod tests {
         let spec = runos_executors::handle::Spec::new(vec!["helm".into()]);
         assert!(runner.run(spec).await.is_err());
     }
-}
-
-/// The overlay's settings from `[wireguard]`, with its state in `<state_dir>/wireguard`.
-pub fn overlay_settings(cfg: &Config) -> runos_executors::overlay::Settings {
-    use runos_executors::overlay::{BackendChoice, Settings};
-    let w = &cfg.wireguard;
-    let mut s = Settings::new(cfg.paths.state_dir.join("wireguard"));
-    s.interface = w.interface.clone();
-    s.backend = match w.backend.as_str() {
-        "kernel" => BackendChoice::Kernel,
-        "userspace" => BackendChoice::Userspace,
-        _ => BackendChoice::Auto,
-    };
-    s.listen_port = w.listen_port;
-    s.mtu = w.mtu;
-    s.keepalive_secs = w.keepalive_secs;
-    s.address = w.address;
-    s.endpoint_ip = w.endpoint_ip;
-    s.userspace_command = w.userspace_command.clone();
-    s.reconcile_interval = w.reconcile_interval;
-    s
 }
