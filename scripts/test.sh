@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # System packages the tests use. Installed only when missing, and only as root (CI is root).
-packages=(ca-certificates gcc libc6-dev pkg-config procps iproute2 faketime shellcheck curl)
+packages=(ca-certificates gcc libc6-dev pkg-config procps iproute2 faketime shellcheck curl
+  wireguard-go wireguard-tools iputils-ping util-linux)
 if [ "${RUNOS_SKIP_INSTALL:-0}" != 1 ]; then
   missing=()
   for p in "${packages[@]}"; do

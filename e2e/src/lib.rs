@@ -145,6 +145,19 @@ impl ControlPlane {
         }
     }
 
+    /// Start a control plane in `dir` listening on `l1` and `l2` (`ADDR:PORT`, port 0 for an
+    /// ephemeral one), with a 1 s heartbeat and any `extra` serve flags.
+    pub fn start_at(dir: &Path, l1: &str, l2: &str, extra: &[&str]) -> ControlPlane {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, endpoints) = Self::spawn(dir, l1, l2, &extra);
+        ControlPlane {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+            endpoints,
+            extra,
+        }
+    }
+
     fn spawn(dir: &Path, l1: &str, l2: &str, extra: &[String]) -> (Child, Endpoints) {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let endpoints_file = dir.join("endpoints.json");
@@ -517,13 +530,27 @@ impl Agent {
 
     /// Start `runos agent` in the background with extra environment variables.
     pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
+        self.start_wrapped(&[], env);
+    }
+
+    /// Start `runos agent` in the background as the last arguments of `wrapper` (a program
+    /// that execs its arguments, such as `ip netns exec NS`; empty: none), so that the child's
+    /// pid is the agent's.
+    pub fn start_wrapped(&mut self, wrapper: &[&str], env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "agent already running");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap_or_else(|e| panic!("agent.log: {e}"));
-        let mut cmd = Command::new(bin("runos"));
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin("runos")),
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(bin("runos"));
+                c
+            }
+        };
         cmd.arg("--config")
             .arg(&self.config)
             .arg("agent")
