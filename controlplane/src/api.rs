@@ -152,6 +152,9 @@ pub struct NodeInfo {
     /// The outcome of its last self-update, as its agent reported it in HELLO.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update: Option<runos_protocol::control::UpdateReport>,
+    /// Its WireGuard public key, as its agent reported it in HELLO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
 }
 
 /// An instruction to send.
@@ -343,6 +346,7 @@ impl Api {
                     .last_update
                     .as_deref()
                     .and_then(|j| serde_json::from_str(j).ok()),
+                wireguard_public_key: n.wireguard_public_key,
             })
             .collect())
     }

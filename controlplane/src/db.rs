@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use crate::Error;
 
 /// The schema version this binary writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 /// The first schema. `instructions.sent_count` and `last_sent_at` are no longer written (they
 /// stay 0 and NULL): nothing read them, and keeping them cost a write transaction per
@@ -84,6 +84,11 @@ const MIGRATE_V4: &str = "
 ALTER TABLE nodes ADD COLUMN last_update TEXT;
 ";
 
+/// v4 → v5: the node's WireGuard public key, as its agent reported it in HELLO.
+const MIGRATE_V5: &str = "
+ALTER TABLE nodes ADD COLUMN wireguard_public_key TEXT;
+";
+
 /// The index of a node's instructions without a final reply, in row order: the session takes
 /// them from it a chunk at a time above a row id (a seek, where the index of v1, ordered by
 /// creation time, read every pending row and sorted them for each chunk). It changes no
@@ -151,6 +156,8 @@ pub(crate) struct NodeRow {
     pub pending: u32,
     /// JSON of the agent's last `UpdateReport`.
     pub last_update: Option<String>,
+    /// The node's WireGuard public key.
+    pub wireguard_public_key: Option<String>,
 }
 
 /// A certificate row.
@@ -242,6 +249,9 @@ impl Db {
                 }
                 if v < 4 {
                     tx.execute_batch(MIGRATE_V4)?;
+                }
+                if v < 5 {
+                    tx.execute_batch(MIGRATE_V5)?;
                 }
                 tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
             }
@@ -429,7 +439,7 @@ impl Db {
         n.agent_version, n.registered_at, n.last_seen_at, n.revoked_at, n.instruction_types, \
         (SELECT MAX(not_after) FROM certificates c WHERE c.node_id = n.id AND c.revoked_at IS NULL), \
         (SELECT COUNT(*) FROM instructions i WHERE i.node_id = n.id AND i.replied_at IS NULL), \
-        n.last_update \
+        n.last_update, n.wireguard_public_key \
         FROM nodes n";
 
     fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
@@ -448,6 +458,7 @@ impl Db {
             cert_not_after: r.get(9)?,
             pending: u32::try_from(pending).unwrap_or(u32::MAX),
             last_update: r.get(11)?,
+            wireguard_public_key: r.get(12)?,
         })
     }
 
@@ -481,6 +492,7 @@ impl Db {
         boot_id: &str,
         instruction_types: &[String],
         last_update: Option<&str>,
+        wireguard_public_key: Option<&str>,
         now: i64,
     ) -> Result<(), Error> {
         let types = serde_json::to_string(instruction_types).unwrap_or_else(|_| "[]".into());
@@ -488,7 +500,8 @@ impl Db {
             c.prepare_cached(
                 "UPDATE nodes SET hostname = ?2, agent_version = ?3, boot_id = ?4, \
                  instruction_types = ?5, last_seen_at = ?6, \
-                 last_update = COALESCE(?7, last_update) WHERE id = ?1",
+                 last_update = COALESCE(?7, last_update), \
+                 wireguard_public_key = COALESCE(?8, wireguard_public_key) WHERE id = ?1",
             )?
             .execute(params![
                 id,
@@ -497,7 +510,8 @@ impl Db {
                 boot_id,
                 types,
                 now,
-                last_update
+                last_update,
+                wireguard_public_key
             ])
         })?;
         Ok(())

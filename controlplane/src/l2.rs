@@ -446,6 +446,14 @@ fn check_hello(
     check_ident("hostname", &hello.hostname)?;
     check_ident("agentVersion", &hello.agent_version)?;
     check_ident("bootId", &hello.boot_id)?;
+    if let Some(k) = &hello.wireguard_public_key
+        && !runos_protocol::validate::is_wireguard_key(k)
+    {
+        return Err(ErrorPayload::new(
+            ErrorCode::Protocol,
+            "wireguardPublicKey is not a WireGuard public key",
+        ));
+    }
     if hello.instruction_types.len() > control::MAX_HELLO_TYPES
         || hello
             .instruction_types
@@ -582,6 +590,7 @@ async fn handle(
             &hello.boot_id,
             &hello.instruction_types,
             last_update.as_deref(),
+            hello.wireguard_public_key.as_deref(),
             now,
         )
     };

@@ -277,6 +277,7 @@ async fn hello(s: &Server, node: &Node) -> Answer {
             pending_replies: vec![],
             probe: false,
             last_update: None,
+            wireguard_public_key: None,
         },
     );
     writer.write(&hello).await.unwrap();

@@ -28,6 +28,7 @@ fn probe_hello(node_id: &str) -> Envelope {
             pending_replies: vec![],
             probe: true,
             last_update: None,
+            wireguard_public_key: None,
         },
     )
 }

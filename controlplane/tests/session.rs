@@ -199,6 +199,16 @@ async fn wrong_protocol_version_and_wrong_first_frames_are_refused() {
     .await;
     let e = c.next().await.unwrap().unwrap();
     assert_eq!(error_code(&e), "protocol");
+
+    // A HELLO whose WireGuard key is not one.
+    let mut c = l2_connect(&cp, node.identity()).await.unwrap();
+    let good = hello_env(&node.id, runos_protocol::PROTOCOL_VERSION);
+    let mut v: serde_json::Value = good.payload().unwrap();
+    v["wireguardPublicKey"] = serde_json::json!("not-a-key\u{1b}[31m");
+    c.send(&Envelope::with_type(types::HELLO, Tag::random(), &v))
+        .await;
+    let e = c.next().await.unwrap().unwrap();
+    assert_eq!(error_code(&e), "protocol");
     cp.server.shutdown().await;
 }
 

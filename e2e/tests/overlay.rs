@@ -244,6 +244,9 @@ fn three_nodes_mesh_declaratively_and_survive_their_control_plane() {
         assert_eq!(p["nodePeer"]["vpnIp"], n.vpn_ip, "{p}");
         assert_eq!(p["nodePeer"]["endpointIp"], n.underlay, "{p}");
         assert_eq!(p["nodePeer"]["endpointPort"], 51820, "{p}");
+        // HELLO told the control plane the same key before it sent any peer.
+        let listed = cp.node(&n.node_id).expect("node listed");
+        assert_eq!(listed["wireguardPublicKey"], n.pub_key.as_str(), "{listed}");
         nodes.push(n);
     }
 

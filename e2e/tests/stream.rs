@@ -344,6 +344,7 @@ fn hello_for(node: &str) -> Envelope {
             pending_replies: vec![],
             probe: false,
             last_update: None,
+            wireguard_public_key: None,
         },
     )
 }

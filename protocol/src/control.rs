@@ -152,6 +152,10 @@ pub struct Hello {
     /// The outcome of the agent's last self-update (runos), if it has one. Omitted when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update: Option<UpdateReport>,
+    /// The node's WireGuard public key (runos): 44 characters of standard base64, so that the
+    /// control plane knows it before it sends peers. Omitted when the agent has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
 }
 
 /// Longest [`UpdateReport::message`] a control plane accepts (characters).

@@ -221,6 +221,11 @@ pub(crate) fn wireguard_key(field: &str, value: &str) -> Checked {
     }
 }
 
+/// Whether `value` is a canonical WireGuard public key (see [`Problem::NotAWireGuardKey`]).
+pub fn is_wireguard_key(value: &str) -> bool {
+    wireguard_key("", value).is_ok()
+}
+
 /// Standard padded base64, not empty; returns the decoded bytes.
 pub(crate) fn base64(field: &str, value: &str) -> Checked<Vec<u8>> {
     if value.is_empty() {

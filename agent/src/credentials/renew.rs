@@ -324,6 +324,7 @@ pub fn hello(
         pending_replies,
         probe,
         last_update: None,
+        wireguard_public_key: None,
     }
 }
 

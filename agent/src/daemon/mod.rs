@@ -182,6 +182,15 @@ pub async fn run(
         state.control_paths.clone(),
     ));
     crate::catalog::add_overlay(&mut catalog, overlay.clone());
+    // HELLO carries the public key, so the key is made now (a file, no interface).
+    match overlay.public_key_b64() {
+        Ok(k) => {
+            let _ = state.wireguard_public_key.set(k);
+        }
+        Err(e) => tracing::warn!(
+            "cannot read or make this node's WireGuard key ({e}); HELLO will not carry it"
+        ),
+    }
     let _reconcile = tokio::spawn(overlay.clone().reconcile_loop(shutdown_rx.clone()));
     let catalog = Arc::new(catalog);
     // `[update] auto`: follow the version the control plane advertises (docs/update.md).

@@ -339,6 +339,7 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     let hello_tag = Tag::random();
     let mut hello = renew::hello(id, p.instruction_types.clone(), pending_replies, false);
     hello.last_update = crate::update::state::report(&p.paths.state_dir);
+    hello.wireguard_public_key = p.state.wireguard_public_key.get().cloned();
     let hello_sent_ms = now_ms();
     let hello_sent = Instant::now();
     let handshake = renew::handshake(

@@ -33,6 +33,8 @@ pub struct AgentState {
     clock_offset: watch::Sender<i64>,
     /// The control plane's addresses as connected to (the overlay's control-path guard).
     pub control_paths: Arc<runos_executors::overlay::ControlPaths>,
+    /// The node's WireGuard public key, for HELLO (set once at start).
+    pub wireguard_public_key: std::sync::OnceLock<String>,
 }
 
 impl AgentState {
@@ -44,6 +46,7 @@ impl AgentState {
             advertised: watch::channel(None).0,
             clock_offset: watch::channel(0).0,
             control_paths: Arc::default(),
+            wireguard_public_key: std::sync::OnceLock::new(),
         })
     }
 

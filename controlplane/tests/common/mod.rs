@@ -212,6 +212,7 @@ pub fn hello_env(node_id: &str, version: u32) -> Envelope {
             pending_replies: vec![],
             probe: false,
             last_update: None,
+            wireguard_public_key: None,
         },
     )
 }
