@@ -319,6 +319,34 @@ fn three_nodes_mesh_declaratively_and_survive_their_control_plane() {
         before,
         "the peer was bounced"
     );
+    // `runos vpn status` shows the same, through the admin socket.
+    let out = a.agent.cli(&["vpn", "status", "--json"], "");
+    assert!(out.status.success(), "vpn status: {}", describe(&out));
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["generation"], 3, "{st}");
+    assert_eq!(st["backend"], "userspace", "{st}");
+    assert_eq!(st["publicKey"], a.pub_key.as_str(), "{st}");
+    let peers = st["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{st}");
+    assert_eq!(peers[0]["pubKey"], b.pub_key.as_str(), "{st}");
+    assert_eq!(
+        peers[0]["allowedIps"],
+        json!([format!("{}/32", b.vpn_ip)]),
+        "{st}"
+    );
+    assert!(
+        peers[0]["lastHandshakeSecsAgo"]
+            .as_u64()
+            .is_some_and(|s| s < 120),
+        "{st}"
+    );
+    assert!(peers[0]["rxBytes"].as_u64().is_some_and(|n| n > 0), "{st}");
+    let out = a.agent.cli(&["vpn", "status"], "");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&b.pub_key),
+        "{}",
+        describe(&out)
+    );
 
     // A set that would capture the control plane's route is refused; the session stays up.
     let mut bad = peer(c);

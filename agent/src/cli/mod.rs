@@ -4,6 +4,7 @@ pub mod certificate;
 pub mod journal;
 pub mod status;
 pub mod update;
+pub mod vpn;
 
 use std::path::PathBuf;
 
@@ -127,6 +128,9 @@ pub enum Command {
     /// Inspect the node certificate.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Certificate(CertificateCommand),
+    /// The WireGuard overlay (docs/overlay.md).
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Vpn(VpnCommand),
     /// Show recent instructions and their outcomes, from the agent's journal (exit 0; 1 when
     /// `--tag` names no entry; 9 when the agent is not running).
     ///
@@ -185,6 +189,24 @@ pub struct VerifyArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `runos vpn` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum VpnCommand {
+    /// Show the overlay (exit 0; 1 when a peer set is applied but the device cannot be read;
+    /// 9 when the agent is not running).
+    ///
+    /// Asks the running agent through its local admin socket: backend, interface, this node's
+    /// public key, the applied generation, and each peer on the device with its endpoint,
+    /// allowed IPs, seconds since its last handshake (judged per backend) and bytes received and
+    /// sent.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `runos certificate` subcommands.
@@ -490,6 +512,10 @@ pub fn run(cli: Cli) -> Exit {
                 }
             }
         }
+        Command::Vpn(VpnCommand::Status { json }) => match config::load(&cli.config) {
+            Ok((cfg, _)) => crate::cli::vpn::run(&cfg, json),
+            Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+        },
         Command::Journal { tag, limit, json } => match config::load(&cli.config) {
             Ok((cfg, _)) => crate::cli::journal::run(&cfg, tag, usize::from(limit), json),
             Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),

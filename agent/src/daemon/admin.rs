@@ -55,6 +55,8 @@ pub struct AdminState {
     /// `reconnect`: the daemon reloads its configuration and reconnects (with the credentials
     /// and server now on disk).
     pub reconnect: Option<mpsc::Sender<()>>,
+    /// The overlay (`vpn`: `runos vpn status`).
+    pub overlay: Option<Arc<runos_executors::overlay::Overlay>>,
 }
 
 /// A running admin socket; dropping it stops serving and removes the socket file.
@@ -204,11 +206,16 @@ async fn answer(line: &[u8], state: &AdminState) -> Value {
         Some("status") => status(state).await,
         Some("journal") => journal(&req, state).await,
         Some("renew") => renew(state).await,
+        Some("vpn") => match &state.overlay {
+            Some(o) => serde_json::to_value(o.status().await)
+                .unwrap_or_else(|e| json!({"error": format!("cannot encode the status: {e}")})),
+            None => json!({"error": "this agent has no overlay"}),
+        },
         Some("reconnect") => match &state.reconnect {
             Some(tx) if tx.send(()).await.is_ok() => json!({"reconnecting": true}),
             _ => json!({"error": "reconnect is not available"}),
         },
-        _ => json!({"error": "unknown op; supported: status, journal, renew, reconnect"}),
+        _ => json!({"error": "unknown op; supported: status, journal, renew, reconnect, vpn"}),
     }
 }
 
@@ -348,6 +355,7 @@ mod tests {
             dispatcher: link.inbound.downgrade(),
             renew: None,
             reconnect: None,
+            overlay: None,
         };
         // A stale socket file (nobody listening) is replaced.
         std::fs::create_dir_all(&run).unwrap();

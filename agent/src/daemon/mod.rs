@@ -222,6 +222,7 @@ pub async fn run(
             dispatcher: link.inbound.downgrade(),
             renew: Some(renew_tx),
             reconnect: Some(reload_tx),
+            overlay: Some(overlay.clone()),
         },
     );
     tracing::info!(version = crate::agent_version(), types = ?catalog.types(), "agent started");
