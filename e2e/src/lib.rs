@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod bench;
+pub mod overlay_bench;
 pub mod release;
 pub mod scripted;
 

@@ -113,18 +113,21 @@ impl Sizes {
 struct Args {
     quick: bool,
     floors_only: bool,
+    overlay_only: bool,
     journaled: String,
 }
 
 const USAGE: &str = "usage: runos-bench [--quick] [--floors-only] [--journaled-config TOML-LINE]\n\
     --quick                      a shorter run (smaller counts, 20 s idle window)\n\
     --floors-only                measure and print only the floors (TLS echo, spawn)\n\
+    --overlay-only               measure and print only the overlay (1000-peer SET_VPN_PEERS; root, wireguard-go)\n\
     --journaled-config LINE      the [agent] line for the journaled run (default: journal_sync = \"always\")";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         quick: false,
         floors_only: false,
+        overlay_only: false,
         journaled: JOURNALED_CONFIG.into(),
     };
     let mut it = std::env::args().skip(1);
@@ -132,6 +135,7 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--floors-only" => args.floors_only = true,
+            "--overlay-only" => args.overlay_only = true,
             "--journaled-config" => {
                 args.journaled = it
                     .next()
@@ -223,11 +227,75 @@ fn main() {
             std::process::exit(1);
         }
     };
-    match rt.block_on(run(&args, &sizes)) {
-        Ok(stack) => report(&args, &sizes, &machine, &floors, &stack),
+    if !args.overlay_only {
+        match rt.block_on(run(&args, &sizes)) {
+            Ok(stack) => report(&args, &sizes, &machine, &floors, &stack),
+            Err(e) => {
+                eprintln!("runos-bench: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        print_machine(&args, &machine);
+    }
+    overlay(&rt, args.quick);
+}
+
+/// `x` as a fraction of `full` ("1/7.6": 7.6 times cheaper).
+fn cheaper(x: Duration, full: Duration) -> String {
+    if x.is_zero() {
+        return "-".into();
+    }
+    format!("1/{:.1}", full.as_secs_f64() / x.as_secs_f64())
+}
+
+/// The overlay table (root and wireguard-go only; a note otherwise).
+fn overlay(rt: &tokio::runtime::Runtime, quick: bool) {
+    let wg_go = std::process::Command::new("sh")
+        .args(["-c", "command -v wireguard-go >/dev/null"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !rustix::process::geteuid().is_root() || !wg_go {
+        println!(
+            "Overlay: not measured (needs root and wireguard-go; the test command installs it).\n"
+        );
+        return;
+    }
+    progress("overlay: SET_VPN_PEERS with 1000 peers on wireguard-go");
+    let rounds = if quick { 5 } else { 20 };
+    match rt.block_on(runos_e2e::overlay_bench::run(1000, rounds)) {
         Err(e) => {
-            eprintln!("runos-bench: {e}");
+            eprintln!("runos-bench: overlay: {e}");
             std::process::exit(1);
+        }
+        Ok(o) => {
+            let p50 = |v: &[Duration]| percentile(v, 0.5);
+            println!(
+                "| `SET_VPN_PEERS` on wireguard-go, {} peers | samples | p50 | ratio to the full apply |",
+                o.peers
+            );
+            println!("|---|---:|---:|---:|");
+            println!(
+                "| create the interface (start wireguard-go), empty set | 1 | {} | |",
+                fmt_dur(o.create)
+            );
+            println!(
+                "| apply the whole set to an empty device | 1 | {} | 1 |",
+                fmt_dur(o.full)
+            );
+            println!(
+                "| re-apply it as a new generation, nothing differs | {} | {} | {} |",
+                o.noop.len(),
+                fmt_dur(p50(&o.noop)),
+                cheaper(p50(&o.noop), o.full)
+            );
+            println!(
+                "| a new generation with one peer's endpoint moved | {} | {} | {} |",
+                o.one.len(),
+                fmt_dur(p50(&o.one)),
+                cheaper(p50(&o.one), o.full)
+            );
+            println!();
         }
     }
 }

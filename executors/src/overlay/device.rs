@@ -6,7 +6,7 @@
 //!   UAPI socket, `/run/wireguard/<interface>.sock`;
 //! - `wireguard-control` starts a userspace daemon by itself when the socket is missing, without
 //!   a timeout: the agent never lets it, it starts the configured program itself
-//!   ([`launch_userspace`]) and calls the crate only once the socket answers;
+//!   (`launch_userspace`) and calls the crate only once the socket answers;
 //! - boringtun reports the last handshake as seconds *since* it, not a UNIX time
 //!   ([`handshake_time`]), and no public key of its own (the key is then set again: a no-op);
 //! - `wireguard-control` prints a line to stdout for each UAPI key it does not know (boringtun's
