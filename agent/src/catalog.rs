@@ -21,8 +21,8 @@ pub use runos_executors::registry::{
     DISPATCHER_TYPES, Entry, ExecFn, ExecResult, Job, Prepared, Registry as Catalog, Reply,
 };
 
-/// Catalog types this agent version answers `unsupported` (`SET_VPN_PEERS` only until
-/// [`add_overlay`] registers it: the daemon does).
+/// Catalog types this agent version answers `unsupported` (`SET_VPN_PEERS` and the VIP types
+/// only until [`add_overlay`] registers them: the daemon does).
 pub const UNSUPPORTED: &[&str] = &[
     types::SET_VPN_PEERS,
     types::GET_CLUSTER_JOIN_CMD,
@@ -86,15 +86,34 @@ pub fn standard() -> Catalog {
     c
 }
 
-/// Register `SET_VPN_PEERS` on `overlay` (the daemon's; see `runos_executors::overlay`). Its
+/// Register `SET_VPN_PEERS`, `VIP_ASSIGN` and `VIP_RELEASE` on `overlay` (the daemon's; see `runos_executors::overlay`). Its
 /// maximum deadline is 5 minutes: a 4096-peer set on a userspace device that must be started
 /// first fits many times over.
 pub fn add_overlay(c: &mut Catalog, overlay: std::sync::Arc<runos_executors::overlay::Overlay>) {
     c.register::<instructions::SetVpnPeers, _, _>(
         Settings::new(Duration::from_secs(300), lane_of(types::SET_VPN_PEERS)),
-        move |ctx, p| {
+        {
+            let overlay = overlay.clone();
+            move |ctx, p| {
+                let o = overlay.clone();
+                async move { o.set_vpn_peers(&ctx, p).await }
+            }
+        },
+    );
+    // The VIP: in the fast lane, never behind long work.
+    let o = overlay.clone();
+    c.register::<instructions::VipAssign, _, _>(
+        Settings::new(Duration::from_secs(30), lane_of(types::VIP_ASSIGN)),
+        move |_ctx, p| {
+            let o = o.clone();
+            async move { Ok(o.vip_assign(p).await) }
+        },
+    );
+    c.register::<instructions::VipRelease, _, _>(
+        Settings::new(Duration::from_secs(30), lane_of(types::VIP_RELEASE)),
+        move |_ctx, p| {
             let o = overlay.clone();
-            async move { o.set_vpn_peers(&ctx, p).await }
+            async move { Ok(o.vip_release(p).await) }
         },
     );
 }

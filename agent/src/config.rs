@@ -118,6 +118,11 @@ pub struct RawWireguard {
     pub userspace_command: Vec<String>,
     /// Seconds between two checks of the device against the applied peer set.
     pub reconcile_secs: u64,
+    /// The cluster's VIP (`IP` or `IP/prefix`) for a `VIP_ASSIGN` without `address`; empty: none.
+    pub vip: String,
+    /// The local service that must answer before this node takes the VIP (`IP:port`); empty:
+    /// no check.
+    pub vip_check: String,
 }
 
 impl Default for RawWireguard {
@@ -132,6 +137,8 @@ impl Default for RawWireguard {
             endpoint_ip: String::new(),
             userspace_command: vec!["wireguard-go".into(), "-f".into()],
             reconcile_secs: 30,
+            vip: String::new(),
+            vip_check: String::new(),
         }
     }
 }
@@ -158,6 +165,10 @@ pub struct WireguardSettings {
     pub userspace_command: Vec<String>,
     /// The reconcile interval.
     pub reconcile_interval: Duration,
+    /// The default VIP.
+    pub vip: Option<(std::net::IpAddr, u8)>,
+    /// The VIP's health check.
+    pub vip_check: Option<std::net::SocketAddr>,
 }
 
 impl RawWireguard {
@@ -265,6 +276,34 @@ impl RawWireguard {
             1,
             3600,
         )?;
+        let vip = if self.vip.is_empty() {
+            None
+        } else {
+            Some(
+                runos_protocol::instructions::vip_address(&self.vip).ok_or_else(|| {
+                    invalid(
+                        "wireguard.vip",
+                        format!(
+                            "must be an address, optionally with its prefix, like 172.24.1.254/32, got {:?}",
+                            self.vip
+                        ),
+                    )
+                })?,
+            )
+        };
+        let vip_check = if self.vip_check.is_empty() {
+            None
+        } else {
+            Some(self.vip_check.parse().map_err(|_| {
+                invalid(
+                    "wireguard.vip_check",
+                    format!(
+                        "must be IP:port, like 127.0.0.1:6443, got {:?}",
+                        self.vip_check
+                    ),
+                )
+            })?)
+        };
         Ok(WireguardSettings {
             interface: i.clone(),
             backend: self.backend.clone(),
@@ -275,6 +314,8 @@ impl RawWireguard {
             endpoint_ip,
             userspace_command: self.userspace_command.clone(),
             reconcile_interval: Duration::from_secs(self.reconcile_secs),
+            vip,
+            vip_check,
         })
     }
 }

@@ -72,6 +72,8 @@ pub fn overlay_settings(cfg: &Config) -> runos_executors::overlay::Settings {
     s.endpoint_ip = w.endpoint_ip;
     s.userspace_command = w.userspace_command.clone();
     s.reconcile_interval = w.reconcile_interval;
+    s.vip = w.vip;
+    s.vip_check = w.vip_check;
     s
 }
 

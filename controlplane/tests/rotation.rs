@@ -333,6 +333,7 @@ async fn certificates_from_a_v1_database_count_for_the_active_ca() {
              ALTER TABLE certificates DROP COLUMN ca_sha256;
              ALTER TABLE certificates DROP COLUMN used_at;
              ALTER TABLE nodes DROP COLUMN last_update;
+             ALTER TABLE nodes DROP COLUMN wireguard_public_key;
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -351,7 +352,7 @@ async fn certificates_from_a_v1_database_count_for_the_active_ca() {
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 4);
+        assert_eq!(v, 5);
     }
     // The migrated certificate is A's: it blocks a cutover.
     api.ca_rotate().await.unwrap();

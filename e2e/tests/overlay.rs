@@ -16,6 +16,7 @@ use runos_e2e::{Agent, ControlPlane, DEADLINE, Reply, describe, wait_until};
 use serde_json::{Value, json};
 
 const CP_IP: &str = "10.77.0.1";
+const VIP: &str = "10.99.0.254";
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
@@ -182,6 +183,28 @@ fn handshake_with(n: &Node, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether node `n`'s wg0 has the VIP (`ip -j`: JSON, not a table).
+fn holds_vip(n: &Node) -> bool {
+    let out = Command::new("ip")
+        .args(["-j", "-n", &n.ns, "addr", "show", "dev", "wg0"])
+        .output()
+        .expect("ip addr");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array().into_iter().flatten().any(|l| {
+        l["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["local"] == VIP)
+    })
+}
+
+fn vip(cp: &ControlPlane, n: &Node, kind: &str, payload: Value) -> Value {
+    let r = cp.send(&n.node_id, kind, &payload.to_string());
+    assert_eq!(r.kind, format!("{kind}_RESPONSE"), "{r:?}");
+    r.payload
+}
+
 fn strs(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -215,8 +238,14 @@ fn three_nodes_mesh_declaratively_and_survive_their_control_plane() {
     let mut nodes: Vec<Node> = Vec::new();
     for (i, ns) in net.namespaces.iter().enumerate() {
         let vpn_ip = format!("10.99.0.{}", i + 1);
+        // Node C's VIP health check points at a port nothing listens on.
+        let check = if i == 2 {
+            "vip_check = \"127.0.0.1:9\"\n"
+        } else {
+            ""
+        };
         let extra = format!(
-            "\n[wireguard]\naddress = \"{vpn_ip}/24\"\nreconcile_secs = 1\nkeepalive_secs = 1\n"
+            "\n[wireguard]\naddress = \"{vpn_ip}/24\"\nreconcile_secs = 1\nkeepalive_secs = 1\nvip = \"{VIP}/32\"\n{check}"
         );
         let mut agent = Agent::new(&tmp.path().join(format!("node{i}")), &cp, &extra);
         let node_id = agent.register(&cp);
@@ -368,8 +397,51 @@ fn three_nodes_mesh_declaratively_and_survive_their_control_plane() {
     assert_eq!(r.kind, "NODE_STATUS", "{r:?}");
     assert!(ping(a, b));
 
-    // Without the control plane: delete B's wg0 by hand; B's agent recreates it from disk.
+    // The VIP: A takes it (generation 5), hands it to B (6); A restarted and sent 5 again
+    // refuses it; a failing health check refuses it on C.
+    let r = vip(&cp, a, "VIP_ASSIGN", json!({"generation": 5}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(holds_vip(a));
+    let r = vip(&cp, a, "VIP_RELEASE", json!({"generation": 6}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(!holds_vip(a));
+    let r = vip(
+        &cp,
+        b,
+        "VIP_ASSIGN",
+        json!({"generation": 6, "leaseSecs": 3}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(holds_vip(b));
+    let r = vip(&cp, c, "VIP_ASSIGN", json!({"generation": 7}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not answer"),
+        "{r}"
+    );
+    assert!(!holds_vip(c));
+    {
+        let a = &mut nodes[0];
+        a.agent.stop();
+        start(a);
+        cp.wait_online(&a.node_id);
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let r = vip(&cp, a, "VIP_ASSIGN", json!({"generation": 5}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["message"].as_str().unwrap_or("").contains("stale"), "{r}");
+    assert!(!holds_vip(a));
+
+    // Without the control plane: B's lease runs out and it drops the VIP by itself.
     cp.kill();
+    wait_until(DEADLINE, "B drops the VIP after its lease", || {
+        !holds_vip(b)
+    });
+
+    // Delete B's wg0 by hand; B's agent recreates it from disk.
     run(&["ip", "-n", &b.ns, "link", "del", "wg0"]);
     wait_ping(
         a,

@@ -1091,11 +1091,37 @@ impl Instruction for UpgradeNodeK8s {
 /// `VIP_ASSIGN`: take the cluster's virtual IP, unless `generation` is older than the newest one
 /// this node has seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, rename_all = "camelCase")]
 pub struct VipAssign {
     /// The assignment's generation (increases with every hand-off).
     #[serde(deserialize_with = "null_as_default")]
     pub generation: i64,
+    /// runos: the holder drops the VIP by itself once it has heard nothing from the control
+    /// plane for this long (1 to 86400 s); the control plane waits at least this long before it
+    /// assigns the VIP to another node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_secs: Option<u32>,
+    /// runos: the VIP (`IP` or `IP/prefix`); default: the agent's configured one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// A VIP address field: an IP address, optionally `/prefix` (default /32 or /128).
+pub fn vip_address(s: &str) -> Option<(IpAddr, u8)> {
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, p)) => (ip, Some(p)),
+        None => (s, None),
+    };
+    let ip: IpAddr = ip.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 3 => {
+            p.parse().ok().filter(|p| *p <= max)?
+        }
+        Some(_) => return None,
+    };
+    Some((ip, prefix))
 }
 
 /// `VIP_RELEASE`: drop the cluster's virtual IP.
@@ -1105,6 +1131,31 @@ pub struct VipRelease {
     /// The generation being released.
     #[serde(deserialize_with = "null_as_default")]
     pub generation: i64,
+}
+
+fn validate_vip(
+    generation: i64,
+    lease: Option<u32>,
+    address: Option<&str>,
+) -> Result<(), ValidationError> {
+    if generation < 0 {
+        return Err(ValidationError::new(
+            "generation",
+            Problem::OutOfRange {
+                min: 0,
+                max: i64::MAX as u64,
+            },
+        ));
+    }
+    if let Some(l) = lease {
+        validate::range("leaseSecs", u64::from(l), 1, 86_400)?;
+    }
+    if let Some(a) = address
+        && vip_address(a).is_none()
+    {
+        return Err(ValidationError::new("address", Problem::NotAnIpAddress));
+    }
+    Ok(())
 }
 
 /// `VIP_ASSIGN_RESPONSE` and `VIP_RELEASE_RESPONSE`.
@@ -1127,12 +1178,20 @@ impl Instruction for VipAssign {
     const TYPE: &'static str = types::VIP_ASSIGN;
     const REPLY_TYPE: &'static str = types::VIP_ASSIGN_RESPONSE;
     type Reply = VipResponse;
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_vip(self.generation, self.lease_secs, self.address.as_deref())
+    }
 }
 
 impl Instruction for VipRelease {
     const TYPE: &'static str = types::VIP_RELEASE;
     const REPLY_TYPE: &'static str = types::VIP_RELEASE_RESPONSE;
     type Reply = VipResponse;
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_vip(self.generation, None, None)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1615,6 +1674,53 @@ mod tests {
             panic!("valid")
         };
         assert_eq!((s.generation, s.complete, s.peers.len()), (None, false, 0));
+    }
+
+    #[test]
+    fn vip_extensions_are_checked() {
+        let Ok(AnyInstruction::VipAssign(a)) = decode(
+            types::VIP_ASSIGN,
+            &json!({"generation": 5, "leaseSecs": 30, "address": "172.24.1.254/32"}),
+        ) else {
+            panic!("valid")
+        };
+        assert_eq!(
+            (a.lease_secs, a.address.as_deref()),
+            (Some(30), Some("172.24.1.254/32"))
+        );
+        assert_eq!(
+            vip_address("fd00::1"),
+            Some(("fd00::1".parse().unwrap(), 128))
+        );
+        assert_eq!(
+            vip_address("10.0.0.1"),
+            Some(("10.0.0.1".parse().unwrap(), 32))
+        );
+        for bad in [
+            "10.0.0.1/33",
+            "10.0.0.1/",
+            "10.0.0.1/+8",
+            "x",
+            "10.0.0.1/8/8",
+        ] {
+            assert_eq!(vip_address(bad), None, "{bad}");
+        }
+        for (v, field) in [
+            (json!({"generation": 1, "leaseSecs": 0}), "leaseSecs"),
+            (
+                json!({"generation": 1, "address": "10.0.0.1/40"}),
+                "address",
+            ),
+            (json!({"generation": -1}), "generation"),
+        ] {
+            let e = decode(types::VIP_ASSIGN, &v)
+                .unwrap_err()
+                .to_error_payload();
+            assert!(e.message.contains(&format!("`{field}`")), "{}", e.message);
+        }
+        // The Go form.
+        assert!(decode(types::VIP_ASSIGN, &json!({"generation": 3})).is_ok());
+        assert!(decode(types::VIP_RELEASE, &json!({"generation": 3})).is_ok());
     }
 
     fn reply_round_trip<I: Instruction>(json: Value)

@@ -192,6 +192,7 @@ pub async fn run(
         ),
     }
     let _reconcile = tokio::spawn(overlay.clone().reconcile_loop(shutdown_rx.clone()));
+    let _vip_lease = tokio::spawn(overlay.clone().vip_watchdog(shutdown_rx.clone()));
     let catalog = Arc::new(catalog);
     // `[update] auto`: follow the version the control plane advertises (docs/update.md).
     let _auto = crate::update::daemon_side::spawn_auto(

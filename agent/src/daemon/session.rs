@@ -408,6 +408,7 @@ async fn session(p: &SessionParams, link: &mut DispatchLink, ctl: &mut Control) 
     );
     notify::status(&format!("connected to {addr}"));
     p.state.status.connected(&addr, session_id); // `runos status`
+    p.state.control_paths.contact();
     p.state
         .set_advertised_version(welcome_advertised_version(&welcome));
     p.state.observe_clock_offset(offset_ms);
@@ -849,6 +850,7 @@ fn route(
                 let rtt_ms = u64::try_from(sent.at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 tracing::trace!(%tag, rtt_ms, "heartbeat answered");
                 state.status.round_trip(); // `runos status`
+                state.control_paths.contact(); // a VIP lease counts from here
                 match env.payload::<HeartbeatReply>() {
                     Ok(r) => state.observe_clock_offset(crate::daemon::status::clock_offset_ms(
                         r.server_time_ms,

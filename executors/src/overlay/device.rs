@@ -479,6 +479,55 @@ impl System for HostSystem {
         })
     }
 
+    fn add_address(&self, iface: String, ip: IpAddr, prefix: u8) -> BoxFuture<io::Result<()>> {
+        Box::pin(async move {
+            let h = netlink()?;
+            let Some(l) = bounded("netlink", link(&h, &iface)).await? else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{iface} does not exist"),
+                ));
+            };
+            let all = bounded("netlink", all_addresses(&h)).await?;
+            if all
+                .iter()
+                .any(|&(i, a, p)| i == l.index && a == ip && p == prefix)
+            {
+                return Ok(());
+            }
+            bounded("netlink", async {
+                h.address()
+                    .add(l.index, ip, prefix)
+                    .execute()
+                    .await
+                    .map_err(nl_err)
+            })
+            .await
+        })
+    }
+
+    fn del_address(&self, iface: String, ip: IpAddr, prefix: u8) -> BoxFuture<io::Result<()>> {
+        Box::pin(async move {
+            let h = netlink()?;
+            let Some(l) = bounded("netlink", link(&h, &iface)).await? else {
+                return Ok(());
+            };
+            let mut s = h
+                .address()
+                .get()
+                .set_link_index_filter(l.index)
+                .set_address_filter(ip)
+                .set_prefix_length_filter(prefix)
+                .execute();
+            let found = bounded("netlink", async { s.try_next().await.map_err(nl_err) }).await?;
+            let Some(msg) = found else { return Ok(()) };
+            bounded("netlink", async {
+                h.address().del(msg).execute().await.map_err(nl_err)
+            })
+            .await
+        })
+    }
+
     fn addresses(&self, iface: String) -> BoxFuture<io::Result<Addresses>> {
         Box::pin(async move {
             let h = netlink()?;

@@ -26,6 +26,7 @@
 pub mod device;
 pub mod guard;
 pub mod plan;
+pub mod vip;
 
 use std::collections::HashMap;
 use std::io;
@@ -33,6 +34,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use base64::Engine as _;
 use runos_protocol::instructions::{DEFAULT_WIREGUARD_PORT, NodeVpnPeer, SetVpnPeers, VpnPeer};
@@ -89,8 +92,12 @@ pub struct Settings {
     pub userspace_command: Vec<String>,
     /// How often the reconcile loop checks the device.
     pub reconcile_interval: Duration,
-    /// The overlay's state directory (key, applied set, userspace log).
+    /// The overlay's state directory (key, applied set, userspace log, VIP fence).
     pub state_dir: PathBuf,
+    /// The VIP for a `VIP_ASSIGN` without `address`.
+    pub vip: Option<(IpAddr, u8)>,
+    /// The local service that must answer before the node takes the VIP (`IP:port`).
+    pub vip_check: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -107,6 +114,8 @@ impl Settings {
             userspace_command: vec!["wireguard-go".into(), "-f".into()],
             reconcile_interval: Duration::from_secs(30),
             state_dir,
+            vip: None,
+            vip_check: None,
         }
     }
 }
@@ -176,14 +185,29 @@ pub trait System: Send + Sync + 'static {
     fn apply(&self, spec: Arc<Spec>, kind: Kind, update: Update) -> BoxFuture<io::Result<()>>;
     /// The host's addresses.
     fn addresses(&self, interface: String) -> BoxFuture<io::Result<Addresses>>;
+    /// Add `ip/prefix` to `interface` (present already: fine).
+    fn add_address(&self, interface: String, ip: IpAddr, prefix: u8) -> BoxFuture<io::Result<()>>;
+    /// Remove `ip/prefix` from `interface` (absent, or no interface: fine).
+    fn del_address(&self, interface: String, ip: IpAddr, prefix: u8) -> BoxFuture<io::Result<()>>;
 }
 
 /// The control plane's addresses as the session last connected to them (the session sets them;
 /// the guard reads them). Knows no TLS: addresses only.
 #[derive(Debug, Default)]
-pub struct ControlPaths(Mutex<Vec<IpAddr>>);
+pub struct ControlPaths(Mutex<Vec<IpAddr>>, Mutex<Option<Instant>>);
 
 impl ControlPaths {
+    /// The control plane was heard from (the session calls it at WELCOME and for each answered
+    /// heartbeat): what a VIP lease counts from.
+    pub fn contact(&self) {
+        *self.1.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// When the control plane was last heard from.
+    pub fn last_contact(&self) -> Option<Instant> {
+        *self.1.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Record that the control plane was reached at `ip`.
     pub fn connected(&self, ip: IpAddr) {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -239,6 +263,8 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Why the device could not be read.
     pub error: Option<String>,
+    /// The VIP fence and what is held.
+    pub vip: Option<vip::VipState>,
 }
 
 /// One peer in [`Status`].
@@ -266,6 +292,8 @@ pub struct Overlay {
     control: Arc<ControlPaths>,
     /// Serialises applies and reconciles; holds the applied set once loaded.
     inner: tokio::sync::Mutex<Option<Applied>>,
+    /// Serialises VIP changes.
+    vip_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -309,6 +337,7 @@ impl Overlay {
             system,
             control,
             inner: tokio::sync::Mutex::new(None),
+            vip_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -724,6 +753,7 @@ impl Overlay {
             complete: applied.as_ref().is_some_and(|a| a.complete),
             peers: Vec::new(),
             error: None,
+            vip: self.vip_state().ok(),
         };
         let spec = match self.spec() {
             Ok(s) => s,

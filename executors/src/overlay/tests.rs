@@ -12,6 +12,7 @@ struct Fake {
     applies: Mutex<usize>,
     exists: Mutex<bool>,
     underlay: Vec<IpAddr>,
+    vip: Mutex<Vec<(IpAddr, u8)>>,
 }
 
 impl System for Fake {
@@ -53,6 +54,19 @@ impl System for Fake {
                 last_handshake: None,
             });
         }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn add_address(&self, _i: String, ip: IpAddr, p: u8) -> BoxFuture<io::Result<()>> {
+        let mut a = self.vip.lock().unwrap();
+        if !a.contains(&(ip, p)) {
+            a.push((ip, p));
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn del_address(&self, _i: String, ip: IpAddr, p: u8) -> BoxFuture<io::Result<()>> {
+        self.vip.lock().unwrap().retain(|x| *x != (ip, p));
         Box::pin(async { Ok(()) })
     }
 
@@ -317,4 +331,99 @@ async fn a_damaged_saved_set_is_an_error_not_a_panic() {
             .to_string()
             .contains("remove it")
     );
+}
+
+fn assign(g: i64, lease: Option<u32>) -> runos_protocol::instructions::VipAssign {
+    serde_json::from_value(json!({"generation": g, "leaseSecs": lease, "address": "10.9.0.254"}))
+        .unwrap()
+}
+
+fn release(g: i64) -> runos_protocol::instructions::VipRelease {
+    serde_json::from_value(json!({"generation": g})).unwrap()
+}
+
+#[tokio::test]
+async fn the_vip_fence_survives_a_restart_and_refuses_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::default());
+    let vip: (IpAddr, u8) = ("10.9.0.254".parse().unwrap(), 32);
+    let o = overlay(dir.path(), fake.clone(), &[]);
+    let r = o.vip_assign(assign(5, None)).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(*fake.vip.lock().unwrap(), vec![vip]);
+    // A redelivery of the same assignment: fine, nothing changes.
+    assert!(o.vip_assign(assign(5, None)).await.ok);
+    // Hand-off: release under the new generation.
+    let r = o.vip_release(release(6)).await;
+    assert!(r.ok, "{r:?}");
+    assert!(fake.vip.lock().unwrap().is_empty());
+    // A new agent on the same state (a restart), replaying generation 5: refused.
+    let o2 = overlay(dir.path(), fake.clone(), &[]);
+    let r = o2.vip_assign(assign(5, None)).await;
+    assert!(!r.ok && r.message.contains("stale"), "{r:?}");
+    assert!(fake.vip.lock().unwrap().is_empty());
+    // A release of an older generation than the one held is refused; a newer assign works.
+    assert!(o2.vip_assign(assign(8, None)).await.ok);
+    let r = o2.vip_release(release(7)).await;
+    assert!(
+        !r.ok && r.message.contains("held under generation 8"),
+        "{r:?}"
+    );
+    assert_eq!(fake.vip.lock().unwrap().len(), 1);
+    let st = o2.vip_state().unwrap();
+    assert_eq!((st.highest, st.released), (Some(8), Some(6)));
+}
+
+#[tokio::test]
+async fn the_vip_needs_an_address_and_a_healthy_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::default());
+    let o = overlay(dir.path(), fake.clone(), &[]);
+    let r = o
+        .vip_assign(serde_json::from_value(json!({"generation": 1})).unwrap())
+        .await;
+    assert!(!r.ok && r.message.contains("no VIP address"), "{r:?}");
+    // A health check against a port nobody listens on.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let mut s = Settings::new(dir.path().to_path_buf());
+    s.vip_check = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let o = Overlay::new(s, fake.clone(), Arc::new(ControlPaths::default()));
+    let r = o.vip_assign(assign(2, None)).await;
+    assert!(!r.ok && r.message.contains("does not answer"), "{r:?}");
+    assert!(fake.vip.lock().unwrap().is_empty());
+    // The refused assignment did not take the fence: the VIP is not held.
+    assert!(o.vip_state().unwrap().held.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leased_vip_is_dropped_when_the_control_plane_is_silent_too_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::default());
+    let control = Arc::new(ControlPaths::default());
+    let o = Arc::new(Overlay::new(
+        Settings::new(dir.path().to_path_buf()),
+        fake.clone(),
+        control.clone(),
+    ));
+    assert!(o.vip_assign(assign(1, Some(3))).await.ok);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let w = tokio::spawn(o.clone().vip_watchdog(stop));
+    // Contact keeps it.
+    for _ in 0..5 {
+        control.contact();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        fake.vip.lock().unwrap().len(),
+        1,
+        "dropped while the control plane answers"
+    );
+    // Silence longer than the lease: dropped, and the fence says it is not held.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(fake.vip.lock().unwrap().is_empty());
+    assert!(o.vip_state().unwrap().held.is_none());
+    stop_tx.send(true).unwrap();
+    w.await.unwrap();
 }
