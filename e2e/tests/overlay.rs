@@ -370,6 +370,9 @@ fn three_nodes_mesh_declaratively_and_survive_their_control_plane() {
         "{st}"
     );
     assert!(peers[0]["rxBytes"].as_u64().is_some_and(|n| n > 0), "{st}");
+    let st = a.agent.status();
+    assert_eq!(st["overlay"]["generation"], 3, "{st}");
+    assert_eq!(st["overlay"]["peers"], 1, "{st}");
     let out = a.agent.cli(&["vpn", "status"], "");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&b.pub_key),

@@ -152,6 +152,23 @@ fn human(v: &Value) -> String {
             Some(off) => format!("clock offset:   {off:+} ms (control plane − node)\n"),
             None => "clock offset:   - (never connected)\n".to_string(),
         };
+        let ov = &v["overlay"];
+        if ov["managed"] == json!(true) {
+            o += &format!(
+                "overlay:        {}, generation {}, {} peer(s), {} (runos vpn status)\n",
+                s(&ov["interface"]),
+                ov["generation"]
+                    .as_i64()
+                    .map_or("none".to_string(), |g| g.to_string()),
+                ov["peers"],
+                match ov["vipHeld"].as_i64() {
+                    Some(g) => format!("VIP held (generation {g})"),
+                    None => "VIP not held".to_string(),
+                }
+            );
+        } else if ov.is_object() {
+            o += "overlay:        not set up (no SET_VPN_PEERS yet)\n";
+        }
         if let Some(n) = v["sessionPanics"].as_u64()
             && n > 0
         {

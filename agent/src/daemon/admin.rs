@@ -312,6 +312,10 @@ pub async fn status(state: &AdminState) -> Value {
             v["dispatcher"] = json!("unresponsive");
         }
     }
+    // The overlay in one line, from the saved state only (no device read: status stays fast).
+    if let Some(o) = &state.overlay {
+        v["overlay"] = serde_json::to_value(o.summary().await).unwrap_or(Value::Null);
+    }
     v
 }
 

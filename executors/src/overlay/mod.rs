@@ -267,6 +267,22 @@ pub struct Status {
     pub vip: Option<vip::VipState>,
 }
 
+/// The overlay in one line (`runos status`): the saved state only, no device read.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// The interface.
+    pub interface: String,
+    /// Whether a peer set was ever applied.
+    pub managed: bool,
+    /// The applied generation.
+    pub generation: Option<i64>,
+    /// Peers in the applied set.
+    pub peers: usize,
+    /// The generation the VIP is held under, if this node holds it.
+    pub vip_held: Option<i64>,
+}
+
 /// One peer in [`Status`].
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -728,6 +744,27 @@ impl Overlay {
                 _ = tokio::time::sleep(self.settings.reconcile_interval) => {}
                 r = stop.wait_for(|s| *s) => { let _ = r; return; }
             }
+        }
+    }
+
+    /// The overlay in one line (for `runos status`).
+    pub async fn summary(&self) -> Summary {
+        let applied = {
+            let mut guard = self.inner.lock().await;
+            if guard.is_none() {
+                *guard = self.load().ok().flatten();
+            }
+            guard.clone()
+        };
+        Summary {
+            interface: self.settings.interface.clone(),
+            managed: applied.is_some(),
+            generation: applied.as_ref().and_then(|a| a.generation),
+            peers: applied.as_ref().map_or(0, |a| a.peers.len()),
+            vip_held: self
+                .vip_state()
+                .ok()
+                .and_then(|v| v.held.map(|h| h.generation)),
         }
     }
 
