@@ -714,6 +714,13 @@ impl Overlay {
                 plan.remove.len()
             ));
         }
+        drop(guard);
+        // A held VIP comes back with its interface (a leased one only while the lease holds).
+        match self.restore_vip().await {
+            Ok(Some(r)) => repaired.push(r),
+            Ok(None) => {}
+            Err(e) => repaired.push(format!("cannot restore the VIP: {e}")),
+        }
         Ok(repaired)
     }
 

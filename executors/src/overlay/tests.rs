@@ -72,12 +72,8 @@ impl System for Fake {
 
     fn addresses(&self, _iface: String) -> BoxFuture<io::Result<Addresses>> {
         let underlay = self.underlay.clone();
-        Box::pin(async move {
-            Ok(Addresses {
-                overlay: vec![],
-                underlay,
-            })
-        })
+        let overlay = self.vip.lock().unwrap().clone();
+        Box::pin(async move { Ok(Addresses { overlay, underlay }) })
     }
 }
 
@@ -372,6 +368,15 @@ async fn the_vip_fence_survives_a_restart_and_refuses_replays() {
     assert_eq!(fake.vip.lock().unwrap().len(), 1);
     let st = o2.vip_state().unwrap();
     assert_eq!((st.highest, st.released), (Some(8), Some(6)));
+    // The interface was recreated without it: the reconcile puts the held VIP back.
+    o2.set_vpn_peers(&ctx(), set(json!({"peers": [peer(1)]})))
+        .await
+        .unwrap();
+    fake.vip.lock().unwrap().clear();
+    let r = o2.reconcile().await.unwrap();
+    assert!(r.iter().any(|l| l.contains("restored the VIP")), "{r:?}");
+    assert_eq!(fake.vip.lock().unwrap().len(), 1);
+    assert_eq!(o2.reconcile().await.unwrap(), Vec::<String>::new());
 }
 
 #[tokio::test]

@@ -238,6 +238,38 @@ impl Overlay {
         }
     }
 
+    /// Add the held VIP back if the interface lost it (recreated), unless its lease ran out
+    /// (the watchdog drops it then). What it did, in words.
+    pub async fn restore_vip(&self) -> io::Result<Option<String>> {
+        let _g = self.vip_lock.lock().await;
+        let Some(h) = self.vip_state()?.held else {
+            return Ok(None);
+        };
+        if let Some(lease) = h.lease_secs {
+            let fresh = self
+                .control
+                .last_contact()
+                .is_some_and(|t| t.elapsed() <= Duration::from_secs(u64::from(lease)));
+            if !fresh {
+                return Ok(None);
+            }
+        }
+        let addrs = self
+            .system
+            .addresses(self.settings.interface.clone())
+            .await?;
+        if addrs.overlay.contains(&(h.address, h.prefix)) {
+            return Ok(None);
+        }
+        self.system
+            .add_address(self.settings.interface.clone(), h.address, h.prefix)
+            .await?;
+        Ok(Some(format!(
+            "restored the VIP {}/{} (generation {})",
+            h.address, h.prefix, h.generation
+        )))
+    }
+
     /// Drop a leased VIP whose lease ran out (once per second until `stop`). A node that
     /// restarted counts from its start.
     pub async fn vip_watchdog(
