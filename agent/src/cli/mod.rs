@@ -290,7 +290,7 @@ pub struct RegisterArgs {
     pub json: bool,
 }
 
-fn report_error(json_out: bool, exit: Exit, message: &str) -> Exit {
+pub(crate) fn report_error(json_out: bool, exit: Exit, message: &str) -> Exit {
     eprintln!("runos: error: {message}");
     if json_out {
         println!("{}", json!({"error": message, "exitCode": exit.code()}));

@@ -6,17 +6,10 @@
 
 use serde_json::{Value, json};
 
+use crate::cli::report_error as fail;
 use crate::config::Config;
 use crate::exit::Exit;
 use crate::util::admin_client::{AdminError, request};
-
-fn fail(json_out: bool, exit: Exit, message: &str) -> Exit {
-    eprintln!("runos: error: {message}");
-    if json_out {
-        println!("{}", json!({"error": message, "exitCode": exit.code()}));
-    }
-    exit
-}
 
 /// Bytes, compact.
 fn bytes(v: &Value) -> String {

@@ -131,15 +131,13 @@ async fn link(h: &rtnetlink::Handle, name: &str) -> io::Result<Option<Link>> {
             }),
         })),
         Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc_enodev() => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -ENODEV => Ok(None),
         Err(e) => Err(nl_err(e)),
     }
 }
 
-/// `ENODEV` (19 on Linux).
-const fn libc_enodev() -> i32 {
-    19
-}
+/// `ENODEV` on Linux: what netlink answers for a link name that does not exist.
+const ENODEV: i32 = 19;
 
 /// Every address of the host: (link index, address, prefix length).
 async fn all_addresses(h: &rtnetlink::Handle) -> io::Result<Vec<(u32, IpAddr, u8)>> {
@@ -279,10 +277,15 @@ async fn launch_userspace(spec: &Spec) -> io::Result<()> {
     if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
         let _ = std::fs::remove_file(&sock);
     }
+    // Appended to, and started afresh once it is past 1 MiB: bounded on disk.
+    let log_path = spec.state_dir.join("userspace.log");
+    let fresh = std::fs::metadata(&log_path).is_ok_and(|m| m.len() > 1 << 20);
     let log = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
-        .open(spec.state_dir.join("userspace.log"))?;
+        .append(!fresh)
+        .write(true)
+        .truncate(fresh)
+        .open(&log_path)?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .arg(&spec.interface)
@@ -360,14 +363,12 @@ async fn ensure(spec: Arc<Spec>) -> io::Result<Vec<String>> {
             repaired.push(format!("created {name} (kernel WireGuard)"));
         }
         Kind::Userspace if !sock_exists => {
-            if l.is_some() {
-                // A link without a daemon (the daemon died and left it, or someone else's).
-                if let Some(old) = l {
-                    let _ = bounded("netlink", async {
-                        h.link().del(old.index).execute().await.map_err(nl_err)
-                    })
-                    .await;
-                }
+            // A link without a daemon (the daemon died and left it, or someone else's).
+            if let Some(old) = l {
+                let _ = bounded("netlink", async {
+                    h.link().del(old.index).execute().await.map_err(nl_err)
+                })
+                .await;
             }
             launch_userspace(&spec).await?;
             repaired.push(format!(
@@ -431,24 +432,37 @@ async fn ensure(spec: Arc<Spec>) -> io::Result<Vec<String>> {
         }
     }
     // The overlay address.
-    if let Some((ip, prefix)) = spec.address {
-        let addrs = bounded("netlink", all_addresses(&h)).await?;
-        if !addrs
-            .iter()
-            .any(|&(i, a, p)| i == l.index && a == ip && p == prefix)
-        {
-            bounded("netlink", async {
-                h.address()
-                    .add(l.index, ip, prefix)
-                    .execute()
-                    .await
-                    .map_err(nl_err)
-            })
-            .await?;
-            repaired.push(format!("added {ip}/{prefix} to {name}"));
-        }
+    if let Some((ip, prefix)) = spec.address
+        && add_missing_address(&h, l.index, ip, prefix).await?
+    {
+        repaired.push(format!("added {ip}/{prefix} to {name}"));
     }
     Ok(repaired)
+}
+
+/// Add `ip/prefix` to link `index` unless it is there; whether it was added.
+async fn add_missing_address(
+    h: &rtnetlink::Handle,
+    index: u32,
+    ip: IpAddr,
+    prefix: u8,
+) -> io::Result<bool> {
+    let all = bounded("netlink", all_addresses(h)).await?;
+    if all
+        .iter()
+        .any(|&(i, a, p)| i == index && a == ip && p == prefix)
+    {
+        return Ok(false);
+    }
+    bounded("netlink", async {
+        h.address()
+            .add(index, ip, prefix)
+            .execute()
+            .await
+            .map_err(nl_err)
+    })
+    .await?;
+    Ok(true)
 }
 
 impl System for HostSystem {
@@ -488,21 +502,7 @@ impl System for HostSystem {
                     format!("{iface} does not exist"),
                 ));
             };
-            let all = bounded("netlink", all_addresses(&h)).await?;
-            if all
-                .iter()
-                .any(|&(i, a, p)| i == l.index && a == ip && p == prefix)
-            {
-                return Ok(());
-            }
-            bounded("netlink", async {
-                h.address()
-                    .add(l.index, ip, prefix)
-                    .execute()
-                    .await
-                    .map_err(nl_err)
-            })
-            .await
+            add_missing_address(&h, l.index, ip, prefix).await.map(drop)
         })
     }
 

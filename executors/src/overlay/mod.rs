@@ -121,7 +121,7 @@ impl Settings {
 }
 
 /// What the device side needs to make the interface as configured.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Spec {
     /// The interface.
     pub interface: String,
@@ -141,6 +141,20 @@ pub struct Spec {
     pub state_dir: PathBuf,
 }
 
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the private key.
+        f.debug_struct("Spec")
+            .field("interface", &self.interface)
+            .field("backend", &self.backend)
+            .field("listen_port", &self.listen_port)
+            .field("mtu", &self.mtu)
+            .field("address", &self.address)
+            .field("userspace_command", &self.userspace_command)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A device as read: its key, port and peers (with received and sent bytes).
 #[derive(Debug, Clone, Default)]
 pub struct DeviceView {
@@ -153,7 +167,7 @@ pub struct DeviceView {
 }
 
 /// A change to a device.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Update {
     /// Set the private key.
     pub private_key: Option<[u8; 32]>,
@@ -163,6 +177,18 @@ pub struct Update {
     pub upsert: Vec<Want>,
     /// Peers to remove.
     pub remove: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Update {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the private key.
+        f.debug_struct("Update")
+            .field("private_key", &self.private_key.map(|_| "(set)"))
+            .field("listen_port", &self.listen_port)
+            .field("upsert", &self.upsert.len())
+            .field("remove", &self.remove.len())
+            .finish()
+    }
 }
 
 /// The host's addresses: the overlay interface's, and every other non-loopback one.
@@ -310,6 +336,12 @@ pub struct Overlay {
     inner: tokio::sync::Mutex<Option<Applied>>,
     /// Serialises VIP changes.
     vip_lock: tokio::sync::Mutex<()>,
+    /// The private key, once read or made.
+    key: std::sync::OnceLock<[u8; 32]>,
+    /// A peer set was saved (wakes a reconcile loop that waits for the first one).
+    peers_saved: tokio::sync::Notify,
+    /// The VIP fence changed (wakes the lease watchdog).
+    pub(crate) vip_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -354,6 +386,9 @@ impl Overlay {
             control,
             inner: tokio::sync::Mutex::new(None),
             vip_lock: tokio::sync::Mutex::new(()),
+            key: std::sync::OnceLock::new(),
+            peers_saved: tokio::sync::Notify::new(),
+            vip_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -367,10 +402,24 @@ impl Overlay {
         Ok(&self.settings.state_dir)
     }
 
-    /// This node's private key, made on first use (0600).
+    /// This node's private key, made on first use (0600), read from disk once.
     pub fn private_key(&self) -> io::Result<[u8; 32]> {
+        if let Some(k) = self.key.get() {
+            return Ok(*k);
+        }
+        let k = self.read_or_make_key()?;
+        Ok(*self.key.get_or_init(|| k))
+    }
+
+    fn read_or_make_key(&self) -> io::Result<[u8; 32]> {
         let path = self.ensure_dir()?.join(KEY_FILE);
-        match std::fs::read_to_string(&path) {
+        let read = std::fs::File::open(&path).and_then(|f| {
+            // A key is 45 bytes; anything much longer is not one.
+            let mut text = String::new();
+            io::Read::read_to_string(&mut io::Read::take(f, 1024), &mut text)?;
+            Ok(text)
+        });
+        match read {
             Ok(text) => key_of(text.trim()).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -568,6 +617,7 @@ impl Overlay {
         if next != prev || guard.is_none() {
             self.save(&next)
                 .map_err(|e| internal(format!("cannot save the peer set: {e}")))?;
+            self.peers_saved.notify_one();
         }
         *guard = Some(next.clone());
         let previous: HashMap<[u8; 32], SocketAddr> = self
@@ -725,6 +775,8 @@ impl Overlay {
     }
 
     /// Run [`Overlay::reconcile`] now and then every `reconcile_interval` until `stop` is set.
+    /// A node that has no saved set is not polled: the loop waits for the first one (an idle
+    /// agent wakes only for its heartbeat).
     pub async fn reconcile_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let iface = self.settings.interface.clone();
         let mut last_error: Option<String> = None;
@@ -747,8 +799,10 @@ impl Overlay {
                     }
                 }
             }
+            let managed = self.inner.lock().await.is_some();
             tokio::select! {
-                _ = tokio::time::sleep(self.settings.reconcile_interval) => {}
+                _ = tokio::time::sleep(self.settings.reconcile_interval), if managed => {}
+                _ = self.peers_saved.notified(), if !managed => {}
                 r = stop.wait_for(|s| *s) => { let _ = r; return; }
             }
         }

@@ -432,3 +432,29 @@ async fn a_leased_vip_is_dropped_when_the_control_plane_is_silent_too_long() {
     stop_tx.send(true).unwrap();
     w.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_without_a_peer_set_is_not_polled() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::default());
+    let o = Arc::new(overlay(dir.path(), fake.clone(), &[]));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let w = tokio::spawn(o.clone().reconcile_loop(stop));
+    // Many reconcile intervals: the interface is never touched, no key is made.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(!*fake.exists.lock().unwrap());
+    assert!(!dir.path().join(KEY_FILE).exists());
+    // The first set wakes it; from then on it keeps the device as the set says.
+    o.set_vpn_peers(&ctx(), set(json!({"peers": [peer(1)]})))
+        .await
+        .unwrap();
+    fake.peers.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(
+        keys(&fake).len(),
+        1,
+        "the loop did not restore the removed peer"
+    );
+    stop_tx.send(true).unwrap();
+    w.await.unwrap();
+}

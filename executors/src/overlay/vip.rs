@@ -16,7 +16,7 @@
 //!   nothing and answers `ok: true`.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -167,6 +167,7 @@ impl Overlay {
         if let Err(e) = self.save_vip(&st) {
             return no(format!("cannot save the VIP fence: {e}"));
         }
+        self.vip_changed.notify_one();
         if let Some(p) = previous
             && (p.address != address || p.prefix != prefix)
         {
@@ -219,6 +220,7 @@ impl Overlay {
         if let Err(e) = self.save_vip(&st) {
             return no(format!("cannot save the VIP fence: {e}"));
         }
+        self.vip_changed.notify_one();
         let Some(h) = held else { return yes() };
         match self
             .system
@@ -270,55 +272,68 @@ impl Overlay {
         )))
     }
 
-    /// Drop a leased VIP whose lease ran out (once per second until `stop`). A node that
-    /// restarted counts from its start.
+    /// Drop a leased VIP whose lease ran out, until `stop`. A node that restarted counts from
+    /// its start. It sleeps until the lease could run out (and checks again then: contact moves
+    /// the end), and not at all while no leased VIP is held: it waits for the fence to change.
     pub async fn vip_watchdog(
         self: std::sync::Arc<Self>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let started = Instant::now();
         loop {
+            let until = self.drop_expired_vip(started).await;
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = sleep_until(until), if until.is_some() => {}
+                _ = self.vip_changed.notified() => {}
                 r = stop.wait_for(|s| *s) => { let _ = r; return; }
-            }
-            let since = self.control.last_contact().unwrap_or(started);
-            let _g = self.vip_lock.lock().await;
-            let Ok(mut st) = self.vip_state() else {
-                continue;
-            };
-            let Some(h) = st.held.clone() else { continue };
-            let Some(lease) = h.lease_secs else { continue };
-            if since.elapsed() <= Duration::from_secs(u64::from(lease)) {
-                continue;
-            }
-            st.held = None;
-            if let Err(e) = self.save_vip(&st) {
-                tracing::error!("the VIP lease ran out but the fence cannot be saved: {e}");
-            }
-            match self
-                .system
-                .del_address(self.settings.interface.clone(), h.address, h.prefix)
-                .await
-            {
-                Ok(()) => tracing::warn!(
-                    generation = h.generation,
-                    lease_secs = lease,
-                    "nothing heard from the control plane for longer than the VIP's lease: dropped the VIP {}/{} (self-fencing)",
-                    h.address,
-                    h.prefix
-                ),
-                Err(e) => tracing::error!(
-                    "the VIP lease ran out but {}/{} cannot be removed: {e}",
-                    h.address,
-                    h.prefix
-                ),
             }
         }
     }
+
+    /// Drop the held VIP if its lease ran out; else when to look again (`None`: no leased VIP
+    /// is held, or the fence cannot be read).
+    async fn drop_expired_vip(&self, started: Instant) -> Option<Instant> {
+        let since = self.control.last_contact().unwrap_or(started);
+        let _g = self.vip_lock.lock().await;
+        let mut st = self.vip_state().ok()?;
+        let h = st.held.clone()?;
+        let lease = Duration::from_secs(u64::from(h.lease_secs?));
+        if since.elapsed() <= lease {
+            return Some(since + lease + TICK);
+        }
+        st.held = None;
+        if let Err(e) = self.save_vip(&st) {
+            tracing::error!("the VIP lease ran out but the fence cannot be saved: {e}");
+        }
+        match self
+            .system
+            .del_address(self.settings.interface.clone(), h.address, h.prefix)
+            .await
+        {
+            Ok(()) => tracing::warn!(
+                generation = h.generation,
+                lease_secs = lease.as_secs(),
+                "nothing heard from the control plane for longer than the VIP's lease: dropped the VIP {}/{} (self-fencing)",
+                h.address,
+                h.prefix
+            ),
+            Err(e) => tracing::error!(
+                "the VIP lease ran out but {}/{} cannot be removed: {e}",
+                h.address,
+                h.prefix
+            ),
+        }
+        None
+    }
 }
 
-/// Whether `addr` parses as a health-check address (`IP:port`).
-pub fn check_address(s: &str) -> Option<SocketAddr> {
-    s.parse().ok()
+/// Past the lease's end by this much before the watchdog looks again (so it never wakes just
+/// before the end and sleeps again for nothing).
+const TICK: Duration = Duration::from_millis(100);
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
