@@ -12,7 +12,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # System packages the tests use. Installed only when missing, and only as root (CI is root).
 packages=(ca-certificates gcc libc6-dev pkg-config procps iproute2 faketime shellcheck curl
-  wireguard-go wireguard-tools iputils-ping util-linux)
+  wireguard-go wireguard-tools iputils-ping util-linux
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 if [ "${RUNOS_SKIP_INSTALL:-0}" != 1 ]; then
   missing=()
   for p in "${packages[@]}"; do

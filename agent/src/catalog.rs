@@ -22,10 +22,10 @@ pub use runos_executors::registry::{
 };
 
 /// Catalog types this agent version answers `unsupported` (`SET_VPN_PEERS` and the VIP types
-/// only until [`add_overlay`] registers them: the daemon does).
+/// only until [`add_overlay`] registers them, `UNINSTALL_NODE` until [`add_uninstall`] does:
+/// the daemon does both).
 pub const UNSUPPORTED: &[&str] = &[
     types::SET_VPN_PEERS,
-    types::GET_CLUSTER_JOIN_CMD,
     types::APPLY_CR,
     types::APPLY_OPERATOR,
     types::DELETE_CR,
@@ -35,9 +35,7 @@ pub const UNSUPPORTED: &[&str] = &[
     types::UNINSTALL_HELM_CHART,
     types::RUN_WEB_REQUEST,
     types::UNINSTALL_NODE,
-    types::REMOVE_ETCD_MEMBER,
     types::UPDATE_DNSMASQ,
-    types::UPGRADE_NODE_K8S,
     types::VIP_ASSIGN,
     types::VIP_RELEASE,
     types::UPDATE_AGENT,
@@ -51,6 +49,7 @@ pub fn lane_of(kind: &str) -> Lane {
         types::SET_VPN_PEERS => Lane::Exclusive(Resource::Wg0),
         types::UPDATE_DNSMASQ => Lane::Exclusive(Resource::Dnsmasq),
         types::REMOVE_ETCD_MEMBER => Lane::Exclusive(Resource::Etcd),
+        types::INSTALL_PACKAGES | types::REMOVE_PACKAGES => Lane::Exclusive(Resource::Packages),
         types::UPGRADE_NODE_K8S | types::UNINSTALL_NODE | types::UPDATE_AGENT => {
             Lane::Exclusive(Resource::Node)
         }
@@ -82,8 +81,99 @@ pub fn standard() -> Catalog {
         ),
         run_command::run_command,
     );
+    // REMOVE_ETCD_MEMBER: its `[etcd]` settings come with `set_etcd` (defaults without).
+    c.register::<instructions::RemoveEtcdMember, _, _>(
+        Settings::new(
+            catalog_default(types::REMOVE_ETCD_MEMBER),
+            lane_of(types::REMOVE_ETCD_MEMBER),
+        ),
+        runos_etcd::executor::remove_etcd_member,
+    );
+    let apt = add_packages(&mut c, runos_packages::Settings::default());
+    add_kubernetes(&mut c, apt);
     c.unsupported(UNSUPPORTED);
     c
+}
+
+/// Register `INSTALL_PACKAGES`, `REMOVE_PACKAGES` (the `packages` lane) and `GET_PACKAGES` (the
+/// pool) on an apt executor with `settings` (docs/packages.md). Their maximum deadline is an
+/// hour: an `apt-get update` and a large install on a slow mirror.
+/// Returns the apt executor, for the other executors that install packages through it.
+pub fn add_packages(
+    c: &mut Catalog,
+    settings: runos_packages::Settings,
+) -> std::sync::Arc<runos_packages::Apt> {
+    let apt = std::sync::Arc::new(runos_packages::Apt::new(settings));
+    let max = Duration::from_secs(3600);
+    let a = apt.clone();
+    c.register::<instructions::InstallPackages, _, _>(
+        Settings::new(max, lane_of(types::INSTALL_PACKAGES)),
+        move |ctx, p| {
+            let a = a.clone();
+            async move { a.install(&ctx, p).await }
+        },
+    );
+    let a = apt.clone();
+    c.register::<instructions::RemovePackages, _, _>(
+        Settings::new(max, lane_of(types::REMOVE_PACKAGES)),
+        move |ctx, p| {
+            let a = a.clone();
+            async move { a.remove(&ctx, p).await }
+        },
+    );
+    let shared = apt.clone();
+    c.register::<instructions::GetPackages, _, _>(
+        Settings::new(Duration::from_secs(300), lane_of(types::GET_PACKAGES)),
+        move |ctx, p| {
+            let a = apt.clone();
+            async move { a.get(&ctx, p).await }
+        },
+    );
+    shared
+}
+
+/// The apt executor's settings with its state (the record of what it installed) under the
+/// executors' state root: `<root>/packages` (shared by the package types, `UPGRADE_NODE_K8S`
+/// and the uninstall).
+pub fn packages_settings(root: &std::path::Path) -> runos_packages::Settings {
+    runos_packages::Settings {
+        state_dir: root.join("packages"),
+        ..runos_packages::Settings::default()
+    }
+}
+
+/// Register `GET_CLUSTER_JOIN_CMD` (the pool; at most 5 minutes: two bounded kubeadm steps) and
+/// `UPGRADE_NODE_K8S` (the node lane; at most 2 hours), its packages through `packages` (the
+/// apt executor's code). Their `[kubernetes]` settings come with [`set_kubernetes`] (defaults
+/// without; docs/kubernetes.md).
+pub fn add_kubernetes(c: &mut Catalog, packages: std::sync::Arc<dyn runos_kubeadm::PackageOps>) {
+    c.register::<instructions::GetClusterJoinCmd, _, _>(
+        Settings::new(
+            Duration::from_secs(300),
+            lane_of(types::GET_CLUSTER_JOIN_CMD),
+        ),
+        runos_kubeadm::get_cluster_join_cmd,
+    );
+    c.register::<instructions::UpgradeNodeK8s, _, _>(
+        Settings::new(Duration::from_secs(7200), lane_of(types::UPGRADE_NODE_K8S)),
+        move |ctx, p| runos_kubeadm::upgrade_node_k8s(ctx, p, packages.clone()),
+    );
+}
+
+/// Give `GET_CLUSTER_JOIN_CMD` and `UPGRADE_NODE_K8S` the configuration's `[kubernetes]`
+/// section (validated with it).
+pub fn set_kubernetes(c: &mut Catalog, k: &runos_kubeadm::KubeSettings) {
+    let v = serde_json::to_value(k).unwrap_or(serde_json::Value::Null);
+    c.set_config(types::GET_CLUSTER_JOIN_CMD, v.clone());
+    c.set_config(types::UPGRADE_NODE_K8S, v);
+}
+
+/// Give `REMOVE_ETCD_MEMBER` the configuration's `[etcd]` section (validated with it).
+pub fn set_etcd(c: &mut Catalog, etcd: &runos_etcd::Settings) {
+    c.set_config(
+        types::REMOVE_ETCD_MEMBER,
+        serde_json::to_value(etcd).unwrap_or(serde_json::Value::Null),
+    );
 }
 
 /// Register `SET_VPN_PEERS`, `VIP_ASSIGN` and `VIP_RELEASE` on `overlay` (the daemon's; see `runos_executors::overlay`). Its
@@ -118,6 +208,22 @@ pub fn add_overlay(c: &mut Catalog, overlay: std::sync::Arc<runos_executors::ove
     );
 }
 
+/// Register `UNINSTALL_NODE` on `uninstall` (the daemon's, over its overlay; its after-ACK
+/// step is registered by the daemon, which can stop itself). Its maximum deadline is an hour:
+/// `kubeadm reset` and an apt purge are each bounded well below it.
+pub fn add_uninstall(
+    c: &mut Catalog,
+    uninstall: std::sync::Arc<runos_executors::uninstall::Uninstall>,
+) {
+    c.register_done::<instructions::UninstallNode, _, _>(
+        Settings::new(Duration::from_secs(3600), lane_of(types::UNINSTALL_NODE)),
+        move |ctx, p| {
+            let u = uninstall.clone();
+            async move { u.execute(ctx, p).await }
+        },
+    );
+}
+
 /// [`standard`] plus `UPDATE_AGENT`, which reads the configuration at `config_path` when it
 /// runs, with executor state (and pending after-ACK steps) under `state_root` (the daemon's
 /// registry).
@@ -128,6 +234,10 @@ pub fn add_overlay(c: &mut Catalog, overlay: std::sync::Arc<runos_executors::ove
 pub fn with_updates(config_path: PathBuf, state_root: Option<PathBuf>) -> Catalog {
     let mut c = standard();
     if let Some(root) = state_root {
+        // The package record is shared by the three package types: `<root>/packages`.
+        let apt = add_packages(&mut c, packages_settings(&root));
+        // UPGRADE_NODE_K8S installs through the same apt executor (and its record).
+        add_kubernetes(&mut c, apt);
         c.set_state_root(root);
     }
     let exec_path = config_path.clone();
@@ -177,6 +287,25 @@ mod tests {
         let c = with_updates("/nonexistent".into(), None);
         assert_eq!(c.get("GET_NODE_STATUS").unwrap().lane(), Lane::Fast);
         assert_eq!(c.get("RUN_COMMAND").unwrap().lane(), Lane::Pool);
+        assert_eq!(
+            c.get("REMOVE_ETCD_MEMBER").unwrap().lane(),
+            Lane::Exclusive(Resource::Etcd)
+        );
+        assert_eq!(
+            c.get("INSTALL_PACKAGES").unwrap().lane(),
+            Lane::Exclusive(Resource::Packages)
+        );
+        assert_eq!(
+            c.get("REMOVE_PACKAGES").unwrap().lane(),
+            Lane::Exclusive(Resource::Packages)
+        );
+        assert_eq!(c.get("GET_PACKAGES").unwrap().lane(), Lane::Pool);
+        assert_eq!(c.get("GET_CLUSTER_JOIN_CMD").unwrap().lane(), Lane::Pool);
+        assert!(c.get("GET_CLUSTER_JOIN_CMD").unwrap().secret_reply());
+        assert_eq!(
+            c.get("UPGRADE_NODE_K8S").unwrap().lane(),
+            Lane::Exclusive(Resource::Node)
+        );
         assert_eq!(
             c.get("UPDATE_AGENT").unwrap().lane(),
             Lane::Exclusive(Resource::Node)
@@ -229,6 +358,16 @@ mod tests {
                 "env",
             ),
             ("UPDATE_AGENT", r#"{"version":"../../x"}"#, "version"),
+            (
+                "REMOVE_ETCD_MEMBER",
+                r#"{"node_ip":"10.0.0.1/../x"}"#,
+                "node_ip",
+            ),
+            (
+                "UPGRADE_NODE_K8S",
+                r#"{"targetKubernetesVersion":"1.30.2;reboot","kubeRepoVersion":"v1.30"}"#,
+                "targetKubernetesVersion",
+            ),
         ] {
             let e = c.get(kind).unwrap().prepare(&env(kind, json)).unwrap_err();
             assert_eq!(e.code, ErrorCode::BadPayload);

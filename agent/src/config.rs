@@ -93,6 +93,95 @@ pub struct RawConfig {
     pub runner: RawRunner,
     /// `[wireguard]`
     pub wireguard: RawWireguard,
+    /// `[etcd]`: endpoints, TLS files and waits of `REMOVE_ETCD_MEMBER` and `runos etcd`
+    /// (docs/etcd.md).
+    pub etcd: runos_etcd::Settings,
+    /// `[uninstall]`
+    pub uninstall: RawUninstall,
+    /// `[kubernetes]`: tools, files, packages and bounds of `GET_CLUSTER_JOIN_CMD` and
+    /// `UPGRADE_NODE_K8S` (docs/kubernetes.md).
+    pub kubernetes: runos_kubeadm::KubeSettings,
+}
+
+/// `[uninstall]` as written: `UNINSTALL_NODE` and `runos uninstall` (docs/uninstall.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUninstall {
+    /// systemd units stopped first (best effort).
+    pub stop_units: Vec<String>,
+    /// Whether `kubeadm reset -f` runs (when kubeadm is installed).
+    pub kubeadm_reset: bool,
+    /// Bound of `kubeadm reset`, in seconds.
+    pub reset_timeout_secs: u64,
+}
+
+impl Default for RawUninstall {
+    fn default() -> Self {
+        RawUninstall {
+            stop_units: vec!["kubelet.service".into(), "containerd.service".into()],
+            kubeadm_reset: true,
+            reset_timeout_secs: 120,
+        }
+    }
+}
+
+/// The most `[uninstall] stop_units`.
+pub const MAX_STOP_UNITS: usize = 32;
+
+impl RawUninstall {
+    fn validate(&self, path: &Path) -> Result<UninstallSettings, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        if self.stop_units.len() > MAX_STOP_UNITS {
+            return Err(invalid(
+                "uninstall.stop_units",
+                format!(
+                    "has {} entries; at most {MAX_STOP_UNITS}",
+                    self.stop_units.len()
+                ),
+            ));
+        }
+        for u in &self.stop_units {
+            let ok = !u.is_empty()
+                && u.len() <= 256
+                && !u.starts_with('-')
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":_.@-\\".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    "uninstall.stop_units",
+                    format!("{u:?} is not a systemd unit name (like \"kubelet.service\")"),
+                ));
+            }
+        }
+        check_range(
+            path,
+            "uninstall.reset_timeout_secs",
+            self.reset_timeout_secs,
+            1,
+            3600,
+        )?;
+        Ok(UninstallSettings {
+            stop_units: self.stop_units.clone(),
+            kubeadm_reset: self.kubeadm_reset,
+            reset_timeout: Duration::from_secs(self.reset_timeout_secs),
+        })
+    }
+}
+
+/// Validated `[uninstall]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UninstallSettings {
+    /// Units stopped first.
+    pub stop_units: Vec<String>,
+    /// Whether `kubeadm reset -f` runs.
+    pub kubeadm_reset: bool,
+    /// Its bound.
+    pub reset_timeout: Duration,
 }
 
 /// `[wireguard]` as written: the overlay interface (docs/overlay.md).
@@ -658,6 +747,12 @@ pub struct Config {
     pub runner: RunnerSettings,
     /// The overlay interface.
     pub wireguard: WireguardSettings,
+    /// etcd (validated).
+    pub etcd: runos_etcd::Settings,
+    /// The uninstall.
+    pub uninstall: UninstallSettings,
+    /// The kubeadm executors (validated).
+    pub kubernetes: runos_kubeadm::KubeSettings,
 }
 
 /// The most `[tools]` entries.
@@ -881,6 +976,13 @@ impl RawConfig {
         };
         let update = self.update.validate(path)?;
         let wireguard = self.wireguard.validate(path)?;
+        self.etcd
+            .validate()
+            .map_err(|e| invalid(e.key, e.message))?;
+        let uninstall = self.uninstall.validate(path)?;
+        self.kubernetes
+            .validate()
+            .map_err(|e| invalid(e.key, e.message))?;
         let tools = validate_tools(&self.tools).map_err(|m| invalid("tools", m))?;
         let cgroup = match self.runner.cgroup_root.as_str() {
             "auto" => CgroupMode::Auto,
@@ -921,6 +1023,9 @@ impl RawConfig {
             tools,
             runner: RunnerSettings { cgroup },
             wireguard,
+            etcd: self.etcd.clone(),
+            uninstall,
+            kubernetes: self.kubernetes.clone(),
         })
     }
 }
@@ -1283,6 +1388,64 @@ journal_fsync = false
         let e = parse_validate("[agent]\njournal_sync = \"always\"\njournal_fsync = false\n")
             .unwrap_err();
         assert!(e.to_string().contains("journal_fsync"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_section() {
+        let c = parse_validate("").unwrap();
+        assert_eq!(c.kubernetes, runos_kubeadm::KubeSettings::default());
+        let c = parse_validate(
+            "[kubernetes]\nnode_name = \"node-1\"\ntoken_ttl_secs = 3600\nkubeadm = \"/opt/bin/kubeadm\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.kubernetes.node_name, "node-1");
+        assert_eq!(c.kubernetes.token_ttl_secs, 3600);
+        for (toml, key) in [
+            (
+                "[kubernetes]\ntoken_ttl_secs = 100000\n",
+                "kubernetes.token_ttl_secs",
+            ),
+            (
+                "[kubernetes]\nkubeconfig = \"kubelet.conf\"\n",
+                "kubernetes.kubeconfig",
+            ),
+            (
+                "[kubernetes]\nhelm_base_url = \"http://example.com\"\n",
+                "kubernetes.helm_base_url",
+            ),
+        ] {
+            let e = parse_validate(toml).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{toml}: {e}");
+        }
+        assert!(parse_validate("[kubernetes]\nnope = 1\n").is_err());
+    }
+
+    #[test]
+    fn etcd_section() {
+        let c = parse_validate("").unwrap();
+        assert_eq!(c.etcd, runos_etcd::Settings::default());
+        let c = parse_validate(
+            "[etcd]\nendpoints = [\"https://10.0.0.1:2379\", \"http://127.0.0.1:2379\"]\nverify_wait_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.etcd.endpoints.len(), 2);
+        assert_eq!(c.etcd.verify_wait_secs, 5);
+        for (toml, key) in [
+            ("[etcd]\nendpoints = []\n", "etcd.endpoints"),
+            (
+                "[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n",
+                "etcd.endpoints",
+            ),
+            ("[etcd]\nca = \"ca.crt\"\n", "etcd.ca"),
+            (
+                "[etcd]\nrequest_timeout_ms = 0\n",
+                "etcd.request_timeout_ms",
+            ),
+        ] {
+            let e = parse_validate(toml).unwrap_err();
+            assert_eq!(e.key(), Some(key), "{toml}: {e}");
+        }
+        assert!(parse_validate("[etcd]\nendpoint = \"x\"\n").is_err());
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub enum Exit {
     /// Another `runos agent` holds the instance lock.
     Locked = 7,
     /// `runos status`: the agent is degraded (disconnected too long, revoked, or its
-    /// certificate expired); `runos certificate status`: the certificate expired.
+    /// certificate expired); `runos certificate status`: the certificate expired; `runos etcd
+    /// list`: the etcd cluster is unhealthy.
     Degraded = 8,
     /// `runos status`, `runos journal`: the agent daemon is not running (no answer on the admin
     /// socket).
@@ -43,6 +44,14 @@ pub enum Exit {
     InstallFailed = 13,
     /// `runos update`: the new version failed its health gate and was rolled back.
     RolledBack = 14,
+    /// `runos etcd`: etcd could not be reached (no endpoint answers, or the TLS files in
+    /// `[etcd]` cannot be read).
+    EtcdUnreachable = 15,
+    /// `runos etcd remove`: no member matches (also when this node removed it earlier).
+    EtcdNotFound = 16,
+    /// `runos etcd remove`: refused as unsafe (quorum, the last voting member, no leader, an
+    /// ambiguous address); nothing was changed.
+    EtcdRefused = 17,
 }
 
 impl Exit {
@@ -70,13 +79,16 @@ Exit codes:
   6  TLS failure: certificate verification, ALPN, or L1Sec CA pin mismatch
   7  another runos agent is running (instance lock held)
   8  runos status: degraded (disconnected > 5 min, revoked, or certificate expired);
-     runos certificate status: the certificate expired
+     runos certificate status: the certificate expired; runos etcd list: etcd cluster unhealthy
   9  runos status, runos journal: the agent daemon is not running (admin socket absent or refusing)
  10  runos verify, runos update: verification failed (checksum or attestation)
  11  runos update: a release file could not be downloaded
  12  runos update: refused (downgrade without --allow-downgrade, refused version, no target)
  13  runos update: the verified release could not be installed (previous one untouched)
- 14  runos update: the new version failed its health gate and was rolled back";
+ 14  runos update: the new version failed its health gate and was rolled back
+ 15  runos etcd: etcd could not be reached (endpoints, TLS files)
+ 16  runos etcd remove: no such member (or this node removed it earlier)
+ 17  runos etcd remove: refused as unsafe (quorum, last voter, no leader, ambiguous); nothing changed";
 
 #[cfg(test)]
 mod tests {
@@ -100,6 +112,9 @@ mod tests {
             (Exit::UpdateRefused, 12),
             (Exit::InstallFailed, 13),
             (Exit::RolledBack, 14),
+            (Exit::EtcdUnreachable, 15),
+            (Exit::EtcdNotFound, 16),
+            (Exit::EtcdRefused, 17),
         ];
         for (e, n) in all {
             assert_eq!(e.code(), n);

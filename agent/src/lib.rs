@@ -40,6 +40,7 @@ pub mod exit;
 pub mod logging;
 pub mod net;
 pub mod sysinfo;
+pub mod uninstall;
 pub mod update;
 pub mod util;
 

@@ -17,6 +17,10 @@ use serde_json::{Value, json};
 
 const CP_IP: &str = "10.77.0.1";
 const VIP: &str = "10.99.0.254";
+/// The uninstall's programs: `systemctl` is `/bin/true` (the test must never stop or disable a
+/// unit of the host), kubeadm is not installed (its reset is skipped).
+const UNINSTALL_TOOLS: &str =
+    "\n[tools]\nsystemctl = \"/bin/true\"\nkubeadm = \"/nonexistent/kubeadm\"\n";
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
@@ -245,7 +249,7 @@ fn three_nodes_mesh_declaratively_and_survive_their_control_plane() {
             ""
         };
         let extra = format!(
-            "\n[wireguard]\naddress = \"{vpn_ip}/24\"\nreconcile_secs = 1\nkeepalive_secs = 1\nvip = \"{VIP}/32\"\n{check}"
+            "\n[wireguard]\naddress = \"{vpn_ip}/24\"\nreconcile_secs = 1\nkeepalive_secs = 1\nvip = \"{VIP}/32\"\n{check}{UNINSTALL_TOOLS}"
         );
         let mut agent = Agent::new(&tmp.path().join(format!("node{i}")), &cp, &extra);
         let node_id = agent.register(&cp);
@@ -470,4 +474,70 @@ fn three_nodes_mesh_declaratively_and_survive_their_control_plane() {
         "A pings B after B's agent restarted without a control plane",
     );
     wait_ping(b, a, "B pings A after its restart");
+
+    // UNINSTALL_NODE on C, through the control plane: NO_CONTENT, and after the ACK C's agent
+    // removes its identity and stops; its overlay is gone.
+    cp.restart();
+    let c = &mut nodes[2];
+    cp.wait_online(&c.node_id);
+    let r = cp.send(&c.node_id, "UNINSTALL_NODE", "{}");
+    assert_eq!(r.kind, "NO_CONTENT", "{r:?}");
+    wait_until(DEADLINE, "C's agent stops after UNINSTALL_NODE", || {
+        !c.agent.is_running()
+    });
+    assert!(!link_exists(&c.ns), "C's wg0 is gone");
+    assert!(
+        !c.agent.dir.join("etc/node.key").exists(),
+        "C's key is removed"
+    );
+    assert!(!c.agent.dir.join("etc/node.crt").exists());
+    assert!(
+        !c.agent.dir.join("state/wireguard/private.key").exists(),
+        "C's WireGuard key is removed"
+    );
+    let log = c.agent.log();
+    assert!(log.contains("uninstall: overlay: done"), "{log}");
+    assert!(log.contains("uninstall finished"), "{log}");
+
+    // `runos uninstall` on A: refused while A's agent runs; once stopped, the same steps here.
+    let a = &mut nodes[0];
+    let out = uninstall_cli(a);
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    a.agent.stop();
+    let out = uninstall_cli(a);
+    assert!(out.status.success(), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let overlay = &report["steps"][2];
+    assert_eq!(overlay["step"], "overlay", "{report}");
+    assert_eq!(overlay["status"], "done", "{report}");
+    assert_eq!(
+        report["steps"][1]["status"], "skipped",
+        "kubeadm is not installed: {report}"
+    );
+    assert!(!link_exists(&a.ns), "A's wg0 is gone");
+    assert!(!a.agent.dir.join("etc/node.key").exists());
+    // Again: nothing left to do, still success.
+    let out = uninstall_cli(a);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// Whether `wg0` exists in namespace `ns`.
+fn link_exists(ns: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "link", "show", "wg0"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `runos uninstall --yes --json` for node `n`, in its network namespace.
+fn uninstall_cli(n: &Node) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &n.ns])
+        .arg(runos_e2e::bin("runos"))
+        .arg("--config")
+        .arg(&n.agent.config)
+        .args(["uninstall", "--yes", "--json"])
+        .output()
+        .unwrap()
 }

@@ -12,8 +12,9 @@
 //! - [`handle`]: the [`Host`] handle (processes, files, node facts);
 //! - [`lanes`]: fast lane, shared pool, resource locks;
 //! - [`after_ack`]: pending after-ACK steps on disk;
+//! - [`manifest`]: what runos wrote outside its state directory (what the uninstall removes);
 //! - one module per executor domain: [`node_status`], [`run_command`], [`overlay`]
-//!   (WireGuard peers).
+//!   (WireGuard peers), [`uninstall`].
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -23,10 +24,12 @@ pub mod contract;
 pub mod handle;
 pub mod host;
 pub mod lanes;
+pub mod manifest;
 pub mod node_status;
 pub mod overlay;
 pub mod registry;
 pub mod run_command;
+pub mod uninstall;
 
 pub use context::Ctx;
 pub use contract::{AfterAck, Done, StepCtx};

@@ -49,6 +49,15 @@ pub enum ErrorCode {
     /// The instruction carries a generation older than one this node already applied
     /// (`SET_VPN_PEERS`); nothing was changed.
     Stale,
+    /// The instruction's target does not exist (`REMOVE_ETCD_MEMBER`: no member has that
+    /// address); nothing was changed.
+    NotFound,
+    /// What the instruction asks for is already the case because this agent did it earlier
+    /// (`REMOVE_ETCD_MEMBER`: this agent removed that member); nothing was changed.
+    AlreadyDone,
+    /// The agent refused to run the operation because it would be unsafe (`REMOVE_ETCD_MEMBER`:
+    /// quorum would be lost; a held package); nothing was changed. The message says why.
+    Refused,
     /// The receiver does not know this code.
     #[serde(other)]
     Other,
@@ -77,6 +86,9 @@ impl ErrorCode {
             ErrorCode::Revoked => "revoked",
             ErrorCode::ReplyDiscarded => "reply_discarded",
             ErrorCode::Stale => "stale",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyDone => "already_done",
+            ErrorCode::Refused => "refused",
             ErrorCode::Other => "other",
         }
     }
@@ -133,6 +145,9 @@ mod tests {
             ErrorCode::Revoked,
             ErrorCode::ReplyDiscarded,
             ErrorCode::Stale,
+            ErrorCode::NotFound,
+            ErrorCode::AlreadyDone,
+            ErrorCode::Refused,
         ] {
             let s = serde_json::to_string(&c).unwrap();
             assert_eq!(s, format!("\"{}\"", c.as_str()));

@@ -78,5 +78,15 @@ pub fn valid() -> Vec<(&'static str, Value)> {
             types::UPDATE_AGENT,
             json!({"version": "v0.2.0", "allowDowngrade": false}),
         ),
+        (
+            types::INSTALL_PACKAGES,
+            json!({"packages": [{"name": "kubeadm", "version": "1.30.2-1.1"}, {"name": "jq"}],
+                   "hold": true, "unhold": true, "updateIndex": false}),
+        ),
+        (
+            types::REMOVE_PACKAGES,
+            json!({"packages": [{"name": "jq"}], "purge": true, "unhold": false}),
+        ),
+        (types::GET_PACKAGES, json!({"names": ["kubeadm", "jq"]})),
     ]
 }

@@ -14,8 +14,8 @@
 //! Payloads inherited from the Go agent accept unknown fields, treat a missing field as its
 //! empty value, and read a JSON `null` string, list, map, number or boolean as empty (as Go's
 //! decoder does); [`Instruction::validate`] then rejects empty values where they are required,
-//! naming the field. Payloads new in runos (`RUN_COMMAND`, `CANCEL`, `UPDATE_AGENT`) refuse
-//! unknown fields.
+//! naming the field. Payloads new in runos (`RUN_COMMAND`, `CANCEL`, `UPDATE_AGENT`, and the
+//! package types `INSTALL_PACKAGES`, `REMOVE_PACKAGES`, `GET_PACKAGES`) refuse unknown fields.
 //!
 //! Where the Go agent accepted values it then passed to a program unchecked, runos refuses them
 //! here: WireGuard keys and IP addresses of every VPN peer (the Go agent skipped bad peers and
@@ -1249,6 +1249,179 @@ impl Instruction for UpdateAgent {
 }
 
 // ---------------------------------------------------------------------------------------------
+// INSTALL_PACKAGES, REMOVE_PACKAGES, GET_PACKAGES (new in runos)
+
+/// Most packages in one `INSTALL_PACKAGES`, `REMOVE_PACKAGES` or `GET_PACKAGES`.
+pub const MAX_PACKAGES: usize = 256;
+
+/// A package to install: a Debian package name and, optionally, the exact Debian version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PackageSpec {
+    /// The package name (Debian policy §5.6.1), optionally `:arch`.
+    pub name: String,
+    /// The exact version (`[epoch:]upstream[-revision]`); absent: install when missing, leave
+    /// an installed one at its version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// A package to remove, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PackageName {
+    /// The package name (Debian policy §5.6.1), optionally `:arch`.
+    pub name: String,
+}
+
+/// `INSTALL_PACKAGES`: install Debian packages through apt, at exact versions when given, and
+/// hold or release them (docs/protocol.md §10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstallPackages {
+    /// The packages (1 to [`MAX_PACKAGES`], no name twice).
+    pub packages: Vec<PackageSpec>,
+    /// Hold every listed package after it is installed (`apt-mark hold`).
+    #[serde(default)]
+    pub hold: bool,
+    /// Release the holds of the listed packages first, so that a held package may change
+    /// version (without it such a package is `ERROR` `refused`). Without `hold` they stay
+    /// released.
+    #[serde(default)]
+    pub unhold: bool,
+    /// Run `apt-get update` first.
+    #[serde(default)]
+    pub update_index: bool,
+}
+
+/// `REMOVE_PACKAGES`: remove (or purge) Debian packages through apt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemovePackages {
+    /// The packages (1 to [`MAX_PACKAGES`], no name twice).
+    pub packages: Vec<PackageName>,
+    /// Purge: remove their configuration files too (also of packages already removed).
+    #[serde(default)]
+    pub purge: bool,
+    /// Release the holds of the listed packages first (without it a held installed package is
+    /// `ERROR` `refused`).
+    #[serde(default)]
+    pub unhold: bool,
+}
+
+/// `GET_PACKAGES`: report packages from the dpkg database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GetPackages {
+    /// The names to report (at most [`MAX_PACKAGES`], no name twice); empty: every package the
+    /// dpkg database knows.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// One package as the dpkg database has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PackageState {
+    /// The package name (with `:arch` where dpkg needs it to tell packages apart).
+    pub name: String,
+    /// The installed version; empty when none.
+    pub version: String,
+    /// Whether the package is on hold (dpkg's selection is `hold`).
+    pub held: bool,
+    /// dpkg's package status: `installed`, `not-installed`, `config-files`, `half-installed`,
+    /// `unpacked`, `half-configured`, `triggers-awaited` or `triggers-pending`.
+    pub status: String,
+    /// Whether this instruction changed its version, status or hold.
+    pub changed: bool,
+}
+
+/// `PACKAGES`: the reply of the three package instructions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PackagesReply {
+    /// The packages asked about, in the payload's order (`GET_PACKAGES` of everything: dpkg's).
+    pub packages: Vec<PackageState>,
+    /// Whether any package changed.
+    pub changed: bool,
+}
+
+fn validate_package_names<'a>(
+    field: &str,
+    names: impl ExactSizeIterator<Item = (String, &'a str)>,
+) -> Result<(), ValidationError> {
+    validate::count(field, names.len(), MAX_PACKAGES)?;
+    let mut seen = std::collections::HashSet::new();
+    for (path, name) in names {
+        validate::package_name(&path, name)?;
+        if !seen.insert(name) {
+            return Err(ValidationError::new(path, Problem::Duplicate));
+        }
+    }
+    Ok(())
+}
+
+impl Instruction for InstallPackages {
+    const TYPE: &'static str = types::INSTALL_PACKAGES;
+    const REPLY_TYPE: &'static str = types::PACKAGES;
+    type Reply = PackagesReply;
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.packages.is_empty() {
+            return Err(ValidationError::new("packages", Problem::Empty));
+        }
+        validate_package_names(
+            "packages",
+            self.packages
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("packages[{i}].name"), p.name.as_str())),
+        )?;
+        for (i, p) in self.packages.iter().enumerate() {
+            if let Some(v) = &p.version {
+                validate::debian_version(&format!("packages[{i}].version"), v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Instruction for RemovePackages {
+    const TYPE: &'static str = types::REMOVE_PACKAGES;
+    const REPLY_TYPE: &'static str = types::PACKAGES;
+    type Reply = PackagesReply;
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.packages.is_empty() {
+            return Err(ValidationError::new("packages", Problem::Empty));
+        }
+        validate_package_names(
+            "packages",
+            self.packages
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("packages[{i}].name"), p.name.as_str())),
+        )
+    }
+}
+
+impl Instruction for GetPackages {
+    const TYPE: &'static str = types::GET_PACKAGES;
+    const REPLY_TYPE: &'static str = types::PACKAGES;
+    type Reply = PackagesReply;
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        validate_package_names(
+            "names",
+            self.names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("names[{i}]"), n.as_str())),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Type names and the catalog
 
 /// Instruction and reply type names. `NO_CONTENT` and `ERROR` are in [`crate::control::types`].
@@ -1317,6 +1490,14 @@ pub mod types {
     pub const UPDATE_AGENT: &str = "UPDATE_AGENT";
     /// Reply to UPDATE_AGENT.
     pub const UPDATE_AGENT_RESPONSE: &str = "UPDATE_AGENT_RESPONSE";
+    /// Install Debian packages through apt.
+    pub const INSTALL_PACKAGES: &str = "INSTALL_PACKAGES";
+    /// Remove or purge Debian packages through apt.
+    pub const REMOVE_PACKAGES: &str = "REMOVE_PACKAGES";
+    /// Report packages from the dpkg database.
+    pub const GET_PACKAGES: &str = "GET_PACKAGES";
+    /// Reply to INSTALL_PACKAGES, REMOVE_PACKAGES and GET_PACKAGES.
+    pub const PACKAGES: &str = "PACKAGES";
 }
 
 /// One row of the catalog.
@@ -1439,6 +1620,9 @@ catalog! {
     }
     Cancel(Cancel) { rerun: true, secret: false, timeout: 10 }
     UpdateAgent(UpdateAgent) { rerun: true, secret: false, timeout: 900 }
+    InstallPackages(InstallPackages) { rerun: true, secret: false, timeout: 900 }
+    RemovePackages(RemovePackages) { rerun: true, secret: false, timeout: 600 }
+    GetPackages(GetPackages) { rerun: true, secret: false, timeout: 60 }
 }
 
 /// For `RUN_COMMAND` without `timeoutMs`, the instruction's deadline is the payload's
@@ -1542,7 +1726,7 @@ mod tests {
 
     #[test]
     fn catalog_is_complete_and_consistent() {
-        assert_eq!(CATALOG.len(), 20);
+        assert_eq!(CATALOG.len(), 23);
         let kinds: Vec<&str> = CATALOG.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, ALL_INSTRUCTION_TYPES);
         let mut sorted = kinds.clone();
@@ -1824,7 +2008,15 @@ mod tests {
             };
             map.insert("someFutureField".into(), json!(1));
             let result = decode(kind, &Value::Object(map));
-            let strict = [types::RUN_COMMAND, types::CANCEL, types::UPDATE_AGENT].contains(&kind);
+            let strict = [
+                types::RUN_COMMAND,
+                types::CANCEL,
+                types::UPDATE_AGENT,
+                types::INSTALL_PACKAGES,
+                types::REMOVE_PACKAGES,
+                types::GET_PACKAGES,
+            ]
+            .contains(&kind);
             match result {
                 Ok(_) => assert!(!strict, "{kind} accepted an unknown field"),
                 Err(e) => {
@@ -2060,6 +2252,82 @@ mod tests {
             let shown = format!("{} {err} {err:?}", p.message);
             assert!(!shown.contains("hunter2"), "{kind}: {shown}");
         }
+    }
+
+    #[test]
+    fn package_payloads_are_checked() {
+        let ok = |kind: &str, v: Value| assert!(decode(kind, &v).is_ok(), "{kind} {v}");
+        let field = |kind: &str, v: Value| match decode(kind, &v) {
+            Err(DecodeInstructionError::BadPayload(BadPayload::Invalid(e))) => e.field,
+            other => panic!("{kind} {v}: {other:?}"),
+        };
+        ok(
+            types::INSTALL_PACKAGES,
+            json!({"packages": [{"name": "hello", "version": "2.10-3"}]}),
+        );
+        ok(types::GET_PACKAGES, json!({}));
+        ok(types::GET_PACKAGES, json!({"names": []}));
+        for bad in [
+            "1.0;id",
+            "1.0$(id)",
+            "1.0 && rm",
+            "`id`",
+            "-1",
+            "1.0\n",
+            "*",
+        ] {
+            assert_eq!(
+                field(
+                    types::INSTALL_PACKAGES,
+                    json!({"packages": [{"name": "hello"}, {"name": "jq", "version": bad}]})
+                ),
+                "packages[1].version",
+                "{bad:?}"
+            );
+        }
+        for bad in ["--purge", "a;id", "Hello", "a*", "x=1.0", ""] {
+            assert_eq!(
+                field(types::REMOVE_PACKAGES, json!({"packages": [{"name": bad}]})),
+                "packages[0].name",
+                "{bad:?}"
+            );
+            assert_eq!(
+                field(types::GET_PACKAGES, json!({"names": ["jq", bad]})),
+                "names[1]"
+            );
+        }
+        assert_eq!(
+            field(types::INSTALL_PACKAGES, json!({"packages": []})),
+            "packages"
+        );
+        assert_eq!(
+            field(types::REMOVE_PACKAGES, json!({"packages": []})),
+            "packages"
+        );
+        assert_eq!(
+            field(
+                types::INSTALL_PACKAGES,
+                json!({"packages": [{"name": "jq"}, {"name": "jq", "version": "1.6-2"}]})
+            ),
+            "packages[1].name"
+        );
+        let many: Vec<Value> = (0..=MAX_PACKAGES)
+            .map(|i| json!({"name": format!("p{i}")}))
+            .collect();
+        assert_eq!(
+            field(types::INSTALL_PACKAGES, json!({ "packages": many })),
+            "packages"
+        );
+        // Unknown fields, also in a package, are refused.
+        assert!(
+            decode(
+                types::INSTALL_PACKAGES,
+                &json!({"packages": [{"name": "jq", "release": "stable"}]})
+            )
+            .is_err()
+        );
+        reply_round_trip::<GetPackages>(json!({"packages": [{"name": "jq", "version": "1.6-2",
+            "held": false, "status": "installed", "changed": false}], "changed": false}));
     }
 
     #[test]

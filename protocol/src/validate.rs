@@ -36,6 +36,12 @@ pub const MAX_DNSMASQ_LEN: usize = 64 * 1024;
 /// Longest environment variable name of RUN_COMMAND, in bytes.
 pub const MAX_ENV_NAME_LEN: usize = 256;
 
+/// Longest Debian package name, `:arch` included, in bytes.
+pub const MAX_PACKAGE_NAME_LEN: usize = 128;
+
+/// Longest Debian package version, in bytes.
+pub const MAX_DEBIAN_VERSION_LEN: usize = 128;
+
 /// The dnsmasq directives UPDATE_DNSMASQ may set. This is the Go agent's allow list without
 /// `pid-file`, `user` and `group` (which make root write files at, or run dnsmasq as, a path or
 /// account of the sender's choosing); `log-facility` is allowed only with a syslog facility, not
@@ -516,6 +522,71 @@ pub(crate) fn range(field: &str, value: u64, min: u64, max: u64) -> Checked {
     Ok(())
 }
 
+/// A Debian package name (policy §5.6.1): at least two of `[a-z0-9+.-]`, starting with a letter
+/// or digit, optionally followed by `:arch` (`[a-z0-9][a-z0-9-]*`); at most
+/// [`MAX_PACKAGE_NAME_LEN`] bytes in all. Nothing else passes (no option, no glob, no shell
+/// character, no `=version` or `/release` suffix).
+pub(crate) fn package_name(field: &str, value: &str) -> Checked {
+    length(field, value, MAX_PACKAGE_NAME_LEN)?;
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let (name, arch) = match value.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (value, None),
+    };
+    let name_ok = name.len() >= 2
+        && name.bytes().next().is_some_and(alnum)
+        && name
+            .bytes()
+            .all(|b| alnum(b) || matches!(b, b'+' | b'.' | b'-'));
+    let arch_ok = arch.is_none_or(|a| {
+        a.bytes().next().is_some_and(alnum) && a.bytes().all(|b| alnum(b) || b == b'-')
+    });
+    if !name_ok || !arch_ok {
+        return err(
+            field,
+            Problem::BadCharacter {
+                allowed: "a Debian package name: at least two of lowercase ASCII letters, digits, '+', '.' and '-', starting with a letter or digit, optionally ':' and an architecture",
+            },
+        );
+    }
+    Ok(())
+}
+
+/// A Debian package version (policy §5.6.12): `[epoch:]upstream[-revision]`, at most
+/// [`MAX_DEBIAN_VERSION_LEN`] bytes. The epoch is 1 to 9 digits; the upstream version starts
+/// with a digit and has only ASCII letters, digits, `.`, `+`, `~` and (when there is a revision)
+/// `-`; the revision (after the last `-`) is not empty and has only letters, digits, `.`, `+`
+/// and `~`. A colon is allowed only after the epoch.
+pub(crate) fn debian_version(field: &str, value: &str) -> Checked {
+    const FORM: &str =
+        "[epoch:]upstream[-revision] (a Debian version such as 1.30.2-1.1 or 1:2.3~rc1-2)";
+    length(field, value, MAX_DEBIAN_VERSION_LEN)?;
+    let bad = || err(field, Problem::NotAVersion { form: FORM });
+    let (epoch, rest) = match value.split_once(':') {
+        Some((e, r)) => (Some(e), r),
+        None => (None, value),
+    };
+    if let Some(e) = epoch
+        && (e.is_empty() || e.len() > 9 || !e.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return bad();
+    }
+    let (upstream, revision) = match rest.rsplit_once('-') {
+        Some((u, r)) => (u, Some(r)),
+        None => (rest, None),
+    };
+    let common = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'~');
+    let upstream_ok = upstream.bytes().next().is_some_and(|b| b.is_ascii_digit())
+        && upstream
+            .bytes()
+            .all(|b| common(b) || (b == b'-' && revision.is_some()));
+    let revision_ok = revision.is_none_or(|r| !r.is_empty() && r.bytes().all(common));
+    if !upstream_ok || !revision_ok {
+        return bad();
+    }
+    Ok(())
+}
+
 /// A dnsmasq configuration for `/etc/dnsmasq.d/runos.conf`.
 ///
 /// At most [`MAX_DNSMASQ_LEN`] bytes; no control characters other than tab, and CR before LF.
@@ -795,6 +866,87 @@ mod tests {
     }
 
     #[test]
+    fn debian_package_names() {
+        for good in [
+            "hello",
+            "kubeadm",
+            "libc6",
+            "g++",
+            "libstdc++6",
+            "0ad",
+            "python3.11",
+            "x-y.z+w",
+            "libc6:amd64",
+            "libc6:i386",
+            "foo:all",
+        ] {
+            assert!(package_name("f", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "a", "-a", "--purge", "+a", ".a", "Hello", "a b", "a;id", "a$(id)", "a`id`", "a|b",
+            "a&b", "a>b", "a*", "a?", "a=1.0", "a/stable", "a:", "a:-x", "a:AMD64", "a:b:c", "ä",
+            "a\nb", "a\0",
+        ] {
+            assert!(package_name("f", bad).is_err(), "{bad:?}");
+        }
+        assert!(package_name("f", &"a".repeat(MAX_PACKAGE_NAME_LEN)).is_ok());
+        assert!(package_name("f", &"a".repeat(MAX_PACKAGE_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn debian_versions() {
+        for good in [
+            "1",
+            "1.0",
+            "1.30.2-1.1",
+            "1:2.3~rc1-2",
+            "2.10-3",
+            "1.7.12-1+deb12u1",
+            "2.6.12-1+deb12u4",
+            "0.8.3+ds-2~bpo12+1",
+            "1.2-3-4",
+            "10:1.0",
+            "1.30.2-1.1~ubuntu",
+            "3.0.2a",
+        ] {
+            assert!(debian_version("f", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-1",
+            "v1.0",
+            "a1.0",
+            ":1.0",
+            "a:1.0",
+            "1234567890:1.0",
+            "1:",
+            "1.0-",
+            "1.0:2",
+            "1:2:3",
+            "1.0 ",
+            " 1.0",
+            "1.0;id",
+            "1.0$(id)",
+            "1.0`id`",
+            "1.0|x",
+            "1.0&",
+            "1.0>x",
+            "1.0*",
+            "1.0/x",
+            "1.0_1",
+            "1.0-a-",
+            "1.0\n",
+            "1.0\0",
+            "1.0-r:1",
+            "1.ä",
+        ] {
+            assert!(debian_version("f", bad).is_err(), "{bad:?}");
+        }
+        assert!(debian_version("f", &"1".repeat(MAX_DEBIAN_VERSION_LEN)).is_ok());
+        assert!(debian_version("f", &"1".repeat(MAX_DEBIAN_VERSION_LEN + 1)).is_err());
+    }
+
+    #[test]
     fn redaction_helpers() {
         let mut m = std::collections::BTreeMap::new();
         m.insert("TOKEN".to_string(), "hunter2".to_string());
@@ -805,7 +957,9 @@ mod tests {
     #[test]
     fn messages_never_contain_the_value() {
         let secret = "hunter2-secret";
-        let checks: [Checked; 6] = [
+        let checks: [Checked; 8] = [
+            package_name("f", "Hunter2-secret"),
+            debian_version("f", "hunter2-secret"),
             ip("f", secret).map(|_| ()),
             wireguard_key("f", secret),
             version_triplet("f", secret),

@@ -1,8 +1,10 @@
 //! The command line (`clap` derive) and the mapping of outcomes to stable exit codes.
 
 pub mod certificate;
+pub mod etcd;
 pub mod journal;
 pub mod status;
+pub mod uninstall;
 pub mod update;
 pub mod vpn;
 
@@ -131,6 +133,26 @@ pub enum Command {
     /// The WireGuard overlay (docs/overlay.md).
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Vpn(VpnCommand),
+    /// etcd membership, through the etcd API with the `[etcd]` settings (docs/etcd.md); runs
+    /// here, not through the agent daemon.
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Etcd(EtcdCommand),
+    /// Take runos off this node (docs/uninstall.md): stop kubelet and containerd, `kubeadm
+    /// reset -f`, remove the overlay, purge the packages runos installed, remove the files runos
+    /// wrote (only those, and only while unchanged), then this node's key and certificate.
+    ///
+    /// The same steps as `UNINSTALL_NODE`, run here; the agent must be stopped first (exit 7
+    /// otherwise). Asks for `yes` on a terminal unless --yes. Exit 0 done; 1 a step failed
+    /// (the output names it and the steps not done; run it again once fixed); 2 not confirmed.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Uninstall {
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show recent instructions and their outcomes, from the agent's journal (exit 0; 1 when
     /// `--tag` names no entry; 9 when the agent is not running).
     ///
@@ -189,6 +211,40 @@ pub struct VerifyArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `runos etcd` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum EtcdCommand {
+    /// Show the cluster: id, leader, raft index, database size, and each member's status,
+    /// health (its own answer, from its client URLs) and role (exit 0; 8 when the cluster is
+    /// unhealthy; 15 when etcd cannot be reached).
+    #[command(after_help = EXIT_CODES_HELP)]
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member, as `REMOVE_ETCD_MEMBER` does: refused when quorum would be lost,
+    /// leadership moved off it first when it leads, the member list checked afterwards (exit 0
+    /// removed or not confirmed; 16 no such member; 17 refused; 15 etcd unreachable; 1 a step
+    /// failed; 2 no --yes and standard input is not a terminal).
+    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(group = clap::ArgGroup::new("etcd_target").required(true).args(["ip", "id"]))]
+    Remove {
+        /// The member whose peer URL host is exactly this IP address.
+        #[arg(long, value_name = "IP")]
+        ip: Option<String>,
+        /// The member with this id (hex, as `runos etcd list` prints it).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `runos vpn` subcommands.
@@ -512,8 +568,30 @@ pub fn run(cli: Cli) -> Exit {
                 }
             }
         }
+        Command::Etcd(c) => {
+            let json = match &c {
+                EtcdCommand::List { json } | EtcdCommand::Remove { json, .. } => *json,
+            };
+            let cfg = match config::load(&cli.config) {
+                Ok((cfg, _)) => cfg,
+                Err(e) => return report_error(json, Exit::NotRegistered, &e.to_string()),
+            };
+            match c {
+                EtcdCommand::List { json } => crate::cli::etcd::list(&cfg, json, &rt),
+                EtcdCommand::Remove { ip, id, yes, json } => {
+                    match crate::cli::etcd::target(ip.as_deref(), id.as_deref()) {
+                        Ok(t) => crate::cli::etcd::remove(&cfg, t, yes, json, &rt),
+                        Err(m) => report_error(json, Exit::Usage, &m),
+                    }
+                }
+            }
+        }
         Command::Vpn(VpnCommand::Status { json }) => match config::load(&cli.config) {
             Ok((cfg, _)) => crate::cli::vpn::run(&cfg, json),
+            Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
+        },
+        Command::Uninstall { yes, json } => match config::load(&cli.config) {
+            Ok((cfg, _)) => crate::cli::uninstall::run(&cfg, yes, json, &rt),
             Err(e) => report_error(json, Exit::NotRegistered, &e.to_string()),
         },
         Command::Journal { tag, limit, json } => match config::load(&cli.config) {

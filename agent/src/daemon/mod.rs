@@ -123,6 +123,9 @@ pub async fn run(
 
     let agent_started = Instant::now();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Shared with the uninstall's last step, which stops the agent.
+    let shutdown_tx = Arc::new(shutdown_tx);
+    let uninstall_stop = shutdown_tx.clone();
     let (reconnect_tx, reconnect_rx) = watch::channel(0u64);
     let reconnect_tx = Arc::new(reconnect_tx);
     let (renew_tx, renew_rx) = tokio::sync::mpsc::channel(8);
@@ -174,6 +177,8 @@ pub async fn run(
         Some(cfg.paths.state_dir.join("executors")),
     );
     catalog.set_host(crate::exec::host(agent_started));
+    crate::catalog::set_etcd(&mut catalog, &cfg.etcd);
+    crate::catalog::set_kubernetes(&mut catalog, &cfg.kubernetes);
     // The overlay (`SET_VPN_PEERS`): restored from its saved set and kept so by its reconcile
     // loop, before and whether or not a control plane answers (docs/overlay.md).
     let overlay = Arc::new(runos_executors::overlay::Overlay::new(
@@ -182,6 +187,30 @@ pub async fn run(
         state.control_paths.clone(),
     ));
     crate::catalog::add_overlay(&mut catalog, overlay.clone());
+    // `UNINSTALL_NODE`: its steps, then (after the ACK) the identity removed and the agent
+    // stopped; systemd's restart then finds no identity and stops (exit 3) (docs/uninstall.md).
+    crate::catalog::add_uninstall(
+        &mut catalog,
+        Arc::new(crate::uninstall::build(&cfg, overlay.clone())),
+    );
+    let finish_paths = cfg.paths.clone();
+    catalog.register_step(
+        runos_executors::uninstall::FINISH_STEP,
+        move |ctx, _params| {
+            let paths = finish_paths.clone();
+            let stop = uninstall_stop.clone();
+            async move {
+                for what in crate::uninstall::finish(&paths, &ctx.host).await {
+                    tracing::warn!("uninstall: {what}");
+                }
+                tracing::warn!(
+                    "uninstall finished: this node's identity is removed; the agent stops"
+                );
+                let _ = stop.send(true);
+                Ok(())
+            }
+        },
+    );
     // HELLO carries the public key, so the key is made now (a file, no interface).
     match overlay.public_key_b64() {
         Ok(k) => {

@@ -528,6 +528,26 @@ impl System for HostSystem {
         })
     }
 
+    fn remove(&self, iface: String) -> BoxFuture<io::Result<bool>> {
+        Box::pin(async move {
+            let h = netlink()?;
+            let Some(l) = bounded("netlink", link(&h, &iface)).await? else {
+                return Ok(false);
+            };
+            bounded("netlink", async {
+                h.link().del(l.index).execute().await.map_err(nl_err)
+            })
+            .await?;
+            // wireguard-go removes its socket when it exits; a stale one would confuse the
+            // backend choice of a later start.
+            let sock = socket_path(&iface);
+            if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+                let _ = std::fs::remove_file(&sock);
+            }
+            Ok(true)
+        })
+    }
+
     fn addresses(&self, iface: String) -> BoxFuture<io::Result<Addresses>> {
         Box::pin(async move {
             let h = netlink()?;

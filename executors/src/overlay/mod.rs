@@ -215,6 +215,9 @@ pub trait System: Send + Sync + 'static {
     fn add_address(&self, interface: String, ip: IpAddr, prefix: u8) -> BoxFuture<io::Result<()>>;
     /// Remove `ip/prefix` from `interface` (absent, or no interface: fine).
     fn del_address(&self, interface: String, ip: IpAddr, prefix: u8) -> BoxFuture<io::Result<()>>;
+    /// Delete `interface` (a userspace daemon serving it exits with it); `false` when there was
+    /// none.
+    fn remove(&self, interface: String) -> BoxFuture<io::Result<bool>>;
 }
 
 /// The control plane's addresses as the session last connected to them (the session sets them;
@@ -772,6 +775,42 @@ impl Overlay {
             Err(e) => repaired.push(format!("cannot restore the VIP: {e}")),
         }
         Ok(repaired)
+    }
+
+    /// Take the overlay off this node (`UNINSTALL_NODE`): forget the applied set (so the
+    /// reconcile loop stops restoring it), delete the interface (its VIP and peers go with it;
+    /// a userspace daemon exits with it), then remove the saved set, the VIP fence and the
+    /// node's WireGuard key. Idempotent: what is already gone is skipped. Returns what it did, in
+    /// words.
+    pub async fn remove(&self) -> io::Result<Vec<String>> {
+        let mut guard = self.inner.lock().await;
+        let _vip = self.vip_lock.lock().await;
+        let mut done = Vec::new();
+        // Forgotten first: a reconcile that runs next finds nothing to restore.
+        let applied = self.settings.state_dir.join(APPLIED_FILE);
+        if applied.exists() {
+            crate::handle::remove_durably(&applied)?;
+            done.push(format!("removed the saved peer set {}", applied.display()));
+        }
+        *guard = None;
+        if self.system.remove(self.settings.interface.clone()).await? {
+            done.push(format!("deleted the interface {}", self.settings.interface));
+        }
+        for name in [vip::VIP_FILE, KEY_FILE, "userspace.log"] {
+            let path = self.settings.state_dir.join(name);
+            if path.exists() {
+                crate::handle::remove_durably(&path)?;
+                done.push(format!("removed {}", path.display()));
+            }
+        }
+        // An empty state directory goes too; one holding anything else stays.
+        if std::fs::remove_dir(&self.settings.state_dir).is_ok() {
+            done.push(format!("removed {}", self.settings.state_dir.display()));
+        }
+        drop(_vip);
+        drop(guard);
+        self.vip_changed.notify_waiters();
+        Ok(done)
     }
 
     /// Run [`Overlay::reconcile`] now and then every `reconcile_interval` until `stop` is set.

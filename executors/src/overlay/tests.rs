@@ -70,6 +70,14 @@ impl System for Fake {
         Box::pin(async { Ok(()) })
     }
 
+    fn remove(&self, _iface: String) -> BoxFuture<io::Result<bool>> {
+        let mut e = self.exists.lock().unwrap();
+        let was = std::mem::replace(&mut *e, false);
+        self.peers.lock().unwrap().clear();
+        self.vip.lock().unwrap().clear();
+        Box::pin(async move { Ok(was) })
+    }
+
     fn addresses(&self, _iface: String) -> BoxFuture<io::Result<Addresses>> {
         let underlay = self.underlay.clone();
         let overlay = self.vip.lock().unwrap().clone();
@@ -457,4 +465,36 @@ async fn a_node_without_a_peer_set_is_not_polled() {
     );
     stop_tx.send(true).unwrap();
     w.await.unwrap();
+}
+
+#[tokio::test]
+async fn remove_takes_the_overlay_off_and_the_reconcile_no_longer_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("wireguard");
+    let fake = Arc::new(Fake::default());
+    let o = overlay(&state, fake.clone(), &["198.51.100.1"]);
+    o.set_vpn_peers(
+        &ctx(),
+        set(json!({"peers": [peer(1)], "generation": 1, "complete": true})),
+    )
+    .await
+    .unwrap();
+    assert!(o.vip_assign(assign(1, None)).await.ok);
+    assert!(*fake.exists.lock().unwrap());
+    let done = o.remove().await.unwrap();
+    assert!(
+        done.iter().any(|d| d.contains("deleted the interface")),
+        "{done:?}"
+    );
+    assert!(!*fake.exists.lock().unwrap());
+    assert!(fake.peers.lock().unwrap().is_empty());
+    assert!(
+        !state.exists(),
+        "the saved set, the fence and the key are gone"
+    );
+    // Nothing to restore; a second removal has nothing to do.
+    assert!(o.reconcile().await.unwrap().is_empty());
+    assert!(!*fake.exists.lock().unwrap());
+    assert!(o.remove().await.unwrap().is_empty());
+    assert!(!o.summary().await.managed);
 }

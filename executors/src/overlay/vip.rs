@@ -30,7 +30,7 @@ use crate::handle::write_atomic;
 /// How long the health check may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-const VIP_FILE: &str = "vip.json";
+pub(crate) const VIP_FILE: &str = "vip.json";
 
 /// What is held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
