@@ -9,7 +9,7 @@
 //!    set, the VIP fence, the node's WireGuard key);
 //! 4. `packages`: purge exactly the packages the package executor recorded as installed by
 //!    this agent (never a fixed list);
-//! 5. `files`: remove what the [`Manifest`](crate::manifest::Manifest) lists, and only while it
+//! 5. `files`: remove what the [`Manifest`] lists, and only while it
 //!    still holds what runos wrote (a file changed since is kept and said). Nothing else: the
 //!    host's firewall and sysctls are never flushed or reset wholesale.
 //!
