@@ -7,12 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runos_executors::Ctx;
-use runos_executors::handle::{BoxFuture, Host, Spec};
+use runos_executors::handle::{Host, Spec};
 use runos_executors::manifest::Manifest;
 use runos_executors::overlay::Overlay;
 use runos_executors::uninstall::{Packages, Settings, Uninstall};
-use runos_protocol::ErrorPayload;
 
 use crate::config::{Config, Paths};
 
@@ -33,46 +31,8 @@ pub fn build(cfg: &Config, overlay: Arc<Overlay>) -> Uninstall {
     let apt = runos_packages::Apt::new(crate::catalog::packages_settings(
         &cfg.paths.state_dir.join("executors"),
     ));
-    let packages: Arc<dyn Packages> = Arc::new(AptPackages(Arc::new(apt)));
+    let packages: Arc<dyn Packages> = Arc::new(runos_packages::UninstallPackages(Arc::new(apt)));
     Uninstall::new(settings, Some(overlay), Some(packages), manifest(cfg))
-}
-
-/// The uninstall's packages: those the apt executor recorded as installed by this agent, purged
-/// through it (holds released first).
-struct AptPackages(Arc<runos_packages::Apt>);
-
-impl Packages for AptPackages {
-    fn recorded(&self, ctx: Ctx) -> BoxFuture<Result<Vec<String>, ErrorPayload>> {
-        let apt = self.0.clone();
-        Box::pin(async move {
-            let names = apt.recorded()?;
-            if names.is_empty() {
-                return Ok(names);
-            }
-            // Only those dpkg still has (installed, or their configuration files).
-            let states = apt.query(&ctx, &names).await?;
-            Ok(states
-                .into_iter()
-                .filter(|s| s.status != "not-installed")
-                .map(|s| s.name)
-                .collect())
-        })
-    }
-
-    fn purge(&self, ctx: Ctx, names: Vec<String>) -> BoxFuture<Result<(), ErrorPayload>> {
-        let apt = self.0.clone();
-        Box::pin(async move {
-            let req = runos_packages::RemovePackages {
-                packages: names
-                    .into_iter()
-                    .map(|name| runos_packages::PackageName { name })
-                    .collect(),
-                purge: true,
-                unhold: true,
-            };
-            apt.remove(&ctx, req).await.map(drop)
-        })
-    }
 }
 
 /// The last act of an uninstall: remove the node's key and certificate (the node can no longer

@@ -30,9 +30,11 @@ pub fn parse_id(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Health {
-    /// It answered within the timeout and knows a leader.
+    /// It answered within the timeout, as itself, without errors, and knows the cluster's
+    /// leader.
     Healthy,
-    /// It answered, but knows no leader (or reports errors such as an alarm).
+    /// It answered, but knows no leader or another one than the cluster's, reports errors
+    /// (such as an alarm), or its client URLs answer as another member.
     Unhealthy,
     /// No answer within the timeout.
     Unreachable,
@@ -130,7 +132,11 @@ impl ClusterInfo {
     }
 }
 
+/// The most members a member list may have (etcd advises at most 7 voters).
+pub const MAX_MEMBERS: usize = 128;
+
 struct Probe {
+    member_id: u64,
     leader: u64,
     raft_term: u64,
     raft_index: u64,
@@ -145,6 +151,7 @@ async fn probe(conn: &Connector, urls: &[String]) -> Result<Probe, EtcdError> {
     })
     .await?;
     Ok(Probe {
+        member_id: s.header().map_or(0, |h| h.member_id()),
         leader: s.leader(),
         raft_term: s.header().map_or(0, |h| h.raft_term()),
         raft_index: s.raft_index(),
@@ -163,6 +170,12 @@ pub(crate) async fn member_list(
         c.member_list().await
     })
     .await?;
+    if r.members().len() > MAX_MEMBERS {
+        return Err(EtcdError::Call(format!(
+            "the member list has {} members, more than {MAX_MEMBERS}",
+            r.members().len()
+        )));
+    }
     Ok((
         r.header().map_or(0, |h| h.cluster_id()),
         r.members().to_vec(),
@@ -183,6 +196,34 @@ pub(crate) async fn gather(
         }
     }))
     .await;
+    let raw: Vec<Raw> = members
+        .iter()
+        .map(|m| Raw {
+            id: m.id(),
+            name: m.name().to_string(),
+            peer_urls: m.peer_urls().to_vec(),
+            client_urls: m.client_urls().to_vec(),
+            is_learner: m.is_learner(),
+        })
+        .collect();
+    assemble(cluster_id, &raw, probes)
+}
+
+/// A member as the member list gives it.
+struct Raw {
+    id: u64,
+    name: String,
+    peer_urls: Vec<String>,
+    client_urls: Vec<String>,
+    is_learner: bool,
+}
+
+/// The picture from the member list and each member's probe (`None`: no client URLs).
+fn assemble(
+    cluster_id: u64,
+    members: &[Raw],
+    probes: Vec<Option<Result<Probe, EtcdError>>>,
+) -> ClusterInfo {
     let mut out: Vec<MemberInfo> = Vec::with_capacity(members.len());
     let mut best: Option<(u64, u64)> = None; // (term, leader)
     let mut stats: Vec<(u64, u64, i64)> = Vec::new(); // (member, raft index, db size)
@@ -190,8 +231,17 @@ pub(crate) async fn gather(
         let (health, err, sees, term) = match p {
             None => (Health::NotStarted, None, 0, 0),
             Some(Err(e)) => (Health::Unreachable, Some(e.to_string()), 0, 0),
+            Some(Ok(p)) if p.member_id != m.id => (
+                Health::Unhealthy,
+                Some(format!(
+                    "its client URLs answer as member {}",
+                    id_hex(p.member_id)
+                )),
+                0,
+                0,
+            ),
             Some(Ok(p)) => {
-                stats.push((m.id(), p.raft_index, p.db_size));
+                stats.push((m.id, p.raft_index, p.db_size));
                 if p.leader != 0 && best.is_none_or(|(t, _)| p.raft_term > t) {
                     best = Some((p.raft_term, p.leader));
                 }
@@ -215,13 +265,13 @@ pub(crate) async fn gather(
             }
         };
         out.push(MemberInfo {
-            id: id_hex(m.id()),
-            id_num: m.id(),
-            name: m.name().to_string(),
-            peer_urls: m.peer_urls().to_vec(),
-            client_urls: m.client_urls().to_vec(),
-            started: !m.name().is_empty() || !m.client_urls().is_empty(),
-            is_learner: m.is_learner(),
+            id: id_hex(m.id),
+            id_num: m.id,
+            name: m.name.clone(),
+            peer_urls: m.peer_urls.clone(),
+            client_urls: m.client_urls.clone(),
+            started: !m.name.is_empty() || !m.client_urls.is_empty(),
+            is_learner: m.is_learner,
             is_leader: false,
             health,
             health_error: err,
@@ -232,6 +282,16 @@ pub(crate) async fn gather(
     let leader = best.map_or(0, |(_, l)| l);
     for m in &mut out {
         m.is_leader = leader != 0 && m.id_num == leader;
+        // A member that follows a stale leader (an older term) is cut off from the cluster.
+        if m.health == Health::Healthy && m.sees_leader != leader {
+            m.health = Health::Unhealthy;
+            m.health_error = Some(format!(
+                "it reports leader {} (raft term {}), not the cluster's {}",
+                id_hex(m.sees_leader),
+                m.raft_term,
+                id_hex(leader)
+            ));
+        }
     }
     let leader_m = out.iter().find(|m| m.is_leader).cloned();
     let leader_stats = stats.iter().find(|s| s.0 == leader);
@@ -268,6 +328,114 @@ pub async fn cluster_info(settings: &Settings) -> Result<ClusterInfo, EtcdError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raw(id: u64, learner: bool, started: bool) -> Raw {
+        Raw {
+            id,
+            name: if started {
+                format!("n{id}")
+            } else {
+                String::new()
+            },
+            peer_urls: vec![format!("https://10.0.0.{id}:2380")],
+            client_urls: if started {
+                vec![format!("https://10.0.0.{id}:2379")]
+            } else {
+                Vec::new()
+            },
+            is_learner: learner,
+        }
+    }
+
+    fn answer(member_id: u64, leader: u64, term: u64) -> Option<Result<Probe, EtcdError>> {
+        Some(Ok(Probe {
+            member_id,
+            leader,
+            raft_term: term,
+            raft_index: 10,
+            db_size: 20,
+            errors: Vec::new(),
+        }))
+    }
+
+    #[test]
+    fn health_is_judged_from_each_members_own_answer() {
+        let ms = [
+            raw(1, false, true),
+            raw(2, false, true),
+            raw(3, false, true),
+            raw(4, false, true),
+            raw(5, false, true),
+            raw(6, false, false),
+            raw(7, true, true),
+        ];
+        let alarm = Some(Ok(Probe {
+            errors: vec!["NOSPACE".into()],
+            ..answer(4, 1, 5).unwrap().unwrap()
+        }));
+        let info = assemble(
+            9,
+            &ms,
+            vec![
+                answer(1, 1, 5),                                   // the leader
+                answer(2, 3, 4),                                   // a stale leader, older term
+                answer(3, 3, 4),                                   // the stale leader itself
+                alarm,                                             // an alarm
+                Some(Err(EtcdError::Timeout("no answer".into()))), // down
+                None,                                              // never started
+                answer(1, 1, 5),                                   // another member's answer
+            ],
+        );
+        let h: Vec<Health> = info.members.iter().map(|m| m.health).collect();
+        use Health::*;
+        assert_eq!(
+            h,
+            [
+                Healthy,
+                Unhealthy,
+                Unhealthy,
+                Unhealthy,
+                Unreachable,
+                NotStarted,
+                Unhealthy
+            ],
+            "{info:#?}"
+        );
+        assert_eq!(info.leader(), 1);
+        assert!(info.members[0].is_leader && !info.members[2].is_leader);
+        assert!(
+            info.members[6]
+                .health_error
+                .as_deref()
+                .is_some_and(|e| e.contains("answer as member 0000000000000001")),
+            "{:?}",
+            info.members[6]
+        );
+        assert_eq!((info.voters(), info.healthy_voters()), (6, 1));
+        assert!(!info.is_healthy);
+
+        // No member knows a leader: none is healthy, and there is no leader.
+        let info = assemble(
+            9,
+            &ms[..3],
+            vec![answer(1, 0, 5), answer(2, 0, 5), answer(3, 0, 5)],
+        );
+        assert_eq!(info.leader(), 0);
+        assert_eq!(info.healthy_voters(), 0);
+        assert!(info.leader_id.is_empty() && !info.is_healthy);
+        // A majority healthy: the cluster is healthy.
+        let info = assemble(
+            9,
+            &ms[..3],
+            vec![
+                answer(1, 2, 5),
+                answer(2, 2, 5),
+                Some(Err(EtcdError::Timeout("x".into()))),
+            ],
+        );
+        assert_eq!(info.leader_id, id_hex(2));
+        assert!(info.is_healthy);
+    }
 
     #[test]
     fn ids_round_trip_as_hex() {

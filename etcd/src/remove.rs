@@ -242,23 +242,43 @@ pub async fn remove_member(
         move_leadership(&conn, &info, &t, opts, log).await?;
     }
 
-    // Through a healthy member that is not the target (the new leader first).
-    let fresh = match member_list_via_others(&conn, &info, t.id_num).await {
-        Ok((cid, m)) => gather(&conn, cid, m).await,
-        Err(e) => {
-            return Err(failed(
-                e,
-                "cannot reach a member other than the target; nothing was removed",
-            ));
+    // Through a healthy voter that is not the target (the new leader first), with the
+    // target, the leader and the quorum checked again on that fresh picture: a member may have
+    // gone down meanwhile, and after a leadership move the followers take a moment to follow
+    // the new leader (bounded).
+    let recheck_wait = within(opts, s.leader_move_wait());
+    let recheck_until = Instant::now() + recheck_wait;
+    let mut told = false;
+    let (fresh, via) = loop {
+        let r = recheck(&conn, &info, &t, target, was_leader).await;
+        match r {
+            Ok(ok) => break ok,
+            Err(e) if e.kind == Kind::NotFound => return Err(e),
+            Err(e) if Instant::now() >= recheck_until => return Err(e),
+            Err(e) => {
+                if !told {
+                    log(&format!(
+                        "re-check before the removal: {}; retrying for up to {recheck_wait:?}",
+                        e.message
+                    ));
+                    told = true;
+                }
+                check_go(opts, "removing the member")?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     };
-    let via: Vec<String> = others(&fresh, t.id_num);
-    if via.is_empty() {
-        return Err(err(
-            Kind::Failed,
-            "no healthy member other than the target answers; nothing was removed",
-        ));
-    }
+    log(&format!(
+        "re-checked{}: leader {}, {} of {} voting members healthy",
+        if was_leader {
+            " after the leadership move"
+        } else {
+            ""
+        },
+        fresh.leader_id,
+        fresh.healthy_voters(),
+        fresh.voters()
+    ));
     check_go(opts, "removing the member")?;
     log(&format!(
         "removing member {} through {}",
@@ -320,14 +340,76 @@ pub async fn remove_member(
             log(&format!("warning: the removal is not recorded: {e}"));
         }
     }
+    let wait = within(opts, s.verify_wait());
     log(&format!(
-        "member remove accepted; verifying (up to {:?})",
-        s.verify_wait()
+        "member remove accepted; verifying (up to {wait:?})"
     ));
-    verify_gone(&conn, &via, &t, s.verify_wait(), was_leader, log).await
+    verify_gone(&conn, &via, &t, wait, was_leader, log).await
 }
 
-fn absent(opts: &RemoveOptions<'_>, target: Target) -> RemoveError {
+/// The fresh picture through a healthy voter other than the target, and the client URLs to
+/// remove through, when the target is still there, does not lead and the quorum rule still
+/// allows its removal.
+async fn recheck(
+    conn: &Connector,
+    info: &ClusterInfo,
+    t: &MemberInfo,
+    target: Target,
+    was_leader: bool,
+) -> Result<(ClusterInfo, Vec<String>), RemoveError> {
+    let moved = if was_leader {
+        " (leadership was moved off it)"
+    } else {
+        ""
+    };
+    let fresh = match member_list_via_others(conn, info, t.id_num).await {
+        Ok((cid, m)) => gather(conn, cid, m).await,
+        Err(e) => {
+            return Err(failed(
+                e,
+                &format!("cannot reach a member other than the target; nothing was removed{moved}"),
+            ));
+        }
+    };
+    let Some(ft) = fresh.members.iter().find(|m| m.id_num == t.id_num) else {
+        return Err(err(
+            Kind::NotFound,
+            format!(
+                "{target} ({}) left the member list before this agent removed it; nothing was removed{moved}",
+                t.id
+            ),
+        ));
+    };
+    if fresh.leader() == 0 {
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "the cluster has no leader now: it cannot change its membership; nothing was removed{moved}"
+            ),
+        ));
+    }
+    if ft.is_leader {
+        return Err(err(
+            Kind::Failed,
+            format!("{} leads the cluster again; nothing was removed", t.id),
+        ));
+    }
+    quorum_for(&fresh, ft).map_err(|e| err(e.kind, format!("{}{moved}", e.message)))?;
+    let via = others(&fresh, t.id_num);
+    if via.is_empty() {
+        return Err(err(
+            Kind::Failed,
+            format!(
+                "no healthy voting member other than the target answers; nothing was removed{moved}"
+            ),
+        ));
+    }
+    Ok((fresh, via))
+}
+
+/// The answer when `target` is not a member: `already_done` when the record in
+/// `opts.record_dir` shows this agent removed it, else `not_found`.
+pub fn absent(opts: &RemoveOptions<'_>, target: Target) -> RemoveError {
     if let Some(dir) = opts.record_dir {
         let (ip, id) = match target {
             Target::Ip(ip) => (Some(ip), None),
@@ -353,12 +435,18 @@ fn absent(opts: &RemoveOptions<'_>, target: Target) -> RemoveError {
     )
 }
 
-/// Client URLs of the healthy started members other than `not`, the leader's first.
+/// Client URLs of one healthy voting member other than `not`, the leader when it is one
+/// (learners serve no membership changes).
 fn others(info: &ClusterInfo, not: u64) -> Vec<String> {
     let mut ms: Vec<&MemberInfo> = info
         .members
         .iter()
-        .filter(|m| m.id_num != not && m.health == Health::Healthy && !m.client_urls.is_empty())
+        .filter(|m| {
+            m.id_num != not
+                && !m.is_learner
+                && m.health == Health::Healthy
+                && !m.client_urls.is_empty()
+        })
         .collect();
     ms.sort_by_key(|m| !m.is_leader);
     ms.into_iter()
@@ -376,7 +464,7 @@ async fn member_list_via_others(
     for m in info
         .members
         .iter()
-        .filter(|m| m.id_num != not && m.health == Health::Healthy)
+        .filter(|m| m.id_num != not && !m.is_learner && m.health == Health::Healthy)
     {
         match member_list(conn, &m.client_urls).await {
             Ok(r) => return Ok(r),
@@ -459,6 +547,7 @@ async fn move_leadership(
             Ok(st) => seen = id_hex(st.leader()),
             Err(e) => seen = e.to_string(),
         }
+        check_go(opts, "removing the member")?;
         if Instant::now() >= until {
             return Err(err(
                 Kind::Failed,

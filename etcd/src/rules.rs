@@ -1,26 +1,44 @@
 //! The two pure rules of a removal: which member an address names, and whether removing it keeps
 //! quorum.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The IP address a peer URL's host is, or `None` (a DNS name, not a URL, no host). IPv6
-/// brackets, IPv4-mapped IPv6 (`::ffff:a.b.c.d`) and an IPv4 host with a trailing dot are
-/// normalised; DNS names are never resolved.
+/// The IP address a peer URL's host is, or `None` (a DNS name, not a URL, no host). The host
+/// is taken from the URL's text as written (after `scheme://` and any `user@`, before the
+/// `:port` and any path) and must be an IP literal in the form etcd itself accepts: dotted
+/// decimal IPv4 or bracketed IPv6. Never the WHATWG shorthands (`10.1`, `0x0a.0.0.1`,
+/// `010.0.0.1`, `167772161`), which etcd treats as host names. IPv6 letter case and zero
+/// compression, IPv4-mapped IPv6 (`::ffff:a.b.c.d`) and an IPv4 host with a trailing dot are
+/// normalised; a zone (`%eth0`) never matches; DNS names are never resolved.
 pub fn url_host_ip(url: &str) -> Option<IpAddr> {
-    let u = url::Url::parse(url.trim()).ok()?;
-    match u.host()? {
-        url::Host::Ipv4(a) => Some(IpAddr::V4(a)),
-        url::Host::Ipv6(a) => Some(IpAddr::V6(a).to_canonical()),
-        // Non-special schemes (unix://, etcd's own) keep the host as text.
-        url::Host::Domain(d) => {
-            let d = d.strip_suffix('.').unwrap_or(d);
-            let d = d
-                .strip_prefix('[')
-                .and_then(|d| d.strip_suffix(']'))
-                .unwrap_or(d);
-            d.parse::<IpAddr>().ok().map(|a| a.to_canonical())
-        }
+    let (scheme, rest) = url.trim().split_once("://")?;
+    let mut sb = scheme.bytes();
+    if !sb.next().is_some_and(|b| b.is_ascii_alphabetic())
+        || !sb.all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return None;
     }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    let ip = if let Some(r) = hostport.strip_prefix('[') {
+        let (h, after) = r.split_once(']')?;
+        match after.strip_prefix(':') {
+            Some(p) if port_ok(p) => {}
+            None if after.is_empty() => {}
+            _ => return None,
+        }
+        IpAddr::V6(h.parse::<Ipv6Addr>().ok()?)
+    } else {
+        let h = match hostport.rsplit_once(':') {
+            Some((h, p)) if port_ok(p) => h,
+            Some(_) => return None,
+            None => hostport,
+        };
+        let h = h.strip_suffix('.').unwrap_or(h);
+        IpAddr::V4(h.parse::<Ipv4Addr>().ok()?)
+    };
+    Some(ip.to_canonical())
 }
 
 /// Whether one of `peer_urls` has exactly `ip` as its host (compared as addresses, never as
@@ -118,6 +136,24 @@ mod tests {
             ("10.0.0.1:2380", None),
             ("", None),
             ("https://:2380", None),
+            // What the URL standard reads as IPv4 but etcd (Go) as a host name: never an address.
+            ("https://10.1:2380", None),
+            ("https://010.0.0.1:2380", None),
+            ("https://0x0a.0.0.1:2380", None),
+            ("https://167772161:2380", None),
+            // Userinfo, a path, no port; a zone, junk after the brackets, a bad port.
+            ("https://u@10.0.0.1:2380", Some("10.0.0.1")),
+            ("https://10.0.0.1:2380/x?y#z", Some("10.0.0.1")),
+            ("https://10.0.0.1", Some("10.0.0.1")),
+            ("https://[fd00::1]", Some("fd00::1")),
+            ("https://[fe80::1%25eth0]:2380", None),
+            ("https://[fe80::1%eth0]:2380", None),
+            ("https://[fd00::1]x:2380", None),
+            ("https://10.0.0.1:23x0", None),
+            ("https://fd00::1:2380", None),
+            ("https://10.0.0.1%2e:2380", None),
+            ("://10.0.0.1:2380", None),
+            ("1https://10.0.0.1:2380", None),
         ] {
             assert_eq!(url_host_ip(url), want.map(ip), "{url}");
         }
@@ -142,6 +178,8 @@ mod tests {
             (&["https://10.0.0.1:2380"], "::ffff:10.0.0.1", true),
             (&["https://[::ffff:10.0.0.1]:2380"], "10.0.0.1", true),
             (&["https://node-10.0.0.1.example:2380"], "10.0.0.1", false),
+            (&["https://10.1:2380"], "10.0.0.1", false),
+            (&["https://010.0.0.1:2380"], "8.0.0.1", false),
             (&[], "10.0.0.1", false),
         ];
         for (u, i, want) in table {

@@ -113,6 +113,30 @@ async fn removing_the_leader_of_four_moves_leadership_first() {
     assert!(after.iter().any(|(_, id, _)| *id == new_leader));
 }
 
+/// Three voters: after the leader goes, both others are needed for quorum, so the re-check after
+/// the leadership move must wait (bounded) until both follow the new leader, not refuse.
+#[tokio::test]
+async fn removing_the_leader_of_three_rechecks_quorum_after_the_move() {
+    require_etcd!();
+    let c = Cluster::start(&["127.0.8.1", "127.0.8.2", "127.0.8.3"]).await;
+    let leader = c.leader().await;
+    let ids = c.ids().await;
+    let lname = &ids.iter().find(|(_, id, _)| *id == leader).unwrap().0;
+    let lip = c.nodes.iter().find(|n| &n.name == lname).unwrap().ip;
+    let (r, log) = remove(&c, Target::Ip(lip), None).await;
+    let done = r.unwrap_or_else(|e| panic!("{e:?} {log:#?}"));
+    assert!(done.was_leader);
+    assert_eq!(done.members_after, 2);
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("re-checked after the leadership move")),
+        "{log:#?}"
+    );
+    let after = c.ids().await;
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|(_, id, _)| *id != leader));
+}
+
 #[tokio::test]
 async fn with_one_member_down_removing_a_healthy_one_is_refused() {
     require_etcd!();
@@ -343,6 +367,7 @@ async fn the_executor_logs_every_step_and_honours_cancel() {
         "listing etcd members",
         "target:",
         "quorum check passed",
+        "re-checked",
         "removing member",
         "verified:",
         "removed etcd member",
@@ -361,4 +386,26 @@ async fn the_executor_logs_every_step_and_honours_cancel() {
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::Internal);
+}
+
+#[tokio::test]
+async fn two_members_on_one_host_are_ambiguous_by_ip_and_removable_by_id() {
+    require_etcd!();
+    let c = Cluster::start(&["127.0.9.1", "127.0.9.1", "127.0.9.2"]).await;
+    let before = c.ids().await;
+    let (r, log) = remove(&c, Target::Ip(ip("127.0.9.1")), None).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.kind, Kind::Refused, "{e:?} {log:#?}");
+    assert!(e.message.contains("ambiguous"), "{}", e.message);
+    assert_eq!(c.ids().await, before, "nothing changed");
+    // By id, one of them goes (a follower, so that this is quick).
+    let leader = c.leader().await;
+    let (_, id, _) = before
+        .iter()
+        .find(|(n, id, _)| *id != leader && (n == "n1" || n == "n2"))
+        .unwrap();
+    let (r, log) = remove(&c, Target::Id(*id), None).await;
+    let done = r.unwrap_or_else(|e| panic!("{e:?} {log:#?}"));
+    assert_eq!(done.id, id_hex(*id));
+    assert_eq!(c.ids().await.len(), 2);
 }

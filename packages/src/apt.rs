@@ -17,7 +17,7 @@ use runos_protocol::{ErrorCode, ErrorPayload};
 use tokio::sync::mpsc;
 
 use crate::status::{Kind, parse_line};
-use crate::{deb822, dpkg, record, version};
+use crate::{deb822, dpkg, record, simulate, version};
 
 /// The longest [`Settings::lock_timeout`] (a longer one is lowered to it).
 pub const MAX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -425,6 +425,26 @@ impl Apt {
         ))
     }
 
+    /// What apt would remove to carry out `args` (`apt-get -s`: nothing changes, no lock is
+    /// taken). The simulation may change holds (`--allow-change-held-packages`): the real run
+    /// releases the holds it must first, and never carries that option.
+    async fn simulated_removals(
+        &self,
+        ctx: &Ctx,
+        args: &[&str],
+    ) -> Result<Vec<String>, ErrorPayload> {
+        let mut all = vec!["-s", "--allow-change-held-packages"];
+        all.extend_from_slice(args);
+        let argv = self.apt_get_argv(&all)?;
+        let out = self.run_query(ctx, argv, &[0]).await.map_err(|e| {
+            failed(format!(
+                "apt cannot plan this change, nothing was changed: {}",
+                e.message
+            ))
+        })?;
+        Ok(simulate::removals(&String::from_utf8_lossy(&out.stdout)))
+    }
+
     /// Run a query program (no `LOG` lines, a large output cap), accepting `ok_codes`.
     async fn run_query(
         &self,
@@ -686,18 +706,32 @@ impl Apt {
             );
             return Ok(Self::reply(&before, before.clone()));
         }
+        let mut args = vec!["--allow-downgrades"];
+        if !self.settings.install_recommends {
+            args.push("--no-install-recommends");
+        }
+        args.push("install");
+        args.extend(to_install.iter().map(String::as_str));
+        if !to_install.is_empty() {
+            // An install never removes a package (a conflicting one) behind the caller's back.
+            let removed = self.simulated_removals(ctx, &args).await?;
+            if !removed.is_empty() {
+                return Err(ErrorPayload::new(
+                    ErrorCode::Refused,
+                    format!(
+                        "installing {} would remove {}; nothing was changed (remove them first with REMOVE_PACKAGES if that is intended)",
+                        join(&install_names),
+                        join(&removed)
+                    ),
+                ));
+            }
+        }
         self.set_hold(ctx, &to_unhold, false).await?;
         if !to_install.is_empty() {
             ctx.log(
                 LogLevel::Info,
                 &format!("apt-get install {}", to_install.join(" ")),
             );
-            let mut args = vec!["--allow-downgrades"];
-            if !self.settings.install_recommends {
-                args.push("--no-install-recommends");
-            }
-            args.push("install");
-            args.extend(to_install.iter().map(String::as_str));
             let result = match self.run_apt(ctx, self.apt_get_argv(&args)?).await {
                 Ok(ran) if ran.out.exit_code == Some(0) => Ok(()),
                 Ok(ran) => Err(self.apt_failure("apt-get install", &install_names, &ran)),
@@ -804,9 +838,31 @@ impl Apt {
             );
             return Ok(Self::reply(&before, before.clone()));
         }
+        let verb = if req.purge { "purge" } else { "remove" };
+        if !to_remove.is_empty() {
+            // Only what was named: never the packages that depend on it, silently.
+            let mut args = vec![verb];
+            args.extend(to_remove.iter().map(String::as_str));
+            let asked: Vec<&str> = to_remove.iter().map(|n| simulate::base(n)).collect();
+            let extra: Vec<String> = self
+                .simulated_removals(ctx, &args)
+                .await?
+                .into_iter()
+                .filter(|n| !asked.contains(&n.as_str()))
+                .collect();
+            if !extra.is_empty() {
+                return Err(ErrorPayload::new(
+                    ErrorCode::Refused,
+                    format!(
+                        "removing {} would also remove {} (they depend on it); nothing was changed (name them too to remove them)",
+                        join(&to_remove),
+                        join(&extra)
+                    ),
+                ));
+            }
+        }
         self.set_hold(ctx, &to_unhold, false).await?;
         if !to_remove.is_empty() {
-            let verb = if req.purge { "purge" } else { "remove" };
             ctx.log(
                 LogLevel::Info,
                 &format!("apt-get {verb} {}", to_remove.join(" ")),

@@ -13,6 +13,9 @@
 //! - package state is read back from the dpkg database with `dpkg-query --showformat`
 //!   ([`dpkg`]), never from apt's text; available versions come from `apt-cache show` stanzas
 //!   ([`deb822`]) ordered as dpkg orders versions ([`version`]);
+//! - a change that apt would make to packages the instruction does not name (a dependent package
+//!   removed with the one asked for, a conflicting one removed by an install) is refused before
+//!   anything changes: apt's simulation (`apt-get -s`, [`simulate`]) is read first;
 //! - what the agent installed is recorded (`installed.json`, 0600, written atomically) for the
 //!   uninstall ([`Apt::recorded`]).
 #![forbid(unsafe_code)]
@@ -22,7 +25,9 @@ mod apt;
 pub mod deb822;
 pub mod dpkg;
 mod record;
+pub mod simulate;
 pub mod status;
+mod uninstall;
 pub mod version;
 
 pub use apt::{Apt, MAX_LOCK_TIMEOUT, Settings, TAIL_BYTES, TAIL_LINES};
@@ -31,3 +36,4 @@ pub use runos_protocol::instructions::{
     GetPackages, InstallPackages, PackageName, PackageSpec, PackageState, PackagesReply,
     RemovePackages,
 };
+pub use uninstall::UninstallPackages;

@@ -30,6 +30,10 @@ use tokio::sync::mpsc;
 
 const HELLO: &str = "runostest-hello";
 const FAIL: &str = "runostest-fail";
+/// Depends on [`HELLO`].
+const DEP: &str = "runostest-dep";
+/// Conflicts with [`HELLO`].
+const CONFLICT: &str = "runostest-conflict";
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -57,7 +61,7 @@ struct Cleanup;
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = Command::new("apt-mark")
-            .args(["unhold", HELLO, FAIL])
+            .args(["unhold", HELLO, FAIL, DEP, CONFLICT])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -66,6 +70,8 @@ impl Drop for Cleanup {
                 "--force-hold",
                 "--force-remove-reinstreq",
                 "--purge",
+                DEP,
+                CONFLICT,
                 HELLO,
                 FAIL,
             ])
@@ -75,7 +81,14 @@ impl Drop for Cleanup {
     }
 }
 
-fn build_deb(root: &Path, out: &Path, name: &str, version: &str, postinst_fails: bool) -> PathBuf {
+fn build_deb(
+    root: &Path,
+    out: &Path,
+    name: &str,
+    version: &str,
+    postinst_fails: bool,
+    relations: &str,
+) -> PathBuf {
     let dir = root.join(format!("{name}_{version}"));
     std::fs::create_dir_all(dir.join("DEBIAN")).unwrap();
     std::fs::create_dir_all(dir.join(format!("usr/share/{name}"))).unwrap();
@@ -84,7 +97,7 @@ fn build_deb(root: &Path, out: &Path, name: &str, version: &str, postinst_fails:
     std::fs::write(dir.join(format!("etc/{name}.conf")), "setting = 1\n").unwrap();
     std::fs::write(dir.join("DEBIAN/conffiles"), format!("/etc/{name}.conf\n")).unwrap();
     let control = format!(
-        "Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: runos tests <tests@runos.invalid>\nPriority: optional\nSection: misc\nDescription: runos test package\n A package of the runos apt executor's tests.\n"
+        "Package: {name}\nVersion: {version}\nArchitecture: all\n{relations}Maintainer: runos tests <tests@runos.invalid>\nPriority: optional\nSection: misc\nDescription: runos test package\n A package of the runos apt executor's tests.\n"
     );
     std::fs::write(dir.join("DEBIAN/control"), &control).unwrap();
     if postinst_fails {
@@ -152,7 +165,14 @@ fn repository() -> Env {
     }
     let mut stanzas = Vec::new();
     for v in ["1.0-1", "1.1-1", "2.0-1"] {
-        stanzas.push(stanza(&build_deb(&t.join("build"), &repo, HELLO, v, false)));
+        stanzas.push(stanza(&build_deb(
+            &t.join("build"),
+            &repo,
+            HELLO,
+            v,
+            false,
+            "",
+        )));
     }
     stanzas.push(stanza(&build_deb(
         &t.join("build"),
@@ -160,7 +180,21 @@ fn repository() -> Env {
         FAIL,
         "1.0-1",
         true,
+        "",
     )));
+    for (name, relations) in [
+        (DEP, format!("Depends: {HELLO}\n")),
+        (CONFLICT, format!("Conflicts: {HELLO}\n")),
+    ] {
+        stanzas.push(stanza(&build_deb(
+            &t.join("build"),
+            &repo,
+            name,
+            "1.0-1",
+            false,
+            &relations,
+        )));
+    }
     std::fs::write(repo.join("Packages"), stanzas.join("\n")).unwrap();
     std::fs::write(
         t.join("sources.list"),
@@ -437,6 +471,45 @@ async fn apt_executor_against_real_apt() {
         unhold: false,
     };
     apt.remove(&c, purge_fail).await.unwrap();
+
+    // apt never removes what was not named: not a package that depends on the one removed,
+    // not one that conflicts with the one installed. Refused before anything changes.
+    apt.install(&c, install(DEP, None)).await.unwrap();
+    let e = apt
+        .remove(
+            &c,
+            RemovePackages {
+                packages: vec![PackageName { name: HELLO.into() }],
+                purge: false,
+                unhold: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Refused, "{}", e.message);
+    assert!(e.message.contains(DEP), "{}", e.message);
+    let e = apt.install(&c, install(CONFLICT, None)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Refused, "{}", e.message);
+    assert!(e.message.contains(HELLO), "{}", e.message);
+    let now = apt
+        .query(&c, &[HELLO.into(), DEP.into(), CONFLICT.into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        now.iter().map(|p| p.status.as_str()).collect::<Vec<_>>(),
+        ["installed", "installed", "not-installed"],
+        "nothing changed"
+    );
+    apt.remove(
+        &c,
+        RemovePackages {
+            packages: vec![PackageName { name: DEP.into() }],
+            purge: true,
+            unhold: false,
+        },
+    )
+    .await
+    .unwrap();
     let rm = |purge| RemovePackages {
         packages: vec![PackageName { name: HELLO.into() }],
         purge,
@@ -483,5 +556,54 @@ async fn apt_executor_against_real_apt() {
     assert_eq!(
         (r.packages[0].status.as_str(), r.packages[0].held),
         ("not-installed", false)
+    );
+
+    // The uninstall's packages step, through this executor: what runos installed (held or not)
+    // is purged; a package it did not install is left alone.
+    let mut req = install(HELLO, Some("1.1-1"));
+    req.hold = true;
+    apt.install(&c, req).await.unwrap();
+    let apt = Arc::new(apt);
+    let dir = tempfile::tempdir().unwrap();
+    let uninstall = runos_executors::uninstall::Uninstall::new(
+        runos_executors::uninstall::Settings {
+            stop_units: Vec::new(),
+            kubeadm_reset: false,
+            ..Default::default()
+        },
+        None,
+        Some(Arc::new(runos_packages::UninstallPackages(apt.clone()))),
+        Arc::new(runos_executors::manifest::Manifest::new(
+            dir.path().join("manifest.json"),
+        )),
+    );
+    let report = uninstall.run(&c).await;
+    assert!(report.ok, "{report:?}");
+    let step = report.steps.iter().find(|s| s.step == "packages").unwrap();
+    assert_eq!(
+        step.status,
+        runos_executors::uninstall::StepStatus::Done,
+        "{step:?}"
+    );
+    assert!(step.detail.contains(HELLO), "{step:?}");
+    let now = apt.query(&c, &[HELLO.to_string()]).await.unwrap();
+    assert_eq!(
+        (now[0].status.as_str(), now[0].held),
+        ("not-installed", false)
+    );
+    assert!(apt.recorded().unwrap().is_empty());
+    assert!(
+        apt.query(&c, &["dpkg".to_string()]).await.unwrap()[0].status == "installed",
+        "only what runos installed"
+    );
+    let again = uninstall.run(&c).await;
+    assert_eq!(
+        again
+            .steps
+            .iter()
+            .find(|s| s.step == "packages")
+            .unwrap()
+            .status,
+        runos_executors::uninstall::StepStatus::Skipped
     );
 }

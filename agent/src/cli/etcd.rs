@@ -12,7 +12,7 @@
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::PathBuf;
 
-use runos_etcd::remove::{find_target, quorum_for};
+use runos_etcd::remove::{absent, find_target, quorum_for};
 use runos_etcd::{ClusterInfo, Kind, RemoveOptions, Target};
 use runos_protocol::peertext::PeerText;
 use serde_json::json;
@@ -186,48 +186,68 @@ pub fn remove(
             );
         }
     };
-    if let Ok(Some(m)) = find_target(&info.members, target) {
-        if let Err(e) = quorum_for(&info, m) {
+    // What is shown and confirmed is what is removed: the member by its id from here on.
+    let m = match find_target(&info.members, target) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            let e = absent(&opts, target);
             let (x, c) = exit_of(e.kind);
             return fail(json_out, x, c, &e.message);
         }
-        eprintln!(
-            "etcd member {} {} ({}{}, {}), peer URLs {}",
-            m.id,
-            t(&m.name),
-            if m.is_learner { "learner" } else { "voter" },
-            if m.is_leader {
-                ", leader: leadership moves first"
-            } else {
-                ""
-            },
-            m.health.as_str(),
-            t(&m.peer_urls.join(","))
+        Err(e) => {
+            let (x, c) = exit_of(e.kind);
+            return fail(json_out, x, c, &e.message);
+        }
+    };
+    if info.leader() == 0 {
+        return fail(
+            json_out,
+            Exit::EtcdRefused,
+            "refused",
+            "the cluster has no leader (no member reports one): it cannot change its membership now; nothing was changed. Check `runos etcd list` and the etcd logs",
         );
-        if !yes {
-            if !std::io::stdin().is_terminal() {
-                return fail(
-                    json_out,
-                    Exit::Usage,
-                    "usage",
-                    "standard input is not a terminal: confirm with --yes to remove the member",
-                );
+    }
+    if let Err(e) = quorum_for(&info, m) {
+        let (x, c) = exit_of(e.kind);
+        return fail(json_out, x, c, &e.message);
+    }
+    eprintln!(
+        "etcd member {} {} ({}{}, {}), peer URLs {}",
+        m.id,
+        t(&m.name),
+        if m.is_learner { "learner" } else { "voter" },
+        if m.is_leader {
+            ", leader: leadership moves first"
+        } else {
+            ""
+        },
+        m.health.as_str(),
+        t(&m.peer_urls.join(","))
+    );
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return fail(
+                json_out,
+                Exit::Usage,
+                "usage",
+                "standard input is not a terminal: confirm with --yes to remove the member",
+            );
+        }
+        eprint!("Remove it from the etcd cluster? [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        let _ = std::io::Read::take(std::io::stdin().lock(), 1024).read_line(&mut answer);
+        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+            eprintln!("Aborted; no member was removed.");
+            if json_out {
+                println!("{}", json!({"removed": false, "aborted": true}));
             }
-            eprint!("Remove it from the etcd cluster? [y/N] ");
-            let _ = std::io::stderr().flush();
-            let mut answer = String::new();
-            let _ = std::io::Read::take(std::io::stdin().lock(), 1024).read_line(&mut answer);
-            if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
-                eprintln!("Aborted; no member was removed.");
-                if json_out {
-                    println!("{}", json!({"removed": false, "aborted": true}));
-                }
-                return Exit::Ok;
-            }
+            return Exit::Ok;
         }
     }
     let log = |m: &str| eprintln!("  {}", t(m));
-    match rt.block_on(runos_etcd::remove_member(&cfg.etcd, target, &opts, &log)) {
+    let confirmed = Target::Id(m.id_num);
+    match rt.block_on(runos_etcd::remove_member(&cfg.etcd, confirmed, &opts, &log)) {
         Ok(done) => {
             if json_out {
                 let mut v = json!(done);
