@@ -14,7 +14,6 @@
 //! an error. Parse errors never repeat the file's text (it holds the keys).
 
 use std::fmt;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -44,24 +43,7 @@ pub fn encryption_key(s: &KubeSettings) -> Result<Option<String>, String> {
 }
 
 fn read_capped(path: &Path) -> Result<String, String> {
-    let f =
-        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    let mut buf = Vec::new();
-    f.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if buf.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!(
-            "{} is larger than {MAX_FILE_BYTES} bytes",
-            path.display()
-        ));
-    }
+    let buf = crate::tool::read_capped(path, MAX_FILE_BYTES)?;
     String::from_utf8(buf).map_err(|_| format!("{} is not UTF-8", path.display()))
 }
 

@@ -1,9 +1,10 @@
 //! helm as a verified download (never a script): `<base>/helm-v<version>-linux-<arch>.tar.gz`
-//! and its published `<same>.sha256sum`; the tarball's sha256 must equal the published one; only
+//! and its published `<same>.sha256sum` (exactly one line, [`parse_sum`]); the tarball's sha256
+//! must equal the published one; only
 //! the entry `linux-<arch>/helm` (a regular file, at most [`MAX_BINARY_BYTES`]) is taken from it
 //! and installed atomically with mode 0755. Downloads are bounded in size and time and stop on
 //! cancellation. HTTPS with the Mozilla roots (rustls, ring passed explicitly); plain HTTP only
-//! to a loopback base URL (tests).
+//! to a loopback base URL (tests), and then without redirects.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -67,8 +68,17 @@ pub fn install(
         ));
     }
     let binary = extract(&tarball, &format!("linux-{arch}/helm"))?;
+    if stop.load(Ordering::SeqCst) {
+        return Err(format!(
+            "{url}: the download was cancelled; nothing was installed"
+        ));
+    }
     runos_executors::handle::write_atomic(dest, &binary, 0o755)
-        .map_err(|e| format!("cannot install {}: {e}", dest.display()))
+        .map_err(|e| format!("cannot install {}: {e}", dest.display()))?;
+    // The mode the file was created with is cut by the umask: 0755 whatever it is.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("cannot make {} executable: {e}", dest.display()))
 }
 
 fn agent(plain_http: bool, timeout: Duration) -> ureq::Agent {
@@ -80,7 +90,8 @@ fn agent(plain_http: bool, timeout: Duration) -> ureq::Agent {
         .build();
     ureq::Agent::config_builder()
         .https_only(!plain_http)
-        .max_redirects(5)
+        // A plain-HTTP (loopback) base follows no redirect: it could lead off the machine.
+        .max_redirects(if plain_http { 0 } else { 5 })
         .timeout_connect(Some(Duration::from_secs(15)))
         .timeout_per_read(Some(Duration::from_secs(60)))
         .timeout_global(Some(timeout))
@@ -124,14 +135,15 @@ fn get(client: &ureq::Agent, url: &str, cap: u64, stop: &AtomicBool) -> Result<V
     Ok(out)
 }
 
-/// The sha256 of `name` in a `.sha256sum` file: `<64 hex>` optionally followed by the file
-/// name (which must then be `name`, `*name` in binary mode).
+/// The sha256 of `name` in a `.sha256sum` file: exactly one non-empty line, `<64 hex>`
+/// optionally followed by the file name (which must then be `name`, `*name` in binary mode), and
+/// nothing else.
 pub fn parse_sum(text: &str, name: &str) -> Result<String, String> {
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .ok_or("the checksum file is empty")?;
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let line = lines.next().ok_or("the checksum file is empty")?;
+    if lines.next().is_some() {
+        return Err("the checksum file has more than one line".into());
+    }
     let mut words = line.split_ascii_whitespace();
     let hash = words.next().unwrap_or("").to_ascii_lowercase();
     if !crate::join::is_hex64(&hash) {
@@ -139,8 +151,11 @@ pub fn parse_sum(text: &str, name: &str) -> Result<String, String> {
     }
     match words.next() {
         None => {}
-        Some(n) if n.trim_start_matches('*') == name => {}
+        Some(n) if n.strip_prefix('*').unwrap_or(n) == name => {}
         Some(_) => return Err(format!("the checksum file is not for {name}")),
+    }
+    if words.next().is_some() {
+        return Err("the checksum file has more than a sha256 and a file name".into());
     }
     Ok(hash)
 }
@@ -204,6 +219,16 @@ mod tests {
         assert!(parse_sum(&format!("{h}  other.tar.gz\n"), n).is_err());
         assert!(parse_sum("not a hash\n", n).is_err());
         assert!(parse_sum("", n).is_err());
+        assert_eq!(parse_sum(&format!("{h} *{n}"), n).unwrap(), h);
+        for bad in [
+            format!("{h}  {n} extra\n"),
+            format!("{h}  {n}\n{}  other\n", "b".repeat(64)),
+            format!("{h}  **{n}\n"),
+            format!("{}  {n}\n", "a".repeat(63)),
+            format!("{}g  {n}\n", "a".repeat(63)),
+        ] {
+            assert!(parse_sum(&bad, n).is_err(), "{bad}");
+        }
         assert_eq!(
             tarball_name("v3.15.2", "arm64"),
             "helm-v3.15.2-linux-arm64.tar.gz"

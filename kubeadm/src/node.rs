@@ -1,7 +1,8 @@
 //! The node's own Node object through the Kubernetes API (`kube`): its kubelet version and its
 //! Ready condition. The client is built from a kubeconfig with rustls and the ring provider
 //! passed explicitly (no process-wide default provider is installed), the cluster's CA from the
-//! kubeconfig only, and the client certificate (or token) the kubeconfig names.
+//! kubeconfig only, and the client certificate (or token) the kubeconfig names. The server must
+//! be `https://` (plain `http://` only to a loopback address, for tests).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,8 @@ use secrecy::ExposeSecret as _;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest client certificate or key file read.
 const MAX_PEM_BYTES: u64 = 256 * 1024;
+/// Largest kubeconfig read.
+const MAX_KUBECONFIG_BYTES: u64 = 1024 * 1024;
 
 /// What the Node reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,17 +94,46 @@ impl NodeApi {
 }
 
 /// A `kube` client for the kubeconfig at `path` (its current context).
+/// The kubeconfig must be a regular file of at most 1 MiB; errors never repeat its
+/// credentials (anything key- or token-like is `[redacted]`).
 pub async fn client_from_kubeconfig(path: &std::path::Path) -> Result<kube::Client, String> {
+    // A regular file, bounded, before kube reads it (whole) itself.
+    crate::tool::read_capped(path, MAX_KUBECONFIG_BYTES).map_err(|e| format!("kubeconfig: {e}"))?;
+    let redact = |e: &dyn std::fmt::Display| crate::tool::redact(&e.to_string());
     let kc = Kubeconfig::read_from(path)
-        .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read kubeconfig {}: {}", path.display(), redact(&e)))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+        .map_err(|e| format!("kubeconfig {}: {}", path.display(), redact(&e)))?;
     client_from_config(config).map_err(|e| format!("kubeconfig {}: {e}", path.display()))
 }
 
+/// Whether the API server at `scheme://host` may be used: `https`, or plain `http` to a loopback
+/// address only (tests): credentials never travel in the clear off the machine.
+fn server_allowed(scheme: Option<&str>, host: Option<&str>) -> bool {
+    match scheme {
+        Some("https") => true,
+        Some("http") => host.is_some_and(|h| {
+            h == "localhost"
+                || h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }),
+        _ => false,
+    }
+}
+
 /// A `kube` client for `config` with rustls and the ring provider passed explicitly.
+/// The server must be `https` (plain `http` only to a loopback address).
 pub fn client_from_config(config: kube::Config) -> Result<kube::Client, String> {
+    let url = &config.cluster_url;
+    if !server_allowed(url.scheme_str(), url.host()) {
+        return Err(format!(
+            "the API server {} is not https:// (plain http:// only to a loopback address)",
+            config.cluster_url
+        ));
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for der in config.root_cert.iter().flatten() {
@@ -186,13 +218,29 @@ fn pem_source(
     let Some(f) = file else {
         return Ok(None);
     };
-    use std::io::Read as _;
-    let mut buf = Vec::new();
-    std::fs::File::open(f)
-        .and_then(|h| h.take(MAX_PEM_BYTES + 1).read_to_end(&mut buf))
-        .map_err(|e| format!("cannot read {what} {f}: {e}"))?;
-    if buf.len() as u64 > MAX_PEM_BYTES {
-        return Err(format!("{what} {f} is too large"));
+    crate::tool::read_capped(std::path::Path::new(f), MAX_PEM_BYTES)
+        .map(Some)
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        for (u, ok) in [
+            ("https://10.0.0.1:6443", true),
+            ("http://127.0.0.1:8080", true),
+            ("http://[::1]:8080", true),
+            ("http://localhost:8080", true),
+            ("http://10.0.0.1:6443", false),
+            ("http://127.0.0.1.example.com", false),
+            ("ftp://127.0.0.1", false),
+        ] {
+            let (scheme, rest) = u.split_once("://").unwrap();
+            let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+            assert_eq!(server_allowed(Some(scheme), Some(host)), ok, "{u}");
+        }
     }
-    Ok(Some(buf))
 }

@@ -279,6 +279,11 @@ pub(crate) fn is_debian_package(s: &str) -> bool {
 /// The helm base URL without a trailing `/`: `https://...`, or `http://` to a loopback host.
 pub(crate) fn helm_base(url: &str) -> Result<String, String> {
     let u = url.trim_end_matches('/');
+    // No user information (`http://127.0.0.1:80@example.com` is example.com) and nothing a URL
+    // parser might read differently from the host check below.
+    if u.bytes().any(|b| b == b'@' || b == b'\\' || b == b'%') {
+        return Err("must be a URL without user information, '\\' or '%'".into());
+    }
     let rest = if let Some(r) = u.strip_prefix("https://") {
         r
     } else if let Some(r) = u.strip_prefix("http://") {
@@ -363,5 +368,15 @@ mod tests {
         assert!(helm_base("http://[::1]:8080").is_ok());
         assert!(helm_base("https://get.helm.sh/").is_ok());
         assert!(helm_base("ftp://x").is_err());
+        for bad in [
+            "http://127.0.0.1:80@example.com/",
+            "http://localhost@example.com",
+            "http://127.0.0.1\\@example.com",
+            "http://127.0.0.1%2f@example.com",
+            "http://127.0.0.1.example.com",
+            "https://user@get.helm.sh",
+        ] {
+            assert!(helm_base(bad).is_err(), "{bad}");
+        }
     }
 }

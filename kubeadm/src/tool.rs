@@ -95,6 +95,31 @@ pub async fn run(
     }
 }
 
+/// The content of the regular file at `path`, at most `max` bytes (a larger file is an error).
+/// Anything but a regular file (a FIFO, whose open would block, a device, a directory) is
+/// refused before it is opened. Messages name the path, never the content.
+pub fn read_capped(path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > max {
+        return Err(format!("{} is larger than {max} bytes", path.display()));
+    }
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut buf = Vec::new();
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if buf.len() as u64 > max {
+        return Err(format!("{} is larger than {max} bytes", path.display()));
+    }
+    Ok(buf)
+}
+
 /// `": <the last non-empty line of stderr (else stdout)>"`, redacted for a secret run.
 fn last_line(out: &Outcome, secrecy: Secrecy) -> String {
     let pick = |b: &[u8]| {
@@ -118,17 +143,20 @@ fn last_line(out: &Outcome, secrecy: Secrecy) -> String {
 
 /// `text` with every word that could be a secret replaced by `[redacted]`: a run of at least 16
 /// characters of `[A-Za-z0-9+/=._-]` with both a letter and a digit (a bootstrap token, a
-/// 64-hex key, a base64 key), or the `abcdef.0123456789abcdef` token form.
+/// 64-hex key, a base64 key), or holding the `abcdef.0123456789abcdef` token form or a run of
+/// 32 or more hex digits anywhere (`--token=<token>`, a key of letters only).
 pub fn redact(text: &str) -> String {
     let secretish = |w: &str| {
-        w.len() >= 16
+        (w.len() >= 16
             && w.bytes().any(|b| b.is_ascii_digit())
-            && w.bytes().any(|b| b.is_ascii_alphabetic())
+            && w.bytes().any(|b| b.is_ascii_alphabetic()))
+            || has_token(w)
+            || has_hex_run(w, 32)
     };
     let mut out = String::with_capacity(text.len());
     let mut word = String::new();
     let flush = |word: &mut String, out: &mut String| {
-        if secretish(word) || crate::join::is_token(word) {
+        if secretish(word) {
             out.push_str("[redacted]");
         } else {
             out.push_str(word);
@@ -147,6 +175,30 @@ pub fn redact(text: &str) -> String {
     out
 }
 
+/// Whether `w` holds a bootstrap token (`[a-z0-9]{6}.[a-z0-9]{16}`) anywhere.
+fn has_token(w: &str) -> bool {
+    let b = w.as_bytes();
+    let tok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    b.iter().enumerate().any(|(i, c)| {
+        *c == b'.'
+            && i >= 6
+            && b.get(i - 6..i).is_some_and(|p| p.iter().all(tok))
+            && b.get(i + 1..i + 17).is_some_and(|p| p.iter().all(tok))
+    })
+}
+
+/// Whether `w` holds a run of at least `n` hex digits.
+fn has_hex_run(w: &str, n: usize) -> bool {
+    let mut run = 0;
+    for c in w.bytes() {
+        run = if c.is_ascii_hexdigit() { run + 1 } else { 0 };
+        if run >= n {
+            return true;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +215,12 @@ mod tests {
             r.starts_with("error: token [redacted] key [redacted]"),
             "{r}"
         );
+        // Tokens and keys of letters only, or glued to a flag, are caught too.
+        let t = format!(
+            "bad --token=abcdef.ghijklmnopqrstuv or key {} for kubeadm-certs",
+            "abcdef".repeat(11)
+        );
+        let r = redact(&t);
+        assert_eq!(r, "bad [redacted] or key [redacted] for kubeadm-certs");
     }
 }

@@ -22,7 +22,10 @@
 //! now and what to do next. On cancellation (CANCEL, shutdown, the deadline) the executor stops
 //! at the next phase boundary (the running program is ended by the runner), puts the holds back
 //! and returns `cancelled` (or `timeout`); in the agent the dispatcher has answered already.
-//! Versions go to programs as argv elements only, never through a shell.
+//! Reads of the Node and the node wait stop at once. If the executor is dropped before the
+//! holds are back (the dispatcher aborts it once its stop grace has passed), a detached task
+//! puts them back and reports to the local log. The payload is validated again before anything
+//! runs; versions go to programs as argv elements only, never through a shell.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -104,7 +107,7 @@ pub async fn upgrade_node_k8s(
         )
     })?;
     let node_name = settings.node_name_or(&(ctx.host.facts.hostname)());
-    upgrade(&ctx, &settings, packages.as_ref(), &p, &node_name).await
+    upgrade(&ctx, &settings, packages, &p, &node_name).await
 }
 
 /// The phases of an upgrade.
@@ -179,7 +182,7 @@ struct Stop {
 struct Run<'a> {
     ctx: &'a Ctx,
     s: &'a KubeSettings,
-    pk: &'a dyn PackageOps,
+    pk: Arc<dyn PackageOps>,
     target: String,
     before: BTreeMap<String, PackageInfo>,
     /// Packages whose hold this run changed.
@@ -189,16 +192,61 @@ struct Run<'a> {
     phase: Phase,
     step: usize,
     steps: usize,
+    /// The holds are final (the upgrade succeeded) or have been put back: nothing for
+    /// [`Drop`] to do.
+    settled: bool,
+}
+
+/// Dropped unsettled (the dispatcher aborted the executor after its stop grace, e.g. while a
+/// cancelled `kubeadm` was still in its SIGTERM grace or the restore was running): the holds
+/// are put back by a detached task, logged locally (the instruction has been answered).
+impl Drop for Run<'_> {
+    fn drop(&mut self) {
+        if self.settled || self.touched.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                "UPGRADE_NODE_K8S stopped without a runtime: the holds of {} were not restored",
+                list(&self.touched.iter().cloned().collect::<Vec<_>>())
+            );
+            return;
+        };
+        let pk = self.pk.clone();
+        let ctx = cleanup_ctx(self.ctx);
+        let before = std::mem::take(&mut self.before);
+        let touched = std::mem::take(&mut self.touched);
+        let phase = self.phase.name();
+        rt.spawn(async move {
+            let msg = restore_holds(pk.as_ref(), &ctx, &before, &touched).await;
+            tracing::warn!("UPGRADE_NODE_K8S was stopped in phase `{phase}`; {msg}");
+        });
+    }
+}
+
+/// A context that the instruction's cancellation does not end, with at least
+/// [`RESTORE_BUDGET`], for putting the holds back.
+fn cleanup_ctx(ctx: &Ctx) -> Ctx {
+    let mut cleanup = ctx.clone().with_cancel(CancellationToken::new());
+    cleanup.deadline = cleanup.deadline.max(Instant::now() + RESTORE_BUDGET);
+    cleanup
 }
 
 /// Run the upgrade with explicit settings and node name.
 pub async fn upgrade(
     ctx: &Ctx,
     s: &KubeSettings,
-    pk: &dyn PackageOps,
+    pk: Arc<dyn PackageOps>,
     p: &UpgradeNodeK8s,
     node_name: &str,
 ) -> Result<UpgradeNodeK8sResponse, ErrorPayload> {
+    // The dispatcher has validated it; a direct caller may not have: versions are strict
+    // before anything runs.
+    {
+        use runos_protocol::instructions::Instruction as _;
+        p.validate()
+            .map_err(|e| ErrorPayload::new(ErrorCode::BadPayload, e.to_string()))?;
+    }
     let target = p
         .target_kubernetes_version
         .trim_start_matches('v')
@@ -235,9 +283,11 @@ pub async fn upgrade(
         phase: Phase::ReadVersions,
         step: 0,
         steps,
+        settled: false,
     };
     match run.phases(p, node_name).await {
         Ok(()) => {
+            run.settled = true;
             let msg = format!(
                 "upgraded to Kubernetes {}: the node reports kubelet v{} and Ready",
                 run.target, run.target
@@ -263,10 +313,7 @@ impl Run<'_> {
     fn enter(&mut self, phase: Phase) -> Result<(), Stop> {
         self.phase = phase;
         if self.ctx.cancel.is_cancelled() {
-            return Err(Stop {
-                phase,
-                error: StepError::Cancelled,
-            });
+            return Err(self.stop(StepError::Cancelled));
         }
         self.step += 1;
         self.ctx.log(
@@ -278,8 +325,13 @@ impl Run<'_> {
 
     fn stop(&self, error: impl Into<StepError>) -> Stop {
         let mut error = error.into();
+        // The token fires on the deadline too: which one it was.
         if self.ctx.cancel.is_cancelled() && !matches!(error, StepError::Deadline) {
-            error = StepError::Cancelled;
+            error = if self.ctx.remaining().is_zero() {
+                StepError::Deadline
+            } else {
+                StepError::Cancelled
+            };
         }
         Stop {
             phase: self.phase,
@@ -299,13 +351,10 @@ impl Run<'_> {
 
         // 1. read versions
         self.enter(Phase::ReadVersions)?;
-        let node = NodeApi::from_kubeconfig(&s.kubeconfig, node_name)
-            .await
-            .map_err(|e| self.stop(StepError::Failed(e)))?;
-        let state = node
-            .state()
-            .await
-            .map_err(|e| self.stop(StepError::Failed(e)))?;
+        let node = self
+            .cancellable(NodeApi::from_kubeconfig(&s.kubeconfig, node_name))
+            .await?;
+        let state = self.cancellable(node.state()).await?;
         self.previous = state.kubelet_version.trim_start_matches('v').to_string();
         self.node = Some(node);
         let mut names = vec![kubeadm.clone(), kubelet.clone(), kubectl.clone()];
@@ -438,6 +487,17 @@ impl Run<'_> {
         self.wait_node().await
     }
 
+    /// `fut` (a bounded API call), or a cancelled [`Stop`] as soon as the instruction is.
+    async fn cancellable<T>(
+        &self,
+        fut: impl Future<Output = Result<T, String>>,
+    ) -> Result<T, Stop> {
+        tokio::select! {
+            r = fut => r.map_err(|e| self.stop(StepError::Failed(e))),
+            () = self.ctx.cancel.cancelled() => Err(self.stop(StepError::Cancelled)),
+        }
+    }
+
     async fn resolve(&self, name: &str, upstream: &str) -> Result<String, Stop> {
         self.pk
             .resolve_version(self.ctx, name, upstream)
@@ -477,7 +537,11 @@ impl Run<'_> {
             }
         }
         for n in &todo {
-            let v = &want[*n];
+            let Some(v) = want.get(*n) else {
+                return Err(self.stop(StepError::Internal(format!(
+                    "no target version was resolved for {n}"
+                ))));
+            };
             self.ctx.log(LogLevel::Info, &format!("installing {n} {v}"));
             self.pk.install_exact(self.ctx, n, v).await.map_err(|e| {
                 self.stop(StepError::Failed(format!("cannot install {n} {v}: {e}")))
@@ -572,7 +636,11 @@ impl Run<'_> {
     }
 
     async fn wait_node(&mut self) -> Result<(), Stop> {
-        let node = self.node.clone().expect("read in the first phase");
+        let Some(node) = self.node.clone() else {
+            return Err(self.stop(StepError::Internal(
+                "the Node was not read in the first phase".into(),
+            )));
+        };
         let wait = KubeSettings::secs(self.s.node_wait_secs)
             .min(self.ctx.remaining().saturating_sub(WAIT_MARGIN));
         let poll = KubeSettings::secs(self.s.node_poll_secs);
@@ -581,7 +649,10 @@ impl Run<'_> {
         let mut said = None;
         let last: Result<NodeState, String> = loop {
             // The API may be restarting: a failed read is retried; the last one is reported.
-            let last = node.state().await;
+            let last = tokio::select! {
+                r = node.state() => r,
+                () = self.ctx.cancel.cancelled() => return Err(self.stop(StepError::Cancelled)),
+            };
             if let Ok(st) = &last {
                 if st.kubelet_version == want && st.ready {
                     return Ok(());
@@ -624,9 +695,9 @@ impl Run<'_> {
     /// Put the holds back, read the versions again, and answer.
     async fn fail(&mut self, stop: Stop) -> Result<UpgradeNodeK8sResponse, ErrorPayload> {
         // A context that the cancellation does not end, for the clean-up only.
-        let mut cleanup = self.ctx.clone().with_cancel(CancellationToken::new());
-        cleanup.deadline = cleanup.deadline.max(Instant::now() + RESTORE_BUDGET);
-        let restored = self.restore_holds(&cleanup).await;
+        let cleanup = cleanup_ctx(self.ctx);
+        let restored = restore_holds(self.pk.as_ref(), &cleanup, &self.before, &self.touched).await;
+        self.settled = true;
         let phase = stop.phase.name();
         match stop.error {
             StepError::Cancelled | StepError::Deadline => {
@@ -656,44 +727,6 @@ impl Run<'_> {
         })
     }
 
-    async fn restore_holds(&mut self, ctx: &Ctx) -> String {
-        if self.touched.is_empty() {
-            return "no hold was changed".into();
-        }
-        let (held, free): (Vec<String>, Vec<String>) = self
-            .touched
-            .iter()
-            .cloned()
-            .partition(|n| self.before.get(n).is_some_and(|i| i.held));
-        let mut errors = Vec::new();
-        for (names, hold) in [(&held, true), (&free, false)] {
-            if names.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.pk.set_hold(ctx, names, hold).await {
-                errors.push(format!(
-                    "{} {}: {e}",
-                    if hold { "hold" } else { "unhold" },
-                    names.join(" ")
-                ));
-            }
-        }
-        if errors.is_empty() {
-            format!(
-                "Holds restored as they were (held: {}; not held: {})",
-                list(&held),
-                list(&free)
-            )
-        } else {
-            format!(
-                "Holds could NOT all be restored ({}): run `apt-mark hold {}` and `apt-mark unhold {}` as needed",
-                errors.join("; "),
-                list(&held),
-                list(&free)
-            )
-        }
-    }
-
     async fn now_running(&self, ctx: &Ctx) -> String {
         let node = match &self.node {
             Some(n) => match n.state().await {
@@ -720,6 +753,50 @@ impl Run<'_> {
             }
         };
         format!("{node}{pkgs}")
+    }
+}
+
+/// Put the holds of `touched` back as `before` says (held or not); what was done, for the
+/// message. Errors of the restore itself are reported, never lost.
+async fn restore_holds(
+    pk: &dyn PackageOps,
+    ctx: &Ctx,
+    before: &BTreeMap<String, PackageInfo>,
+    touched: &BTreeSet<String>,
+) -> String {
+    if touched.is_empty() {
+        return "no hold was changed".into();
+    }
+    let (held, free): (Vec<String>, Vec<String>) = touched
+        .iter()
+        .cloned()
+        .partition(|n| before.get(n).is_some_and(|i| i.held));
+    let mut errors = Vec::new();
+    for (names, hold) in [(&held, true), (&free, false)] {
+        if names.is_empty() {
+            continue;
+        }
+        if let Err(e) = pk.set_hold(ctx, names, hold).await {
+            errors.push(format!(
+                "{} {}: {e}",
+                if hold { "hold" } else { "unhold" },
+                names.join(" ")
+            ));
+        }
+    }
+    if errors.is_empty() {
+        format!(
+            "Holds restored as they were (held: {}; not held: {})",
+            list(&held),
+            list(&free)
+        )
+    } else {
+        format!(
+            "Holds could NOT all be restored ({}): run `apt-mark hold {}` and `apt-mark unhold {}` as needed",
+            errors.join("; "),
+            list(&held),
+            list(&free)
+        )
     }
 }
 

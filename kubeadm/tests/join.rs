@@ -210,3 +210,52 @@ async fn an_unreadable_encryption_configuration_fails_before_kubeadm_runs() {
     no_secret(&logs(&mut rx));
     assert!(b.argv().is_empty());
 }
+
+/// The encryption configuration is a FIFO (whose open would block until a writer comes):
+/// refused at once as not a regular file, before any kubeadm step runs.
+#[tokio::test]
+async fn a_fifo_as_the_encryption_configuration_is_refused_without_blocking() {
+    let b = Bench::new().await;
+    b.write("join.out", &join_line());
+    control_plane_files(&b, true);
+    let cfg = b.path("enc/config.yaml");
+    std::fs::remove_file(&cfg).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&cfg)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let s = b.settings();
+    let (c, _rx) = ctx(&s, Duration::from_secs(60));
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        get_cluster_join_cmd(c, GetClusterJoinCmd { as_cp: true }),
+    )
+    .await
+    .expect("reading a FIFO blocked")
+    .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Failed);
+    assert!(e.message.contains("not a regular file"), "{}", e.message);
+    assert!(b.argv().is_empty());
+}
+
+/// kubeadm fails after printing the join command (a token of letters only, glued to a flag on
+/// stderr): the error names the step and its status, never the token.
+#[tokio::test]
+async fn a_token_of_letters_only_in_a_failed_step_is_redacted() {
+    let b = Bench::new().await;
+    let token = "abcdef.ghijklmnopqrstuv";
+    b.write(
+        "fail-token",
+        &format!("error: token --token={token} was rejected\n"),
+    );
+    let s = b.settings();
+    let (c, mut rx) = ctx(&s, Duration::from_secs(60));
+    let e = get_cluster_join_cmd(c, GetClusterJoinCmd { as_cp: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Failed);
+    assert!(e.message.contains("exited with 1"), "{}", e.message);
+    assert!(!e.message.contains("ghijklmnopqrstuv"), "{}", e.message);
+    assert!(!logs(&mut rx).iter().any(|l| l.contains("ghijklmnopqrstuv")));
+}

@@ -315,3 +315,97 @@ async fn containerd_is_installed_when_asked() {
     assert!(!pk.held("containerd"));
     assert!(!pk.calls().iter().any(|c| c.contains("hold containerd")));
 }
+
+/// A direct caller (not through the registry's validation) with a version holding shell
+/// metacharacters is refused by `upgrade_node_k8s` itself before anything runs.
+#[tokio::test]
+async fn an_unvalidated_payload_is_refused_by_the_executor_itself() {
+    let b = Bench::new().await;
+    let pk = packages();
+    let s = b.settings();
+    for bad in [
+        "1.30.2; touch /tmp/pwned",
+        "1.30.2$(id)",
+        "1.30.2 --config=/x",
+    ] {
+        let (c, _rx) = ctx(&s, Duration::from_secs(60));
+        let mut p = payload(true);
+        p.target_kubernetes_version = bad.into();
+        let e = upgrade_node_k8s(c, p, pk.clone() as Arc<dyn PackageOps>)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadPayload, "{bad}");
+    }
+    assert!(pk.calls().is_empty() && b.argv().is_empty());
+}
+
+/// The executor's task is aborted (as the dispatcher does once its stop grace has passed)
+/// while `kubeadm upgrade apply` runs: the holds it changed are still put back, by a detached
+/// task.
+#[tokio::test]
+async fn an_aborted_upgrade_still_restores_the_holds() {
+    let b = Bench::new().await;
+    b.touch("block-upgrade");
+    let pk = FakePackages::with(&[
+        ("kubeadm", "1.29.6-1.1", false),
+        ("kubelet", "1.29.6-1.1", true),
+        ("kubectl", "1.29.6-1.1", true),
+    ]);
+    let s = b.settings();
+    let (c, _rx) = ctx(&s, Duration::from_secs(120));
+    let task = tokio::spawn(upgrade_node_k8s(
+        c,
+        payload(true),
+        pk.clone() as Arc<dyn PackageOps>,
+    ));
+    let started = b.path("upgrade-started");
+    assert!(wait_until(Duration::from_secs(30), || started.exists()).await);
+    assert!(pk.held("kubeadm"));
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert!(
+        wait_until(Duration::from_secs(20), || !pk.held("kubeadm")).await,
+        "kubeadm's hold was not put back: {:?}",
+        pk.calls()
+    );
+    assert!(pk.held("kubelet") && pk.held("kubectl"));
+    assert_eq!(pk.calls().last().unwrap(), "unhold kubeadm");
+}
+
+/// Cancelled while waiting for the Node: the wait ends at once (not at its bound), the holds
+/// are put back and the executor answers `cancelled`.
+#[tokio::test]
+async fn a_cancel_during_the_node_wait_stops_it() {
+    let b = Bench::new().await;
+    b.touch("no-flip");
+    let pk = packages();
+    let mut s = b.settings();
+    s.node_wait_secs = 600;
+    let (c, mut rx) = ctx(&s, Duration::from_secs(900));
+    let token = c.cancel.clone();
+    let task = tokio::spawn(upgrade_node_k8s(
+        c,
+        payload(false),
+        pk.clone() as Arc<dyn PackageOps>,
+    ));
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen.extend(logs(&mut rx));
+            seen.iter()
+                .any(|l| l.contains("waiting for v1.30.2 and Ready"))
+        })
+        .await,
+        "{seen:?}"
+    );
+    token.cancel();
+    let e = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the wait did not stop")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Cancelled);
+    assert!(e.message.contains("wait for the node"), "{}", e.message);
+    assert!(e.message.contains("Holds restored"), "{}", e.message);
+    assert!(pk.held("kubeadm") && pk.held("kubelet") && !pk.held("kubectl"));
+}
